@@ -1,0 +1,222 @@
+"""The Python API: the same verbs as the CLI, which only parses flags and renders results.
+
+    import cloudllm
+    result = cloudllm.deploy("./my-model", provider="local", name="demo")
+    print(cloudllm.invoke("demo", "Once upon a time"))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from cloudllm.console import Reporter
+from cloudllm.errors import UserError
+from cloudllm.providers.base import Endpoint, Provider, get_provider
+from cloudllm.records import EndpointRecord, endpoint_lock, list_records, load_record, remove_record, save_record
+from cloudllm.spec import DeploySpec, check_endpoint_name, spec_from_kwargs
+
+
+@dataclass
+class DeployResult:
+    endpoint: Endpoint | None
+    action: str  # create | update | unchanged
+    reasons: list[str]
+    plan: Any  # cloudllm.plan.Plan
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.plan.spec.name,
+            "provider": self.plan.spec.provider,
+            "action": self.action,
+            "reasons": self.reasons,
+            "dry_run": self.dry_run,
+            "digest": self.plan.digest,
+            "endpoint": self.endpoint.model_dump(mode="json") if self.endpoint else None,
+        }
+
+
+def inspect(model: str | Path, *, task: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Read a model folder's config and safetensors headers (no weights loaded)."""
+    from cloudllm.model_source import inspect_model
+
+    return inspect_model(model, task=task, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def package(model: str | Path, out: str | Path, *, overwrite: bool = False, **spec_kwargs: Any):
+    """Build the artifact (weights + code/ + cloudllm.json) in `out` without deploying. Returns the Bundle."""
+    from cloudllm.bundle import build_bundle
+    from cloudllm.plan import serving_settings
+
+    spec = spec_from_kwargs(model, **spec_kwargs)
+    info = inspect(model, task=spec.task, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+    bundle = build_bundle(info, serving_settings(spec, info), build={"runtime": spec.runtime or "handler"})
+    bundle.write(out, overwrite=overwrite)
+    return bundle
+
+
+def plan(model: str | Path | None = None, *, spec: DeploySpec | None = None, **spec_kwargs: Any):
+    """What deploy would do, creating nothing."""
+    from cloudllm.plan import make_plan
+
+    spec = spec or spec_from_kwargs(model, **spec_kwargs)
+    return make_plan(spec, _provider_for_spec(spec))
+
+
+def deploy(
+    model: str | Path | None = None,
+    *,
+    spec: DeploySpec | None = None,
+    wait: bool = True,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    **spec_kwargs: Any,
+) -> DeployResult:
+    """Create or update an endpoint so it serves `model`; an unchanged deploy does nothing."""
+    from cloudllm.plan import make_plan
+
+    spec = spec or spec_from_kwargs(model, **spec_kwargs)
+    reporter = reporter or Reporter()
+    provider = _provider_for_spec(spec)
+    with endpoint_lock(spec.name):
+        the_plan = make_plan(spec, provider)
+        the_plan.wait = wait
+        if dry_run or the_plan.action == "unchanged":
+            return DeployResult(the_plan.existing, the_plan.action, the_plan.reasons, the_plan, dry_run=dry_run)
+        if the_plan.action == "create":
+            endpoint = provider.deploy(the_plan, reporter)
+        else:
+            endpoint = provider.update(the_plan, the_plan.existing, reporter)
+        _save(spec, provider, endpoint)
+        return DeployResult(endpoint, the_plan.action, the_plan.reasons, the_plan)
+
+
+def invoke(
+    name: str,
+    inputs: str | None = None,
+    *,
+    parameters: dict | None = None,
+    json_body: str | dict | None = None,
+    provider: str | None = None,
+    region: str | None = None,
+) -> Any:
+    """Send one request; returns the endpoint's decoded JSON response."""
+    from cloudllm.invocation import build_body
+
+    body = build_body(inputs, parameters, json_body)
+    return _provider_for_name(name, provider, region).invoke(name, body)
+
+
+def invoke_stream(
+    name: str,
+    inputs: str | None = None,
+    *,
+    parameters: dict | None = None,
+    json_body: str | dict | None = None,
+    provider: str | None = None,
+    region: str | None = None,
+) -> Iterator[str]:
+    """Yield generated text pieces as the endpoint produces them."""
+    from cloudllm.invocation import build_body
+
+    body = build_body(inputs, parameters, json_body)
+    body["stream"] = True
+    return _provider_for_name(name, provider, region).invoke_stream(name, body)
+
+
+def status(name: str, *, provider: str | None = None, region: str | None = None) -> Endpoint:
+    endpoint = _provider_for_name(name, provider, region).get(name)
+    if endpoint is None:
+        raise UserError(f"endpoint {name!r} does not exist", "see `cloudllm list`")
+    return endpoint
+
+
+def list_endpoints(*, provider: str | None = None, region: str | None = None) -> list[Endpoint]:
+    """Endpoints of one provider, or of every provider this machine has deployed to."""
+    if provider:
+        return get_provider(provider, region=region).list()
+    endpoints = []
+    for record in list_records():
+        try:
+            found = _provider_from_record(record).get(record.name)
+        except UserError:
+            found = None
+        endpoints.append(found or Endpoint(name=record.name, provider=record.provider, state="Missing", model=record.model))
+    return endpoints
+
+
+def delete(
+    name: str,
+    *,
+    provider: str | None = None,
+    region: str | None = None,
+    purge_artifacts: bool = False,
+    reporter: Reporter | None = None,
+) -> None:
+    """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts)."""
+    check_endpoint_name(name)
+    target = _provider_for_name(name, provider, region)
+    with endpoint_lock(name):
+        target.delete(name, purge_artifacts=purge_artifacts, reporter=reporter or Reporter())
+        remove_record(name)
+
+
+def logs(name: str, *, follow: bool = False, since: float | None = None, provider: str | None = None) -> Iterator[str]:
+    return _provider_for_name(name, provider, None).logs(name, follow=follow, since=since)
+
+
+def serve(artifact: str | Path, *, port: int = 8080, host: str = "0.0.0.0") -> None:
+    """Run an artifact's model server in the foreground, exactly as its container does (never returns)."""
+    import sys
+
+    from cloudllm.bundle import read_manifest
+
+    artifact = Path(artifact).expanduser().resolve()
+    if not artifact.is_dir():
+        raise UserError(f"artifact folder {artifact} does not exist", "build one with `cloudllm package MODEL -o DIR`")
+    read_manifest(artifact)
+    entry = artifact / "code" / "serve.py"
+    if not entry.is_file():
+        raise UserError(f"{artifact} has no code/serve.py", "rebuild the artifact with `cloudllm package`")
+    os.execv(sys.executable, [sys.executable, str(entry), "serve", "--host", host, "--port", str(port)])
+
+
+# --- finding providers -------------------------------------------------------------------
+def _provider_for_spec(spec: DeploySpec) -> Provider:
+    return get_provider(spec.provider, region=spec.region, options=spec.options)
+
+
+def _provider_from_record(record: EndpointRecord) -> Provider:
+    return get_provider(record.provider, region=record.region, options=record.options)
+
+
+def _provider_for_name(name: str, provider: str | None, region: str | None) -> Provider:
+    check_endpoint_name(name)
+    record = load_record(name)
+    if record and (provider is None or provider == record.provider):
+        return _provider_from_record(record)
+    if provider:
+        return get_provider(provider, region=region)
+    raise UserError(
+        f"no endpoint named {name!r} on this machine",
+        "see `cloudllm list`, or pass --provider to reach an endpoint deployed from elsewhere",
+    )
+
+
+def _save(spec: DeploySpec, provider: Provider, endpoint: Endpoint) -> None:
+    previous = load_record(spec.name)
+    record = EndpointRecord(
+        name=spec.name,
+        provider=spec.provider,
+        model=str(Path(spec.model).expanduser().resolve()),
+        region=provider.region,
+        url=endpoint.url,
+        digest=endpoint.digest,
+        options=provider.options,
+    )
+    if previous:
+        record.created_at = previous.created_at
+    save_record(record)

@@ -1,0 +1,426 @@
+"""The `cloudllm` command: parse flags, call one function of cloudllm.api, render the result.
+
+Heavy modules load inside the commands that need them, so `cloudllm --help` and
+`cloudllm invoke` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from cloudllm import __version__
+from cloudllm.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+
+EPILOG_EXIT_CODES = "Exit codes: 0 ok or nothing to change, 1 failed, 2 bad input, 3 plan refused."
+
+
+def _kv_pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} {item!r} is not KEY=VALUE", f"write it as {flag} key=value")
+        pairs[key] = value
+    return pairs
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _reporter(json_output: bool):
+    from cloudllm.console import default_reporter
+
+    return default_reporter()
+
+
+# --- shared flag groups ----------------------------------------------------------------------
+def _model_flags(f: Callable) -> Callable:
+    for option in reversed(
+        [
+            click.option("--task", help="Pipeline task; inferred from config.json when omitted."),
+            click.option("--allow-pickle", is_flag=True, help="Ship *.bin/*.pt pickle weights (they can run code)."),
+            click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code."),
+            click.option("--quantize", help="int8|int4 (shipped weights) or bitsandbytes|eetq|fp8 (engine, tgi)."),
+            click.option("--max-input-tokens", type=int, help="Longest prompt accepted."),
+            click.option("--max-total-tokens", type=int, help="Prompt + generated tokens per request."),
+            click.option("--max-new-tokens", type=int, help="Cap on max_new_tokens per request."),
+            click.option("--max-batch", "max_batch_size", type=int, help="Dynamic batching: max requests per batch."),
+            click.option("--batch-wait-ms", "max_batch_wait_ms", type=float, help="Dynamic batching: max wait to fill a batch."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _deploy_flags(f: Callable) -> Callable:
+    for option in reversed(
+        [
+            click.option("--name", help="Endpoint name (default: from the model folder's name)."),
+            click.option("--provider", default="local", show_default=True, help="local, sagemaker, vertex or a plugin."),
+            click.option("--runtime", type=click.Choice(["handler", "tgi", "vllm"]), help="Serving runtime."),
+            click.option("--instance", help="Instance/machine type, e.g. ml.g5.xlarge or g2-standard-8."),
+            click.option("--accelerator", help="Vertex accelerator override, e.g. NVIDIA_L4:2."),
+            click.option("--image", help="Container image URI (default from the image catalog)."),
+            click.option("--region", help="Cloud region."),
+            click.option("--bucket", help="Artifact location: s3://bucket/prefix or gs://bucket/prefix."),
+            click.option("--role", help="SageMaker execution role ARN."),
+            click.option("--project", help="Google Cloud project."),
+            click.option("--profile", help="AWS profile."),
+            click.option("--kms-key", help="Encrypt artifacts (and volumes) with this customer key."),
+            click.option("--vpc-subnets", help="Comma-separated subnet ids (SageMaker)."),
+            click.option("--vpc-security-groups", help="Comma-separated security group ids (SageMaker)."),
+            click.option("--network-isolation", is_flag=True, default=None, help="No outbound network from the container."),
+            click.option("--min-instances", type=int, help="Autoscaling floor (default 1)."),
+            click.option("--max-instances", type=int, help="Autoscaling ceiling (default 1)."),
+            click.option("--scale-metric", help="invocations|concurrency (SageMaker); cpu|gpu-duty-cycle|requests (Vertex)."),
+            click.option("--scale-target", type=float, help="Target metric value per instance."),
+            click.option("--scale-in-cooldown", type=int, help="Seconds between scale-in steps."),
+            click.option("--scale-out-cooldown", type=int, help="Seconds between scale-out steps."),
+            click.option("--rollout", help="Update traffic shift: all-at-once, canary:PCT, linear:PCT."),
+            click.option("--rollback-alarm", multiple=True, help="CloudWatch alarm that rolls an update back."),
+            click.option("--timeout", type=int, help="Seconds to wait for the endpoint (sized from the model by default)."),
+            click.option("--tag", "tags", multiple=True, help="KEY=VALUE tag on every cloud resource."),
+            click.option("--option", "extra_options", multiple=True, help="KEY=VALUE setting for a provider plugin."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+_SERVING_KEYS = ("max_input_tokens", "max_total_tokens", "max_new_tokens", "max_batch_size", "max_batch_wait_ms")
+_OPTION_KEYS = ("role", "project", "profile", "kms_key", "network_isolation")
+
+
+def _spec_kwargs(kw: dict) -> dict:
+    """Flags -> DeploySpec fields; provider-specific flags go to spec.options."""
+    serving = {k: kw.pop(k) for k in _SERVING_KEYS if kw.get(k) is not None}
+    for k in _SERVING_KEYS:
+        kw.pop(k, None)
+    options = {k: kw.pop(k) for k in _OPTION_KEYS if kw.get(k) is not None}
+    for k in _OPTION_KEYS:
+        kw.pop(k, None)
+    for k in ("vpc_subnets", "vpc_security_groups"):
+        value = kw.pop(k, None)
+        if value:
+            options[k] = [part.strip() for part in value.split(",") if part.strip()]
+    alarms = kw.pop("rollback_alarm", ())
+    if alarms:
+        options["rollback_alarms"] = list(alarms)
+    options.update(_kv_pairs(kw.pop("extra_options", ()), "--option"))
+    tags = _kv_pairs(kw.pop("tags", ()), "--tag")
+    spec = {k: v for k, v in kw.items() if v is not None and v is not False}
+    if serving:
+        spec["serving"] = serving
+    if options:
+        spec["options"] = options
+    if tags:
+        spec["tags"] = tags
+    return spec
+
+
+# --- the group -------------------------------------------------------------------------------
+@click.group(
+    epilog=EPILOG_EXIT_CODES,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="cloudllm")
+def cli() -> None:
+    """Deploy a Hugging Face model folder to SageMaker, Vertex AI or this machine, and call it.
+
+    \b
+    Quick start (no cloud account needed):
+      cloudllm deploy ./my-model --provider local --name demo
+      cloudllm invoke demo "Once upon a time"
+      cloudllm delete demo
+    """
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--task", help="Override the task inferred from config.json.")
+@click.option("--allow-pickle", is_flag=True, help="Accept *.bin/*.pt pickle weights.")
+@click.option("--trust-remote-code", is_flag=True, help="Accept models that need their own code.")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(model: str, task: str | None, allow_pickle: bool, trust_remote_code: bool, json_output: bool) -> None:
+    """Show a model's architecture, task, parameters, dtype and size, without loading it.
+
+    \b
+    Example:
+      cloudllm inspect ./my-model
+    """
+    from cloudllm import api
+    from cloudllm.console import human_bytes
+
+    info = api.inspect(model, task=task, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if json_output:
+        _print_json({"path": info.path, **info.summary(), "files": [f.name for f in info.files], "skipped": info.skipped})
+        return
+    params = f"{info.parameters / 1e6:,.1f}M" if info.parameters is not None else "unknown (pickle weights)"
+    for label, value in (
+        ("model", info.path),
+        ("architecture", info.architecture),
+        ("task", info.task),
+        ("parameters", params),
+        ("dtype", info.dtype),
+        ("weights", f"{human_bytes(info.weight_bytes)} in {len(info.weight_files)} file(s)"),
+        ("total", human_bytes(info.total_bytes)),
+        ("quantization", info.quantization or "none"),
+    ):
+        click.echo(f"{label:>13}: {value}")
+    for note in info.skipped:
+        click.echo(f"{'not shipped':>13}: {note}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Folder to write the artifact to.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@_model_flags
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+def package(model: str, out: str, overwrite: bool, json_output: bool, **kw: Any) -> None:
+    """Build the deployable artifact (weights + code/ + cloudllm.json) without deploying.
+
+    \b
+    Example:
+      cloudllm package ./my-model -o ./artifact
+      cloudllm serve ./artifact --port 8080
+    """
+    from cloudllm import api
+    from cloudllm.console import human_bytes
+
+    bundle = api.package(model, out, overwrite=overwrite, **_spec_kwargs(kw))
+    if json_output:
+        _print_json({"output": str(out), "digest": bundle.digest, "files": len(bundle.files), "bytes": bundle.total_bytes})
+    else:
+        click.echo(f"artifact written to {out}: {len(bundle.files)} files, {human_bytes(bundle.total_bytes)}, digest {bundle.digest[:12]}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@_deploy_flags
+@_model_flags
+@click.option("--no-wait", is_flag=True, help="Return once the platform accepted the deploy.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; create nothing.")
+@click.option("--force", is_flag=True, help="Deploy even when the plan says it will not fit.")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output on stdout.")
+def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: bool, **kw: Any) -> None:
+    """Create or update an endpoint serving MODEL (a folder with config.json and *.safetensors).
+
+    Deploying to a name that exists updates it; an unchanged deploy does nothing and says so.
+
+    \b
+    Examples:
+      cloudllm deploy ./my-model --provider local --name demo
+      cloudllm deploy ./my-model --provider sagemaker --instance ml.g5.xlarge \\
+          --bucket s3://my-bucket/models --role arn:aws:iam::123456789012:role/SageMakerExec
+      cloudllm deploy ./my-model --provider vertex --instance g2-standard-8 \\
+          --bucket gs://my-bucket/models --project my-proj --region us-central1
+    """
+    from cloudllm import api
+
+    spec_kwargs = _spec_kwargs(kw)
+    if force:
+        spec_kwargs.setdefault("options", {})["force"] = True
+    result = api.deploy(model, wait=not no_wait, dry_run=dry_run, reporter=_reporter(json_output), **spec_kwargs)
+    if json_output:
+        _print_json(result.to_dict())
+        return
+    name = result.plan.spec.name
+    if result.dry_run:
+        click.echo(f"dry run: would {result.action} endpoint {name} ({'; '.join(result.reasons)})")
+        for change in result.plan.changes:
+            click.echo(f"  {change.action:>9} {change.resource} {change.name}{'  (' + change.reason + ')' if change.reason else ''}")
+    elif result.action == "unchanged":
+        click.echo(f"endpoint {name} is unchanged: nothing to deploy")
+    else:
+        ep = result.endpoint
+        verb = "created" if result.action == "create" else "updated"
+        where = f" at {ep.url}" if ep and ep.url else ""
+        click.echo(f"endpoint {name} {verb}: {ep.state if ep else 'unknown'}{where}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("prompt", required=False)
+@click.option("--json", "json_body", metavar="BODY", help='Raw request body, e.g. \'{"inputs": "Hi", "parameters": {...}}\'.')
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--max-new-tokens", type=int, help="Generation length for this request.")
+@click.option("--param", "params", multiple=True, help="KEY=VALUE generation parameter (value parsed as JSON).")
+@click.option("--raw", is_flag=True, help="Print the endpoint's JSON response as is.")
+@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
+@click.option("--region", help="Region of an endpoint deployed from another machine.")
+def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, max_new_tokens: int | None,
+           params: tuple[str, ...], raw: bool, provider: str | None, region: str | None) -> None:  # fmt: skip
+    """Send PROMPT (or a --json body) to endpoint NAME and print the answer.
+
+    \b
+    Examples:
+      cloudllm invoke demo "Once upon a time"
+      cloudllm invoke demo "Once upon a time" --stream
+      cloudllm invoke demo --json '{"inputs": "Hi", "parameters": {"max_new_tokens": 20}}'
+    """
+    from cloudllm import api
+    from cloudllm.invocation import response_text
+
+    parameters: dict[str, Any] = {}
+    for key, value in _kv_pairs(params, "--param").items():
+        try:
+            parameters[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[key] = value
+    if max_new_tokens is not None:
+        parameters["max_new_tokens"] = max_new_tokens
+    if stream:
+        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, provider=provider, region=region):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        return
+    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, provider=provider, region=region)
+    text = None if raw else response_text(result)
+    click.echo(text if text is not None else json.dumps(result, indent=2, ensure_ascii=False))
+
+
+@cli.command("list")
+@click.option("--provider", help="List a provider's endpoints (default: those deployed from this machine).")
+@click.option("--region", help="Region to list.")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+def list_cmd(provider: str | None, region: str | None, json_output: bool) -> None:
+    """List endpoints with their provider, state, model and URL.
+
+    \b
+    Examples:
+      cloudllm list
+      cloudllm list --provider sagemaker --json
+    """
+    from cloudllm import api
+
+    endpoints = api.list_endpoints(provider=provider, region=region)
+    if json_output:
+        _print_json([ep.model_dump(mode="json") for ep in endpoints])
+        return
+    if not endpoints:
+        click.echo("no endpoints")
+        return
+    rows = [("NAME", "PROVIDER", "STATE", "MODEL", "URL")]
+    rows += [(ep.name, ep.provider, ep.state, ep.model or "-", ep.url or "-") for ep in endpoints]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
+@click.option("--region", help="Region of an endpoint deployed from another machine.")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+def status(name: str, provider: str | None, region: str | None, json_output: bool) -> None:
+    """Show one endpoint's state, URL and details.
+
+    \b
+    Example:
+      cloudllm status demo
+    """
+    from cloudllm import api
+
+    ep = api.status(name, provider=provider, region=region)
+    if json_output:
+        _print_json(ep.model_dump(mode="json"))
+        return
+    for label, value in (
+        ("name", ep.name), ("provider", ep.provider), ("state", ep.state), ("model", ep.model),
+        ("url", ep.url), ("instance", ep.instance), ("runtime", ep.runtime), ("failure", ep.failure_reason),
+    ):  # fmt: skip
+        if value:
+            click.echo(f"{label:>9}: {value}")
+    for key, value in sorted(ep.details.items()):
+        if not key.endswith("_digest"):
+            click.echo(f"{key:>9}: {value}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--purge-artifacts", is_flag=True, help="Also delete the uploaded artifacts.")
+@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
+@click.option("--region", help="Region of an endpoint deployed from another machine.")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+def delete(name: str, purge_artifacts: bool, provider: str | None, region: str | None, json_output: bool) -> None:
+    """Delete endpoint NAME and everything deploy created for it.
+
+    \b
+    Example:
+      cloudllm delete demo
+    """
+    from cloudllm import api
+
+    api.delete(name, provider=provider, region=region, purge_artifacts=purge_artifacts, reporter=_reporter(json_output))
+    if json_output:
+        _print_json({"name": name, "deleted": True})
+    else:
+        click.echo(f"endpoint {name} deleted")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")
+def serve(artifact: str, port: int, host: str) -> None:
+    """Run an artifact's model server in the foreground, as its container does.
+
+    \b
+    Example:
+      cloudllm package ./my-model -o ./artifact && cloudllm serve ./artifact --port 8080
+    """
+    from cloudllm import api
+
+    api.serve(artifact, port=port, host=host)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
+def logs(name: str, follow: bool, provider: str | None) -> None:
+    """Print the model server's log of endpoint NAME.
+
+    \b
+    Example:
+      cloudllm logs demo --follow
+    """
+    from cloudllm import api
+
+    for line in api.logs(name, follow=follow, provider=provider):
+        click.echo(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user mistakes become one line on stderr and a documented exit code."""
+    try:
+        cli.main(args=argv, prog_name="cloudllm", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc.line()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "cloudllm"
+        click.echo(f"error: {exc.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code or EXIT_FAILED)
+    except click.exceptions.Abort:
+        click.echo("interrupted: run the same command again to resume, or `cloudllm delete NAME` to clean up", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume, or `cloudllm delete NAME` to clean up", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Request bodies and responses on the client side, shared by every provider.
+
+The wire format is TGI's (`{"inputs", "parameters", "stream"}`), which the generated
+server, TGI and the HF inference toolkit all accept; streams are TGI's server-sent
+events, one JSON object per `data:` line.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Iterator
+
+from cloudllm.errors import UserError
+
+
+def build_body(inputs: str | None, parameters: dict | None = None, json_body: str | dict | None = None) -> dict:
+    """The request body from a prompt (+parameters) or a raw JSON body given by the user."""
+    if json_body is not None:
+        if isinstance(json_body, str):
+            try:
+                body = json.loads(json_body)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--json is not valid JSON ({exc.msg} at column {exc.colno})", "pass a JSON object, e.g. '{\"inputs\": \"Hi\"}'") from None
+        else:
+            body = json_body
+        if not isinstance(body, dict):
+            raise UserError("--json must be a JSON object", "pass e.g. '{\"inputs\": \"Hi\", \"parameters\": {\"max_new_tokens\": 20}}'")
+        return body
+    if inputs is None:
+        raise UserError("nothing to send", "give a prompt (cloudllm invoke NAME \"text\") or --json BODY")
+    body: dict[str, Any] = {"inputs": inputs}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def response_text(result: Any) -> str | None:
+    """The generated text of a response, if it is a generation; None for other tasks."""
+    if isinstance(result, dict) and "predictions" in result:
+        result = result["predictions"]
+    if isinstance(result, list) and len(result) == 1:
+        result = result[0]
+    if isinstance(result, list) and result and isinstance(result[0], dict) and len(result[0]) == 1 and "generated_text" in result[0]:
+        result = result[0]
+    if isinstance(result, dict):
+        for key in ("generated_text", "summary_text", "translation_text"):
+            if isinstance(result.get(key), str):
+                return result[key]
+    return None
+
+
+def iter_sse_tokens(lines: Iterable[str]) -> Iterator[str]:
+    """Token texts from TGI server-sent events. Skips special tokens; raises on an error event."""
+    for line in lines:
+        line = line.strip()
+        if not line.startswith("data:"):
+            continue
+        payload = line[len("data:") :].strip()
+        if not payload or payload == "[DONE]":
+            continue
+        event = json.loads(payload)
+        if "error" in event:
+            raise UserError(f"the endpoint failed mid-stream: {event['error']}", "check the endpoint's logs (cloudllm logs NAME)")
+        token = event.get("token") or {}
+        if token.get("special"):
+            continue
+        text = token.get("text")
+        if text:
+            yield text
+
+
+def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Re-join byte chunks into lines: a stream may split a line (even a UTF-8 character) across chunks."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            yield line.decode("utf-8", errors="replace")
+    if buffer:
+        yield buffer.decode("utf-8", errors="replace")

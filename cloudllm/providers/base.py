@@ -1,0 +1,142 @@
+"""The provider interface, and the registry that finds providers through entry points.
+
+A provider translates a Plan into its platform's calls; it never decides what to do
+(create, update or nothing: the core decides once, in cloudllm.api). Built-ins and
+third-party plugins register the same way, in the `cloudllm.providers` entry-point group:
+
+    [project.entry-points."cloudllm.providers"]
+    myprovider = "my_package.provider:MyProvider"
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import Enum
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
+
+from pydantic import BaseModel, Field
+
+from cloudllm.console import Reporter
+from cloudllm.errors import PlanRefused, UserError
+
+if TYPE_CHECKING:
+    from cloudllm.model_source import ModelInfo
+    from cloudllm.plan import Plan
+    from cloudllm.spec import DeploySpec
+
+GROUP = "cloudllm.providers"
+
+
+class Feature(str, Enum):
+    """Capabilities a spec may ask for; a provider lists those it lacks in `unsupported`."""
+
+    INSTANCE_TYPES = "choosing an instance type"
+    AUTOSCALING = "autoscaling (max_instances > 1)"
+    SCALE_TO_ZERO = "scale to zero (min_instances = 0)"
+    TRAFFIC_SHIFTING = "canary/linear rollouts"
+    ENGINE_RUNTIMES = "the tgi and vllm runtimes"
+
+
+class Endpoint(BaseModel):
+    """What a provider reports about one endpoint."""
+
+    name: str
+    provider: str
+    state: str = Field(description="InService, Creating, Updating, Failed, ...")
+    url: str | None = None
+    model: str | None = None
+    digest: str | None = Field(None, description="Plan digest of what is deployed; equal digests mean no change.")
+    instance: str | None = None
+    runtime: str | None = None
+    failure_reason: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResourceChange(BaseModel):
+    """One line of a plan's diff."""
+
+    resource: str = Field(description="Kind of resource, e.g. model, endpoint-config, endpoint, scaling-policy.")
+    name: str
+    action: Literal["create", "update", "replace", "unchanged", "delete"]
+    reason: str = ""
+
+
+class Provider(ABC):
+    """A platform that hosts endpoints. Keep implementations to translating calls."""
+
+    name: ClassVar[str]
+    unsupported: ClassVar[dict[Feature, str]] = {}
+
+    def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
+        self.region = region
+        self.options = dict(options or {})
+
+    # --- checks, before anything is created -------------------------------------------------
+    def require(self, features: set[Feature]) -> None:
+        """Refuse, with the provider's reason, a spec that needs what this provider cannot do."""
+        for feature in sorted(features, key=lambda f: f.value):
+            if feature in self.unsupported:
+                raise PlanRefused(f"{feature.value} is not available on the {self.name} provider: {self.unsupported[feature]}")
+
+    def validate(self, plan: "Plan") -> None:
+        """Provider-specific input checks (instance names, buckets, roles); raise UserError."""
+
+    def default_runtime(self, spec: "DeploySpec", model: "ModelInfo") -> str:
+        """The runtime used when the spec names none."""
+        return "handler"
+
+    def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
+        """The resources deploy will create or change; read-only."""
+        action = {"create": "create", "update": "update", "unchanged": "unchanged"}[plan.action]
+        return [ResourceChange(resource="endpoint", name=plan.spec.name, action=action, reason="; ".join(plan.reasons))]
+
+    # --- the verbs ------------------------------------------------------------------------
+    @abstractmethod
+    def deploy(self, plan: "Plan", reporter: Reporter) -> Endpoint:
+        """Create the endpoint described by plan; on failure delete what this call created."""
+
+    @abstractmethod
+    def update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
+        """Move an existing endpoint to plan, keeping it serving until the new version is healthy."""
+
+    @abstractmethod
+    def get(self, name: str) -> Endpoint | None:
+        """The endpoint, or None when it does not exist."""
+
+    @abstractmethod
+    def list(self) -> list[Endpoint]: ...
+
+    @abstractmethod
+    def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None: ...
+
+    @abstractmethod
+    def invoke(self, name: str, body: dict) -> Any:
+        """Send one request body; return the decoded JSON response."""
+
+    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+        """Yield generated text pieces as they arrive."""
+        raise UserError(f"the {self.name} provider cannot stream", "invoke without --stream")
+
+    def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
+        raise UserError(f"the {self.name} provider has no logs command", "look in the platform's console")
+
+
+
+def provider_names() -> list[str]:
+    return sorted({ep.name for ep in entry_points(group=GROUP)})
+
+
+def get_provider(name: str, *, region: str | None = None, options: dict[str, Any] | None = None) -> Provider:
+    """Instantiate a provider plugin by name."""
+    matches = [ep for ep in entry_points(group=GROUP) if ep.name == name]
+    if not matches:
+        raise UserError(f"unknown provider {name!r}", f"use one of: {', '.join(provider_names())} (or install a provider plugin)")
+    try:
+        cls = matches[0].load()
+    except ImportError as exc:
+        raise UserError(
+            f"the {name} provider cannot load: {exc}",
+            f"install its dependencies: pip install 'cloudllm[{name}]'",
+        ) from None
+    return cls(region=region, options=options)

@@ -1,0 +1,282 @@
+"""The local provider: the generated model server as a background process on 127.0.0.1.
+
+It runs the very code a cloud container runs (`python code/serve.py serve`), so a
+deploy that works here differs from the cloud only in the hardware. State lives in
+$CLOUDLLM_HOME/local/<name>/: one folder per deployed version (artifact + log) and
+state.json pointing at the live one. An update starts the new version beside the
+old, switches state.json once the new one is healthy, then stops the old.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+from cloudllm.console import Reporter
+from cloudllm.errors import DeployFailed, UserError
+from cloudllm.home import home_dir
+from cloudllm.http import post_json, stream_tokens
+from cloudllm.providers.base import Endpoint, Feature, Provider
+
+STATE_FILE = "state.json"
+DEFAULT_START_TIMEOUT = 600
+
+
+class LocalProvider(Provider):
+    name = "local"
+    unsupported = {
+        Feature.INSTANCE_TYPES: "it runs on this machine; drop --instance",
+        Feature.AUTOSCALING: "it runs one server process; use max_instances 1",
+        Feature.SCALE_TO_ZERO: "it runs one server process; use min_instances 1",
+        Feature.TRAFFIC_SHIFTING: "an update switches all traffic once the new server is healthy",
+        Feature.ENGINE_RUNTIMES: "it runs the generated handler; TGI and vLLM need their GPU containers",
+    }
+
+    # --- state ------------------------------------------------------------------------
+    @staticmethod
+    def _root(name: str) -> Path:
+        return home_dir("local") / name
+
+    def _state(self, name: str) -> dict | None:
+        path = self._root(name) / STATE_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_state(self, name: str, state: dict) -> None:
+        path = self._root(name) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+    # --- verbs ------------------------------------------------------------------------
+    def deploy(self, plan, reporter: Reporter) -> Endpoint:
+        state = self._start_version(plan, reporter)
+        self._write_state(plan.spec.name, state)
+        return self._endpoint(plan.spec.name, state)
+
+    def update(self, plan, existing: Endpoint, reporter: Reporter) -> Endpoint:
+        old = self._state(plan.spec.name)
+        state = self._start_version(plan, reporter)
+        self._write_state(plan.spec.name, state)
+        if old and old.get("version") != state["version"]:
+            _stop(old.get("pid"), old.get("artifact"))
+            shutil.rmtree(self._root(plan.spec.name) / old["version"], ignore_errors=True)
+            reporter.step(f"stopped the previous server (pid {old.get('pid')})")
+        return self._endpoint(plan.spec.name, state)
+
+    def get(self, name: str) -> Endpoint | None:
+        state = self._state(name)
+        return None if state is None else self._endpoint(name, state)
+
+    def list(self) -> list[Endpoint]:
+        root = home_dir("local")
+        return [ep for d in sorted(root.iterdir()) if d.is_dir() and (ep := self.get(d.name))]
+
+    def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
+        state = self._state(name)
+        if state is None:
+            raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
+        _stop(state.get("pid"), state.get("artifact"))
+        shutil.rmtree(self._root(name), ignore_errors=True)
+
+    def invoke(self, name: str, body: dict) -> Any:
+        url = self._live_url(name)
+        try:
+            return post_json(name, f"{url}/invocations", body)
+        except httpx.TransportError:
+            raise self._unreachable(name) from None
+
+    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+        url = self._live_url(name)
+        try:
+            yield from stream_tokens(name, f"{url}/invocations", {**body, "stream": True})
+        except httpx.TransportError:
+            raise self._unreachable(name) from None
+
+    def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
+        state = self._state(name)
+        if state is None:
+            raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
+        with open(state["log"], encoding="utf-8", errors="replace") as fh:
+            while True:
+                line = fh.readline()
+                if line:
+                    yield line.rstrip("\n")
+                elif follow and _alive(state.get("pid"), state.get("artifact")):
+                    time.sleep(0.2)
+                else:
+                    return
+
+    # --- helpers ----------------------------------------------------------------------
+    def _live_url(self, name: str) -> str:
+        state = self._state(name)
+        if state is None:
+            raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`, or deploy it first")
+        if not _alive(state.get("pid"), state.get("artifact")):
+            raise self._unreachable(name)
+        return state["url"]
+
+    def _unreachable(self, name: str) -> DeployFailed:
+        state = self._state(name) or {}
+        tail = _last_line(state.get("log"))
+        return DeployFailed(
+            f"endpoint {name}'s server (pid {state.get('pid')}) is not running{': ' + tail if tail else ''}",
+            f"see its log {state.get('log')}, then redeploy with `cloudllm deploy` or remove it with `cloudllm delete {name}`",
+        )
+
+    def _endpoint(self, name: str, state: dict) -> Endpoint:
+        alive = _alive(state.get("pid"), state.get("artifact"))
+        if not alive:
+            status, reason = "Failed", _last_line(state.get("log")) or "server process exited"
+        else:
+            status, reason = ("InService" if _healthy(state["url"]) else "Loading"), None
+        return Endpoint(
+            name=name,
+            provider=self.name,
+            state=status,
+            url=state["url"],
+            model=state.get("model"),
+            digest=state.get("digest"),
+            runtime="handler",
+            failure_reason=reason,
+            details={k: state[k] for k in ("pid", "log", "artifact", "weights_digest", "code_digest", "deploy_digest") if k in state},
+        )
+
+    def _start_version(self, plan, reporter: Reporter) -> dict:
+        """Lay out the artifact, start its server, and wait for /ping; clean up on failure."""
+        name = plan.spec.name
+        version = plan.digest[:12]
+        version_dir = self._root(name) / version
+        live = self._state(name)
+        if live and live.get("version") == version:
+            # Same artifact, but its server died: start it again in place.
+            _stop(live.get("pid"), live.get("artifact"))
+        shutil.rmtree(version_dir, ignore_errors=True)
+        version_dir.mkdir(parents=True)
+        artifact = plan.bundle.write(version_dir / "artifact")
+        reporter.step(f"artifact laid out in {artifact}")
+        log_path = home_dir("local", "logs") / f"{name}-{version}.log"
+        port_file = version_dir / "port"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, str(artifact / "code" / "serve.py"), "serve",
+                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=artifact, start_new_session=True,  # outlives the CLI and its Ctrl-C
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        state = {
+            "version": version,
+            "pid": process.pid,
+            "artifact": str(artifact),
+            "log": str(log_path),
+            "model": plan.model.path,
+            "url": None,
+            **plan.fingerprint,
+        }
+        try:
+            state["url"] = self._wait_healthy(process, port_file, log_path, plan, reporter)
+        except BaseException:
+            _stop(process.pid, str(artifact))
+            shutil.rmtree(version_dir, ignore_errors=True)
+            raise
+        return state
+
+    def _wait_healthy(self, process, port_file: Path, log_path: Path, plan, reporter: Reporter) -> str:
+        deadline = time.monotonic() + (plan.spec.timeout or DEFAULT_START_TIMEOUT)
+        url = None
+        delay = 0.05
+        with reporter.waiting(f"starting the model server for {plan.spec.name}") as update:
+            while time.monotonic() < deadline:
+                code = process.poll()
+                if code is not None:
+                    raise DeployFailed(
+                        f"the model server exited with code {code}: {_last_line(str(log_path)) or 'no output'}",
+                        f"see the full log in {log_path}",
+                    )
+                if url is None and port_file.exists() and port_file.read_text().strip():
+                    url = f"http://127.0.0.1:{int(port_file.read_text())}"
+                    update(f"listening on {url}, loading the model")
+                if url and (not plan.wait or _healthy(url)):
+                    return url
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+        raise DeployFailed(
+            f"the model server did not become healthy within {plan.spec.timeout or DEFAULT_START_TIMEOUT}s",
+            f"see its log {log_path}; raise --timeout for large models",
+        )
+
+
+def _healthy(url: str | None) -> bool:
+    if not url:
+        return False
+    try:
+        return httpx.get(f"{url}/ping", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int | None, artifact: str | None) -> bool:
+    """True when pid is running and is our server (not a recycled pid)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+        if not text:  # a zombie: exited, not yet reaped
+            return False
+        return artifact is None or artifact in text
+    return True
+
+
+def _stop(pid: int | None, artifact: str | None, grace: float = 10.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL after `grace` seconds (SageMaker gives 30)."""
+    if not _alive(pid, artifact):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass  # not our child (started by an earlier CLI run)
+        if not _alive(pid, artifact):
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _last_line(log: str | None) -> str:
+    if not log or not os.path.exists(log):
+        return ""
+    with open(log, "rb") as fh:
+        fh.seek(max(0, os.path.getsize(log) - 4096))
+        lines = [line.strip() for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

@@ -1,0 +1,51 @@
+"""ServingSettings: what the server needs to know, written as code/settings.json by the packager.
+
+Plain dataclass and json only: this module is imported both by the deploy-time
+package (to write the file) and by the server in the container (to read it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass
+class ServingSettings:
+    task: str
+    architecture: str | None = None
+    model_type: str | None = None
+    # "auto": the checkpoint's dtype on GPU, float32 on CPU (bf16 matmuls are slow on most CPUs).
+    dtype: str = "auto"
+    # "auto": cuda when available (sharded with accelerate's device map over several GPUs), else cpu.
+    device: str = "auto"
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    default_max_new_tokens: int = 64
+    max_new_tokens: int = 1024  # the cap a request may ask for
+    # Dynamic batching: requests arriving within max_batch_wait_ms run as one forward pass.
+    max_batch_size: int = 8
+    max_batch_wait_ms: float = 5.0
+    max_concurrent_requests: int = 128  # beyond this the server answers 429
+    max_body_bytes: int = 6 * 1024 * 1024  # SageMaker's real-time payload limit
+    trust_remote_code: bool = False
+    log_payloads: bool = False
+    quantization: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ServingSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def load(cls, code_dir: str) -> "ServingSettings":
+        with open(os.path.join(code_dir, SETTINGS_FILE), encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
