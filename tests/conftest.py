@@ -1,0 +1,47 @@
+"""Test-wide setup: loopback only, no cloud metadata probes, no hub downloads, an isolated CLOUDLLM_HOME."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["NO_GCE_CHECK"] = "True"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+
+CLOUDLLM = str(Path(sys.executable).parent / "cloudllm")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(cloudllm_home: Path) -> Path:
+    """No test reads or writes the developer's ~/.cloudllm."""
+    return cloudllm_home
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
+    """The real `cloudllm` console script in a subprocess, as a user or CI job runs it."""
+    return subprocess.run(
+        [CLOUDLLM, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        input=input,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *, code: int = 2, contains: str = "") -> str:
+    """A user mistake: non-zero documented exit code, one line on stderr, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("error: ")
+    assert contains.lower() in lines[0].lower(), lines[0]
+    return lines[0]

@@ -1,0 +1,122 @@
+"""The artifact: hard-linked weights, rendered code/, a manifest that hashes every file, byte-identical rebuilds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cloudllm import api
+from cloudllm.bundle import MANIFEST_NAME, build_bundle, portable_tokenizer_config, read_manifest
+from cloudllm.errors import UserError
+from cloudllm.model_source import inspect_model
+from cloudllm.plan import serving_settings
+from cloudllm.spec import spec_from_kwargs
+
+
+def _bundle(model: Path, **kwargs):
+    info = inspect_model(model)
+    return build_bundle(info, serving_settings(spec_from_kwargs(model, **kwargs), info))
+
+
+def test_layout_and_manifest(tiny_gpt2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    bundle = api.package(tiny_gpt2, out)
+    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", MANIFEST_NAME} <= names
+    assert {"code/inference.py", "code/serve.py", "code/requirements.txt", "code/settings.json"} <= names
+    assert "code/cloudllm_runtime/__init__.py" in names and "code/cloudllm_runtime/settings.py" in names
+    manifest = read_manifest(out)
+    assert set(manifest.files) == names - {MANIFEST_NAME}
+    for name, entry in manifest.files.items():
+        data = (out / name).read_bytes()
+        assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest(), name
+    assert manifest.model["task"] == "text-generation"
+    assert manifest.settings["task"] == "text-generation"
+    assert bundle.digest == manifest.digest
+
+
+def test_weights_are_hard_linked_not_copied(tiny_gpt2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    api.package(tiny_gpt2, out)
+    assert os.stat(out / "model.safetensors").st_ino == os.stat(tiny_gpt2 / "model.safetensors").st_ino
+
+
+def test_deterministic(tiny_gpt2: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    api.package(tiny_gpt2, a)
+    api.package(tiny_gpt2, b)
+    for path in a.rglob("*"):
+        if path.is_file():
+            assert path.read_bytes() == (b / path.relative_to(a)).read_bytes(), path
+
+
+def test_digests_split_weights_and_code(tiny_gpt2: Path) -> None:
+    base = _bundle(tiny_gpt2).manifest
+    capped = _bundle(tiny_gpt2, serving={"max_new_tokens": 7}).manifest
+    assert base.weights_digest == capped.weights_digest
+    assert base.code_digest != capped.code_digest
+    assert base.digest != capped.digest
+
+
+def test_tokenizer_config_made_loadable_by_transformers_4(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """transformers 5 writes tokenizer_class TokenizersBackend, which 4.x (in the HF containers) lacks."""
+    assert json.loads((tiny_gpt2 / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    out = tmp_path / "artifact"
+    api.package(tiny_gpt2, out)
+    fixed = json.loads((out / "tokenizer_config.json").read_text())
+    assert fixed["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in fixed
+    # Rewritten, never edited in place through the hard link: the source is untouched.
+    assert json.loads((tiny_gpt2 / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert isinstance(tok, PreTrainedTokenizerFast) and tok.decode(tok("Once upon a time")["input_ids"]) == "Once upon a time"
+    assert portable_tokenizer_config(b'{"tokenizer_class": "GPT2Tokenizer"}') is None
+
+
+def test_existing_output_needs_overwrite_and_failure_leaves_nothing(tiny_gpt2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    api.package(tiny_gpt2, out)
+    with pytest.raises(UserError, match="--overwrite"):
+        api.package(tiny_gpt2, out)
+    api.package(tiny_gpt2, out, overwrite=True)
+    assert read_manifest(out)
+
+    bundle = _bundle(tiny_gpt2)
+    broken = tmp_path / "broken"
+    src = tmp_path / "vanishing.safetensors"
+    shutil.copy(tiny_gpt2 / "model.safetensors", src)
+    from dataclasses import replace
+
+    bundle.files[0] = replace(bundle.files[0], source=src, content=None)
+    src.unlink()
+    with pytest.raises(OSError):
+        bundle.write(broken)
+    assert not broken.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".broken")]
+
+
+def test_hash_cache_serves_unchanged_files(tiny_gpt2: Path, tmp_path: Path) -> None:
+    from cloudllm import hashing
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 1000)
+    first = hashing.sha256_file(path)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+    cache = json.loads((Path(os.environ["CLOUDLLM_HOME"]) / "cache" / "sha256.json").read_text())
+    assert first in cache.values()
+    path.write_bytes(b"b" * 1000)  # new mtime: rehashed
+    assert hashing.sha256_file(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_read_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a cloudllm artifact"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{")
+    with pytest.raises(UserError, match="corrupt"):
+        read_manifest(tmp_path)

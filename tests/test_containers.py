@@ -1,0 +1,46 @@
+"""containers/Dockerfile cannot be built here (no Docker engine): check it up to that edge."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "containers" / "Dockerfile"
+
+
+def _instructions() -> list[tuple[str, str]]:
+    return [
+        (m.group(1).upper(), m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(.*)$", DOCKERFILE.read_text(), re.MULTILINE)
+    ]
+
+
+def test_every_copied_path_exists() -> None:
+    copies = [args.split()[:-1] for op, args in _instructions() if op == "COPY"]
+    assert copies
+    for sources in copies:
+        for source in sources:
+            assert (ROOT / source).exists(), source
+
+
+def test_entrypoint_runs_the_generated_app_on_8080() -> None:
+    ops = dict(_instructions())
+    entrypoint = json.loads(ops["ENTRYPOINT"])
+    assert entrypoint == ["/usr/local/bin/serve"]
+    assert "8080" in ops["EXPOSE"]
+    script = (ROOT / "containers" / "serve").read_text()
+    assert "code/serve.py" in script and "cloudllm_runtime serve" in script
+
+
+def test_entry_script_is_valid_shell() -> None:
+    subprocess.run(["sh", "-n", str(ROOT / "containers" / "serve")], check=True)
+
+
+def test_image_pins_transformers_4_like_the_hf_containers() -> None:
+    requirements = (ROOT / "containers" / "requirements.txt").read_text()
+    assert "transformers>=4.45,<5" in requirements
+    for needed in ("starlette", "uvicorn", "prometheus-client", "google-cloud-storage"):
+        assert needed in requirements
