@@ -20,6 +20,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e ".[all,test]"
 	touch $@
 
+# transformers 4.x, as in the Hugging Face inference containers, beside (not inside) the
+# venv's transformers 5: tests load generated artifacts with it to prove they run there.
+TF4 := $(VENV)/tf4
+$(TF4)/.installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --no-deps --target $(TF4) \
+		"transformers==4.57.3" "tokenizers==0.22.1" "huggingface-hub==0.36.0"
+	touch $@
+
 ## The main job: build a tiny model offline, deploy it to the local provider, invoke it, clean up.
 demo: install
 	$(BIN)/python -m cloudllm.testing.tiny_models gpt2 demo/tiny-gpt2
@@ -28,13 +36,13 @@ demo: install
 	$(BIN)/cloudllm delete demo
 
 ## The test suite CI runs (.ci/run). Slow tests are marked and run by `make test-slow`.
-test: install
+test: install $(TF4)/.installed
 	$(BIN)/python -m pytest -q
 
-test-slow: install
+test-slow: install $(TF4)/.installed
 	$(BIN)/python -m pytest -q -m slow
 
-test-all: install
+test-all: install $(TF4)/.installed
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: install

@@ -1,0 +1,188 @@
+"""The local provider end to end, through the real CLI in subprocesses and real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CLOUDLLM, assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One CLOUDLLM_HOME for the module, so a deployed endpoint serves several tests."""
+    path = tmp_path_factory.mktemp("home")
+    yield {"CLOUDLLM_HOME": str(path)}
+    for state in (path / "local").glob("*/state.json"):
+        pid = json.loads(state.read_text()).get("pid")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def demo(home: dict, tiny_gpt2: Path) -> dict:
+    result = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", "--json", env=home)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _state(home: dict, name: str) -> dict:
+    return json.loads((Path(home["CLOUDLLM_HOME"]) / "local" / name / "state.json").read_text())
+
+
+def test_deploy_reports_a_healthy_endpoint(demo: dict) -> None:
+    assert demo["action"] == "create"
+    endpoint = demo["endpoint"]
+    assert endpoint["state"] == "InService" and endpoint["url"].startswith("http://127.0.0.1:")
+    assert httpx.get(endpoint["url"] + "/ping").status_code == 200
+
+
+def test_invoke_text_stream_and_json(demo: dict, home: dict) -> None:
+    text = run_cli("invoke", "demo", "Once upon a time", "--max-new-tokens", "12", env=home)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.strip()
+
+    streamed = run_cli("invoke", "demo", "Once upon a time", "--max-new-tokens", "12", "--stream", env=home)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == text.stdout  # greedy decoding: the stream adds up to the same text
+
+    body = json.dumps({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}})
+    raw = run_cli("invoke", "demo", "--json", body, "--raw", env=home)
+    assert json.loads(raw.stdout) == [{"generated_text": text.stdout.rstrip("\n")}]
+
+
+def test_list_and_status(demo: dict, home: dict) -> None:
+    listed = json.loads(run_cli("list", "--json", env=home).stdout)
+    assert [(e["name"], e["provider"], e["state"]) for e in listed] == [("demo", "local", "InService")]
+    status = run_cli("status", "demo", env=home)
+    assert "InService" in status.stdout and demo["endpoint"]["url"] in status.stdout
+    table = run_cli("list", env=home).stdout
+    assert table.splitlines()[0].split() == ["NAME", "PROVIDER", "STATE", "MODEL", "URL"]
+
+
+def test_unchanged_redeploy_does_nothing(demo: dict, home: dict, tiny_gpt2: Path) -> None:
+    before = _state(home, "demo")
+    again = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", env=home)
+    assert again.returncode == 0, again.stderr
+    assert "unchanged" in again.stdout
+    assert _state(home, "demo")["pid"] == before["pid"]
+
+
+def test_changed_deploy_switches_then_stops_the_old_server(demo: dict, home: dict, tiny_gpt2: Path) -> None:
+    old = _state(home, "demo")
+    result = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", "--max-new-tokens", "40", "--json", env=home)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["action"] == "update" and "code or serving settings changed" in out["reasons"]
+    new = _state(home, "demo")
+    assert new["pid"] != old["pid"] and new["url"] != old["url"]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(old["url"] + "/ping", timeout=2)
+    assert not Path(old["artifact"]).exists()
+    over_cap = run_cli("invoke", "demo", "hi", "--max-new-tokens", "41", env=home)
+    assert_one_line_error(over_cap, code=2, contains="max_new_tokens")
+
+
+def test_bad_request_bodies_are_4xx_one_line(demo: dict, home: dict) -> None:
+    assert_one_line_error(run_cli("invoke", "demo", "--json", "{nope", env=home), code=2, contains="not valid JSON")
+    assert_one_line_error(run_cli("invoke", "demo", "--json", '{"parameters": {}}', env=home), code=2, contains="rejected")
+    assert_one_line_error(
+        run_cli("invoke", "demo", "--json", '{"inputs": 5}', env=home), code=2, contains="rejected"
+    )
+    assert run_cli("invoke", "demo", "still alive?", "--max-new-tokens", "2", env=home).returncode == 0
+
+
+def test_unknown_and_invalid_names(home: dict) -> None:
+    assert_one_line_error(run_cli("invoke", "ghost", "hi", env=home), code=2, contains="no endpoint named 'ghost'")
+    assert_one_line_error(run_cli("delete", "ghost", env=home), code=2, contains="no endpoint named 'ghost'")
+    assert_one_line_error(run_cli("status", "bad_name", env=home), code=2, contains="invalid endpoint name")
+
+
+def test_died_server_is_reported_then_redeploy_recovers(home: dict, tiny_gpt2: Path) -> None:
+    deployed = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "fragile", env=home)
+    assert deployed.returncode == 0, deployed.stderr
+    pid = _state(home, "fragile")["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert_one_line_error(run_cli("invoke", "fragile", "hi", env=home), code=1, contains="is not running")
+    assert "Failed" in run_cli("status", "fragile", env=home).stdout
+    redeployed = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "fragile", "--json", env=home)
+    assert json.loads(redeployed.stdout)["action"] == "update"
+    assert run_cli("invoke", "fragile", "hi", "--max-new-tokens", "2", env=home).returncode == 0
+    assert run_cli("delete", "fragile", env=home).returncode == 0
+    assert not (Path(home["CLOUDLLM_HOME"]) / "local" / "fragile").exists()
+
+
+def test_delete_stops_the_server(home: dict, tiny_gpt2: Path) -> None:
+    assert run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "shortlived", env=home).returncode == 0
+    state = _state(home, "shortlived")
+    assert run_cli("delete", "shortlived", env=home).returncode == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(state["url"] + "/ping", timeout=2)
+    names = [e["name"] for e in json.loads(run_cli("list", "--json", env=home).stdout)]
+    assert "shortlived" not in names
+
+
+def test_deploy_bad_inputs_create_nothing(home: dict, tiny_gpt2: Path, tmp_path: Path) -> None:
+    cases = [
+        (["deploy", str(tmp_path / "missing")], 2, "does not exist"),
+        (["deploy", str(tmp_path)], 2, "no config.json"),
+        (["deploy", str(tiny_gpt2), "--task", "painting"], 2, "unknown task"),
+        (["deploy", str(tiny_gpt2), "--provider", "nosuch"], 2, "unknown provider"),
+        (["deploy", str(tiny_gpt2), "--name", "-bad-"], 2, "invalid endpoint name"),
+        (["deploy", str(tiny_gpt2), "--instance", "ml.g5.xlarge"], 3, "not available on the local provider"),
+        (["deploy", str(tiny_gpt2), "--max-instances", "3"], 3, "autoscaling"),
+        (["deploy", str(tiny_gpt2), "--min-instances", "2", "--max-instances", "1"], 2, "above max_instances"),
+        (["deploy", str(tiny_gpt2), "--bogus-flag"], 2, "no such option"),
+    ]
+    before = sorted(p.name for p in (Path(home["CLOUDLLM_HOME"]) / "local").iterdir())
+    for args, code, message in cases:
+        assert_one_line_error(run_cli(*args, "--name", "never", env=home) if "--name" not in args else run_cli(*args, env=home), code=code, contains=message)
+    after = sorted(p.name for p in (Path(home["CLOUDLLM_HOME"]) / "local").iterdir())
+    assert after == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_the_artifact_like_a_container(tiny_gpt2: Path, tmp_path: Path) -> None:
+    artifact = tmp_path / "artifact"
+    assert run_cli("package", str(tiny_gpt2), "-o", str(artifact)).returncode == 0
+    port = _free_port()
+    server = subprocess.Popen([CLOUDLLM, "serve", str(artifact), "--port", str(port), "--host", "127.0.0.1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
+        assert answer.status_code == 200 and "generated_text" in answer.json()[0]
+
+        busy = run_cli("serve", str(artifact), "--port", str(port), "--host", "127.0.0.1", timeout=120)
+        assert busy.returncode != 0 and "in use" in busy.stderr and "Traceback" not in busy.stderr
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_serve_refuses_a_folder_that_is_not_an_artifact(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("serve", str(tmp_path)), code=2, contains="not a cloudllm artifact")
