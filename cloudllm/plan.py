@@ -11,6 +11,11 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from pydantic import BaseModel, Field
+
+from cloudllm.catalog.instances import InstanceType
+from cloudllm.errors import PlanRefused
+from cloudllm.fit import CostEstimate, FitReport
 from cloudllm.hashing import sha256_bytes
 from cloudllm.model_source import ModelInfo
 from cloudllm.providers.base import Endpoint, Feature, ResourceChange
@@ -40,10 +45,14 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     changes: list[ResourceChange] = field(default_factory=list)
     wait: bool = True  # False: return once the platform accepted the request (--no-wait)
+    instance: InstanceType | None = None  # catalog entry of spec.instance (None: local, or not in the catalog)
+    fit: FitReport | None = None
+    cost: CostEstimate | None = None
 
     @property
     def deploy_digest(self) -> str:
         settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED)
+        settings.get("options", {}).pop("force", None)  # --force overrides the fit check; it deploys nothing different
         settings["runtime"] = self.runtime
         return sha256_bytes(json.dumps(settings, sort_keys=True).encode())
 
@@ -62,6 +71,68 @@ class Plan:
     @property
     def digest(self) -> str:
         return self.fingerprint["digest"]
+
+    @property
+    def shards(self) -> int | None:
+        """GPUs to shard over (TGI NUM_SHARD / vLLM tensor parallel degree); None when unknown or on CPU."""
+        return self.fit.shards if self.fit else None
+
+    def report(self) -> "PlanReport":
+        """The plan as its stable JSON document (docs/plan-schema.json)."""
+        return PlanReport.from_plan(self)
+
+    def headline(self) -> str:
+        """One line: the action, where, and the verdict ("create endpoint demo on ml.g5.xlarge (tgi, 1 GPU): fits ...")."""
+        where = f" on {self.instance.label}" if self.instance else (f" on {self.spec.instance}" if self.spec.instance else "")
+        shards = f", {self.shards} GPU{'s' if self.shards != 1 else ''}" if self.shards else ""
+        line = f"{self.action} endpoint {self.spec.name} ({self.spec.provider}){where} ({self.runtime}{shards})"
+        if self.fit:
+            line += f": {self.fit.summary}"
+        if self.cost and self.cost.per_hour_min is not None:
+            line += f"; ${self.cost.per_hour_min:,.2f}" + (
+                f"-${self.cost.per_hour_max:,.2f}/h" if self.cost.per_hour_max != self.cost.per_hour_min else "/h"
+            )
+        return line
+
+    def describe(self) -> list[str]:
+        """The plan for people: model, resources, memory and verdict, cost, and the diff with reasons."""
+        model = self.model
+        params = "parameters unknown"
+        if model.parameters:
+            params = f"{model.parameters / 1e9:,.2f}B" if model.parameters >= 1e9 else f"{model.parameters / 1e6:,.1f}M"
+            params += " parameters"
+        lines = [f"plan for endpoint {self.spec.name} on {self.spec.provider}" + (f" ({self.spec.region})" if self.spec.region else "")]
+        lines.append(f"  model:    {model.path}: {model.architecture or model.model_type}, {params}, {model.dtype}")
+        where = f"{self.instance.label}: {self.instance.describe()}" if self.instance else (self.spec.instance or "this machine")
+        count = self.spec.min_instances if self.spec.min_instances == self.spec.max_instances else f"{self.spec.min_instances}..{self.spec.max_instances}"
+        shards = f", sharded over {self.shards} GPUs" if self.shards and self.shards > 1 else ""
+        lines.append(f"  runtime:  {self.runtime} on {where}, {count} instance(s){shards}")
+        if self.fit:
+            fit_lines = self.fit.lines()
+            lines.append(f"  fit:      {fit_lines[0]}")
+            lines += [f"            {line}" for line in fit_lines[1:]]
+        if self.cost:
+            lines.append(f"  cost:     {self.cost.line()}")
+        elif self.spec.provider == "local":
+            lines.append("  cost:     none (this machine)")
+        lines.append(f"  action:   {self.action} ({'; '.join(self.reasons)})")
+        for change in self.changes:
+            reason = f"  ({change.reason})" if change.reason else ""
+            lines.append(f"  {change.action:>9} {change.resource} {change.name}{reason}")
+        return lines
+
+
+def refuse_unless_fits(plan: Plan) -> None:
+    """PlanRefused when the verdict is "does not fit" and the spec has no force option."""
+    fit = plan.fit
+    if fit is None or fit.fits is not False or plan.spec.options.get("force"):
+        return
+    fixes = [f"--instance {s.instance}" + (f" --accelerator {s.accelerator}" if s.accelerator else "") for s in fit.suggestions[:1]]
+    fixes += [f"--quantize {mode}" for mode, ok in fit.quantize_would_fit.items() if ok][:1]
+    if fit.max_batch_that_fits and fit.max_batch_that_fits < fit.max_batch:
+        fixes.append(f"--max-batch {fit.max_batch_that_fits}")
+    fix = f"try {', '.join(fixes)}, or pass --force to deploy anyway" if fixes else "pass --force to deploy anyway"
+    raise PlanRefused(fit.summary, fix)
 
 
 def required_features(spec: DeploySpec, runtime: str) -> set[Feature]:
@@ -124,6 +195,7 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
 def make_plan(spec: DeploySpec, provider: "Provider") -> Plan:
     """Inspect, lay out the bundle in memory, and compare with what is deployed. Creates nothing."""
     from cloudllm.bundle import build_bundle
+    from cloudllm.fit import plan_cost, plan_fit, resolve_instance
     from cloudllm.model_source import inspect_model
 
     model = inspect_model(
@@ -132,10 +204,101 @@ def make_plan(spec: DeploySpec, provider: "Provider") -> Plan:
     runtime = spec.runtime or provider.default_runtime(spec, model)
     provider.require(required_features(spec, runtime))
     settings = serving_settings(spec, model)
+    instance = resolve_instance(spec, getattr(provider, "default_instance", None))
+    fit = plan_fit(spec, model, settings, runtime, instance)
     bundle = build_bundle(model, settings, build={"runtime": runtime})
     plan = Plan(spec=spec, model=model, settings=settings, bundle=bundle, runtime=runtime)
+    plan.instance, plan.fit, plan.cost = instance, fit, plan_cost(spec, instance)
     provider.validate(plan)
     plan.existing = provider.get(spec.name)
     plan.action, plan.reasons = compare(plan)
     plan.changes = provider.describe_changes(plan)
     return plan
+
+
+# --- the plan as a document (cloudllm plan --json; schema in docs/plan-schema.json) ------------
+PLAN_SCHEMA_VERSION = 1
+
+
+class PlanModel(BaseModel):
+    path: str
+    architecture: str | None
+    task: str
+    parameters: int | None
+    dtype: str | None
+    weight_bytes: int
+    quantization: str | None = Field(description="Quantization the checkpoint already has (quant_method).")
+
+
+class PlanResources(BaseModel):
+    """What the endpoint runs on."""
+
+    instance: str | None = Field(description="Instance or machine type (None: this machine).")
+    accelerator: str | None = Field(None, description="Accelerator model, e.g. NVIDIA A10G.")
+    gpus_per_instance: int = 0
+    gpu_memory_gib: float = 0
+    min_instances: int
+    max_instances: int
+    shards: int | None = Field(description="GPUs the model is split across on each instance.")
+
+
+class PlanDiff(BaseModel):
+    """What deploy would change, from read-only describe calls."""
+
+    action: Action
+    reasons: list[str]
+    changes: list[ResourceChange]
+
+
+class PlanReport(BaseModel):
+    """The plan of one deploy: fit, memory breakdown, shards, cost, resources and diff. Stable for CI gates."""
+
+    schema_version: int = Field(PLAN_SCHEMA_VERSION, description="Bumped only on incompatible changes.")
+    name: str
+    provider: str
+    region: str | None
+    runtime: str
+    model: PlanModel
+    resources: PlanResources
+    fit: FitReport | None
+    cost: CostEstimate | None = Field(description="None for the local provider and instances without a catalog price.")
+    diff: PlanDiff
+    digest: str = Field(description="Digest of what would be deployed; equal digests mean nothing changes.")
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> "PlanReport":
+        spec, model, instance = plan.spec, plan.model, plan.instance
+        return cls(
+            name=spec.name,
+            provider=spec.provider,
+            region=spec.region,
+            runtime=plan.runtime,
+            model=PlanModel(
+                path=model.path,
+                architecture=model.architecture,
+                task=model.task,
+                parameters=model.parameters,
+                dtype=model.dtype,
+                weight_bytes=model.weight_bytes,
+                quantization=model.quantization,
+            ),
+            resources=PlanResources(
+                instance=instance.label if instance else spec.instance,
+                accelerator=instance.accelerator if instance else None,
+                gpus_per_instance=instance.accelerator_count if instance else 0,
+                gpu_memory_gib=instance.accelerator_memory_gib if instance else 0,
+                min_instances=spec.min_instances,
+                max_instances=spec.max_instances,
+                shards=plan.shards,
+            ),
+            fit=plan.fit,
+            cost=plan.cost,
+            diff=PlanDiff(action=plan.action, reasons=plan.reasons, changes=plan.changes),
+            digest=plan.digest,
+        )
+
+
+def plan_json_schema() -> dict:
+    """JSON Schema of `cloudllm plan --json` (docs/plan-schema.json is this, written out)."""
+    schema = PlanReport.model_json_schema(mode="serialization")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://cloudllm.dev/schemas/plan-v1.json", **schema}
