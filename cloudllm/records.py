@@ -29,6 +29,7 @@ class EndpointRecord(BaseModel):
     digest: str | None = Field(None, description="ArtifactManifest digest of what is deployed.")
     options: dict[str, Any] = Field(default_factory=dict, description="Provider options needed to reach it again.")
     details: dict[str, Any] = Field(default_factory=dict)
+    apply_file: str | None = Field(None, description="file_id of the cloudllm.yaml whose apply created it (apply --prune).")
     created_at: str = Field(default_factory=lambda: now_iso())
     updated_at: str = Field(default_factory=lambda: now_iso())
 
