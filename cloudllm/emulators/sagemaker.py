@@ -1,0 +1,666 @@
+"""An offline SageMaker: moto in server mode on loopback, extended where moto falls short.
+
+    emulator = SageMakerEmulator(port=0).start()
+    os.environ.update(emulator.env())      # AWS_ENDPOINT_URL, dummy credentials, region
+    ...                                    # cloudllm (or any boto3 code) talks to it over HTTP
+    emulator.stop()
+
+moto serves S3, IAM, CloudWatch Logs, Application Auto Scaling and the SageMaker control plane.
+The extensions go through moto's own classes (subclasses of its backends and responses,
+installed in its BackendDicts), not a fork:
+
+- instance types are checked against botocore's current SageMaker model (moto's list predates ml.g5);
+- CreateModel/CreateEndpointConfig/CreateEndpoint refuse an existing name, as SageMaker does;
+- an endpoint is hosted for real: CreateEndpoint downloads the model's S3 prefix from moto's S3,
+  starts the artifact's generated server (`code/serve.py`), and stays Creating until it answers
+  /ping (Failed with the reason when it does not); its output goes to the CloudWatch Logs group
+  /aws/sagemaker/Endpoints/<name>;
+- UpdateEndpoint (moto has none) takes the blue/green DeploymentConfig, starts the new config's
+  server beside the old one, switches when it is healthy and stops the old one; if the new one
+  fails the endpoint stays on the old config with a FailureReason (a rollback);
+- InvokeEndpoint and InvokeEndpointWithResponseStream reach that server, so invoke returns real
+  model output, and streams come back as application/vnd.amazon.eventstream PayloadPart events.
+
+Every endpoint is served by the generated handler whatever its image (TGI and vLLM need their
+GPU containers): the emulator checks cloudllm's side of the contract, not the containers'.
+One emulator per process: moto keeps its state in module-level backends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import httpx
+from moto.core.exceptions import ServiceException
+from moto.core.utils import utcnow
+from moto.sagemaker import urls as sagemaker_urls
+from moto.sagemaker.exceptions import ValidationError
+from moto.sagemaker.models import FakeEndpointConfig, SageMakerModelBackend, sagemaker_backends
+from moto.sagemaker.responses import SageMakerResponse
+from moto.sagemaker.utils import arn_formatter
+from moto.sagemakerruntime import urls as runtime_urls
+from moto.sagemakerruntime.models import SageMakerRuntimeBackend, sagemakerruntime_backends
+from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
+from moto.server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+
+from cloudllm.providers.sagemaker.resources import known_instance_types
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's account for any access key it does not know
+BUCKET = "cloudllm-emulator"
+ROLE_NAME = "cloudllm-emulator-sagemaker"
+ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{ROLE_NAME}"
+DEFAULT_STARTUP_TIMEOUT = 600
+INVOKE_TIMEOUT = 60.0  # SageMaker's limit for a container's answer
+CONTENT_TYPE_EVENTSTREAM = "application/vnd.amazon.eventstream"
+
+
+# --- hosting: an endpoint version served by the artifact's generated server ---------------------
+class HostedModel:
+    """One endpoint config's model running locally: downloaded artifact + `code/serve.py` process."""
+
+    def __init__(self, backend: "EmulatedSageMakerBackend", endpoint: str, config: dict, on_settled):
+        self.backend = backend
+        self.endpoint = endpoint
+        self.config_name = config["EndpointConfigName"]
+        self.variant = config["ProductionVariants"][0]
+        self.on_settled = on_settled
+        self.state = "starting"  # -> ready | failed | stopped
+        self.reason: str | None = None
+        self.url: str | None = None
+        self.process: subprocess.Popen | None = None
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{endpoint}-", dir=backend.work_dir()))
+        self.log_stream = f"{self.variant['VariantName']}/i-{uuid.uuid4().hex[:17]}"
+        self.log_path = self.dir / "server.log"
+
+    def start(self) -> "HostedModel":
+        threading.Thread(target=self._run, name=f"host-{self.endpoint}", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            artifact = self._download()
+            self._serve(artifact)
+            self.state = "ready"
+        except Exception as exc:  # the reason becomes the endpoint's FailureReason
+            if self.state != "stopped":
+                self.state, self.reason = "failed", str(exc)
+                self._stop_process()
+        if self.state != "stopped":
+            self.on_settled(self)
+
+    def _download(self) -> Path:
+        model = self.backend.describe_model(self.variant["ModelName"])
+        source = (model.primary_container or {}).get("ModelDataSource", {}).get("S3DataSource")
+        if not source or source.get("S3DataType") != "S3Prefix" or source.get("CompressionType") != "None":
+            raise RuntimeError(
+                "the emulator serves uncompressed S3Prefix model data (ModelDataSource) only; "
+                f"model {model.model_name} has {json.dumps(source or model.primary_container.get('ModelDataUrl'))}"
+            )
+        uri = source["S3Uri"]
+        bucket_name, _, prefix = uri[len("s3://") :].partition("/")
+        from moto.s3.models import s3_backends
+
+        s3 = s3_backends[self.backend.account_id][self.backend.partition]
+        try:
+            bucket = s3.get_bucket(bucket_name)
+        except Exception:
+            raise RuntimeError(f"Failed to download model data from {uri}: the bucket does not exist") from None
+        artifact = self.dir / "model"  # what /opt/ml/model holds
+        count = 0
+        for key_name, key in list(bucket.keys.items()):
+            if not key_name.startswith(prefix) or key_name.endswith("/") or not hasattr(key, "value"):
+                continue
+            target = artifact / key_name[len(prefix) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(key.value)
+            count += 1
+        if count == 0:
+            raise RuntimeError(f"Failed to download model data from {uri}: no objects under that prefix")
+        if not (artifact / "code" / "serve.py").is_file():
+            raise RuntimeError(f"{uri} has no code/serve.py: the emulator serves cloudllm artifacts only")
+        return artifact
+
+    def _serve(self, artifact: Path) -> None:
+        port_file = self.dir / "port"
+        self.process = subprocess.Popen(
+            [sys.executable, str(artifact / "code" / "serve.py"), "serve",
+             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=artifact, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        threading.Thread(target=self._pump_logs, name=f"logs-{self.endpoint}", daemon=True).start()
+        timeout = self.variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or DEFAULT_STARTUP_TIMEOUT
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while time.monotonic() < deadline and self.state != "stopped":
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"The primary container for production variant {self.variant['VariantName']} exited with code {code}: "
+                    f"{self._last_line() or 'no output'}. Check the CloudWatch logs of this endpoint."
+                )
+            if self.url is None and port_file.is_file() and port_file.read_text().strip():
+                self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
+            if self.url:
+                healthy, failure = _ping(self.url)
+                if healthy:
+                    return
+                if failure:
+                    # The generated server reports a load that failed for good on /ping; SageMaker would
+                    # only see 503s until the health-check timeout, so the emulator fails at once.
+                    raise RuntimeError(
+                        f"The primary container for production variant {self.variant['VariantName']} did not pass the ping "
+                        f"health check: {failure.rstrip('.')}. Check the CloudWatch logs of this endpoint."
+                    )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        if self.state == "stopped":
+            return
+        raise RuntimeError(
+            f"The primary container for production variant {self.variant['VariantName']} did not pass the ping health check "
+            f"within {timeout}s. Check the CloudWatch logs of this endpoint."
+        )
+
+    def _pump_logs(self) -> None:
+        """The server's output to a local file and to CloudWatch Logs, line by line."""
+        group = f"/aws/sagemaker/Endpoints/{self.endpoint}"
+        logs = self.backend.logs()
+        try:
+            if group not in logs.groups:
+                logs.create_log_group(group, {})
+            logs.create_log_stream(group, self.log_stream)
+        except Exception:
+            logs = None
+        assert self.process is not None and self.process.stdout is not None
+        with open(self.log_path, "ab") as local:
+            for raw in iter(self.process.stdout.readline, b""):
+                local.write(raw)
+                local.flush()
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if logs is not None and line:
+                    try:
+                        logs.put_log_events(group, self.log_stream, [{"timestamp": int(time.time() * 1000), "message": line}])
+                    except Exception:
+                        pass
+
+    def _last_line(self) -> str:
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
+
+    @property
+    def log_stream_arn(self) -> str:
+        group = f"/aws/sagemaker/Endpoints/{self.endpoint}"
+        return f"arn:{self.backend.partition}:logs:{self.backend.region_name}:{self.backend.account_id}:log-group:{group}:log-stream:{self.log_stream}"
+
+    def stop(self) -> None:
+        self.state = "stopped"
+        self._stop_process()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_process(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+
+
+def _ping(url: str) -> tuple[bool, str | None]:
+    """(healthy, why the model failed to load for good) from the server's /ping."""
+    try:
+        response = httpx.get(f"{url}/ping", timeout=2.0)
+    except httpx.HTTPError:
+        return False, None
+    if response.status_code == 200:
+        return True, None
+    try:
+        body = response.json()
+    except ValueError:
+        return False, None
+    if isinstance(body, dict) and body.get("status") == "failed":
+        return False, str(body.get("error") or "the model failed to load")
+    return False, None
+
+
+# --- the SageMaker control plane ------------------------------------------------------------
+class EmulatedEndpointConfig(FakeEndpointConfig):
+    def validate_instance_type(self, instance_type: str) -> None:
+        if instance_type not in known_instance_types():
+            raise ValidationError(
+                message=f"1 validation error detected: Value '{instance_type}' at 'productionVariants.1.member.instanceType' "
+                f"failed to satisfy constraint: Member must satisfy enum value set: [{', '.join(sorted(known_instance_types()))}]"
+            )
+
+
+class EmulatedSageMakerBackend(SageMakerModelBackend):
+    """moto's SageMaker backend, with real hosting, UpdateEndpoint and SageMaker's duplicate-name rules."""
+
+    _work_dir: str | None = None
+
+    def __init__(self, region_name: str, account_id: str):
+        super().__init__(region_name, account_id)
+        self.hosts: dict[str, HostedModel] = {}  # endpoint -> the host serving it
+        self.pending: dict[str, HostedModel] = {}  # endpoint -> the host an update is starting
+
+    @property
+    def _url_module(self) -> Any:
+        return SimpleNamespace(url_bases=sagemaker_urls.url_bases, url_paths={"{0}/$": EmulatedSageMakerResponse.dispatch})
+
+    @classmethod
+    def work_dir(cls) -> str:
+        if cls._work_dir is None:
+            cls._work_dir = tempfile.mkdtemp(prefix="cloudllm-sagemaker-emulator-")
+        return cls._work_dir
+
+    def logs(self):
+        from moto.logs.models import logs_backends
+
+        return logs_backends[self.account_id][self.region_name]
+
+    def reset(self) -> None:
+        self.stop_hosts()
+        super().reset()
+
+    def stop_hosts(self) -> None:
+        for host in [*self.hosts.values(), *self.pending.values()]:
+            host.stop()
+        self.hosts.clear()
+        self.pending.clear()
+
+    # models and configs: SageMaker refuses an existing name (moto overwrites)
+    def create_model(self, model_name: str, *args: Any, **kwargs: Any):
+        if model_name in self._models:
+            arn = arn_formatter("model", model_name, self.account_id, self.region_name)
+            raise ValidationError(message=f'Cannot create already existing model "{arn}".')
+        return super().create_model(model_name, *args, **kwargs)
+
+    def create_endpoint_config(
+        self, endpoint_config_name, production_variants, data_capture_config, async_inference_config, tags, kms_key_id
+    ):
+        if endpoint_config_name in self.endpoint_configs:
+            arn = FakeEndpointConfig.arn_formatter(endpoint_config_name, self.account_id, self.region_name)
+            raise ValidationError(message=f'Cannot create already existing endpoint configuration "{arn}".')
+        config = EmulatedEndpointConfig(
+            account_id=self.account_id,
+            region_name=self.region_name,
+            endpoint_config_name=endpoint_config_name,
+            production_variants=production_variants,
+            async_inference_config=async_inference_config,
+            data_capture_config=data_capture_config,
+            tags=tags,
+            kms_key_id=kms_key_id,
+        )
+        self.validate_production_variants(production_variants)
+        self.endpoint_configs[endpoint_config_name] = config
+        return config
+
+    def add_tags(self, arn: str, tags: list[dict[str, str]]) -> list[dict[str, str]]:
+        resource = self._get_resource_from_arn(arn)
+        new = {t["Key"] for t in tags}
+        resource.tags = [t for t in resource.tags if t["Key"] not in new] + list(tags)  # AddTags overwrites a key
+        return resource.tags
+
+    # endpoints: Creating until the model server answers /ping
+    def create_endpoint(self, endpoint_name: str, endpoint_config_name: str, tags: list[dict[str, str]]):
+        if endpoint_name in self.endpoints:
+            arn = arn_formatter("endpoint", endpoint_name, self.account_id, self.region_name)
+            raise ValidationError(message=f'Cannot create already existing endpoint "{arn}".')
+        endpoint = super().create_endpoint(endpoint_name, endpoint_config_name, tags)
+        endpoint.endpoint_status = "Creating"
+        host = HostedModel(self, endpoint_name, self.describe_endpoint_config(endpoint_config_name), self._created)
+        self.hosts[endpoint_name] = host  # before it starts: a fast failure reports back at once
+        host.start()
+        return endpoint
+
+    def _created(self, host: HostedModel) -> None:
+        endpoint = self.endpoints.get(host.endpoint)
+        if endpoint is None or self.hosts.get(host.endpoint) is not host:
+            host.stop()
+            return
+        endpoint.last_modified_time = utcnow()
+        if host.state == "ready":
+            endpoint.endpoint_status = "InService"
+        else:
+            endpoint.endpoint_status, endpoint.failure_reason = "Failed", host.reason
+
+    def update_endpoint(
+        self,
+        endpoint_name: str,
+        endpoint_config_name: str,
+        deployment_config: dict | None,
+        retain_all_variant_properties: bool,
+    ):
+        endpoint = self.endpoints.get(endpoint_name)
+        if endpoint is None:
+            arn = arn_formatter("endpoint", endpoint_name, self.account_id, self.region_name)
+            raise ValidationError(message=f"Could not find endpoint \"{arn}\".")
+        if endpoint.endpoint_status != "InService":
+            raise ValidationError(message=f"Cannot update in-progress endpoint \"{endpoint.arn}\".")
+        config = self.describe_endpoint_config(endpoint_config_name)
+        old_variants = {v["VariantName"] for v in endpoint.production_variants}
+        new_variants = {v["VariantName"] for v in config["ProductionVariants"]}
+        if deployment_config and old_variants != new_variants:
+            raise ValidationError(message="A blue/green update needs the same production variant names in the new endpoint configuration.")
+        endpoint.endpoint_status = "Updating"
+        endpoint.failure_reason = None
+        endpoint.last_modified_time = utcnow()
+        endpoint.last_deployment_config = deployment_config
+        endpoint.pending_deployment_summary = {"EndpointConfigName": endpoint_config_name, "StartTime": utcnow()}
+        endpoint.retain_variant_properties = retain_all_variant_properties
+        host = HostedModel(self, endpoint_name, config, self._updated)
+        self.pending[endpoint_name] = host
+        host.start()
+        return endpoint
+
+    def _updated(self, host: HostedModel) -> None:
+        endpoint = self.endpoints.get(host.endpoint)
+        if endpoint is None or self.pending.get(host.endpoint) is not host:
+            host.stop()
+            return
+        del self.pending[host.endpoint]
+        endpoint.pending_deployment_summary = None
+        endpoint.last_modified_time = utcnow()
+        if host.state != "ready":
+            # Blue/green: the old fleet keeps serving; the endpoint is back InService on its old config.
+            endpoint.endpoint_status, endpoint.failure_reason = "InService", host.reason
+            host.stop()
+            return
+        config = self.describe_endpoint_config(host.config_name)
+        counts = {v["VariantName"]: v for v in endpoint.production_variants}
+        endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
+        if getattr(endpoint, "retain_variant_properties", False):
+            for variant in endpoint.production_variants:
+                old = counts.get(variant["VariantName"], {})
+                for key in ("CurrentInstanceCount", "DesiredInstanceCount", "CurrentWeight", "DesiredWeight"):
+                    if key in old:
+                        variant[key] = old[key]
+        endpoint.endpoint_config_name = host.config_name
+        old_host = self.hosts.get(host.endpoint)
+        self.hosts[host.endpoint] = host
+        endpoint.endpoint_status = "InService"
+        if old_host is not None:
+            old_host.stop()
+
+    def delete_endpoint(self, endpoint_name: str) -> None:
+        super().delete_endpoint(endpoint_name)
+        for hosts in (self.hosts, self.pending):
+            host = hosts.pop(endpoint_name, None)
+            if host is not None:
+                host.stop()
+
+    def live_host(self, endpoint_name: str) -> HostedModel:
+        """The host serving an endpoint's traffic, or SageMaker Runtime's not-found error."""
+        endpoint = self.endpoints.get(endpoint_name)
+        host = self.hosts.get(endpoint_name)
+        if endpoint is None or host is None or host.state != "ready" or endpoint.endpoint_status not in ("InService", "Updating"):
+            raise RuntimeValidationError(f"Endpoint {endpoint_name} of account {self.account_id} not found.")
+        return host
+
+
+class EmulatedSageMakerResponse(SageMakerResponse):
+    def create_model(self):
+        result = super().create_model()
+        model = self.sagemaker_backend.describe_model(self._get_param("ModelName"))
+        model.enable_network_isolation = bool(self._get_param("EnableNetworkIsolation"))  # moto drops it
+        return result
+
+    def update_endpoint(self):
+        from moto.core.responses import ActionResult
+
+        endpoint = self.sagemaker_backend.update_endpoint(
+            endpoint_name=self._get_param("EndpointName"),
+            endpoint_config_name=self._get_param("EndpointConfigName"),
+            deployment_config=self._get_param("DeploymentConfig"),
+            retain_all_variant_properties=bool(self._get_param("RetainAllVariantProperties")),
+        )
+        return ActionResult({"EndpointArn": endpoint.arn})
+
+
+# --- SageMaker Runtime ----------------------------------------------------------------------
+class RuntimeValidationError(ServiceException):
+    code = "ValidationError"
+
+
+class ModelError(ServiceException):
+    """The container answered 4xx/5xx (or not at all): SageMaker's 424 with the original status and message."""
+
+    code = "ModelError"
+
+    def __init__(self, host: HostedModel, status: int, message: str):
+        super().__init__(
+            f"Received {'client' if 400 <= status < 500 else 'server'} error ({status}) from primary with message "
+            f'"{message}". See {host.log_stream_arn} in account {host.backend.account_id} for more information.'
+        )
+        self.OriginalStatusCode = status
+        self.OriginalMessage = message
+        self.LogStreamArn = host.log_stream_arn
+
+
+class EmulatedRuntimeBackend(SageMakerRuntimeBackend):
+    @property
+    def _url_module(self) -> Any:
+        dispatch = EmulatedRuntimeResponse.dispatch
+        return SimpleNamespace(
+            url_bases=runtime_urls.url_bases,
+            url_paths={
+                "{0}/endpoints/(?P<name>[^/]+)/async-invocations$": dispatch,
+                "{0}/endpoints/(?P<name>[^/]+)/invocations$": dispatch,
+                "{0}/endpoints/(?P<name>[^/]+)/invocations-response-stream$": dispatch,
+            },
+        )
+
+
+class EmulatedRuntimeResponse(SageMakerRuntimeResponse):
+    """InvokeEndpoint(WithResponseStream) answered by the endpoint's model server."""
+
+    def _host(self) -> HostedModel:
+        name = self.path.split("/")[2]
+        return sagemaker_backends[self.current_account][self.region].live_host(name)
+
+    def _forward_headers(self) -> dict[str, str]:
+        headers = {"Content-Type": self.headers.get("Content-Type") or "application/json"}
+        accept = self.headers.get("Accept") or self.headers.get("X-Amzn-SageMaker-Accept")
+        if accept:
+            headers["Accept"] = accept
+        return headers
+
+    def invoke_endpoint(self):
+        host = self._host()
+        try:
+            response = httpx.post(f"{host.url}/invocations", content=self.body, headers=self._forward_headers(), timeout=INVOKE_TIMEOUT)
+        except httpx.TimeoutException:
+            raise ModelError(host, 408, "Your invocation timed out while waiting for a response from container primary.") from None
+        except httpx.HTTPError as exc:
+            raise ModelError(host, 500, f"the container did not answer: {exc}") from None
+        if response.status_code >= 400:
+            raise ModelError(host, response.status_code, response.text)
+        headers = {
+            "Content-Type": response.headers.get("content-type", "application/json"),
+            "x-Amzn-Invoked-Production-Variant": host.variant["VariantName"],
+        }
+        return 200, headers, response.content
+
+    def invoke_endpoint_with_response_stream(self):
+        from moto.core.eventstream import EventStreamEncoder
+
+        host = self._host()
+        client = httpx.Client(timeout=httpx.Timeout(INVOKE_TIMEOUT, connect=5.0))
+        try:
+            upstream = client.send(client.build_request("POST", f"{host.url}/invocations", content=self.body, headers=self._forward_headers()), stream=True)
+        except httpx.HTTPError as exc:
+            client.close()
+            raise ModelError(host, 500, f"the container did not answer: {exc}") from None
+        if upstream.status_code >= 400:
+            text = upstream.read().decode("utf-8", errors="replace")
+            upstream.close()
+            client.close()
+            raise ModelError(host, upstream.status_code, text)
+        encoder = EventStreamEncoder()
+
+        def events() -> Iterator[bytes]:
+            try:
+                for chunk in upstream.iter_raw():
+                    # SageMaker's parts do not follow line boundaries: split every chunk, so a
+                    # client that assumes whole lines fails here as it would there.
+                    middle = len(chunk) // 2
+                    for part in (chunk[:middle], chunk[middle:]):
+                        if part:
+                            yield encoder.encode_message(
+                                {":event-type": "PayloadPart", ":content-type": "application/octet-stream", ":message-type": "event"},
+                                part,
+                            )
+            except httpx.HTTPError as exc:
+                yield encoder.encode_message(
+                    {":exception-type": "ModelStreamError", ":content-type": "application/json", ":message-type": "exception"},
+                    json.dumps({"Message": f"the stream from the container broke: {exc}", "ErrorCode": "StreamBroken"}).encode(),
+                )
+            finally:
+                upstream.close()
+                client.close()
+
+        headers = {
+            "Content-Type": CONTENT_TYPE_EVENTSTREAM,
+            "X-Amzn-SageMaker-Content-Type": upstream.headers.get("content-type", "text/event-stream"),
+            "x-Amzn-Invoked-Production-Variant": host.variant["VariantName"],
+        }
+        return 200, headers, events()
+
+
+# --- the server ------------------------------------------------------------------------------
+class _Dispatcher(DomainDispatcherApplication):
+    """moto routes signed `sagemaker` requests whose path ends in `invocations` to the runtime; add the stream path."""
+
+    def infer_service_region_host(self, environ: dict[str, Any], path: str) -> str | None:
+        host = super().infer_service_region_host(environ, path)
+        if host and host.startswith("api.sagemaker.") and environ.get("PATH_INFO", "").endswith("/invocations-response-stream"):
+            return "runtime." + host[len("api.") :]
+        return host
+
+
+class _QuietRequestHandler(MotoRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _Server(ThreadedMotoServer):
+    def __init__(self, *args: Any, log_requests: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._handler = MotoRequestHandler if log_requests else _QuietRequestHandler
+
+    def _server_entry(self) -> None:
+        from werkzeug.serving import make_server
+
+        self._server = make_server(self._ip_address, self._port, _Dispatcher(create_backend_app), True, request_handler=self._handler)
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+
+def install() -> None:
+    """Make moto build the emulated backends (idempotent; replaces region backends of moto's own class)."""
+    for backend_dict, cls in ((sagemaker_backends, EmulatedSageMakerBackend), (sagemakerruntime_backends, EmulatedRuntimeBackend)):
+        backend_dict.backend = cls
+        for account in backend_dict.values():
+            account.backend = cls
+            for region in list(account.keys()):
+                if not isinstance(account[region], cls):
+                    dict.__setitem__(account, region, cls(region, account_id=account.account_id))
+
+
+class SageMakerEmulator:
+    """The emulator: moto on 127.0.0.1 plus the extensions above, with a bucket and a role ready."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", region: str = REGION, *, log_requests: bool = False):
+        self.host = host
+        self.port = port
+        self.region = region
+        self.log_requests = log_requests
+        self._server: _Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    bucket = f"s3://{BUCKET}"
+    role = ROLE_ARN
+
+    def env(self) -> dict[str, str]:
+        """What a client needs to reach the emulator (boto3 honours AWS_ENDPOINT_URL)."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def start(self) -> "SageMakerEmulator":
+        from moto.core.base_backend import BackendDict
+
+        install()
+        BackendDict.reset()  # a fresh account: what an earlier emulator in this process left is gone
+        self._server = _Server(ip_address=self.host, port=self.port, verbose=False, log_requests=self.log_requests)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        atexit.register(self.stop)
+        self._prepare()
+        return self
+
+    def _prepare(self) -> None:
+        import boto3
+
+        session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=self.region)
+        s3 = session.client("s3", endpoint_url=self.url)
+        if BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=BUCKET)
+        iam = session.client("iam", endpoint_url=self.url)
+        trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+        try:
+            iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps(trust))
+        except iam.exceptions.EntityAlreadyExistsException:
+            pass
+
+    def stop(self) -> None:
+        for account in list(sagemaker_backends.values()):
+            for backend in list(account.values()):
+                if isinstance(backend, EmulatedSageMakerBackend):
+                    backend.stop_hosts()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if EmulatedSageMakerBackend._work_dir is not None:
+            shutil.rmtree(EmulatedSageMakerBackend._work_dir, ignore_errors=True)
+            EmulatedSageMakerBackend._work_dir = None
+
+    def __enter__(self) -> "SageMakerEmulator":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

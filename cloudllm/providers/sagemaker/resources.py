@@ -1,0 +1,333 @@
+"""What a Plan becomes on SageMaker: names, container environment, sizes, tags, rollout and scaling.
+
+Pure functions of the plan, so `describe_changes` and the tests can read them without AWS.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from cloudllm import __version__
+from cloudllm.errors import UserError
+
+if TYPE_CHECKING:
+    from cloudllm.plan import Plan
+
+VARIANT = "AllTraffic"  # the SDK's variant name; an update keeps it (UpdateEndpoint requires the same name)
+MODEL_DIR = "/opt/ml/model"
+DEFAULT_INSTANCE = "ml.g5.xlarge"
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+SCALING_POLICY = "cloudllm-target-tracking"
+GiB = 1024**3
+
+# Tags: the endpoint carries ENDPOINT and ARTIFACTS; each endpoint config carries the plan's
+# fingerprint, so the config an endpoint runs says what is deployed (also after a rollback).
+TAG = "cloudllm:"
+ENDPOINT_TAG = TAG + "endpoint"
+ARTIFACTS_TAG = TAG + "artifacts"  # s3:// root holding every version of this endpoint
+VERSION_TAG = TAG + "artifact"  # the version prefix a config's model reads
+FINGERPRINT_TAGS = {
+    "weights_digest": TAG + "weights-digest",
+    "code_digest": TAG + "code-digest",
+    "deploy_digest": TAG + "deploy-digest",
+    "digest": TAG + "digest",
+}
+MAX_TAGS = 50
+_TAG_TEXT = re.compile(r"^[\w\s.:/=+\-@]*$")
+
+# Text-only model types of TGI's ModelType enum (server/text_generation_server/models/__init__.py):
+# these get the TGI container by default; anything else gets the generated handler.
+TGI_MODEL_TYPES = frozenset(
+    "baichuan bloom cohere dbrx deepseek_v2 deepseek_v3 falcon gemma gemma2 gemma3_text gpt2 gpt_bigcode "
+    "gpt_neox gptj granite llama mistral mixtral mpt opt phi phi3 phimoe qwen2 qwen2_moe qwen3 qwen3_moe "
+    "RefinedWeb RefinedWebModel santacoder starcoder2".split()
+)
+# --quantize modes the engines apply while loading (int8/int4 are applied before upload).
+ENGINE_QUANTIZE = {
+    "tgi": {"bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "eetq", "fp8"},
+    "vllm": {"fp8", "bitsandbytes"},
+}
+SHIPPED_QUANTIZE = {"int8", "int4"}
+
+# Instance families with local NVMe storage: SageMaker mounts that instead of an EBS volume
+# and refuses VolumeSizeInGB (and a volume KmsKeyId) for them.
+_NVME_FAMILIES = {
+    "g4dn", "g5", "g6", "g6e", "g7", "g7e", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en",
+    "p6-b200", "p6-b300", "p6e-gb200", "trn1", "trn1n", "trn2",
+}  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def known_instance_types() -> frozenset[str]:
+    """Instance types SageMaker hosting accepts, from botocore's current service model (not a copy)."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    return frozenset(model.shape_for("ProductionVariantInstanceType").enum)
+
+
+def family(instance: str) -> str:
+    """ml.g5.xlarge -> g5."""
+    parts = instance.split(".")
+    return parts[1] if len(parts) == 3 else ""
+
+
+def has_local_storage(instance: str) -> bool:
+    fam = family(instance)
+    return fam in _NVME_FAMILIES or fam.endswith("d")  # c5d, m5d, r5d, c6gd, ...
+
+
+def processor(instance: str) -> str:
+    """The image processor an instance needs: gpu, cpu, or neuron (Inferentia/Trainium)."""
+    fam = family(instance)
+    if fam.startswith(("inf", "trn")):
+        return "neuron"
+    return "gpu" if fam[:1] in ("g", "p") else "cpu"
+
+
+def gpu_count(instance: str) -> int:
+    """NVIDIA GPUs per instance, from the instance catalog (1 for a GPU type it lacks)."""
+    from cloudllm.catalog import lookup
+
+    row = lookup("sagemaker", instance)
+    if row is not None:
+        return row.gpu_count
+    return 1 if processor(instance) == "gpu" else 0
+
+
+# --- names ---------------------------------------------------------------------------------
+def version_names(endpoint: str, digest: str, now: datetime | None = None) -> str:
+    """The model and endpoint-config name of one deployed version: <endpoint>-<digest8>-<yymmddHHMMSS>."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%y%m%d%H%M%S")
+    suffix = f"-{digest[:8]}-{stamp}"
+    base = endpoint[: 63 - len(suffix)].rstrip("-")
+    return base + suffix
+
+
+def name_prefix(endpoint: str) -> str:
+    """What every version name of an endpoint starts with (for ListModels NameContains)."""
+    return endpoint[: 63 - len("-12345678-yymmddHHMMSS")].rstrip("-") + "-"
+
+
+# --- sizes and timeouts ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizing:
+    volume_gb: int | None  # None on instances with local NVMe storage
+    download_timeout: int  # ModelDataDownloadTimeoutInSeconds
+    startup_timeout: int  # ContainerStartupHealthCheckTimeoutInSeconds
+    wait_timeout: int  # how long deploy waits for InService
+
+
+def sizing(plan: "Plan", instance: str) -> Sizing:
+    """Volume and timeouts from the artifact's bytes; each overridable with --option.
+
+    Downloads are budgeted at 50 MiB/s (S3 to an instance usually runs faster) and loading at
+    100 MiB/s plus the engine's warm-up (TGI and vLLM profile memory and capture CUDA graphs).
+    """
+    options = plan.spec.options
+    gib = (plan.bundle.total_bytes + len(plan.bundle.manifest_bytes)) / GiB
+    volume = None
+    if not has_local_storage(instance):
+        volume = _int_option(options, "volume_size", math.ceil(gib * 1.25) + 10, 1, 512)
+        if volume > 512:
+            raise UserError(
+                f"the model needs a {volume} GB volume, above SageMaker's 512 GB on {instance}",
+                "pick an instance with local NVMe storage (ml.g5, ml.g6, ml.p4d, ...), which needs no volume",
+            )
+    download = _int_option(options, "download_timeout", _clamp(300 + math.ceil(gib * 1024 / 50)), 60, 3600)
+    warmup = 600 if plan.runtime in ("tgi", "vllm") else 300
+    startup = _int_option(options, "startup_timeout", _clamp(warmup + math.ceil(gib * 1024 / 100)), 60, 3600)
+    wait = plan.spec.timeout or download + startup + 900  # + instance provisioning and image pull
+    return Sizing(volume_gb=volume, download_timeout=download, startup_timeout=startup, wait_timeout=wait)
+
+
+def _clamp(seconds: int, low: int = 60, high: int = 3600) -> int:
+    return max(low, min(high, seconds))
+
+
+def _int_option(options: dict, key: str, default: int, low: int, high: int) -> int:
+    value = options.get(key)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not low <= number <= high:
+        raise UserError(f"--option {key}={value} is not a whole number in {low}..{high}", f"pass e.g. --option {key}={default}")
+    return number
+
+
+# --- the container ----------------------------------------------------------------------------
+def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> dict[str, str]:
+    """Environment of the serving container, per runtime (see CONTRACTS.md).
+
+    TGI and vLLM shard over every GPU of the instance: SageMaker runs one container per
+    instance, so a GPU the engine does not use would sit idle (more shards, more KV cache).
+    """
+    settings = plan.settings
+    gpus = max(1, gpu_count(instance))
+    quantize = plan.spec.quantize if plan.spec.quantize not in SHIPPED_QUANTIZE else None
+    dtype = settings.dtype if settings.dtype in ("float16", "bfloat16") else None
+    if plan.runtime == "tgi":
+        env = {
+            "HF_MODEL_ID": MODEL_DIR,
+            "SM_NUM_GPUS": str(gpus),
+            "MAX_INPUT_TOKENS": str(settings.max_input_tokens),
+            "MAX_TOTAL_TOKENS": str(settings.max_total_tokens),
+            "MAX_CONCURRENT_REQUESTS": str(settings.max_concurrent_requests),
+        }
+        if quantize:
+            env["HF_MODEL_QUANTIZE"] = quantize
+        if dtype:
+            env["DTYPE"] = dtype
+        if settings.trust_remote_code:
+            env["HF_MODEL_TRUST_REMOTE_CODE"] = "true"
+    elif plan.runtime == "vllm":
+        env = {
+            "HF_MODEL_ID": MODEL_DIR,
+            "OPTION_ROLLING_BATCH": "vllm",
+            "TENSOR_PARALLEL_DEGREE": str(gpus),
+            "OPTION_MAX_ROLLING_BATCH_SIZE": str(settings.max_batch_size),
+            "OPTION_MAX_MODEL_LEN": str(settings.max_total_tokens),
+            # The startup health check must outlast model loading (CONTRACTS.md).
+            "OPTION_MODEL_LOADING_TIMEOUT": str(sizes.startup_timeout),
+        }
+        if quantize:
+            env["OPTION_QUANTIZE"] = quantize
+        if dtype:
+            env["OPTION_DTYPE"] = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+        if settings.trust_remote_code:
+            env["OPTION_TRUST_REMOTE_CODE"] = "true"
+    else:
+        # The HF inference toolkit finds code/inference.py under /opt/ml/model by itself; the
+        # SAGEMAKER_* names are those the SDK sets for the same layout.
+        env = {
+            "HF_TASK": settings.task,
+            "SAGEMAKER_PROGRAM": "inference.py",
+            "SAGEMAKER_SUBMIT_DIRECTORY": f"{MODEL_DIR}/code",
+            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+            "SAGEMAKER_REGION": region,
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "1",  # one copy of an LLM per instance
+        }
+    return env
+
+
+def check_quantize(plan: "Plan") -> None:
+    mode = plan.spec.quantize
+    if not mode or mode in SHIPPED_QUANTIZE:
+        return
+    allowed = ENGINE_QUANTIZE.get(plan.runtime, set())
+    if mode not in allowed:
+        engines = [r for r, modes in ENGINE_QUANTIZE.items() if mode in modes]
+        raise UserError(
+            f"the {plan.runtime} runtime cannot apply --quantize {mode}",
+            f"use --runtime {engines[0]}" if engines else "use --quantize int8 or int4 (quantized before upload)",
+        )
+
+
+# --- rollout and scaling -----------------------------------------------------------------------
+def deployment_config(rollout: str, alarms: list[str], wait_seconds: int | None = None) -> dict[str, Any]:
+    """UpdateEndpoint's blue/green DeploymentConfig for all-at-once, canary:PCT or linear:PCT."""
+    kind, _, pct = rollout.partition(":")
+    if wait_seconds is None:
+        wait_seconds = 300 if kind != "all-at-once" or alarms else 0  # bake time, watched by the alarms
+    routing: dict[str, Any] = {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": wait_seconds}
+    if kind == "canary":
+        routing = {"Type": "CANARY", "WaitIntervalInSeconds": wait_seconds, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": int(pct)}}
+    elif kind == "linear":
+        routing = {"Type": "LINEAR", "WaitIntervalInSeconds": wait_seconds, "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": int(pct)}}
+    config: dict[str, Any] = {"BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": routing, "TerminationWaitInSeconds": 0}}
+    if alarms:
+        config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": name} for name in alarms]}
+    return config
+
+
+def rollout_seconds(config: dict[str, Any]) -> int:
+    """How long the traffic shift itself takes (added to the wait deadline of an update)."""
+    routing = config["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
+    wait = routing["WaitIntervalInSeconds"]
+    if routing["Type"] == "LINEAR":
+        return wait * math.ceil(100 / routing["LinearStepSize"]["Value"])
+    return wait * (2 if routing["Type"] == "CANARY" else 1)
+
+
+SCALE_METRICS = {
+    # metric -> (PredefinedMetricType, what the target means)
+    "invocations": ("SageMakerVariantInvocationsPerInstance", "invocations per instance per minute"),
+    "concurrency": ("SageMakerVariantConcurrentRequestsPerModelHighResolution", "concurrent requests per instance"),
+}
+
+
+def autoscaled(plan: "Plan") -> bool:
+    spec = plan.spec
+    return spec.max_instances > 1 or spec.min_instances > 1 or bool(spec.scale_metric or spec.scale_target)
+
+
+def scaling_policy(plan: "Plan") -> dict[str, Any]:
+    """TargetTrackingScalingPolicyConfiguration for the spec's metric and target."""
+    spec = plan.spec
+    metric = spec.scale_metric or "invocations"
+    if metric not in SCALE_METRICS:
+        raise UserError(f"unknown --scale-metric {metric!r} for SageMaker", f"use one of: {', '.join(SCALE_METRICS)}")
+    metric_type = SCALE_METRICS[metric][0]
+    # 60/min keeps an LLM instance busy without queueing; concurrency targets one full batch.
+    target = spec.scale_target or (60.0 if metric == "invocations" else float(plan.settings.max_batch_size))
+    return {
+        "TargetValue": float(target),
+        "PredefinedMetricSpecification": {"PredefinedMetricType": metric_type},
+        "ScaleInCooldown": spec.scale_in_cooldown if spec.scale_in_cooldown is not None else 300,
+        "ScaleOutCooldown": spec.scale_out_cooldown if spec.scale_out_cooldown is not None else 60,
+    }
+
+
+def scaling_resource_id(endpoint: str) -> str:
+    return f"endpoint/{endpoint}/variant/{VARIANT}"
+
+
+# --- tags ---------------------------------------------------------------------------------------
+def tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+def tag_dict(tags: list[dict[str, str]]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in tags}
+
+
+def endpoint_tags(plan: "Plan", artifacts_root: str) -> dict[str, str]:
+    return {**plan.spec.tags, ENDPOINT_TAG: plan.spec.name, ARTIFACTS_TAG: artifacts_root, TAG + "version": __version__}
+
+
+def version_tags(plan: "Plan", instance: str, artifact: str) -> dict[str, str]:
+    """Tags of a version's model and endpoint config: what runs, and the plan's fingerprint."""
+    source = re.sub(r"[^\w.:/=+\-@]", "-", plan.model.path.rstrip("/").rsplit("/", 1)[-1])[:256]
+    tags = {
+        **plan.spec.tags,
+        ENDPOINT_TAG: plan.spec.name,
+        VERSION_TAG: artifact,
+        TAG + "runtime": plan.runtime,
+        TAG + "instance": instance,
+        TAG + "model": source,
+    }
+    for key, tag in FINGERPRINT_TAGS.items():
+        tags[tag] = plan.fingerprint[key]
+    return tags
+
+
+def check_user_tags(tags: dict[str, str]) -> None:
+    """SageMaker's tag rules, checked before anything is created."""
+    if len(tags) > MAX_TAGS - 10:
+        raise UserError(f"{len(tags)} tags are too many", f"SageMaker allows {MAX_TAGS} per resource and cloudllm uses 10: pass at most {MAX_TAGS - 10}")
+    for key, value in tags.items():
+        if not 1 <= len(key) <= 128 or len(value) > 256 or not _TAG_TEXT.match(key) or not _TAG_TEXT.match(value):
+            raise UserError(
+                f"tag {key}={value} is not a valid SageMaker tag",
+                "keys 1-128 and values up to 256 characters of letters, digits, spaces and _.:/=+-@",
+            )
+        if key.lower().startswith(("aws:", TAG)):
+            raise UserError(f"tag key {key!r} uses a reserved prefix", "tag keys may not start with aws: or cloudllm:")

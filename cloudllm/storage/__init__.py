@@ -1,0 +1,1 @@
+"""Artifact stores: one module per object store (gcs.py, s3.py), each uploading a Bundle uncompressed."""

@@ -1,0 +1,461 @@
+"""The SageMaker provider against the offline emulator: real boto3 (parameter validation on) over
+HTTP on loopback, the real CLI in subprocesses, and endpoints served by the generated handler."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from cloudllm import api
+from cloudllm.catalog.sagemaker_images import image_uri
+from cloudllm.console import Reporter
+from cloudllm.emulators.sagemaker import ROLE_ARN
+from cloudllm.errors import DeployFailed, UserError
+from cloudllm.providers.sagemaker import resources as res
+from tests.conftest import assert_one_line_error, run_cli
+
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+# What sagemaker-core 2.27.0's image_uris.retrieve() answers for the pinned versions (checked by hand).
+TGI_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-tgi-inference:2.7.0-tgi3.3.6-gpu-py311-cu124-ubuntu22.04"
+LMI_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/djl-inference:0.38.0-lmi29.0.0-cu130"
+HF_CPU_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-inference:2.6.0-transformers4.51.3-cpu-py312-ubuntu22.04"
+
+
+class Recorder(Reporter):
+    """Keeps the steps and the byte totals of the uploads a deploy reports."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.uploaded_bytes = 0
+
+    def step(self, message: str) -> None:
+        self.steps.append(message)
+
+    @contextmanager
+    def transfer(self, total_bytes: int, description: str):
+        self.uploaded_bytes += total_bytes
+        yield lambda n: None
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One CLOUDLLM_HOME for the module's CLI runs, so `invoke NAME` finds the endpoint's record."""
+    return {"CLOUDLLM_HOME": str(tmp_path_factory.mktemp("home"))}
+
+
+@pytest.fixture(scope="module")
+def aws(sagemaker_emulator):
+    """boto3 clients of the emulator (the fixture's environment points them at it)."""
+    return {name: boto3.client(name) for name in ("sagemaker", "s3", "application-autoscaling", "logs")}
+
+
+def _cli_deploy(emulator, model: Path, name: str, *extra: str, env: dict, runtime: str = "handler", instance: str = "ml.m5.xlarge"):
+    return run_cli(
+        "deploy", str(model), "--provider", "sagemaker", "--name", name, "--runtime", runtime, "--instance", instance,
+        "--bucket", f"{emulator.bucket}/models", "--role", emulator.role, *extra, env=env,
+    )  # fmt: skip
+
+
+def _deploy(emulator, model: Path, name: str, **kwargs):
+    kwargs.setdefault("bucket", f"{emulator.bucket}/models")
+    kwargs.setdefault("options", {"role": emulator.role})
+    kwargs.setdefault("runtime", "handler")
+    kwargs.setdefault("instance", "ml.m5.xlarge")
+    return api.deploy(model, provider="sagemaker", name=name, **kwargs)
+
+
+def _live(aws, name: str) -> tuple[dict, dict, dict]:
+    """The endpoint, its endpoint config and its model, as SageMaker describes them."""
+    endpoint = aws["sagemaker"].describe_endpoint(EndpointName=name)
+    config = aws["sagemaker"].describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    model = aws["sagemaker"].describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+    return endpoint, config, model
+
+
+def _objects(aws, prefix: str) -> dict[str, tuple]:
+    listing = aws["s3"].list_objects_v2(Bucket="cloudllm-emulator", Prefix=prefix)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for o in listing.get("Contents", [])}
+
+
+def _owned(aws, name: str) -> dict[str, list[str]]:
+    """Every resource of endpoint `name` in the emulator: endpoints, configs, models, scaling targets."""
+    sm = aws["sagemaker"]
+    return {
+        "endpoints": [e["EndpointName"] for e in sm.list_endpoints()["Endpoints"] if e["EndpointName"] == name],
+        "configs": [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"] if c["EndpointConfigName"].startswith(name + "-")],
+        "models": [m["ModelName"] for m in sm.list_models()["Models"] if m["ModelName"].startswith(name + "-")],
+        "scaling": [
+            t["ResourceId"]
+            for t in aws["application-autoscaling"].describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+            if t["ResourceId"] == res.scaling_resource_id(name)
+        ],
+    }
+
+
+def _gone(aws, name: str) -> None:
+    assert _owned(aws, name) == {"endpoints": [], "configs": [], "models": [], "scaling": []}
+
+
+# --- the handler runtime end to end -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def handler(sagemaker_emulator, tiny_gpt2: Path, home: dict) -> dict:
+    result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-handler", "--json", env=home)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_handler_deploy_serves_uncompressed_artifacts(handler: dict, aws, sagemaker_emulator) -> None:
+    assert handler["action"] == "create"
+    assert handler["endpoint"]["state"] == "InService"
+    endpoint, config, model = _live(aws, "sm-handler")
+    container = model["PrimaryContainer"]
+    source = container["ModelDataSource"]["S3DataSource"]
+    assert source["S3DataType"] == "S3Prefix" and source["CompressionType"] == "None"
+    assert "ModelDataUrl" not in container
+    assert container["Image"] == HF_CPU_IMAGE
+    assert container["Environment"]["HF_TASK"] == "text-generation"
+    assert model["ExecutionRoleArn"] == sagemaker_emulator.role
+
+    # The files themselves, uncompressed, beside their manifest, encrypted, with their sha256.
+    prefix = source["S3Uri"][len("s3://cloudllm-emulator/") :]
+    assert re.fullmatch(r"models/sm-handler/[0-9a-f]{16}/", prefix)
+    keys = {key[len(prefix) :] for key in _objects(aws, prefix)}
+    assert {"config.json", "model.safetensors", "code/serve.py", "code/inference.py", "cloudllm.json"} <= keys
+    assert not any(key.endswith((".tar.gz", ".tar")) for key in keys)
+    manifest = json.loads(aws["s3"].get_object(Bucket="cloudllm-emulator", Key=prefix + "cloudllm.json")["Body"].read())
+    head = aws["s3"].head_object(Bucket="cloudllm-emulator", Key=prefix + "model.safetensors")
+    assert head["ServerSideEncryption"] == "AES256"
+    assert head["Metadata"]["cloudllm-sha256"] == manifest["files"]["model.safetensors"]["sha256"]
+
+    variant = config["ProductionVariants"][0]
+    assert variant["InstanceType"] == "ml.m5.xlarge" and variant["InitialInstanceCount"] == 1
+    assert variant["VolumeSizeInGB"] == 11  # EBS-only instance: sized from the bytes (+10 GB)
+    assert 60 <= variant["ModelDataDownloadTimeoutInSeconds"] <= 3600
+    assert 60 <= variant["ContainerStartupHealthCheckTimeoutInSeconds"] <= 3600
+
+
+def test_invoke_text_stream_and_json(handler: dict, home: dict) -> None:
+    text = run_cli("invoke", "sm-handler", "Once upon a time", "--max-new-tokens", "12", env=home)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.strip()
+
+    streamed = run_cli("invoke", "sm-handler", "Once upon a time", "--max-new-tokens", "12", "--stream", env=home)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == text.stdout  # greedy: the payload parts re-join into the same text
+
+    body = json.dumps({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}})
+    raw = run_cli("invoke", "sm-handler", "--json", body, "--raw", "--provider", "sagemaker", env={})  # no record: --provider
+    assert raw.returncode == 0, raw.stderr
+    assert json.loads(raw.stdout)[0]["generated_text"] == text.stdout.strip("\n")
+
+
+def test_status_list_and_logs(handler: dict, home: dict) -> None:
+    status = run_cli("status", "sm-handler", "--json", env=home)
+    assert status.returncode == 0, status.stderr
+    found = json.loads(status.stdout)
+    assert found["state"] == "InService" and found["instance"] == "ml.m5.xlarge" and found["runtime"] == "handler"
+    assert found["digest"] == handler["digest"]
+    assert {"weights_digest", "code_digest", "deploy_digest"} <= set(found["details"])
+
+    listed = run_cli("list", "--provider", "sagemaker", "--json", env=home)
+    assert "sm-handler" in [ep["name"] for ep in json.loads(listed.stdout)]
+
+    logs = run_cli("logs", "sm-handler", env=home)
+    assert logs.returncode == 0, logs.stderr
+    assert "model_loaded" in logs.stdout  # the server's own log lines, from CloudWatch Logs
+
+
+def test_unchanged_redeploy_uploads_and_creates_nothing(handler: dict, aws, sagemaker_emulator, tiny_gpt2: Path, home: dict) -> None:
+    before = (_objects(aws, "models/sm-handler/"), _owned(aws, "sm-handler"))
+    again = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-handler", env=home)
+    assert again.returncode == 0, again.stderr
+    assert "unchanged" in again.stdout
+    assert "upload" not in again.stderr
+    assert (_objects(aws, "models/sm-handler/"), _owned(aws, "sm-handler")) == before
+
+
+def test_changed_code_is_a_blue_green_update(handler: dict, aws, sagemaker_emulator, tiny_gpt2: Path) -> None:
+    _, old_config, old_model = _live(aws, "sm-handler")
+    old_prefix = old_model["PrimaryContainer"]["ModelDataSource"]["S3DataSource"]["S3Uri"]
+    recorder = Recorder()
+    result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-handler", serving={"max_new_tokens": 16}, rollout="canary:25", reporter=recorder)
+    assert result.action == "update" and result.reasons == ["code or serving settings changed"]
+
+    # Only code/settings.json went over the wire: the weights were copied inside S3.
+    settings_size = next(f.size for f in result.plan.bundle.files if f.name == "code/settings.json")
+    assert recorder.uploaded_bytes == settings_size
+    assert any("copied" in step and "inside S3" in step for step in recorder.steps), recorder.steps
+
+    endpoint, config, model = _live(aws, "sm-handler")
+    assert endpoint["EndpointStatus"] == "InService"
+    assert endpoint["EndpointConfigName"] != old_config["EndpointConfigName"]
+    routing = endpoint["LastDeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
+    assert routing["Type"] == "CANARY" and routing["CanarySize"] == {"Type": "CAPACITY_PERCENT", "Value": 25}
+    assert result.endpoint.digest == result.plan.digest
+
+    # The old version is gone: config, model and its artifact prefix.
+    with pytest.raises(ClientError):
+        aws["sagemaker"].describe_endpoint_config(EndpointConfigName=old_config["EndpointConfigName"])
+    with pytest.raises(ClientError):
+        aws["sagemaker"].describe_model(ModelName=old_model["ModelName"])
+    assert not _objects(aws, old_prefix[len("s3://cloudllm-emulator/") :])
+    assert _owned(aws, "sm-handler")["configs"] == [endpoint["EndpointConfigName"]]
+    assert api.invoke("sm-handler", "Once upon a time", parameters={"max_new_tokens": 4}, provider="sagemaker")
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-gpt2 with a config.json the server cannot build a model from (it passes inspection)."""
+    path = tmp_path_factory.mktemp("broken") / "broken-gpt2"
+    shutil.copytree(tiny_gpt2, path)
+    config = json.loads((path / "config.json").read_text())
+    config["n_head"] = 3  # 64 hidden units do not split into 3 heads
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_failed_update_rolls_back_and_removes_what_it_created(handler: dict, aws, sagemaker_emulator, broken: Path) -> None:
+    before = _owned(aws, "sm-handler")
+    live_before, _, _ = _live(aws, "sm-handler")
+
+    with pytest.raises(DeployFailed) as failure:
+        _deploy(sagemaker_emulator, broken, "sm-handler", options={"role": sagemaker_emulator.role, "force": True})
+    message = failure.value.line()
+    assert "rolled back" in message and "/aws/sagemaker/Endpoints/sm-handler" in message
+    assert "production variant AllTraffic" in message  # SageMaker's FailureReason: what the new fleet failed
+
+    live_after, _, _ = _live(aws, "sm-handler")
+    assert live_after["EndpointStatus"] == "InService"
+    assert live_after["EndpointConfigName"] == live_before["EndpointConfigName"]
+    assert _owned(aws, "sm-handler") == before
+    assert api.invoke("sm-handler", "Hello", parameters={"max_new_tokens": 2}, provider="sagemaker")
+
+
+def test_failed_create_removes_what_it_created(aws, sagemaker_emulator, broken: Path, home: dict) -> None:
+    result = _cli_deploy(sagemaker_emulator, broken, "sm-broken", "--force", env=home)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the progress lines
+    assert line.startswith("error: endpoint sm-broken failed: ") and "production variant AllTraffic" in line
+    assert "/aws/sagemaker/Endpoints/sm-broken" in line  # where to look, beside SageMaker's FailureReason
+    assert "removed what this deploy created: endpoint sm-broken" in result.stderr
+    _gone(aws, "sm-broken")
+    assert _objects(aws, "models/sm-broken/")  # the upload stays for the retry; `delete --purge-artifacts` removes it
+
+
+def test_delete_with_purge_leaves_nothing(handler: dict, aws, home: dict) -> None:
+    deleted = run_cli("delete", "sm-handler", "--purge-artifacts", env=home)
+    assert deleted.returncode == 0, deleted.stderr
+    _gone(aws, "sm-handler")
+    assert not _objects(aws, "models/sm-handler/")
+    again = run_cli("status", "sm-handler", "--provider", "sagemaker", env=home)
+    assert_one_line_error(again, contains="does not exist")
+
+
+# --- the engine runtimes ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tgi(sagemaker_emulator, tiny_gpt2: Path, home: dict) -> dict:
+    result = _cli_deploy(
+        sagemaker_emulator, tiny_gpt2, "sm-tgi",
+        "--min-instances", "1", "--max-instances", "4", "--scale-metric", "concurrency", "--scale-target", "5",
+        "--scale-out-cooldown", "30", "--tag", "team=ml", "--network-isolation", "--kms-key", KMS_KEY, "--json",
+        env=home, runtime="tgi", instance="ml.g5.12xlarge",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _scaling(aws, name: str) -> tuple[dict, list[dict]]:
+    scaling = aws["application-autoscaling"]
+    rid = res.scaling_resource_id(name)
+    (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[rid])["ScalableTargets"]
+    policies = scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=rid)["ScalingPolicies"]
+    return target, policies
+
+
+def test_tgi_deploy_records_model_config_env_and_image(tgi: dict, aws) -> None:
+    assert tgi["endpoint"]["state"] == "InService"
+    endpoint, config, model = _live(aws, "sm-tgi")
+    container = model["PrimaryContainer"]
+    assert container["Image"] == TGI_IMAGE
+    env = container["Environment"]
+    assert env["HF_MODEL_ID"] == "/opt/ml/model" and env["SM_NUM_GPUS"] == "4"
+    assert int(env["MAX_INPUT_TOKENS"]) < int(env["MAX_TOTAL_TOKENS"])
+    assert model["EnableNetworkIsolation"] is True
+
+    variant = config["ProductionVariants"][0]
+    assert variant["InstanceType"] == "ml.g5.12xlarge"
+    assert "VolumeSizeInGB" not in variant and "KmsKeyId" not in config  # g5: local NVMe, hardware-encrypted
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] >= 600  # TGI warms up before /ping
+    tags = res.tag_dict(aws["sagemaker"].list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"])
+    assert tags["team"] == "ml" and tags[res.FINGERPRINT_TAGS["digest"]] == tgi["digest"]
+
+    prefix = container["ModelDataSource"]["S3DataSource"]["S3Uri"][len("s3://cloudllm-emulator/") :]
+    head = aws["s3"].head_object(Bucket="cloudllm-emulator", Key=prefix + "model.safetensors")
+    assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == KMS_KEY
+
+
+def test_autoscaling_target_and_policy(tgi: dict, aws) -> None:
+    target, (policy,) = _scaling(aws, "sm-tgi")
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 4)
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantConcurrentRequestsPerModelHighResolution"
+    assert tracking["TargetValue"] == 5.0 and tracking["ScaleOutCooldown"] == 30
+
+
+def test_update_to_another_instance_type_re_registers_scaling(tgi: dict, aws, sagemaker_emulator, tiny_gpt2: Path) -> None:
+    recorder = Recorder()
+    result = _deploy(
+        sagemaker_emulator, tiny_gpt2, "sm-tgi", runtime="tgi", instance="ml.g5.2xlarge", min_instances=1, max_instances=2,
+        tags={"team": "research"}, options={"role": ROLE_ARN, "network_isolation": True, "kms_key": KMS_KEY}, reporter=recorder,
+    )  # fmt: skip
+    assert result.action == "update" and result.reasons == ["deployment settings changed"]
+    assert recorder.uploaded_bytes == 0  # same artifact: the version prefix is already complete
+    assert result.endpoint.details["tags"] == {"team": "research"}
+    endpoint, config, model = _live(aws, "sm-tgi")
+    assert res.tag_dict(aws["sagemaker"].list_tags(ResourceArn=endpoint["EndpointArn"])["Tags"])["team"] == "research"
+    assert config["ProductionVariants"][0]["InstanceType"] == "ml.g5.2xlarge"
+    assert model["PrimaryContainer"]["Environment"]["SM_NUM_GPUS"] == "1"
+    target, (policy,) = _scaling(aws, "sm-tgi")
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 2)
+    metric = policy["TargetTrackingScalingPolicyConfiguration"]["PredefinedMetricSpecification"]["PredefinedMetricType"]
+    assert metric == "SageMakerVariantInvocationsPerInstance"  # the default metric, now that none is given
+    assert len(_owned(aws, "sm-tgi")["configs"]) == 1
+
+
+def test_delete_removes_scaling_and_keeps_artifacts(tgi: dict, aws, home: dict) -> None:
+    deleted = run_cli("delete", "sm-tgi", env=home)
+    assert deleted.returncode == 0, deleted.stderr
+    _gone(aws, "sm-tgi")
+    assert not aws["application-autoscaling"].describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    assert _objects(aws, "models/sm-tgi/")  # kept without --purge-artifacts: a re-deploy uploads nothing
+
+
+def test_vllm_deploy_no_wait(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict) -> None:
+    result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-vllm", "--no-wait", "--json", env=home, runtime="vllm", instance="ml.g5.2xlarge")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["endpoint"]["state"] == "Creating"  # returned without waiting
+    _, config, model = _live(aws, "sm-vllm")
+    container = model["PrimaryContainer"]
+    assert container["Image"] == LMI_IMAGE
+    env = container["Environment"]
+    assert env["OPTION_ROLLING_BATCH"] == "vllm" and env["TENSOR_PARALLEL_DEGREE"] == "1"
+    assert env["HF_MODEL_ID"] == "/opt/ml/model"
+    variant = config["ProductionVariants"][0]
+    assert int(env["OPTION_MODEL_LOADING_TIMEOUT"]) <= variant["ContainerStartupHealthCheckTimeoutInSeconds"]
+
+    deleted = run_cli("delete", "sm-vllm", "--purge-artifacts", env=home)
+    assert deleted.returncode == 0, deleted.stderr
+    _gone(aws, "sm-vllm")
+    assert not _objects(aws, "models/sm-vllm/")
+
+
+# --- bad input: one line, non-zero exit, nothing created ------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "args", "contains"),
+    [
+        ("sm-bad-type", ["--instance", "ml.g5.xlarg"], "ml.g5.xlarge"),
+        ("sm-bad-bucket", ["--bucket", "s3://no-such-bucket/models"], "does not exist"),
+        ("sm-bad-region", ["--runtime", "vllm", "--instance", "ml.g5.xlarge", "--region", "me-west-1"], "not published in region me-west-1"),
+        ("x" * 64, [], "invalid endpoint name"),
+    ],
+)
+def test_bad_input_through_the_cli(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict, name: str, args: list, contains: str) -> None:
+    base = ["--bucket", f"{sagemaker_emulator.bucket}/models", "--role", sagemaker_emulator.role, "--runtime", "handler", "--instance", "ml.m5.xlarge"]
+    result = run_cli("deploy", str(tiny_gpt2), "--provider", "sagemaker", "--name", name, *base, *args, env=home)
+    assert_one_line_error(result, contains=contains)
+    _gone(aws, name)
+    assert not _objects(aws, f"models/{name}/")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "contains"),
+    [
+        ({"min_instances": 3, "max_instances": 2}, "min_instances (3) is above max_instances (2)"),
+        ({"options": {}}, "execution role"),
+        ({"options": {"role": "SageMakerRole"}}, "not an IAM role ARN"),
+        ({"options": {"role": "arn:aws:iam::123456789012:role/nobody"}}, "does not exist"),
+        ({"name": "bad_name"}, "invalid endpoint name"),
+        ({"runtime": "tgi", "instance": "ml.m5.xlarge"}, "needs a GPU"),
+        ({"bucket": "gs://wrong-cloud/models"}, "not an s3:// location"),
+        ({"scale_metric": "gpu-duty-cycle", "max_instances": 2}, "unknown --scale-metric"),
+        ({"quantize": "eetq"}, "cannot apply --quantize eetq"),
+        ({"tags": {"aws:owner": "me"}}, "reserved prefix"),
+        ({"options": {"role": ROLE_ARN, "vpc_subnets": ["subnet-1"]}}, "both subnets and security groups"),
+        ({"options": {"role": ROLE_ARN, "download_timeout": "5"}}, "download_timeout=5"),
+        ({"options": {"role": ROLE_ARN, "profile": "nope"}}, "profile 'nope' is not configured"),
+    ],
+)
+def test_bad_input_is_one_user_error(sagemaker_emulator, aws, tiny_gpt2: Path, overrides: dict, contains: str) -> None:
+    options = overrides.pop("options", {"role": ROLE_ARN})
+    name = overrides.pop("name", "sm-bad")
+    with pytest.raises(UserError) as error:
+        _deploy(sagemaker_emulator, tiny_gpt2, name, options=options, **overrides)
+    assert contains in error.value.line()
+    assert "\n" not in error.value.line()
+    _gone(aws, "sm-bad")
+    assert not _objects(aws, "models/sm-bad/")
+
+
+def test_no_wait_refuses_autoscaling_before_creating_anything(sagemaker_emulator, aws, tiny_gpt2: Path) -> None:
+    with pytest.raises(UserError, match="--no-wait cannot set up autoscaling"):
+        _deploy(sagemaker_emulator, tiny_gpt2, "sm-nowait", max_instances=2, wait=False)
+    _gone(aws, "sm-nowait")
+    assert not _objects(aws, "models/sm-nowait/")
+
+
+def test_an_endpoint_cloudllm_did_not_create_is_left_alone(sagemaker_emulator, aws, tiny_gpt2: Path) -> None:
+    sm = aws["sagemaker"]
+    sm.create_model(ModelName="foreign-model", ExecutionRoleArn=sagemaker_emulator.role, PrimaryContainer={"Image": "example/image"})
+    sm.create_endpoint_config(
+        EndpointConfigName="foreign-config",
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "foreign-model", "InstanceType": "ml.m5.xlarge", "InitialInstanceCount": 1}],
+    )
+    sm.create_endpoint(EndpointName="foreign", EndpointConfigName="foreign-config")
+    with pytest.raises(UserError, match="cloudllm did not create it"):
+        _deploy(sagemaker_emulator, tiny_gpt2, "foreign")
+    with pytest.raises(UserError, match="was not created by cloudllm"):
+        api.delete("foreign", provider="sagemaker")
+    assert sm.describe_endpoint(EndpointName="foreign")["EndpointConfigName"] == "foreign-config"
+    sm.delete_endpoint(EndpointName="foreign")
+
+
+# --- pure translation, no AWS ----------------------------------------------------------------
+def test_image_uris_are_the_sdks() -> None:
+    assert image_uri("tgi", "us-east-1", "gpu").uri == TGI_IMAGE
+    assert image_uri("vllm", "us-east-1", "gpu").uri == LMI_IMAGE
+    assert image_uri("handler", "us-east-1", "cpu").uri == HF_CPU_IMAGE
+    assert image_uri("handler", "cn-north-1", "gpu").uri == (
+        "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/huggingface-pytorch-inference:2.6.0-transformers4.51.3-gpu-py312-cu124-ubuntu22.04"
+    )
+    with pytest.raises(UserError, match="GPU instances only"):
+        image_uri("tgi", "us-east-1", "cpu")
+
+
+def test_rollouts_become_blue_green_deployment_configs() -> None:
+    assert res.deployment_config("all-at-once", []) == {
+        "BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}, "TerminationWaitInSeconds": 0}
+    }
+    canary = res.deployment_config("canary:10", ["p99-latency"])
+    assert canary["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
+        "Type": "CANARY", "WaitIntervalInSeconds": 300, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10},
+    }  # fmt: skip
+    assert canary["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "p99-latency"}]}
+    linear = res.deployment_config("linear:25", [], wait_seconds=60)
+    assert linear["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["LinearStepSize"]["Value"] == 25
+    assert res.rollout_seconds(linear) == 240
+
+
+def test_version_names_fit_sagemaker_rules() -> None:
+    name = res.version_names("a" * 63, "0123456789abcdef")
+    assert len(name) <= 63 and re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", name)
+    assert name.startswith(res.name_prefix("a" * 63))
