@@ -22,11 +22,11 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 from pydantic import BaseModel, Field
 
-from cloudllm.catalog.instances import HOURS_PER_30_DAYS, InstanceType, catalog_info, catalog_providers, offers, resolve
+from cloudllm.catalog.instances import HOURS_PER_30_DAYS, InstanceType, catalog_info, catalog_providers, lookup, offers, resolve
 from cloudllm.errors import UserError
 from cloudllm.model_source import ModelInfo
 
@@ -674,12 +674,20 @@ def _per_device(report: FitReport) -> str:
 
 
 # --- the plan's entry points -----------------------------------------------------------------
-def resolve_instance(spec: "DeploySpec", default: str | None = None) -> InstanceType | None:
-    """The catalog entry of the spec's instance (or the provider's default); None for local and unknown providers."""
+def resolve_instance(
+    spec: "DeploySpec", default: str | None = None, accepts_uncatalogued: Callable[[str], bool] = lambda name: False
+) -> InstanceType | None:
+    """The catalog entry of the spec's instance (or the provider's default).
+
+    None for local and unknown providers, and for instance types the platform takes but
+    the catalog lacks (accepts_uncatalogued): those are planned without fit or cost.
+    """
     if spec.provider not in catalog_providers():
         return None
     name = spec.instance or default
     if not name:
+        return None
+    if lookup(spec.provider, name) is None and accepts_uncatalogued(name):
         return None
     return resolve(spec.provider, name, spec.accelerator)
 
@@ -698,11 +706,12 @@ def plan_fit(
     if spec.provider == "local":
         return fit_local(work, ram_bytes=ram_bytes)
     if instance is None:
-        reason = (
-            "no instance chosen (pass --instance)"
-            if spec.provider in catalog_providers()
-            else f"the {spec.provider} provider's instance types are not in cloudllm's catalog"
-        )
+        if spec.provider not in catalog_providers():
+            reason = f"the {spec.provider} provider's instance types are not in cloudllm's catalog"
+        elif spec.instance:
+            reason = f"{spec.instance} is not in cloudllm's instance catalog"
+        else:
+            reason = "no instance chosen (pass --instance)"
         return unknown_fit(work, reason, provider=spec.provider)
     return fit_instance(work, instance)
 

@@ -24,6 +24,7 @@ from cloudllm_runtime.settings import ServingSettings
 
 if TYPE_CHECKING:
     from cloudllm.bundle import Bundle
+    from cloudllm.console import Reporter
     from cloudllm.providers.base import Provider
 
 Action = Literal["create", "update", "unchanged"]
@@ -192,19 +193,25 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
     return ("update", reasons) if reasons else ("unchanged", ["nothing changed"])
 
 
-def make_plan(spec: DeploySpec, provider: "Provider") -> Plan:
-    """Inspect, lay out the bundle in memory, and compare with what is deployed. Creates nothing."""
+def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None" = None) -> Plan:
+    """Inspect, lay out the bundle in memory, and compare with what is deployed. Creates nothing.
+
+    With --quantize int8/int4 the model is quantized first (once; cached in $CLOUDLLM_HOME/quantized)
+    and everything after plans the quantized folder.
+    """
     from cloudllm.bundle import build_bundle
     from cloudllm.fit import plan_cost, plan_fit, resolve_instance
     from cloudllm.model_source import inspect_model
+    from cloudllm.quantize import prepare_model, required_runtime
 
     model = inspect_model(
         spec.model, task=spec.task, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code
     )
-    runtime = spec.runtime or provider.default_runtime(spec, model)
+    runtime = spec.runtime or required_runtime(spec, model) or provider.default_runtime(spec, model)
     provider.require(required_features(spec, runtime))
+    model = prepare_model(spec, model, runtime, reporter)
     settings = serving_settings(spec, model)
-    instance = resolve_instance(spec, getattr(provider, "default_instance", None))
+    instance = resolve_instance(spec, getattr(provider, "default_instance", None), provider.accepts_uncatalogued_instance)
     fit = plan_fit(spec, model, settings, runtime, instance)
     bundle = build_bundle(model, settings, build={"runtime": runtime})
     plan = Plan(spec=spec, model=model, settings=settings, bundle=bundle, runtime=runtime)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +19,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "echo_provider"
 def echo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """pip-installs the fixture package into a folder put on PYTHONPATH (the venv stays untouched)."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "echo_provider"
+    shutil.copytree(FIXTURE, source)  # the build writes build/ and *.egg-info beside the sources
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(FIXTURE)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True,
         capture_output=True,
     )

@@ -82,6 +82,10 @@ class Provider(ABC):
     def validate(self, plan: "Plan") -> None:
         """Provider-specific input checks (instance names, buckets, roles); raise UserError."""
 
+    def accepts_uncatalogued_instance(self, name: str) -> bool:
+        """True when the platform takes an instance type cloudllm's catalog lacks (planned without fit or cost)."""
+        return False
+
     def default_runtime(self, spec: "DeploySpec", model: "ModelInfo") -> str:
         """The runtime used when the spec names none."""
         return "handler"

@@ -131,6 +131,9 @@ class SageMakerProvider(Provider):
     def _instance(self, spec: "DeploySpec") -> str:
         return spec.instance or res.DEFAULT_INSTANCE
 
+    def accepts_uncatalogued_instance(self, name: str) -> bool:
+        return name in res.known_instance_types()
+
     def validate(self, plan: "Plan") -> None:
         spec = plan.spec
         self._session()
