@@ -38,6 +38,45 @@ def _stop_local_endpoints(home: Path) -> None:
             pass
 
 
+@pytest.fixture(scope="module")
+def vertex_emulator():
+    """An offline Vertex AI + Cloud Storage on loopback, shared by a test module.
+
+    The module's tests see its environment (STORAGE_EMULATOR_HOST, CLOUDLLM_VERTEX_ENDPOINT,
+    GOOGLE_CLOUD_PROJECT), so `--provider vertex` deploys go to it; `vertex_emulator.bucket`
+    is an empty gs:// location to deploy to.
+    """
+    from cloudllm.emulators.vertex import VertexEmulator
+
+    with VertexEmulator() as emulator, pytest.MonkeyPatch.context() as patch:
+        for key, value in emulator.env.items():
+            patch.setenv(key, value)
+        emulator.create_bucket("cloudllm-test")
+        emulator.bucket = "gs://cloudllm-test/models"
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def sagemaker_emulator(tmp_path_factory: pytest.TempPathFactory):
+    """An offline SageMaker (+ S3, IAM, CloudWatch Logs, Application Auto Scaling) on loopback, shared by a test module.
+
+    The module's tests see its environment (AWS_ENDPOINT_URL, dummy credentials, region, and
+    no ~/.aws files or profile), so `--provider sagemaker` deploys and any boto3 client go to it.
+    `sagemaker_emulator.bucket` (s3://...) and `.role` (an IAM role ARN) exist.
+    """
+    from cloudllm.emulators.sagemaker import SageMakerEmulator
+
+    nowhere = tmp_path_factory.mktemp("aws") / "none"
+    with SageMakerEmulator() as emulator, pytest.MonkeyPatch.context() as patch:
+        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            patch.delenv(key, raising=False)
+        patch.setenv("AWS_CONFIG_FILE", str(nowhere))
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
+        for key, value in emulator.env().items():
+            patch.setenv(key, value)
+        yield emulator
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2 model folder (text-generation), built offline once per session."""

@@ -1,0 +1,860 @@
+"""The Vertex AI provider: artifacts on GCS, a Model in the registry, an Endpoint serving it.
+
+    deploy:  upload gs://BUCKET/PREFIX/<name>/<version>/  ->  UploadModel  ->  CreateEndpoint  ->  DeployModel
+    update:  upload the new version  ->  UploadModel(parent_model=...)  ->  DeployModel beside the old one
+             (all traffic, or canary:PCT then all)  ->  UndeployModel the old one
+    delete:  UndeployModel each  ->  DeleteModel  ->  DeleteEndpoint  [->  delete the artifacts]
+
+Runtimes: `tgi` (Hugging Face TGI DLC; it copies AIP_STORAGE_URI itself; NUM_SHARD = the
+machine's GPUs), `vllm` (the Vertex Model Garden vLLM image, `--model=gs://...`, tensor
+parallel over the GPUs) and `handler` (the generated server in the HF PyTorch inference DLC:
+a short bootstrap copies the artifact, then runs code/serve.py). Images come from
+cloudllm/catalog/vertex_images.py; `--image` overrides them.
+
+Every long-running operation is waited on with our own deadline (--timeout, or sized from
+the model's bytes), never google-api-core's 900 s default, polling less often as it goes.
+The plan's digests are stored as labels on each model version (base32, so a sha256 fits a
+label value) and read back by get(), which is how an unchanged deploy is a no-op.
+
+Credentials are Application Default Credentials; the project comes from --project,
+GOOGLE_CLOUD_PROJECT or ADC, the region from --region (default us-central1).
+
+Environment:
+    CLOUDLLM_VERTEX_ENDPOINT  Base URL of the Vertex AI API, e.g. http://127.0.0.1:8090 for
+                              `cloudllm emulate vertex`. When set, every Vertex call (REST) and
+                              streamRawPredict go there with anonymous credentials.
+    STORAGE_EMULATOR_HOST     google-cloud-storage's own variable: artifacts go to that emulator.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from cloudllm.console import Reporter
+from cloudllm.errors import DeployFailed, UserError
+from cloudllm.providers.base import Endpoint, Feature, Provider, ResourceChange
+
+if TYPE_CHECKING:
+    from cloudllm.plan import Plan
+    from cloudllm.storage.gcs import GcsUri
+
+API_ENDPOINT_ENV = "CLOUDLLM_VERTEX_ENDPOINT"
+DEFAULT_REGION = "us-central1"
+MANAGED_BY = ("managed-by", "cloudllm")
+NAME_LABEL = "cloudllm-name"
+RUNTIME_LABEL = "cloudllm-runtime"
+# plan.fingerprint key -> label key; values are base32 sha256 (52 chars, label-safe).
+DIGEST_LABELS = {
+    "weights_digest": "cloudllm-weights",
+    "code_digest": "cloudllm-code",
+    "deploy_digest": "cloudllm-deploy",
+    "digest": "cloudllm-digest",
+}
+SCALE_METRICS = {
+    "cpu": "aiplatform.googleapis.com/prediction/online/cpu/utilization",
+    "gpu-duty-cycle": "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle",
+    "requests": "aiplatform.googleapis.com/prediction/online/request_count",
+}
+DEFAULT_SCALE_TARGET = 60
+SERVING_PORT = 8080
+PREDICT_ROUTE = "/predict"
+HEALTH_ROUTE = "/health"
+MAX_DEPLOYMENT_TIMEOUT = 7200  # Vertex's limit for container_spec.deployment_timeout
+PROVISIONING_ALLOWANCE = 1800  # getting GPU machines can take longer than loading the model
+# The model types TGI serves with its own kernels (text-generation-inference supported_models).
+TGI_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "qwen2", "qwen2_moe", "qwen3", "phi", "phi3",
+    "gpt2", "gpt_neox", "gpt_bigcode", "falcon", "starcoder2", "mpt", "bloom", "opt", "olmo", "cohere", "dbrx",
+    "deepseek_v2", "deepseek_v3", "granite",
+}  # fmt: skip
+
+# Runs in the handler's container (python3 + google-cloud-storage, as the HF inference DLCs
+# have): copy AIP_STORAGE_URI into a fresh folder, then become the generated server.
+HANDLER_BOOTSTRAP = """\
+import os, sys, tempfile
+from concurrent.futures import ThreadPoolExecutor
+from google.cloud import storage
+bucket, _, prefix = os.environ["AIP_STORAGE_URI"][len("gs://"):].partition("/")
+prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+dest = tempfile.mkdtemp(prefix="cloudllm-artifact-")
+client = storage.Client()
+blobs = [b for b in client.list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
+def fetch(blob):
+    path = os.path.abspath(os.path.join(dest, blob.name[len(prefix):]))
+    if not path.startswith(dest + os.sep):
+        return  # an object name with ".." must not write outside the artifact folder
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    blob.download_to_filename(path)
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(fetch, blobs))
+print(f"cloudllm: copied {len(blobs)} files from {os.environ['AIP_STORAGE_URI']} to {dest}", flush=True)
+os.chdir(dest)
+host = os.environ.get("CLOUDLLM_SERVE_HOST", "0.0.0.0")
+port = os.environ.get("AIP_HTTP_PORT", "8080")
+os.execv(sys.executable, [sys.executable, os.path.join(dest, "code", "serve.py"), "serve", "--host", host, "--port", port])
+"""
+
+
+class VertexProvider(Provider):
+    name = "vertex"
+    unsupported = {
+        Feature.SCALE_TO_ZERO: "Vertex AI's scale to zero is a v1beta1 preview; use min_instances 1",
+    }
+    default_instance = "g2-standard-8"
+
+    def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
+        super().__init__(region or DEFAULT_REGION, options)
+        self._clients: _Clients | None = None
+
+    # --- settings -------------------------------------------------------------------------
+    @property
+    def project(self) -> str:
+        """--project, GOOGLE_CLOUD_PROJECT, or the project of Application Default Credentials."""
+        project = self.options.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
+        if not project and not os.environ.get(API_ENDPOINT_ENV):
+            try:
+                import google.auth
+
+                _, project = google.auth.default()
+            except Exception:  # no ADC at all: the error below says what to do
+                project = None
+        if not project:
+            raise UserError("no Google Cloud project given", "pass --project PROJECT or set GOOGLE_CLOUD_PROJECT")
+        self.options["project"] = project  # kept in the endpoint record, so invoke/delete need no flag
+        return project
+
+    @property
+    def parent(self) -> str:
+        return f"projects/{self.project}/locations/{self.region}"
+
+    @property
+    def api_base(self) -> str:
+        return os.environ.get(API_ENDPOINT_ENV, "").rstrip("/") or f"https://{self.region}-aiplatform.googleapis.com"
+
+    def clients(self) -> "_Clients":
+        if self._clients is None:
+            self._clients = _Clients.create(self.region, os.environ.get(API_ENDPOINT_ENV))
+        return self._clients
+
+    def default_runtime(self, spec, model) -> str:
+        from cloudllm.catalog import lookup
+
+        machine = lookup("vertex", spec.instance or self.default_instance)
+        gpu = bool(spec.accelerator) or bool(machine and machine.gpu_count)
+        return "tgi" if gpu and model.task == "text-generation" and model.model_type in TGI_MODEL_TYPES else "handler"
+
+    # --- checks ---------------------------------------------------------------------------
+    def validate(self, plan: "Plan") -> None:
+        spec = plan.spec
+        self.project  # noqa: B018  (raises when there is none)
+        machine = _machine(plan, self.default_instance)
+        if plan.runtime in ("tgi", "vllm") and not machine.gpu_count:
+            raise UserError(
+                f"the {plan.runtime} runtime needs a GPU and {machine.label} has none",
+                "pick a GPU machine (e.g. --instance g2-standard-8) or --runtime handler",
+            )
+        _scale_metric(spec, machine)
+        if spec.rollout.startswith("linear"):
+            raise UserError("Vertex AI moves traffic in one step or a canary", "use --rollout all-at-once or --rollout canary:PCT")
+        if spec.scale_in_cooldown is not None or spec.scale_out_cooldown is not None:
+            raise UserError("Vertex AI chooses its own scaling cooldowns", "drop --scale-in-cooldown/--scale-out-cooldown")
+        for key, value in spec.tags.items():
+            if not _label_ok(key) or not _label_ok(value) or not key[:1].isalpha():
+                raise UserError(
+                    f"tag {key}={value} is not a valid Vertex label",
+                    "use lowercase letters, digits, '-' and '_' (at most 63), keys starting with a letter",
+                )
+        kms = self.options.get("kms_key")
+        if kms and not re.fullmatch(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+", kms):
+            raise UserError(
+                f"--kms-key {kms!r} is not a Cloud KMS key name",
+                "write it as projects/P/locations/REGION/keyRings/RING/cryptoKeys/KEY (in the endpoint's region)",
+            )
+        if not spec.bucket:
+            raise UserError("the vertex provider needs a bucket for the artifacts", "pass --bucket gs://BUCKET/PREFIX")
+        from cloudllm.storage.gcs import GcsArtifacts, GcsUri
+
+        GcsArtifacts(project=self.project).check_bucket(GcsUri.parse(spec.bucket))
+
+    def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
+        name = plan.spec.name
+        if plan.action == "unchanged":
+            return [ResourceChange(resource="endpoint", name=name, action="unchanged")]
+        version = _version_prefix(plan)
+        changes = [ResourceChange(resource="artifacts", name=str(version), action="create", reason="only files not already in GCS are uploaded")]
+        if plan.action == "create":
+            changes += [
+                ResourceChange(resource="model", name=name, action="create"),
+                ResourceChange(resource="endpoint", name=name, action="create"),
+                ResourceChange(resource="deployed-model", name=name, action="create", reason=_resources_line(plan)),
+            ]
+        else:
+            changes += [
+                ResourceChange(resource="model-version", name=name, action="create", reason="; ".join(plan.reasons)),
+                ResourceChange(resource="deployed-model", name=name, action="replace", reason=f"{plan.spec.rollout}; {_resources_line(plan)}"),
+            ]
+        return changes
+
+    # --- deploy / update ------------------------------------------------------------------
+    def deploy(self, plan: "Plan", reporter: Reporter) -> Endpoint:
+        created = _Created()
+        with self._undone_on_failure(created, plan.spec.name, reporter):
+            artifact_uri = self._upload(plan, reporter, created)
+            model, version = self._upload_model(plan, artifact_uri, None, reporter)
+            created.model = model
+            endpoint = self._create_endpoint(plan, reporter)
+            created.endpoint = endpoint
+            self._deploy_model(plan, endpoint, f"{model}@{version}", {"0": 100}, reporter)
+        if not plan.wait:
+            reporter.step(f"deploying on {endpoint}; follow it with `cloudllm status {plan.spec.name}`")
+            return _pending(plan, endpoint, self.api_base)
+        return self._endpoint_or_fail(plan.spec.name)
+
+    def update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
+        if not plan.wait:
+            raise UserError(
+                "a Vertex AI update cannot return early: the old deployed model is undeployed once the new one serves",
+                "deploy without --no-wait",
+            )
+        endpoint_name = existing.details["endpoint"]
+        endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
+        old = list(endpoint.deployed_models)
+        main = _main_deployment(endpoint)
+        if main is not None and existing.details.get("digest") == plan.digest:
+            reporter.step(f"the new version already serves ({main.id}); undeploying what an earlier update left")
+            for deployed in old:
+                if deployed.id != main.id:
+                    self._undeploy(endpoint_name, deployed.id, plan, reporter)
+            return self._endpoint_or_fail(plan.spec.name)
+        parent_model = main.model if main else existing.details.get("model")
+        kind, _, pct = plan.spec.rollout.partition(":")
+        if kind == "canary" and main is not None and endpoint.traffic_split.get(main.id):
+            split = {"0": int(pct), main.id: 100 - int(pct)}
+        else:
+            split = {"0": 100}
+        created = _Created()
+        with self._undone_on_failure(created, plan.spec.name, reporter):
+            artifact_uri = self._upload(plan, reporter, created)
+            model, version = self._upload_model(plan, artifact_uri, parent_model, reporter)
+            created.model, created.version = model, (version if parent_model else None)
+            new_id = self._deploy_model(plan, endpoint_name, f"{model}@{version}", split, reporter)
+        try:
+            if split.get("0") != 100:
+                reporter.step(f"canary: {split['0']}% of the traffic on the new version ({new_id}); moving the rest")
+                self._set_traffic(endpoint_name, {new_id: 100})
+            for deployed in old:
+                self._undeploy(endpoint_name, deployed.id, plan, reporter)
+        except BaseException as exc:
+            raise _deploy_error(exc, plan.spec.name, after="the new version serves, but moving traffic or undeploying "
+                                                          "the old one failed") from None  # fmt: skip
+        return self._endpoint_or_fail(plan.spec.name)
+
+    @contextmanager
+    def _undone_on_failure(self, created: "_Created", name: str, reporter: Reporter) -> Iterator[None]:
+        """On any failure (Ctrl-C included) remove what this deploy created, then raise one line."""
+        try:
+            yield
+        except BaseException as exc:
+            self._clean_up(created, reporter)
+            raise _with_leftovers(_deploy_error(exc, name), created) from None
+
+    def _upload(self, plan: "Plan", reporter: Reporter, created: "_Created") -> str:
+        from cloudllm.storage.gcs import GcsArtifacts, GcsUri
+
+        store = GcsArtifacts(project=self.project)
+        dest = _version_prefix(plan)
+        created.store, created.artifacts = store, dest
+        result = store.upload(
+            plan.bundle, dest, reporter, reuse_from=GcsUri.parse(plan.spec.bucket).child(plan.spec.name), kms_key=self.options.get("kms_key")
+        )
+        if result.kept:
+            created.artifacts = None  # an earlier run made this version: not ours to remove
+        reporter.step(result.summary())
+        return str(dest)
+
+    def _upload_model(self, plan: "Plan", artifact_uri: str, parent_model: str | None, reporter: Reporter) -> tuple[str, str]:
+        from google.cloud import aiplatform_v1 as v1
+
+        model = v1.Model(
+            display_name=plan.spec.name,
+            description=f"{plan.model.architecture or plan.model.model_type} from {os.path.basename(plan.model.path)}, served by cloudllm ({plan.runtime})",
+            artifact_uri=artifact_uri,
+            container_spec=self._container_spec(plan, artifact_uri),
+            labels=self._labels(plan, digests=True),
+        )
+        kms = self.options.get("kms_key")
+        if kms:
+            model.encryption_spec = v1.EncryptionSpec(kms_key_name=kms)
+        request = v1.UploadModelRequest(parent=self.parent, model=model, parent_model=parent_model or "")
+        op = self.clients().models.upload_model(request=request)
+        response = self._wait(op, f"registering the model{' version' if parent_model else ''}", _short_deadline(plan), reporter)
+        reporter.step(f"model {response.model} version {response.model_version_id} ({plan.runtime}, {model.container_spec.image_uri})")
+        return response.model, response.model_version_id
+
+    def _create_endpoint(self, plan: "Plan", reporter: Reporter) -> str:
+        from google.cloud import aiplatform_v1 as v1
+
+        endpoint = v1.Endpoint(display_name=plan.spec.name, labels=self._labels(plan, digests=False))
+        kms = self.options.get("kms_key")
+        if kms:
+            endpoint.encryption_spec = v1.EncryptionSpec(kms_key_name=kms)
+        op = self.clients().endpoints.create_endpoint(parent=self.parent, endpoint=endpoint)
+        created = self._wait(op, "creating the endpoint", _short_deadline(plan), reporter)
+        reporter.step(f"endpoint {created.name}")
+        return created.name
+
+    def _deploy_model(self, plan: "Plan", endpoint: str, model: str, split: dict[str, int], reporter: Reporter) -> str:
+        from google.cloud import aiplatform_v1 as v1
+
+        deployed = v1.DeployedModel(model=model, display_name=plan.spec.name, dedicated_resources=self._resources(plan))
+        op = self.clients().endpoints.deploy_model(endpoint=endpoint, deployed_model=deployed, traffic_split=split)
+        if not plan.wait:
+            return ""
+        what = f"deploying on {_resources_line(plan)}"
+        fix = "see the model server's log in Cloud Logging (linked from the endpoint in the Vertex AI console), then deploy again"
+        response = self._wait(op, what, _deploy_deadline(plan), reporter, fix=fix)
+        reporter.step(f"deployed model {response.deployed_model.id} serving")
+        return response.deployed_model.id
+
+    def _set_traffic(self, endpoint: str, split: dict[str, int]) -> None:
+        from google.cloud import aiplatform_v1 as v1
+        from google.protobuf import field_mask_pb2
+
+        self.clients().endpoints.update_endpoint(
+            endpoint=v1.Endpoint(name=endpoint, traffic_split=split), update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"])
+        )
+
+    def _undeploy(self, endpoint: str, deployed_model_id: str, plan, reporter: Reporter, split: dict | None = None) -> None:
+        op = self.clients().endpoints.undeploy_model(endpoint=endpoint, deployed_model_id=deployed_model_id, traffic_split=split or {})
+        self._wait(op, f"undeploying {deployed_model_id}", _short_deadline(plan), reporter)
+        reporter.step(f"undeployed {deployed_model_id}")
+
+    def _container_spec(self, plan: "Plan", artifact_uri: str):
+        from google.cloud import aiplatform_v1 as v1
+        from google.protobuf import duration_pb2
+
+        from cloudllm.catalog.vertex_images import image_for
+
+        machine = _machine(plan, self.default_instance)
+        gpus = machine.gpu_count  # every GPU of the machine: Vertex bills them all, and more KV cache means more throughput
+        settings = plan.settings
+        image = plan.spec.image or image_for(plan.runtime, gpu=bool(machine.gpu_count)).uri
+        env: dict[str, str] = {"HF_HUB_OFFLINE": "1"}
+        command: list[str] = []
+        args: list[str] = []
+        predict, health, shm = PREDICT_ROUTE, HEALTH_ROUTE, 0
+        if plan.runtime == "tgi":
+            env.update(NUM_SHARD=str(gpus), MAX_INPUT_TOKENS=str(settings.max_input_tokens), MAX_TOTAL_TOKENS=str(settings.max_total_tokens))
+            if plan.spec.quantize and plan.spec.quantize not in ("int8", "int4"):
+                env["QUANTIZE"] = plan.spec.quantize
+            if settings.dtype in ("float16", "bfloat16"):
+                env["DTYPE"] = settings.dtype
+            if plan.spec.trust_remote_code:
+                env["TRUST_REMOTE_CODE"] = "true"
+            shm = 16 * 1024 if gpus > 1 else 0
+        elif plan.runtime == "vllm":
+            env["MODEL_ID"] = artifact_uri
+            args = [
+                "python", "-m", "vllm.entrypoints.api_server", "--host=0.0.0.0", f"--port={SERVING_PORT}",
+                f"--model={artifact_uri}", f"--tensor-parallel-size={gpus}", f"--max-model-len={settings.max_total_tokens}",
+                "--gpu-memory-utilization=0.9", "--swap-space=16", "--disable-log-requests",
+            ]  # fmt: skip
+            if settings.dtype in ("float16", "bfloat16"):
+                args.append(f"--dtype={settings.dtype}")
+            if plan.spec.quantize and plan.spec.quantize not in ("int8", "int4"):
+                args.append(f"--quantization={plan.spec.quantize}")
+            if plan.spec.trust_remote_code:
+                args.append("--trust-remote-code")
+            predict, health, shm = "/generate", "/ping", 16 * 1024
+        else:
+            command = ["python3", "-c", HANDLER_BOOTSTRAP]
+        return v1.ModelContainerSpec(
+            image_uri=image,
+            command=command,
+            args=args,
+            env=[v1.EnvVar(name=k, value=v) for k, v in sorted(env.items())],
+            ports=[v1.Port(container_port=SERVING_PORT)],
+            predict_route=predict,
+            health_route=health,
+            deployment_timeout=duration_pb2.Duration(seconds=deployment_timeout(plan.bundle.total_bytes)),
+            shared_memory_size_mb=shm,
+        )
+
+    def _resources(self, plan: "Plan"):
+        from google.cloud import aiplatform_v1 as v1
+
+        spec = plan.spec
+        machine = _machine(plan, self.default_instance)
+        machine_spec = v1.MachineSpec(machine_type=machine.name)
+        if machine.accelerator_type:
+            machine_spec.accelerator_type = v1.AcceleratorType[machine.accelerator_type]
+            machine_spec.accelerator_count = machine.accelerator_count
+        resources = v1.DedicatedResources(machine_spec=machine_spec, min_replica_count=spec.min_instances, max_replica_count=spec.max_instances)
+        metric = _scale_metric(spec, machine)
+        if metric:
+            resources.autoscaling_metric_specs = [v1.AutoscalingMetricSpec(metric_name=metric[0], target=metric[1])]
+        return resources
+
+    def _labels(self, plan: "Plan", *, digests: bool) -> dict[str, str]:
+        labels = {**plan.spec.tags, MANAGED_BY[0]: MANAGED_BY[1], NAME_LABEL: _label_value(plan.spec.name)}
+        if digests:
+            labels[RUNTIME_LABEL] = plan.runtime
+            labels.update({label: encode_digest(plan.fingerprint[key]) for key, label in DIGEST_LABELS.items()})
+        return labels
+
+    # --- waiting ----------------------------------------------------------------------------
+    def _wait(self, op, what: str, deadline_s: float, reporter: Reporter, *, fix: str | None = None):
+        """Poll an operation until done or our deadline passes: 0.1 s at first, then up to every 15 s.
+
+        A failed operation raises DeployFailed with `fix`; without one, the API error itself.
+        """
+        from google.api_core import exceptions
+
+        start = time.monotonic()
+        delay = 0.1
+        with reporter.waiting(what) as update:
+            while not op.done():
+                elapsed = time.monotonic() - start
+                if elapsed > deadline_s:
+                    raise DeployFailed(
+                        f"{what} did not finish within {deadline_s:.0f}s (operation {op.operation.name})",
+                        "raise --timeout; the operation goes on in Vertex AI, see it with `cloudllm status NAME`",
+                    )
+                update(f"{elapsed:.0f}s")
+                time.sleep(min(delay, max(0.0, deadline_s - elapsed)))
+                delay = min(delay * 1.6, 2.0 + elapsed / 20, 15.0)  # short waits stay snappy, long ones cheap
+        try:
+            return op.result(timeout=0)
+        except exceptions.GoogleAPICallError as exc:
+            if fix is None:
+                raise
+            message = str(exc.message or exc).splitlines()[0][:500]
+            raise DeployFailed(f"{what} failed: {message}", fix) from None
+
+    # --- reading ------------------------------------------------------------------------
+    def _find_endpoint(self, name: str):
+        from google.cloud import aiplatform_v1 as v1
+
+        request = v1.ListEndpointsRequest(parent=self.parent, filter=f'display_name="{name}"')
+        response = self.clients().endpoints.list_endpoints(request=request)
+        found = [e for e in response if e.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]]
+        return found[0] if found else None
+
+    def get(self, name: str) -> Endpoint | None:
+        endpoint = self._find_endpoint(name)
+        return None if endpoint is None else self._describe(name, endpoint)
+
+    def _describe(self, name: str, endpoint) -> Endpoint:
+        main = _main_deployment(endpoint)
+        details: dict[str, Any] = {
+            "endpoint": endpoint.name,
+            "project": self.project,
+            "region": self.region,
+            "traffic_split": dict(endpoint.traffic_split),
+            "deployed_models": [d.id for d in endpoint.deployed_models],
+        }
+        if main is None:
+            return Endpoint(
+                name=name, provider=self.name, state="Failed", url=_predict_url(self.api_base, endpoint.name),
+                failure_reason="no model is deployed on the endpoint", details=details,
+            )  # fmt: skip
+        model = self.clients().models.get_model(name=f"{main.model}@{main.model_version_id}")
+        res = main.dedicated_resources
+        spec = res.machine_spec
+        instance = spec.machine_type
+        if spec.accelerator_count:
+            instance += f" + {spec.accelerator_count}x {_accelerator_name(spec.accelerator_type)}"
+        details.update(
+            model=main.model,
+            model_version_id=main.model_version_id,
+            deployed_model_id=main.id,
+            artifact_uri=model.artifact_uri,
+            image=model.container_spec.image_uri,
+            replicas=f"{res.min_replica_count}..{res.max_replica_count or res.min_replica_count}",
+        )
+        for key, label in DIGEST_LABELS.items():
+            if label in model.labels:
+                details[key] = decode_digest(model.labels[label])
+        state, reason = ("InService" if endpoint.traffic_split.get(main.id) else "Updating"), None
+        idle = [d.id for d in endpoint.deployed_models if d.id != main.id and not endpoint.traffic_split.get(d.id)]
+        if idle:
+            # an update that stopped after moving traffic: the next deploy finishes it
+            state, reason = "Failed", f"deployed model(s) {', '.join(idle)} take no traffic but are still deployed; deploy again to undeploy them"
+        elif len(endpoint.deployed_models) > 1:
+            state = "Updating"
+        return Endpoint(
+            failure_reason=reason,
+            name=name,
+            provider=self.name,
+            state=state,
+            url=_predict_url(self.api_base, endpoint.name),
+            model=model.description or model.display_name,
+            digest=details.get("digest"),
+            instance=instance,
+            runtime=model.labels.get(RUNTIME_LABEL),
+            details=details,
+        )
+
+    def _endpoint_or_fail(self, name: str) -> Endpoint:
+        found = self.get(name)
+        if found is None:
+            raise DeployFailed(f"endpoint {name} vanished right after its deploy", "see the Vertex AI console")
+        return found
+
+    def list(self) -> list[Endpoint]:
+        from google.cloud import aiplatform_v1 as v1
+
+        request = v1.ListEndpointsRequest(parent=self.parent, filter=f'labels.{MANAGED_BY[0]}="{MANAGED_BY[1]}"')
+        response = self.clients().endpoints.list_endpoints(request=request)
+        return [self._describe(e.display_name, e) for e in response]
+
+    # --- delete -----------------------------------------------------------------------------
+    def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
+        reporter = reporter or Reporter()
+        c = self.clients()
+        endpoint = self._find_endpoint(name)
+        models = self._models_named(name)
+        if endpoint is None and not models:
+            raise UserError(f"no Vertex AI endpoint named {name!r} in {self.parent}", "see `cloudllm list --provider vertex`")
+        deadline = {"s": 1800}
+        try:
+            if endpoint is not None:
+                models |= {d.model for d in endpoint.deployed_models}
+                split = dict(endpoint.traffic_split)
+                for deployed in sorted(endpoint.deployed_models, key=lambda d: split.get(d.id, 0)):
+                    split.pop(deployed.id, None)
+                    rest = _give_all_to_first(split) if split else {}
+                    op = c.endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=deployed.id, traffic_split=rest)
+                    self._wait(op, f"undeploying {deployed.id}", deadline["s"], reporter)
+                    split = rest
+                    reporter.step(f"undeployed {deployed.id}")
+            artifact_roots = set()
+            for model in sorted(models):
+                artifact_roots |= self._artifact_roots(model)
+                self._wait(c.models.delete_model(name=model), f"deleting model {model}", deadline["s"], reporter)
+                reporter.step(f"deleted model {model}")
+            if endpoint is not None:
+                self._wait(c.endpoints.delete_endpoint(name=endpoint.name), "deleting the endpoint", deadline["s"], reporter)
+                reporter.step(f"deleted endpoint {endpoint.name}")
+        except Exception as exc:
+            raise _deploy_error(exc, name, after="deleting stopped half-way") from None
+        if purge_artifacts:
+            from cloudllm.storage.gcs import GcsArtifacts
+
+            store = GcsArtifacts(project=self.project)
+            for root in sorted(artifact_roots, key=str):
+                count = store.delete(root)
+                reporter.step(f"deleted {count} object(s) under {root}")
+
+    def _models_named(self, name: str) -> set[str]:
+        from google.cloud import aiplatform_v1 as v1
+
+        request = v1.ListModelsRequest(parent=self.parent, filter=f'display_name="{name}"')
+        response = self.clients().models.list_models(request=request)
+        return {m.name for m in response if m.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]}
+
+    def _artifact_roots(self, model: str) -> set["GcsUri"]:
+        """gs://.../<name>/ of every version of a model (each version is gs://.../<name>/<version>/)."""
+        from google.cloud import aiplatform_v1 as v1
+
+        from cloudllm.storage.gcs import GcsUri
+
+        roots = set()
+        for version in self.clients().models.list_model_versions(request=v1.ListModelVersionsRequest(name=model)):
+            if version.artifact_uri.startswith("gs://"):
+                uri = GcsUri.parse(version.artifact_uri)
+                roots.add(GcsUri(uri.bucket, uri.prefix.rsplit("/", 1)[0] if "/" in uri.prefix else ""))
+        return roots
+
+    def _clean_up(self, created: "_Created", reporter: Reporter) -> None:
+        """Remove what a failed deploy created, newest first; say what could not be removed."""
+        c = self.clients()
+        left = []
+        steps = []
+        if created.endpoint:
+            steps.append(("endpoint " + created.endpoint, lambda: self._delete_endpoint_hard(created.endpoint, reporter)))
+        quiet = Reporter()
+        if created.model:
+            if created.version:
+                name = f"{created.model}@{created.version}"
+                steps.append((f"model version {name}", lambda: self._wait(c.models.delete_model_version(name=name), "", 600, quiet)))
+            else:
+                steps.append((f"model {created.model}", lambda: self._wait(c.models.delete_model(name=created.model), "", 600, quiet)))
+        if created.artifacts and created.store:
+            steps.append((f"artifacts {created.artifacts}", lambda: created.store.delete(created.artifacts)))
+        for what, step in steps:
+            try:
+                step()
+                reporter.step(f"cleaned up {what}")
+            except Exception as exc:  # keep cleaning; report what is left
+                left.append(f"{what} ({str(exc).splitlines()[0][:120]})")
+        created.left = left
+
+    def _delete_endpoint_hard(self, endpoint: str, reporter: Reporter) -> None:
+        c = self.clients()
+        quiet = Reporter()
+        current = c.endpoints.get_endpoint(name=endpoint)
+        for deployed in current.deployed_models:
+            self._wait(c.endpoints.undeploy_model(endpoint=endpoint, deployed_model_id=deployed.id, traffic_split={}), "", 600, quiet)
+        self._wait(c.endpoints.delete_endpoint(name=endpoint), "", 600, quiet)
+
+    # --- invoke ---------------------------------------------------------------------------
+    def invoke(self, name: str, body: dict) -> Any:
+        from google.api_core import exceptions
+        from google.protobuf import json_format, struct_pb2
+
+        endpoint = self._serving_endpoint(name)
+        runtime = endpoint.runtime or "handler"
+        request = vertex_request(body, runtime)
+        instances = [json_format.ParseDict(i, struct_pb2.Value()) for i in request["instances"]]
+        kwargs = {"endpoint": endpoint.details["endpoint"], "instances": instances}
+        if "parameters" in request:
+            kwargs["parameters"] = json_format.ParseDict(request["parameters"], struct_pb2.Value())
+        try:
+            response = self.clients().predictions.predict(**kwargs)
+        except exceptions.GoogleAPICallError as exc:
+            raise _invoke_error(name, exc) from None
+        result = json_format.MessageToDict(type(response).pb(response))
+        return {"predictions": result.get("predictions", []), "deployed_model_id": response.deployed_model_id}
+
+    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+        """streamRawPredict with our own HTTP client: the SDK's raw_predict hard-codes Google's host."""
+        import httpx
+
+        from cloudllm.http import stream_tokens
+
+        endpoint = self._serving_endpoint(name)
+        url = f"{self.api_base}/v1/{endpoint.details['endpoint']}:streamRawPredict"
+        try:
+            yield from stream_tokens(name, url, {**body, "stream": True}, headers=self._auth_headers())
+        except httpx.TransportError as exc:
+            raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
+
+    def _serving_endpoint(self, name: str) -> Endpoint:
+        endpoint = self.get(name)
+        if endpoint is None:
+            raise UserError(f"no Vertex AI endpoint named {name!r} in {self.parent}", "see `cloudllm list --provider vertex`")
+        if "deployed_model_id" not in endpoint.details:
+            raise DeployFailed(f"endpoint {name} has no deployed model", f"deploy it again with `cloudllm deploy` or delete it")
+        return endpoint
+
+    def _auth_headers(self) -> dict[str, str]:
+        if os.environ.get(API_ENDPOINT_ENV):
+            return {}
+        import google.auth
+        import google.auth.transport.requests
+
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        credentials.refresh(google.auth.transport.requests.Request())
+        return {"Authorization": f"Bearer {credentials.token}"}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+@dataclass
+class _Clients:
+    endpoints: Any
+    models: Any
+    predictions: Any
+
+    @classmethod
+    def create(cls, region: str, base_url: str | None) -> "_Clients":
+        from google.api_core.gapic_v1.client_info import ClientInfo
+        from google.api_core.client_options import ClientOptions
+        from google.cloud import aiplatform_v1 as v1
+
+        from cloudllm import __version__
+
+        kwargs: dict[str, Any] = {"transport": "rest", "client_info": ClientInfo(user_agent=f"cloudllm/{__version__}")}
+        if base_url:
+            from google.auth.credentials import AnonymousCredentials
+
+            kwargs.update(credentials=AnonymousCredentials(), client_options=ClientOptions(api_endpoint=base_url.rstrip("/")))
+        else:
+            kwargs["client_options"] = ClientOptions(api_endpoint=f"{region}-aiplatform.googleapis.com")
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            return cls(v1.EndpointServiceClient(**kwargs), v1.ModelServiceClient(**kwargs), v1.PredictionServiceClient(**kwargs))
+        except DefaultCredentialsError as exc:
+            raise UserError(
+                f"no Google Cloud credentials: {str(exc).splitlines()[0]}",
+                "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS",
+            ) from None
+
+
+@dataclass
+class _Created:
+    """What one deploy created, so a failure can remove exactly that."""
+
+    store: Any = None
+    artifacts: Any = None
+    model: str | None = None
+    version: str | None = None  # set when the model existed and only this version is ours
+    endpoint: str | None = None
+    left: list[str] | None = None
+
+
+def _machine(plan: "Plan", default: str):
+    instance = getattr(plan, "instance", None)
+    if instance is not None:
+        return instance
+    from cloudllm.catalog import resolve
+
+    return resolve("vertex", plan.spec.instance or default, plan.spec.accelerator)
+
+
+def _scale_metric(spec, machine) -> tuple[str, int] | None:
+    """(metric name, target) for autoscaling_metric_specs; None leaves Vertex's default (CPU 60%)."""
+    if not spec.scale_metric and spec.scale_target is None and spec.max_instances <= spec.min_instances:
+        return None
+    key = spec.scale_metric or ("gpu-duty-cycle" if machine.gpu_count else "cpu")
+    if key not in SCALE_METRICS:
+        raise UserError(f"--scale-metric {key} is not a Vertex AI metric", f"use one of: {', '.join(SCALE_METRICS)}")
+    if key == "gpu-duty-cycle" and not machine.gpu_count:
+        raise UserError(f"{machine.label} has no GPU to measure a duty cycle on", "use --scale-metric cpu or requests")
+    target = DEFAULT_SCALE_TARGET if spec.scale_target is None else spec.scale_target
+    if key in ("cpu", "gpu-duty-cycle") and not 1 <= target <= 100:
+        raise UserError(f"--scale-target {target:g} is not a percentage", f"use 1..100 for {key}")
+    return SCALE_METRICS[key], max(1, round(target))
+
+
+def deployment_timeout(total_bytes: int) -> int:
+    """Seconds a replica may take to copy and load the model: 10 min + 1 min per 2 GB, at most 2 h."""
+    return int(min(MAX_DEPLOYMENT_TIMEOUT, 600 + math.ceil(total_bytes / 2e9) * 60))
+
+
+def _deploy_deadline(plan: "Plan") -> float:
+    return float(plan.spec.timeout or min(14_400, deployment_timeout(plan.bundle.total_bytes) + PROVISIONING_ALLOWANCE))
+
+
+def _short_deadline(plan: "Plan") -> float:
+    """Registry and endpoint operations: minutes, whatever the model's size."""
+    return float(max(600, plan.spec.timeout or 0))
+
+
+def _version_prefix(plan: "Plan") -> "GcsUri":
+    from cloudllm.storage.gcs import GcsUri
+
+    return GcsUri.parse(plan.spec.bucket).child(plan.spec.name, plan.bundle.digest[:16])
+
+
+def _resources_line(plan: "Plan") -> str:
+    try:
+        machine = _machine(plan, VertexProvider.default_instance)
+    except UserError:
+        return plan.spec.instance or "?"
+    count = plan.spec.min_instances if plan.spec.min_instances == plan.spec.max_instances else f"{plan.spec.min_instances}..{plan.spec.max_instances}"
+    return f"{count}x {machine.label}"
+
+
+def _main_deployment(endpoint):
+    """The deployed model taking the most traffic (the newest on a tie), or None."""
+    if not endpoint.deployed_models:
+        return None
+    split = endpoint.traffic_split
+    return max(endpoint.deployed_models, key=lambda d: (split.get(d.id, 0), d.create_time or 0))
+
+
+def _give_all_to_first(split: dict[str, int]) -> dict[str, int]:
+    keys = sorted(split)
+    return {k: (100 if i == 0 else 0) for i, k in enumerate(keys)}
+
+
+def _pending(plan: "Plan", endpoint: str, api_base: str) -> Endpoint:
+    return Endpoint(
+        name=plan.spec.name, provider="vertex", state="Creating", url=_predict_url(api_base, endpoint),
+        runtime=plan.runtime, details={"endpoint": endpoint},
+    )  # fmt: skip
+
+
+def _predict_url(api_base: str, endpoint: str) -> str:
+    return f"{api_base}/v1/{endpoint}:predict"
+
+
+def _accelerator_name(value) -> str:
+    return getattr(value, "name", str(value))
+
+
+def encode_digest(hex_digest: str) -> str:
+    """A sha256 hex digest as a label value: lowercase base32 without padding (52 chars)."""
+    return base64.b32encode(bytes.fromhex(hex_digest)).decode().rstrip("=").lower()
+
+
+def decode_digest(label: str) -> str:
+    raw = label.upper()
+    return base64.b32decode(raw + "=" * (-len(raw) % 8)).hex()
+
+
+def _label_ok(value: str) -> bool:
+    return len(value) <= 63 and all(ch.islower() or ch.isdigit() or ch in "-_" for ch in value)
+
+
+def _label_value(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name.lower())[:63]
+
+
+def vertex_request(body: dict, runtime: str) -> dict:
+    """The predict body for a runtime from our TGI-form body; a body with "instances" goes as is.
+
+    handler: {"instances": [prompt], "parameters": {...}}; tgi (its Vertex route):
+    {"instances": [{"inputs", "parameters"}]}; vllm (Model Garden): {"instances": [{"prompt", "max_tokens", ...}]}.
+    """
+    if "instances" in body:
+        return {k: v for k, v in body.items() if k in ("instances", "parameters")}
+    inputs = body.get("inputs")
+    prompts = inputs if isinstance(inputs, list) else [inputs]
+    parameters = dict(body.get("parameters") or {})
+    if runtime == "tgi":
+        return {"instances": [{"inputs": p, **({"parameters": parameters} if parameters else {})} for p in prompts]}
+    if runtime == "vllm":
+        if "max_new_tokens" in parameters:
+            parameters["max_tokens"] = parameters.pop("max_new_tokens")
+        return {"instances": [{"prompt": p, **parameters} for p in prompts]}
+    request: dict[str, Any] = {"instances": prompts}
+    if parameters:
+        request["parameters"] = parameters
+    return request
+
+
+def _with_leftovers(exc: BaseException, created: _Created) -> BaseException:
+    """Name what the clean-up could not remove in the error's fix."""
+    if created.left and isinstance(exc, UserError):
+        exc.fix = f"{exc.fix}; not cleaned up: {'; '.join(created.left)}"
+        exc.args = (exc.line(),)
+    return exc
+
+
+def _invoke_error(name: str, exc) -> UserError:
+    from google.api_core import exceptions
+
+    message = str(getattr(exc, "message", exc)).splitlines()[0][:300]
+    if isinstance(exc, (exceptions.InvalidArgument, exceptions.BadRequest, exceptions.NotFound)):
+        return UserError(f"endpoint {name} rejected the request: {message}", "fix the request body or parameters")
+    return DeployFailed(f"endpoint {name} failed: {message}", "see the endpoint's logs in Cloud Logging")
+
+
+def _deploy_error(exc: BaseException, name: str, after: str | None = None) -> BaseException:
+    """One line for a failed Vertex call; Ctrl-C and our own errors pass through unchanged."""
+    from google.api_core import exceptions
+
+    if isinstance(exc, UserError) or not isinstance(exc, (exceptions.GoogleAPICallError, exceptions.RetryError)):
+        return exc
+    message = str(getattr(exc, "message", None) or exc).splitlines()[0][:500]
+    prefix = f"{after}: " if after else ""
+    if isinstance(exc, (exceptions.InvalidArgument, exceptions.BadRequest, exceptions.FailedPrecondition)):
+        return DeployFailed(f"{prefix}Vertex AI refused the deploy of {name}: {message}", "fix the setting it names and deploy again")
+    if isinstance(exc, (exceptions.PermissionDenied, exceptions.Unauthenticated, exceptions.Forbidden)):
+        return UserError(
+            f"{prefix}Vertex AI denied access: {message}", "check --project and that your account has roles/aiplatform.user"
+        )
+    return DeployFailed(f"{prefix}deploying {name} on Vertex AI failed: {message}", "deploy again, or see the Vertex AI console")
+
+
+__all__ = ["API_ENDPOINT_ENV", "VertexProvider", "deployment_timeout", "encode_digest", "decode_digest", "vertex_request"]

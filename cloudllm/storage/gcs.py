@@ -1,0 +1,333 @@
+"""Artifacts on Google Cloud Storage: a Bundle uploaded uncompressed under a gs:// prefix.
+
+    gs://bucket/prefix/<endpoint>/<version>/config.json, *.safetensors, code/..., cloudllm.json
+
+Each version gets its own prefix: Vertex copies AIP_STORAGE_URI whenever it starts a
+replica, so files under a live model's prefix must never change. Every object carries its
+sha256 as metadata, which makes a version cheap to build from the previous one: a file
+already under the prefix is kept, a file another version holds is copied inside GCS
+(no bytes leave the machine), and only the rest is uploaded, in parallel with
+transfer_manager. The crc32c of every upload is checked against the one the server
+computed. The manifest (cloudllm.json) is written last, so a prefix with a manifest is
+complete.
+
+google-cloud-storage honours STORAGE_EMULATOR_HOST (used by `cloudllm emulate vertex`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from cloudllm.console import Reporter, human_bytes
+from cloudllm.errors import DeployFailed, UserError
+
+if TYPE_CHECKING:
+    from cloudllm.bundle import Bundle, BundleFile
+
+MANIFEST_NAME = "cloudllm.json"
+SHA256_KEY = "cloudllm-sha256"
+UPLOAD_WORKERS = 8
+CHUNK_BYTES = 16 * 1024 * 1024  # a multiple of 256 KiB, as resumable uploads require
+
+
+@dataclass(frozen=True)
+class GcsUri:
+    """gs://bucket/prefix, with the prefix kept without slashes at either end."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, uri: str) -> "GcsUri":
+        if not isinstance(uri, str) or not uri.startswith("gs://"):
+            raise UserError(f"--bucket {uri!r} is not a gs:// location", "write it as gs://BUCKET or gs://BUCKET/PREFIX")
+        bucket, _, prefix = uri[len("gs://") :].partition("/")
+        if not bucket:
+            raise UserError(f"--bucket {uri!r} names no bucket", "write it as gs://BUCKET or gs://BUCKET/PREFIX")
+        return cls(bucket, prefix.strip("/"))
+
+    def child(self, *parts: str) -> "GcsUri":
+        return GcsUri(self.bucket, "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/")))
+
+    def object_name(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def __str__(self) -> str:
+        return f"gs://{self.bucket}/{self.prefix}/" if self.prefix else f"gs://{self.bucket}/"
+
+
+@dataclass
+class UploadResult:
+    uri: GcsUri
+    uploaded: list[str] = field(default_factory=list)
+    uploaded_bytes: int = 0
+    copied: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"uploaded {len(self.uploaded)} file(s) ({human_bytes(self.uploaded_bytes)})"]
+        if self.copied:
+            parts.append(f"copied {len(self.copied)} unchanged file(s) inside GCS")
+        if self.kept:
+            parts.append(f"kept {len(self.kept)} already there")
+        return f"{', '.join(parts)} to {self.uri}"
+
+
+def storage_client(project: str | None = None):
+    """A google-cloud-storage client: Application Default Credentials, or anonymous on an emulator."""
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return storage.Client(project=project or "emulator")
+    try:
+        return storage.Client(project=project)
+    except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
+        raise UserError(
+            f"cannot reach Google Cloud Storage: {exc}".splitlines()[0],
+            "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS",
+        ) from None
+
+
+def crc32c_b64(data: bytes) -> str:
+    """The base64 big-endian crc32c GCS reports in an object's `crc32c`."""
+    import google_crc32c
+
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+
+
+class GcsArtifacts:
+    """Upload, list, download and delete artifact prefixes in one GCS project."""
+
+    def __init__(self, client=None, project: str | None = None):
+        self.client = client or storage_client(project)
+
+    # --- checks ---------------------------------------------------------------------------
+    def check_bucket(self, uri: GcsUri) -> None:
+        """UserError unless the bucket exists and we may read it."""
+        from google.api_core import exceptions
+
+        try:
+            found = self.client.lookup_bucket(uri.bucket)
+        except exceptions.Forbidden:
+            raise UserError(
+                f"no access to bucket gs://{uri.bucket}",
+                "grant your account roles/storage.objectAdmin on it, or pick another --bucket",
+            ) from None
+        if found is None:
+            raise UserError(
+                f"bucket gs://{uri.bucket} does not exist",
+                f"create it (gcloud storage buckets create gs://{uri.bucket} --location REGION) or pick another --bucket",
+            )
+
+    # --- upload -------------------------------------------------------------------------
+    def upload(
+        self,
+        bundle: "Bundle",
+        dest: GcsUri,
+        reporter: Reporter,
+        *,
+        reuse_from: GcsUri | None = None,
+        kms_key: str | None = None,
+    ) -> UploadResult:
+        """Put bundle under dest: keep what is there, copy what reuse_from holds, upload the rest."""
+        from google.api_core import exceptions
+        from google.cloud.storage.exceptions import DataCorruption
+
+        bucket = self.client.bucket(dest.bucket)
+        result = UploadResult(uri=dest)
+        try:
+            here, elsewhere = self._index(dest, reuse_from)
+            to_upload: list["BundleFile"] = []
+            for f in bundle.files:
+                name = dest.object_name(f.name)
+                if _same(here.get(name), f):
+                    result.kept.append(f.name)
+                elif (source := elsewhere.get(f.sha256)) is not None and source.size == f.size:
+                    self._copy(source, bucket, name, f, kms_key)
+                    result.copied.append(f.name)
+                else:
+                    to_upload.append(f)
+            if to_upload:
+                self._upload_files(bucket, dest, to_upload, reporter, kms_key, result)
+            manifest = bucket.blob(dest.object_name(MANIFEST_NAME), kms_key_name=kms_key)
+            manifest.upload_from_string(bundle.manifest_bytes, content_type="application/json", checksum="crc32c")
+            _verify(manifest, crc32c_b64(bundle.manifest_bytes), MANIFEST_NAME)
+        except exceptions.Forbidden as exc:
+            raise UserError(
+                f"no permission to write to {dest}: {exc.message}",
+                "grant your account roles/storage.objectAdmin on the bucket, or pick another --bucket",
+            ) from None
+        except exceptions.NotFound as exc:
+            raise UserError(f"cannot write to {dest}: {exc.message}", "check that the bucket exists (--bucket)") from None
+        except exceptions.GoogleAPICallError as exc:
+            raise DeployFailed(f"uploading to {dest} failed: {exc.message}", "run the same deploy again to resume") from None
+        except DataCorruption as exc:
+            raise DeployFailed(f"an upload to {dest} arrived corrupted: {exc}".splitlines()[0], "run the same deploy again") from None
+        return result
+
+    def _index(self, dest: GcsUri, reuse_from: GcsUri | None) -> tuple[dict, dict]:
+        """Objects under dest by name, and objects under reuse_from by sha256 (one listing)."""
+        root = reuse_from or dest
+        here: dict = {}
+        elsewhere: dict = {}
+        for blob in self.client.list_blobs(root.bucket, prefix=root.object_name("")):
+            if blob.name.startswith(dest.object_name("")):
+                here[blob.name] = blob
+            sha = (blob.metadata or {}).get(SHA256_KEY)
+            if sha and blob.name.startswith(root.object_name("")):
+                elsewhere.setdefault(sha, blob)
+        return here, elsewhere
+
+    def _copy(self, source, bucket, name: str, f: "BundleFile", kms_key: str | None) -> None:
+        target = bucket.blob(name, kms_key_name=kms_key)
+        target.metadata = {SHA256_KEY: f.sha256}
+        token, _, _ = target.rewrite(source)
+        while token is not None:  # large objects across locations or keys take several calls
+            token, _, _ = target.rewrite(source, token=token)
+        if target.crc32c != source.crc32c:
+            raise DeployFailed(f"copying {f.name} inside GCS changed its checksum", "run the same deploy again")
+
+    def _upload_files(self, bucket, dest: GcsUri, files: list["BundleFile"], reporter: Reporter, kms_key, result) -> None:
+        from google.cloud.storage import transfer_manager
+
+        total = sum(f.size for f in files)
+        with reporter.transfer(total, f"uploading {len(files)} file(s) to {dest}") as advance:
+            pairs = []
+            readers = []
+            for f in files:
+                blob = bucket.blob(dest.object_name(f.name), kms_key_name=kms_key, chunk_size=CHUNK_BYTES)
+                blob.metadata = {SHA256_KEY: f.sha256}
+                reader = _CountingReader(f, advance)
+                pairs.append((reader, blob))
+                readers.append(reader)
+            try:
+                transfer_manager.upload_many(
+                    pairs,
+                    upload_kwargs={"checksum": "crc32c", "content_type": "application/octet-stream"},
+                    worker_type=transfer_manager.THREAD,
+                    max_workers=UPLOAD_WORKERS,
+                    raise_exception=True,
+                )
+            finally:
+                for reader in readers:
+                    reader.close()
+        for (reader, blob), f in zip(pairs, files):
+            _verify(blob, reader.crc32c(), f.name)
+            result.uploaded.append(f.name)
+            result.uploaded_bytes += f.size
+
+    # --- read, delete -----------------------------------------------------------------
+    def download(self, uri: GcsUri, dest_dir: str | Path) -> Path:
+        """Copy every object under uri into dest_dir (what a serving container does at start)."""
+        from google.cloud.storage import transfer_manager
+
+        dest_dir = Path(dest_dir)
+        prefix = uri.object_name("")
+        names = [b.name[len(prefix) :] for b in self.client.list_blobs(uri.bucket, prefix=prefix) if not b.name.endswith("/")]
+        results = transfer_manager.download_many_to_path(
+            self.client.bucket(uri.bucket),
+            names,
+            destination_directory=str(dest_dir),
+            blob_name_prefix=prefix,
+            worker_type=transfer_manager.THREAD,
+            max_workers=UPLOAD_WORKERS,
+            raise_exception=True,
+        )
+        del results
+        return dest_dir
+
+    def delete(self, uri: GcsUri) -> int:
+        """Delete every object under uri; returns how many."""
+        from google.api_core import exceptions
+
+        blobs = list(self.client.list_blobs(uri.bucket, prefix=uri.object_name("")))
+        for blob in blobs:
+            try:
+                blob.delete()
+            except exceptions.NotFound:
+                pass
+        return len(blobs)
+
+
+def _same(blob, f: "BundleFile") -> bool:
+    return blob is not None and blob.size == f.size and (blob.metadata or {}).get(SHA256_KEY) == f.sha256
+
+
+def _verify(blob, local_crc32c: str, name: str) -> None:
+    if not blob.crc32c:
+        raise DeployFailed(f"GCS reported no crc32c for {name}", "run the same deploy again")
+    if blob.crc32c != local_crc32c:
+        raise DeployFailed(
+            f"{name} arrived corrupted (crc32c {blob.crc32c} on the server, {local_crc32c} here)",
+            "run the same deploy again; it uploads the file anew",
+        )
+
+
+class _CountingReader(io.RawIOBase):
+    """A bundle file as a stream: advances the progress bar and computes crc32c as it is read.
+
+    A resumable upload that retries a chunk seeks back; the checksum then restarts from the
+    start of the file so it always covers exactly the bytes that were sent last.
+    """
+
+    def __init__(self, f: "BundleFile", advance: Callable[[int], None]):
+        import google_crc32c
+
+        super().__init__()
+        self._crc_cls = google_crc32c.Checksum
+        self._crc = self._crc_cls()
+        self._fh = io.BytesIO(f.content) if f.content is not None else open(f.source, "rb")
+        self._advance = advance
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = self._fh.seek(offset, whence)
+        if target < self._pos:
+            self._fh.seek(0)
+            self._crc = self._crc_cls()
+            self._pos = 0
+            while self._pos < target:
+                chunk = self._fh.read(min(CHUNK_BYTES, target - self._pos))
+                if not chunk:
+                    break
+                self._crc.update(chunk)
+                self._pos += len(chunk)
+        elif target > self._pos:
+            self._fh.seek(self._pos)
+            self.read(target - self._pos)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        if data:
+            self._crc.update(data)
+            self._pos += len(data)
+            self._advance(len(data))
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def crc32c(self) -> str:
+        return base64.b64encode(self._crc.digest()).decode()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()

@@ -1,0 +1,267 @@
+"""The Vertex AI provider against the offline emulator: real google-cloud-storage and aiplatform_v1
+clients over HTTP on loopback, the real CLI in subprocesses, and a model server that really serves."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cloudllm import api
+from cloudllm.catalog.vertex_images import IMAGES
+from cloudllm.console import Reporter
+from cloudllm.errors import DeployFailed, UserError
+from cloudllm.providers.vertex import decode_digest, deployment_timeout
+from tests.conftest import assert_one_line_error, run_cli
+
+DUTY_CYCLE = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
+v1 = pytest.importorskip("google.cloud.aiplatform_v1")
+
+
+class Recorder(Reporter):
+    """Keeps the step lines a deploy reports (what was uploaded, copied, cleaned up)."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    def step(self, message: str) -> None:
+        self.steps.append(message)
+
+
+@pytest.fixture(scope="module")
+def clients(vertex_emulator):
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import aiplatform_v1 as v1
+
+    kwargs = dict(transport="rest", credentials=AnonymousCredentials(), client_options=ClientOptions(api_endpoint=vertex_emulator.url))
+    return v1.EndpointServiceClient(**kwargs), v1.ModelServiceClient(**kwargs)
+
+
+def _deployed(clients, result):
+    endpoints, models = clients
+    endpoint = endpoints.get_endpoint(name=result.endpoint.details["endpoint"])
+    assert len(endpoint.deployed_models) == 1
+    deployed = endpoint.deployed_models[0]
+    model = models.get_model(name=f"{deployed.model}@{deployed.model_version_id}")
+    return endpoint, deployed, model
+
+
+def _deploy(tiny_gpt2: Path, emulator, name: str, reporter: Reporter | None = None, **kwargs):
+    kwargs.setdefault("bucket", emulator.bucket)
+    return api.deploy(tiny_gpt2, provider="vertex", name=name, reporter=reporter, **kwargs)
+
+
+@pytest.fixture
+def no_engine_servers(vertex_emulator):
+    """TGI/vLLM deployments complete without starting the stand-in server (these tests only read what was deployed)."""
+    vertex_emulator.serve_engine_images = False
+    yield
+    vertex_emulator.serve_engine_images = True
+
+
+def test_tgi_deploy_uploads_the_container_spec_and_resources(vertex_emulator, clients, tiny_gpt2: Path, no_engine_servers) -> None:
+    result = _deploy(
+        tiny_gpt2, vertex_emulator, "tgi-demo", runtime="tgi", instance="g2-standard-24",
+        min_instances=1, max_instances=3, scale_metric="gpu-duty-cycle", scale_target=70,
+    )  # fmt: skip
+    assert result.action == "create" and result.endpoint.state == "InService"
+    endpoint, deployed, model = _deployed(clients, result)
+
+    spec = model.container_spec
+    env = {e.name: e.value for e in spec.env}
+    assert spec.image_uri == IMAGES["tgi"].uri
+    assert env["NUM_SHARD"] == "2"  # g2-standard-24 has two L4s
+    assert env["MAX_TOTAL_TOKENS"] == str(result.plan.settings.max_total_tokens)
+    assert env["MAX_INPUT_TOKENS"] == str(result.plan.settings.max_input_tokens)
+    assert [p.container_port for p in spec.ports] == [8080]
+    assert spec.predict_route and spec.health_route
+    assert spec.deployment_timeout.total_seconds() == deployment_timeout(result.plan.bundle.total_bytes)
+    assert model.artifact_uri.startswith(f"{vertex_emulator.bucket}/tgi-demo/")
+    assert {decode_digest(model.labels[k]) for k in ("cloudllm-weights", "cloudllm-code", "cloudllm-deploy")} == {
+        result.plan.fingerprint[k] for k in ("weights_digest", "code_digest", "deploy_digest")
+    }
+
+    resources = deployed.dedicated_resources
+    assert resources.machine_spec.machine_type == "g2-standard-24"
+    assert resources.machine_spec.accelerator_type.name == "NVIDIA_L4"
+    assert resources.machine_spec.accelerator_count == 2
+    assert (resources.min_replica_count, resources.max_replica_count) == (1, 3)
+    assert [(m.metric_name, m.target) for m in resources.autoscaling_metric_specs] == [(DUTY_CYCLE, 70)]
+    assert dict(endpoint.traffic_split) == {deployed.id: 100}
+
+    # get() reads the digests back, so the same deploy again is a no-op
+    same = dict(runtime="tgi", instance="g2-standard-24", min_instances=1, max_instances=3, scale_metric="gpu-duty-cycle", scale_target=70)
+    assert _deploy(tiny_gpt2, vertex_emulator, "tgi-demo", **same).action == "unchanged"
+
+    # an update that stopped after moving traffic leaves an idle deployed model: the next deploy only removes it
+    endpoints, _ = clients
+    leftover = v1.DeployedModel(model=f"{deployed.model}@{deployed.model_version_id}", dedicated_resources=resources)
+    endpoints.deploy_model(endpoint=endpoint.name, deployed_model=leftover, traffic_split={deployed.id: 100, "0": 0}).result(timeout=60)
+    assert api.status("tgi-demo", provider="vertex").state == "Failed"
+    reporter = Recorder()
+    finished = _deploy(tiny_gpt2, vertex_emulator, "tgi-demo", reporter, **same)
+    assert finished.action == "update" and finished.endpoint.state == "InService"
+    assert [d.id for d in endpoints.get_endpoint(name=endpoint.name).deployed_models] == [deployed.id]
+    assert not any(s.startswith("uploaded ") for s in reporter.steps)
+
+
+def test_vllm_deploy_with_an_accelerator_override_and_delete_to_nothing(vertex_emulator, clients, tiny_gpt2: Path, no_engine_servers) -> None:
+    result = _deploy(tiny_gpt2, vertex_emulator, "vllm-demo", runtime="vllm", instance="n1-standard-8", accelerator="NVIDIA_TESLA_T4:2")
+    _, deployed, model = _deployed(clients, result)
+
+    spec = model.container_spec
+    assert spec.image_uri == IMAGES["vllm"].uri
+    assert "--tensor-parallel-size=2" in spec.args
+    assert f"--model={model.artifact_uri}" in spec.args
+    assert f"--max-model-len={result.plan.settings.max_total_tokens}" in spec.args
+    assert (spec.predict_route, spec.health_route, spec.shared_memory_size_mb) == ("/generate", "/ping", 16384)
+    machine = deployed.dedicated_resources.machine_spec
+    assert (machine.machine_type, machine.accelerator_type.name, machine.accelerator_count) == ("n1-standard-8", "NVIDIA_TESLA_T4", 2)
+
+    assert vertex_emulator.objects("cloudllm-test", "models/vllm-demo/")
+    deleted = run_cli("delete", "vllm-demo", "--provider", "vertex", "--purge-artifacts")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "endpoint vllm-demo deleted" in deleted.stdout
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "vllm-demo"]
+    assert not [v for vs in vertex_emulator.state.models.values() for v in vs if v.display_name == "vllm-demo"]
+    assert vertex_emulator.objects("cloudllm-test", "models/vllm-demo/") == []
+    assert not vertex_emulator.state.replicas.get(deployed.id)
+    with pytest.raises(UserError, match="no Vertex AI endpoint named 'vllm-demo'"):
+        api.delete("vllm-demo", provider="vertex")
+
+
+@pytest.fixture(scope="module")
+def handler_demo(vertex_emulator, tiny_gpt2: Path, tmp_path_factory):
+    """One handler deploy (in the HF inference image, emulated) shared by the invoke and update tests."""
+    with pytest.MonkeyPatch.context() as patch:  # set up before any test's own CLOUDLLM_HOME
+        patch.setenv("CLOUDLLM_HOME", str(tmp_path_factory.mktemp("home")))
+        return _deploy(tiny_gpt2, vertex_emulator, "handler-demo", runtime="handler", instance="n1-standard-4")
+
+
+def test_handler_deploy_runs_the_generated_server_in_the_inference_image(clients, handler_demo) -> None:
+    _, deployed, model = _deployed(clients, handler_demo)
+    assert model.container_spec.image_uri == IMAGES["handler-cpu"].uri  # n1-standard-4 has no GPU
+    assert model.container_spec.command[:2] == ["python3", "-c"]
+    machine = deployed.dedicated_resources.machine_spec
+    assert machine.machine_type == "n1-standard-4" and not machine.accelerator_count
+
+
+def test_invoke_and_stream_through_the_cli(vertex_emulator, handler_demo) -> None:
+    text = run_cli("invoke", "handler-demo", "Once upon a time", "--max-new-tokens", "8", "--provider", "vertex")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.strip()
+
+    streamed = run_cli("invoke", "handler-demo", "Once upon a time", "--max-new-tokens", "8", "--provider", "vertex", "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == text.stdout  # greedy decoding: the stream adds up to the same text
+
+    raw = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")
+    assert len(raw["predictions"]) == 1 and raw["deployed_model_id"]
+
+
+def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(vertex_emulator, clients, handler_demo, tiny_gpt2) -> None:
+    endpoints, models = clients
+    before = handler_demo.endpoint.details
+    reporter = Recorder()
+    result = _deploy(
+        tiny_gpt2, vertex_emulator, "handler-demo", reporter, runtime="handler", instance="n1-standard-4",
+        rollout="canary:25", serving={"max_new_tokens": 64},
+    )  # fmt: skip
+    assert result.action == "update" and "code or serving settings changed" in result.reasons
+
+    endpoint = endpoints.get_endpoint(name=before["endpoint"])
+    assert len(endpoint.deployed_models) == 1
+    new = endpoint.deployed_models[0]
+    assert new.id != before["deployed_model_id"]
+    assert new.model == before["model"] and new.model_version_id == "2"
+    assert dict(endpoint.traffic_split) == {new.id: 100}
+    assert any("canary: 25%" in s for s in reporter.steps)
+    assert any(f"undeployed {before['deployed_model_id']}" in s for s in reporter.steps)
+    # only changed code went up (settings.json, and any runtime file edited since); the model files were copied inside GCS
+    upload = next(s for s in reporter.steps if s.startswith("uploaded "))
+    uploaded, copied = (int(re.search(pattern, upload).group(1)) for pattern in (r"^uploaded (\d+)", r"copied (\d+)"))
+    model_files = [f for f in result.plan.bundle.files if not f.name.startswith("code/")]
+    assert 1 <= uploaded <= len(result.plan.bundle.files) - len(model_files) and copied >= len(model_files), upload
+    assert [v.version_id for v in models.list_model_versions(name=new.model)] == ["1", "2"]
+
+    assert api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")["predictions"]
+    unchanged = _deploy(tiny_gpt2, vertex_emulator, "handler-demo", runtime="handler", instance="n1-standard-4",
+                        rollout="canary:25", serving={"max_new_tokens": 64})  # fmt: skip
+    assert unchanged.action == "unchanged"
+
+
+def test_a_server_that_cannot_start_fails_the_deploy_and_is_cleaned_up(vertex_emulator, tiny_gpt2: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_gpt2, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    reporter = Recorder()
+    with pytest.raises(DeployFailed) as info:
+        _deploy(broken, vertex_emulator, "broken", reporter, runtime="handler", instance="n1-standard-4")
+    assert info.value.line().startswith("deploying on 1x n1-standard-4 failed: Model server reports it cannot serve: JSONDecodeError")
+    assert [s.split()[2] for s in reporter.steps if s.startswith("cleaned up ")] == ["endpoint", "model", "artifacts"]
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "broken"]
+    assert not [v for vs in vertex_emulator.state.models.values() for v in vs if v.display_name == "broken"]
+    assert vertex_emulator.objects("cloudllm-test", "models/broken/") == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "contains"),
+    [
+        (["--instance", "g2-standard-7"], "did you mean g2-standard-8"),
+        (["--instance", "g2-standard-8", "--accelerator", "NVIDIA_TESLA_T4"], "g2-standard-8 comes with 1x NVIDIA_L4"),
+        (["--instance", "g2-standard-8", "--bucket", "gs://no-such-bucket/models"], "bucket gs://no-such-bucket does not exist"),
+    ],
+)
+def test_bad_input_through_the_cli_is_one_line_and_creates_nothing(vertex_emulator, tiny_gpt2: Path, flags: list[str], contains: str) -> None:
+    args = ["deploy", str(tiny_gpt2), "--provider", "vertex", "--name", "bad-input", *flags]
+    if "--bucket" not in flags:
+        args += ["--bucket", vertex_emulator.bucket]
+    assert_one_line_error(run_cli(*args), contains=contains)
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "bad-input"]
+    assert vertex_emulator.objects("cloudllm-test", "models/bad-input/") == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "contains"),
+    [
+        (dict(instance="n1-standard-4", accelerator="NVIDIA_L4"), "n1-standard-4 cannot take NVIDIA_L4"),
+        (dict(instance="n1-standard-4", accelerator="NVIDIA_TESLA_T4:3"), "comes in counts [1, 2, 4], not 3"),
+        (dict(instance="g2-standard-8", min_instances=3, max_instances=2), "min_instances (3) is above max_instances (2)"),
+        (dict(instance="n1-standard-4", runtime="tgi"), "needs a GPU"),
+        (dict(instance="n1-standard-4", max_instances=2, scale_metric="invocations"), "not a Vertex AI metric"),
+        (dict(instance="n1-standard-4", max_instances=2, scale_metric="gpu-duty-cycle"), "has no GPU to measure a duty cycle on"),
+        (dict(instance="g2-standard-8", rollout="linear:10"), "use --rollout all-at-once or --rollout canary:PCT"),
+        (dict(instance="g2-standard-8", tags={"Team": "ML"}), "is not a valid Vertex label"),
+        (dict(instance="g2-standard-8", bucket="s3://wrong-cloud/models"), "is not a gs:// location"),
+        (dict(instance="g2-standard-8", min_instances=0), "scale to zero"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_created(vertex_emulator, tiny_gpt2: Path, settings: dict, contains: str) -> None:
+    settings = {"runtime": "handler", "bucket": vertex_emulator.bucket, **settings}
+    with pytest.raises(UserError) as info:
+        api.deploy(tiny_gpt2, provider="vertex", name="bad-api-input", **settings)
+    assert contains in info.value.line()
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "bad-api-input"]
+    assert vertex_emulator.objects("cloudllm-test", "models/bad-api-input/") == []
+
+
+def test_missing_project_is_one_line(vertex_emulator, tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT")
+    monkeypatch.delenv("CLOUDSDK_CORE_PROJECT", raising=False)
+    result = run_cli("deploy", str(tiny_gpt2), "--provider", "vertex", "--name", "no-project", "--instance", "n1-standard-4",
+                     "--runtime", "handler", "--bucket", vertex_emulator.bucket)  # fmt: skip
+    assert_one_line_error(result, contains="no Google Cloud project given")
+    assert vertex_emulator.objects("cloudllm-test", "models/no-project/") == []
+
+
+def test_status_and_list(vertex_emulator, handler_demo) -> None:
+    status = run_cli("status", "handler-demo", "--provider", "vertex", "--json")
+    assert status.returncode == 0, status.stderr
+    endpoint = json.loads(status.stdout)
+    assert endpoint["state"] == "InService" and endpoint["runtime"] == "handler"
+    assert endpoint["url"].startswith(vertex_emulator.url) and endpoint["url"].endswith(":predict")
+    assert "handler-demo" in {e.name for e in api.list_endpoints(provider="vertex")}
