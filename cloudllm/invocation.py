@@ -40,6 +40,8 @@ def response_text(result: Any) -> str | None:
         result = result["predictions"]
     if isinstance(result, list) and len(result) == 1:
         result = result[0]
+    if isinstance(result, str):  # TGI and vLLM behind Vertex: {"predictions": ["text"]}
+        return result
     if isinstance(result, list) and result and isinstance(result[0], dict) and len(result[0]) == 1 and "generated_text" in result[0]:
         result = result[0]
     if isinstance(result, dict):

@@ -82,10 +82,18 @@ class Plan:
         """The plan as its stable JSON document (docs/plan-schema.json)."""
         return PlanReport.from_plan(self)
 
+    def _gpu_use(self) -> str:
+        """Engines shard over every GPU of their instance (the instance is theirs alone, and the
+        spare memory becomes KV cache); `shards` is the fewest that would hold the model."""
+        gpus = self.instance.gpu_count if self.instance else 0
+        if self.runtime in ("tgi", "vllm") and gpus > (self.shards or 0):
+            return f"sharded over {gpus} GPUs, fits on {self.shards}"
+        return f"{self.shards} GPU{'s' if self.shards != 1 else ''}"
+
     def headline(self) -> str:
         """One line: the action, where, and the verdict ("create endpoint demo on ml.g5.xlarge (tgi, 1 GPU): fits ...")."""
         where = f" on {self.instance.label}" if self.instance else (f" on {self.spec.instance}" if self.spec.instance else "")
-        shards = f", {self.shards} GPU{'s' if self.shards != 1 else ''}" if self.shards else ""
+        shards = f", {self._gpu_use()}" if self.shards else ""
         line = f"{self.action} endpoint {self.spec.name} ({self.spec.provider}){where} ({self.runtime}{shards})"
         if self.fit:
             line += f": {self.fit.summary}"
@@ -106,7 +114,7 @@ class Plan:
         lines.append(f"  model:    {model.path}: {model.architecture or model.model_type}, {params}, {model.dtype}")
         where = f"{self.instance.label}: {self.instance.describe()}" if self.instance else (self.spec.instance or "this machine")
         count = self.spec.min_instances if self.spec.min_instances == self.spec.max_instances else f"{self.spec.min_instances}..{self.spec.max_instances}"
-        shards = f", sharded over {self.shards} GPUs" if self.shards and self.shards > 1 else ""
+        shards = f", {self._gpu_use()}" if self.shards else ""
         lines.append(f"  runtime:  {self.runtime} on {where}, {count} instance(s){shards}")
         if self.fit:
             fit_lines = self.fit.lines()
