@@ -82,7 +82,11 @@ class ModelInfo(BaseModel):
     weight_format: str = Field(description="'safetensors' or 'pickle'.")
     files: list[ModelFile]
     config: dict
-    quantization: str | None = Field(None, description="quantization_config.quant_method when pre-quantized.")
+    quantization: str | None = Field(
+        None,
+        description="int8/int4 for folders written by `cloudllm quantize`, else the pre-quantized method "
+        "(config.json quantization_config.quant_method: awq, gptq, fp8, bitsandbytes, torchao, ...).",
+    )
     trust_remote_code: bool = False
     skipped: list[str] = Field(default_factory=list, description="Entries not shipped, with the reason.")
 
@@ -151,7 +155,9 @@ def inspect_model(
     else:
         raise UserError(f"{folder} has no weights (*.safetensors)", "point at the folder that holds the model's weights")
 
-    quant = config.get("quantization_config") or {}
+    quantization, marker = _detect_quantization(folder, config)
+    if marker:  # cloudllm-quantized: report the model's own size and compute dtype, not the packed storage
+        parameters, dtype = marker.get("parameters") or parameters, marker.get("dtype") or dtype
     return ModelInfo(
         path=str(folder),
         architecture=architecture,
@@ -164,10 +170,30 @@ def inspect_model(
         weight_format=weight_format,
         files=sorted(files, key=lambda f: f.name),
         config=config,
-        quantization=quant.get("quant_method") if isinstance(quant, dict) else None,
+        quantization=quantization,
         trust_remote_code=trust_remote_code,
         skipped=skipped,
     )
+
+
+def _detect_quantization(folder: Path, config: dict) -> tuple[str | None, dict | None]:
+    """(method, cloudllm marker) of an already-quantized folder; (None, None) for full precision."""
+    from cloudllm_runtime.quantized import read_marker
+
+    marker = read_marker(str(folder))
+    if marker:
+        return marker.get("method"), marker
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant:
+        method = quant.get("quant_method")
+        if not method and (quant.get("load_in_8bit") or quant.get("load_in_4bit")):
+            method = "bitsandbytes"  # written before transformers recorded quant_method
+        return (str(method).lower() if method else "unknown"), None
+    # Checkpoints from AutoGPTQ / AutoAWQ before they wrote quantization_config into config.json.
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        if (folder / name).is_file():
+            return method, None
+    return None, None
 
 
 def _resolve_folder(folder: Path) -> Path:
