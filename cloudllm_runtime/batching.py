@@ -1,0 +1,188 @@
+"""Dynamic batching: requests that arrive close together share one model call.
+
+A single worker task takes the oldest waiting request, then gathers later requests with
+the same batch key (equal parameters) for up to ``max_wait_ms`` or until
+``max_batch_size`` inputs are gathered, and runs them as one call in a dedicated thread,
+so the event loop keeps answering health checks while the model works. Requests with
+other keys wait their turn in arrival order. Each caller gets its own outputs; an error
+fails only the callers of the batch it happened in.
+
+``max_batch_size=1`` turns batching off: every input runs alone, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+from .protocol import RequestError
+
+RunBatch = Callable[[list[Any], dict[str, Any]], Sequence[Any]]
+
+
+@dataclass
+class _Pending:
+    inputs: list[Any]
+    parameters: dict[str, Any]
+    key: Hashable | None
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """Collects concurrent submissions into batches for run_batch(inputs, parameters) -> one result per input.
+
+    key(parameters) decides which requests may share a call; None means "never share".
+    on_batch(size) is called with the number of inputs of every model call (for metrics).
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        key: Callable[[dict[str, Any]], Hashable | None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self._key = key or _parameters_key
+        self._on_batch = on_batch
+        self._pending: list[_Pending] = []
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        # One thread: one model call at a time, and the model always sees the same thread.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudllm-batch")
+        self.batch_sizes: list[int] = []  # every call's size, newest last (bounded; for tests and /metrics)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a model call (not counting the batch running now)."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        """Start the worker on the running event loop (idempotent)."""
+        if self._worker is None or self._worker.done():
+            self._arrived = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name="cloudllm-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; waiting callers get an error rather than hanging."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(RequestError(503, "the server is shutting down", "unavailable"))
+        self._pending.clear()
+        self._executor.shutdown(wait=False)
+
+    async def submit(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> list[Any]:
+        """Queue one request's inputs; returns one result per input, in order."""
+        self.start()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(list(inputs), dict(parameters), self._key(parameters), future))
+        assert self._arrived is not None
+        self._arrived.set()
+        return await future
+
+    async def _work(self) -> None:
+        assert self._arrived is not None
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch = await self._gather()
+            await self._execute(batch)
+
+    async def _gather(self) -> list[_Pending]:
+        """The oldest waiting request plus later ones with its key, within the wait window."""
+        assert self._arrived is not None
+        first = self._pending.pop(0)
+        batch, size = [first], len(first.inputs)
+        if first.key is None or self.max_batch_size == 1:
+            return batch
+        deadline = asyncio.get_running_loop().time() + self.max_wait
+        while size < self.max_batch_size:
+            for item in list(self._pending):
+                if item.key == first.key and size + len(item.inputs) <= self.max_batch_size:
+                    self._pending.remove(item)
+                    batch.append(item)
+                    size += len(item.inputs)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if size >= self.max_batch_size or remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        if self._pending:
+            self._arrived.set()  # those left behind are served next without waiting for a new arrival
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        live = [item for item in batch if not item.future.done()]  # callers that went away are skipped
+        if not live:
+            return
+        try:
+            results = await self._call([x for item in live for x in item.inputs], live[0].parameters)
+        except RequestError as exc:
+            if len(live) == 1:
+                _fail(live[0], exc)
+                return
+            # One request's input failed the shared call: run each alone so only its caller sees the error.
+            for item in live:
+                await self._execute([item])
+            return
+        except Exception as exc:  # a model failure belongs to this batch's callers only
+            for item in live:
+                _fail(item, exc)
+            return
+        offset = 0
+        for item in live:
+            count = len(item.inputs)
+            if not item.future.done():
+                item.future.set_result(list(results[offset : offset + count]))
+            offset += count
+
+    async def _call(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        """Run inputs in chunks of max_batch_size (one request may carry more inputs than that)."""
+        loop = asyncio.get_running_loop()
+        results: list[Any] = []
+        for start in range(0, len(inputs), self.max_batch_size):
+            chunk = inputs[start : start + self.max_batch_size]
+            self._record(len(chunk))
+            out = await loop.run_in_executor(self._executor, functools.partial(self._run_batch, chunk, parameters))
+            if len(out) != len(chunk):
+                raise RuntimeError(f"run_batch returned {len(out)} results for {len(chunk)} inputs")
+            results.extend(out)
+        return results
+
+    def _record(self, size: int) -> None:
+        self.batch_sizes.append(size)
+        if len(self.batch_sizes) > 10_000:
+            del self.batch_sizes[:5_000]
+        if self._on_batch is not None:
+            self._on_batch(size)
+
+
+def _fail(item: _Pending, exc: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)
+
+
+def _parameters_key(parameters: dict[str, Any]) -> Hashable:
+    import json
+
+    return json.dumps(parameters, sort_keys=True, default=str)
