@@ -36,6 +36,7 @@ class DeployResult:
             "dry_run": self.dry_run,
             "digest": self.plan.digest,
             "endpoint": self.endpoint.model_dump(mode="json") if self.endpoint else None,
+            "plan": self.plan.report().model_dump(mode="json"),
         }
 
 
@@ -50,10 +51,13 @@ def package(model: str | Path, out: str | Path, *, overwrite: bool = False, **sp
     """Build the artifact (weights + code/ + cloudllm.json) in `out` without deploying. Returns the Bundle."""
     from cloudllm.bundle import build_bundle
     from cloudllm.plan import serving_settings
+    from cloudllm.quantize import prepare_model
 
     spec = spec_from_kwargs(model, **spec_kwargs)
     info = inspect(model, task=spec.task, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
-    bundle = build_bundle(info, serving_settings(spec, info), build={"runtime": spec.runtime or "handler"})
+    runtime = spec.runtime or "handler"
+    info = prepare_model(spec, info, runtime)  # --quantize int8/int4: package the quantized weights
+    bundle = build_bundle(info, serving_settings(spec, info), build={"runtime": runtime})
     bundle.write(out, overwrite=overwrite)
     return bundle
 
@@ -76,22 +80,38 @@ def deploy(
     **spec_kwargs: Any,
 ) -> DeployResult:
     """Create or update an endpoint so it serves `model`; an unchanged deploy does nothing."""
-    from cloudllm.plan import make_plan
+    from cloudllm.plan import make_plan, refuse_unless_fits
 
     spec = spec or spec_from_kwargs(model, **spec_kwargs)
     reporter = reporter or Reporter()
     provider = _provider_for_spec(spec)
     with endpoint_lock(spec.name):
-        the_plan = make_plan(spec, provider)
+        the_plan = make_plan(spec, provider, reporter)
         the_plan.wait = wait
         if dry_run or the_plan.action == "unchanged":
             return DeployResult(the_plan.existing, the_plan.action, the_plan.reasons, the_plan, dry_run=dry_run)
+        reporter.step(f"plan: {the_plan.headline()}")
+        refuse_unless_fits(the_plan)
         if the_plan.action == "create":
             endpoint = provider.deploy(the_plan, reporter)
         else:
             endpoint = provider.update(the_plan, the_plan.existing, reporter)
         _save(spec, provider, endpoint)
         return DeployResult(endpoint, the_plan.action, the_plan.reasons, the_plan)
+
+
+def apply(
+    file: str | Path = "cloudllm.yaml",
+    *,
+    dry_run: bool = False,
+    prune: bool = False,
+    wait: bool = True,
+    reporter: Reporter | None = None,
+):
+    """Make the endpoints of a cloudllm.yaml exist as declared; returns cloudllm.apply.ApplyResult (see docs/cli.md)."""
+    from cloudllm.apply import apply_file
+
+    return apply_file(file, dry_run=dry_run, prune=prune, wait=wait, reporter=reporter)
 
 
 def invoke(

@@ -29,7 +29,9 @@ def _kv_pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    from cloudllm.redact import redact
+
+    click.echo(json.dumps(redact(data), indent=2, sort_keys=True, default=str))
 
 
 def _reporter(json_output: bool):
@@ -222,6 +224,7 @@ def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: b
           --bucket gs://my-bucket/models --project my-proj --region us-central1
     """
     from cloudllm import api
+    from cloudllm.plan import refuse_unless_fits
 
     spec_kwargs = _spec_kwargs(kw)
     if force:
@@ -229,12 +232,15 @@ def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: b
     result = api.deploy(model, wait=not no_wait, dry_run=dry_run, reporter=_reporter(json_output), **spec_kwargs)
     if json_output:
         _print_json(result.to_dict())
+        if result.dry_run:
+            refuse_unless_fits(result.plan)
         return
     name = result.plan.spec.name
     if result.dry_run:
         click.echo(f"dry run: would {result.action} endpoint {name} ({'; '.join(result.reasons)})")
-        for change in result.plan.changes:
-            click.echo(f"  {change.action:>9} {change.resource} {change.name}{'  (' + change.reason + ')' if change.reason else ''}")
+        for line in result.plan.describe():
+            click.echo(line)
+        refuse_unless_fits(result.plan)
     elif result.action == "unchanged":
         click.echo(f"endpoint {name} is unchanged: nothing to deploy")
     else:
@@ -398,12 +404,35 @@ def logs(name: str, follow: bool, provider: str | None) -> None:
         click.echo(line)
 
 
+from cloudllm.commands import plan as _plan_commands  # noqa: E402  (plan, instances)
+
+_plan_commands.register(cli)
+
+from cloudllm.commands import apply as _apply_commands  # noqa: E402  (apply, schema, iam-policy)
+
+_apply_commands.register(cli)
+
+from cloudllm.commands.emulate import emulate as _emulate  # noqa: E402
+from cloudllm.commands.emulate_vertex import emulate_vertex as _emulate_vertex  # noqa: E402
+
+_emulate.add_command(_emulate_vertex)
+from cloudllm.commands.emulate_sagemaker import emulate_sagemaker as _emulate_sagemaker  # noqa: E402
+
+_emulate.add_command(_emulate_sagemaker)
+cli.add_command(_emulate)
+from cloudllm.commands.quantize import quantize as _quantize  # noqa: E402
+
+cli.add_command(_quantize)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and a documented exit code."""
     try:
         cli.main(args=argv, prog_name="cloudllm", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"error: {exc.line()}", err=True)
+        from cloudllm.redact import redact_text
+
+        click.echo(f"error: {redact_text(exc.line())}", err=True)
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "cloudllm"

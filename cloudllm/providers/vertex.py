@@ -341,6 +341,7 @@ class VertexProvider(Provider):
         from google.protobuf import duration_pb2
 
         from cloudllm.catalog.vertex_images import image_for
+        from cloudllm.quantize import plan_quantize_env
 
         machine = _machine(plan, self.default_instance)
         gpus = machine.gpu_count  # every GPU of the machine: Vertex bills them all, and more KV cache means more throughput
@@ -352,9 +353,9 @@ class VertexProvider(Provider):
         predict, health, shm = PREDICT_ROUTE, HEALTH_ROUTE, 0
         if plan.runtime == "tgi":
             env.update(NUM_SHARD=str(gpus), MAX_INPUT_TOKENS=str(settings.max_input_tokens), MAX_TOTAL_TOKENS=str(settings.max_total_tokens))
-            if plan.spec.quantize and plan.spec.quantize not in ("int8", "int4"):
-                env["QUANTIZE"] = plan.spec.quantize
-            if settings.dtype in ("float16", "bfloat16"):
+            quantize_env = plan_quantize_env(plan)
+            env.update(quantize_env)
+            if settings.dtype in ("float16", "bfloat16") and not quantize_env:  # TGI refuses --dtype with --quantize
                 env["DTYPE"] = settings.dtype
             if plan.spec.trust_remote_code:
                 env["TRUST_REMOTE_CODE"] = "true"

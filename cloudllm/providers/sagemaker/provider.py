@@ -150,7 +150,6 @@ class SageMakerProvider(Provider):
             )
         if not isinstance(role, str) or not ROLE_ARN.match(role):
             raise UserError(f"--role {role!r} is not an IAM role ARN", "write it as arn:aws:iam::123456789012:role/NAME")
-        res.check_quantize(plan)
         if plan.runtime in ("tgi", "vllm") and res.processor(instance) != "gpu":
             raise UserError(f"the {plan.runtime} runtime needs a GPU instance, not {instance}", "pick e.g. --instance ml.g5.xlarge, or --runtime handler")
         self._image(plan, instance)

@@ -47,12 +47,6 @@ TGI_MODEL_TYPES = frozenset(
     "gpt_neox gptj granite llama mistral mixtral mpt opt phi phi3 phimoe qwen2 qwen2_moe qwen3 qwen3_moe "
     "RefinedWeb RefinedWebModel santacoder starcoder2".split()
 )
-# --quantize modes the engines apply while loading (int8/int4 are applied before upload).
-ENGINE_QUANTIZE = {
-    "tgi": {"bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "eetq", "fp8"},
-    "vllm": {"fp8", "bitsandbytes"},
-}
-SHIPPED_QUANTIZE = {"int8", "int4"}
 
 # Instance families with local NVMe storage: SageMaker mounts that instead of an EBS volume
 # and refuses VolumeSizeInGB (and a volume KmsKeyId) for them.
@@ -172,8 +166,11 @@ def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> di
     """
     settings = plan.settings
     gpus = max(1, gpu_count(instance))
-    quantize = plan.spec.quantize if plan.spec.quantize not in SHIPPED_QUANTIZE else None
-    dtype = settings.dtype if settings.dtype in ("float16", "bfloat16") else None
+    from cloudllm.quantize import plan_quantize_env
+
+    quantize_env = plan_quantize_env(plan)
+    # TGI's launcher refuses --dtype together with --quantize.
+    dtype = settings.dtype if settings.dtype in ("float16", "bfloat16") and not quantize_env else None
     if plan.runtime == "tgi":
         env = {
             "HF_MODEL_ID": MODEL_DIR,
@@ -182,8 +179,7 @@ def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> di
             "MAX_TOTAL_TOKENS": str(settings.max_total_tokens),
             "MAX_CONCURRENT_REQUESTS": str(settings.max_concurrent_requests),
         }
-        if quantize:
-            env["HF_MODEL_QUANTIZE"] = quantize
+        env.update(quantize_env)
         if dtype:
             env["DTYPE"] = dtype
         if settings.trust_remote_code:
@@ -198,8 +194,7 @@ def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> di
             # The startup health check must outlast model loading (CONTRACTS.md).
             "OPTION_MODEL_LOADING_TIMEOUT": str(sizes.startup_timeout),
         }
-        if quantize:
-            env["OPTION_QUANTIZE"] = quantize
+        env.update(quantize_env)
         if dtype:
             env["OPTION_DTYPE"] = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
         if settings.trust_remote_code:
@@ -216,19 +211,6 @@ def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> di
             "SAGEMAKER_MODEL_SERVER_WORKERS": "1",  # one copy of an LLM per instance
         }
     return env
-
-
-def check_quantize(plan: "Plan") -> None:
-    mode = plan.spec.quantize
-    if not mode or mode in SHIPPED_QUANTIZE:
-        return
-    allowed = ENGINE_QUANTIZE.get(plan.runtime, set())
-    if mode not in allowed:
-        engines = [r for r, modes in ENGINE_QUANTIZE.items() if mode in modes]
-        raise UserError(
-            f"the {plan.runtime} runtime cannot apply --quantize {mode}",
-            f"use --runtime {engines[0]}" if engines else "use --quantize int8 or int4 (quantized before upload)",
-        )
 
 
 # --- rollout and scaling -----------------------------------------------------------------------
