@@ -40,17 +40,21 @@ class PlainReporter(Reporter):
     def step(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    HEARTBEAT_SECONDS = 30.0
+
     @contextmanager
     def waiting(self, message: str) -> Iterator[Callable[[str], None]]:
         print(f"{message}...", file=sys.stderr, flush=True)
-        last = [""]
-
-        def update(status: str) -> None:
-            if status != last[0]:
-                last[0] = status
-                print(f"  {status}", file=sys.stderr, flush=True)
-
         start = time.monotonic()
+        last = {"status": "", "at": start}
+
+        # A CI log wants a line per change of state, and a heartbeat on long waits, not one per poll.
+        def update(status: str) -> None:
+            now = time.monotonic()
+            if status != last["status"] or now - last["at"] >= self.HEARTBEAT_SECONDS:
+                last.update(status=status, at=now)
+                print(f"  {status} ({now - start:.0f}s)", file=sys.stderr, flush=True)
+
         yield update
         print(f"{message}: done in {time.monotonic() - start:.1f}s", file=sys.stderr, flush=True)
 

@@ -428,7 +428,7 @@ class VertexProvider(Provider):
                         f"{what} did not finish within {deadline_s:.0f}s (operation {op.operation.name})",
                         "raise --timeout; the operation goes on in Vertex AI, see it with `cloudllm status NAME`",
                     )
-                update(f"{elapsed:.0f}s")
+                update("running")
                 time.sleep(min(delay, max(0.0, deadline_s - elapsed)))
                 delay = min(delay * 1.6, 2.0 + elapsed / 20, 15.0)  # short waits stay snappy, long ones cheap
         try:

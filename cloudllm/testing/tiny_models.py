@@ -33,6 +33,7 @@ def _byte_level_tokenizer(vocab_size: int):
         vocab_size=vocab_size,
         special_tokens=[SPECIAL_EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress bar prints blank lines when stdout is not a terminal
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     return tok
@@ -46,7 +47,7 @@ def _wordpiece_tokenizer(vocab_size: int):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(CORPUS, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(CORPUS, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -399,7 +399,7 @@ class SageMakerProvider(Provider):
                     raise DeployFailed(f"endpoint {name} disappeared while deploying", "someone deleted it; deploy again")
                 status = desc["EndpointStatus"]
                 elapsed = time.monotonic() - start
-                update(f"{status}, {elapsed:.0f}s")
+                update(status)
                 if status == "InService":
                     if target_config is None or desc.get("EndpointConfigName") == target_config:
                         return desc
