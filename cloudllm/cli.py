@@ -404,25 +404,24 @@ def logs(name: str, follow: bool, provider: str | None) -> None:
         click.echo(line)
 
 
-from cloudllm.commands import plan as _plan_commands  # noqa: E402  (plan, instances)
+def _add_command_modules() -> None:
+    """Commands that live in cloudllm/commands/ (each module imports nothing heavy at import time)."""
+    from cloudllm.commands import apply as apply_commands  # apply, schema, iam-policy
+    from cloudllm.commands import plan as plan_commands  # plan, instances
+    from cloudllm.commands.emulate import emulate
+    from cloudllm.commands.emulate_sagemaker import emulate_sagemaker
+    from cloudllm.commands.emulate_vertex import emulate_vertex
+    from cloudllm.commands.quantize import quantize
 
-_plan_commands.register(cli)
+    plan_commands.register(cli)
+    apply_commands.register(cli)
+    emulate.add_command(emulate_sagemaker)
+    emulate.add_command(emulate_vertex)
+    cli.add_command(emulate)
+    cli.add_command(quantize)
 
-from cloudllm.commands import apply as _apply_commands  # noqa: E402  (apply, schema, iam-policy)
 
-_apply_commands.register(cli)
-
-from cloudllm.commands.emulate import emulate as _emulate  # noqa: E402
-from cloudllm.commands.emulate_vertex import emulate_vertex as _emulate_vertex  # noqa: E402
-
-_emulate.add_command(_emulate_vertex)
-from cloudllm.commands.emulate_sagemaker import emulate_sagemaker as _emulate_sagemaker  # noqa: E402
-
-_emulate.add_command(_emulate_sagemaker)
-cli.add_command(_emulate)
-from cloudllm.commands.quantize import quantize as _quantize  # noqa: E402
-
-cli.add_command(_quantize)
+_add_command_modules()
 
 
 def main(argv: list[str] | None = None) -> None:
