@@ -61,6 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
     parser.add_argument("--model-dir", default=None, help="the model folder (default: the artifact this code is in)")
     parser.add_argument("--settings", default=None, help=f"the {SETTINGS_FILE} to use (default: the one in code/)")
+    parser.add_argument("--log-payloads", action="store_true", help="log prompt text in the request log (off by default)")
     return parser.parse_args(argv)
 
 
@@ -71,6 +72,8 @@ def _serve(argv: list[str]) -> None:
     port = resolve_port(args.port)
     model_dir = resolve_model_dir(args.model_dir)
     settings = load_settings(model_dir, args.settings)
+    if args.log_payloads:
+        settings.log_payloads = True
     sock = bind_socket(args.host, port)
     bound_port = sock.getsockname()[1]
 

@@ -35,7 +35,9 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import quote
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
@@ -607,6 +609,24 @@ class VertexProvider(Provider):
         self._wait(c.endpoints.delete_endpoint(name=endpoint), "", 600, quiet)
 
     # --- invoke ---------------------------------------------------------------------------
+    def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
+        """Where the endpoint's logs are: the Cloud Logging filter, its console link and the gcloud command.
+
+        Reading them here would need google-cloud-logging (and its gRPC stack) for one command;
+        the filter is exact, so gcloud or the console show the same lines.
+        """
+        endpoint = self._find_endpoint(name)
+        if endpoint is None:
+            raise UserError(f"no Vertex AI endpoint named {name!r} in {self.parent}", "see `cloudllm list --provider vertex`")
+        query = logging_filter(endpoint.name.rsplit("/", 1)[-1], self.region, since)
+        yield f"Vertex AI keeps endpoint {name}'s model server log in Cloud Logging. Filter:"
+        yield query
+        yield "console: https://console.cloud.google.com/logs/query;query=" + quote(query, safe="") + f"?project={self.project}"
+        if follow:
+            yield f"follow: gcloud beta logging tail '{query}' --project {self.project}"
+        else:
+            yield f"read: gcloud logging read '{query}' --project {self.project} --order asc"
+
     def invoke(self, name: str, body: dict) -> Any:
         from google.api_core import exceptions
         from google.protobuf import json_format, struct_pb2
@@ -773,6 +793,19 @@ def _pending(plan: "Plan", endpoint: str, api_base: str) -> Endpoint:
         name=plan.spec.name, provider="vertex", state="Creating", url=_predict_url(api_base, endpoint),
         runtime=plan.runtime, details={"endpoint": endpoint},
     )  # fmt: skip
+
+
+def logging_filter(endpoint_id: str, region: str, since: float | None = None) -> str:
+    """The Cloud Logging filter for one Vertex AI endpoint's container logs."""
+    parts = [
+        'resource.type="aiplatform.googleapis.com/Endpoint"',
+        f'resource.labels.endpoint_id="{endpoint_id}"',
+        f'resource.labels.location="{region}"',
+    ]
+    if since is not None:
+        stamp = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        parts.append(f'timestamp>="{stamp}"')
+    return " AND ".join(parts)
 
 
 def _predict_url(api_base: str, endpoint: str) -> str:
