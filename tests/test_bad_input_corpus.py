@@ -183,8 +183,9 @@ class Case:
     argv: Callable[[Workspace], list[str]]
     code: int
     says: str  # what the one error line must name (case-insensitive)
-    absent: str | None = None  # a string the error line must not contain (a secret)
+    absent: tuple[str, ...] = ()  # strings the output must not contain (secrets)
     subprocess: bool = False  # also proven through the installed console script
+    env: dict = field(default_factory=dict)
 
 
 def _deploy(*extra: str) -> Callable[[Workspace], list[str]]:
@@ -214,6 +215,15 @@ def _out_exists(ws: Workspace) -> list[str]:
 
 
 _EP = "endpoints:\n  - name: a\n    model: models/tiny\n"
+# Cloud APIs that answer nothing (a closed loopback port), at URLs carrying a password.
+_AWS_NOWHERE = {
+    "AWS_ENDPOINT_URL": "http://alice:s3cr3tpass@127.0.0.1:9",
+    "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+}
+_VERTEX_NOWHERE = {"CLOUDLLM_VERTEX_ENDPOINT": "http://bob:hunter2hunter2@127.0.0.1:9", "GOOGLE_CLOUD_PROJECT": "p"}
 
 CASES = [
     # CLI flags
@@ -239,10 +249,17 @@ CASES = [
     Case("logs-bad-since", "flags", lambda ws: ["logs", "ghost", "--since", "yesterday"], 2, "--since 'yesterday'"),
     Case("serve-missing-artifact", "flags", lambda ws: ["serve", str(ws.root / "nothing")], 2, "does not exist"),
     Case("package-output-exists", "flags", _out_exists, 2, "out"),
-    Case("secret-in-a-tag", "flags", _deploy("--tag", f"hf_token={HF_TOKEN}", "--name", "bad name"), 2, "bad name", absent=HF_TOKEN),
-    Case("aws-secret-in-name", "flags", _deploy("--name", AWS_SECRET), 2, MASK, absent=AWS_SECRET),
+    Case("secret-in-a-tag", "flags", _deploy("--tag", f"hf_token={HF_TOKEN}", "--name", "bad name"), 2, "bad name", absent=(HF_TOKEN,)),
+    Case("aws-secret-in-name", "flags", _deploy("--name", AWS_SECRET), 2, MASK, absent=(AWS_SECRET,)),
     Case("password-in-bucket-url", "flags", lambda ws: ["iam-policy", "--provider", "sagemaker", "--bucket", "https://alice:s3cr3tpass@example.com/x"],
-         2, "not an s3:// location", absent="s3cr3tpass"),  # fmt: skip
+         2, "not an s3:// location", absent=("s3cr3tpass",)),  # fmt: skip
+    Case("hf-token-as-endpoint-name", "flags", lambda ws: ["invoke", HF_TOKEN, "hi"], 2, "invalid endpoint name", absent=(HF_TOKEN,)),
+    Case("aws-key-id-as-role", "flags", lambda ws: ["iam-policy", "--provider", "sagemaker", "--role", AWS_KEY_ID], 2,
+         "not an iam role arn", absent=(AWS_KEY_ID,)),  # fmt: skip
+    Case("aws-unreachable-password-in-url", "flags", lambda ws: ["list", "--provider", "sagemaker", "--region", "us-east-1"], 1,
+         "cannot reach aws", absent=("s3cr3tpass", AWS_SECRET), subprocess=True, env=_AWS_NOWHERE),  # fmt: skip
+    Case("vertex-unreachable-password-in-url", "flags", lambda ws: ["status", "ghost", "--provider", "vertex"], 1,
+         "cannot reach vertex ai", absent=("hunter2hunter2",), env=_VERTEX_NOWHERE),  # fmt: skip
     # cloudllm.yaml files
     Case("yaml-missing-file", "yaml", lambda ws: ["apply", "-f", str(ws.root / "nope.yaml")], 2, "nope.yaml"),
     Case("yaml-is-a-folder", "yaml", lambda ws: ["apply", "-f", str(ws.root)], 2, str("is a folder")),
@@ -256,7 +273,7 @@ CASES = [
     Case("yaml-model-missing", "yaml", _apply("endpoints:\n  - name: a\n    model: models/none\n"), 2, "does not exist"),
     Case("yaml-negative-tokens", "yaml", _apply(_EP + "    serving:\n      max_new_tokens: -1\n"), 2, "max_new_tokens"),
     Case("yaml-secret-in-file", "yaml", _apply(f"endpoints:\n  - name: {HF_TOKEN}\n    model: models/tiny\n"), 2,
-         "endpoints[0].name", absent=HF_TOKEN),  # fmt: skip
+         "endpoints[0].name", absent=(HF_TOKEN,)),  # fmt: skip
     # model folders
     Case("model-missing", "model", lambda ws: ["inspect", _missing(ws)], 2, "does not exist"),
     Case("model-is-a-file", "model", lambda ws: ["inspect", _a_file(ws)], 2, "is a file"),
@@ -317,7 +334,9 @@ def test_the_corpus_is_large_and_covers_every_family() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_cli_input(case: Case, tmp_path: Path, tiny_gpt2: Path, cloudllm_home: Path, capsys) -> None:
+def test_bad_cli_input(case: Case, tmp_path: Path, tiny_gpt2: Path, cloudllm_home: Path, capsys, monkeypatch) -> None:
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
     ws = Workspace(tmp_path / "ws", tiny_gpt2)
     ws.root.mkdir()
     argv = case.argv(ws)
@@ -332,8 +351,8 @@ def test_bad_cli_input(case: Case, tmp_path: Path, tiny_gpt2: Path, cloudllm_hom
     line = lines[0]
     assert line.startswith("error: "), line
     assert case.says.lower() in line.lower(), line
-    if case.absent:
-        assert case.absent not in line and case.absent not in out
+    for secret in case.absent:
+        assert secret not in err and secret not in out
     # Nothing created: no endpoint record or server state, no (partial) output folder.
     assert _home_files(cloudllm_home) == home_before
     assert not list(cloudllm_home.glob("local/*/state.json")) and not list(cloudllm_home.glob("endpoints/*"))
@@ -349,7 +368,9 @@ def test_bad_cli_input_through_the_console_script(case: Case, tmp_path: Path, ti
     ws.root.mkdir()
     argv = case.argv(ws)
     before = _tree(ws.root)
-    assert_one_line_error(run_cli(*argv, env={"CLOUDLLM_HOME": str(cloudllm_home)}), code=case.code, contains=case.says)
+    result = run_cli(*argv, env={"CLOUDLLM_HOME": str(cloudllm_home), **case.env})
+    assert_one_line_error(result, code=case.code, contains=case.says)
+    assert not [secret for secret in case.absent if secret in result.stdout + result.stderr]
     assert _tree(ws.root) == before
     assert not list(cloudllm_home.glob("local/*/state.json")) and not list(cloudllm_home.glob("endpoints/*"))
 
@@ -442,3 +463,21 @@ def test_valid_unicode_is_served_and_the_server_stayed_healthy(server) -> None:
     records = server.log_records()
     assert not [r for r in records if r.get("event") == "internal_error" or r.get("status", 0) >= 500]
     assert "Traceback" not in server.log()
+
+
+def test_secrets_in_flags_and_files_never_reach_the_output(tmp_path: Path, tiny_gpt2: Path, cloudllm_home: Path, capsys) -> None:
+    """--option/--tag values and cloudllm.yaml options with credentials: not in --json plans, not in text output."""
+    ws = Workspace(tmp_path / "ws", tiny_gpt2)
+    ws.root.mkdir()
+    secrets = ["--option", f"hf_token={HF_TOKEN}", "--option", f"note=uses {AWS_SECRET}", "--tag", f"api_key={AWS_KEY_ID}"]
+    yaml_file = ws.yaml(f"endpoints:\n  - name: a\n    model: models/tiny\n    options:\n      hf_token: {HF_TOKEN}\n      note: uses {AWS_SECRET}\n")
+    for argv in (
+        ["deploy", str(tiny_gpt2), "--provider", "local", "--name", "quiet", "--dry-run", "--json", *secrets],
+        ["deploy", str(tiny_gpt2), "--provider", "local", "--name", "quiet", "--dry-run", *secrets],
+        ["plan", str(tiny_gpt2), "--json", *secrets],
+        ["apply", "-f", yaml_file, "--dry-run", "--json"],
+    ):
+        code, out, err = _run_in_process(argv, capsys)
+        assert code == 0, (argv, err)
+        assert not [s for s in (HF_TOKEN, AWS_SECRET, AWS_KEY_ID) if s in out + err], argv
+    assert not list(cloudllm_home.glob("endpoints/*")) and not list(cloudllm_home.glob("local/*/state.json"))

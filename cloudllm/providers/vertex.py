@@ -442,12 +442,32 @@ class VertexProvider(Provider):
             raise DeployFailed(f"{what} failed: {message}", fix) from None
 
     # --- reading ------------------------------------------------------------------------
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Look-ups (status, list, logs, delete's search): an unreachable or refusing API is one line, not a traceback."""
+        import requests
+        from google.api_core import exceptions
+
+        try:
+            yield
+        except (exceptions.PermissionDenied, exceptions.Unauthenticated, exceptions.Forbidden) as exc:
+            message = str(exc.message or exc).splitlines()[0][:300]
+            raise UserError(f"Vertex AI denied access to {what}: {message}", "check --project and that your account has roles/aiplatform.user") from None
+        except (exceptions.GoogleAPICallError, exceptions.RetryError) as exc:
+            message = str(getattr(exc, "message", None) or exc).splitlines()[0][:300]
+            raise DeployFailed(f"Vertex AI could not {what}: {message}", "run the same command again, or see the Vertex AI console") from None
+        except requests.exceptions.ConnectionError:  # the REST transport's connection failures are not api_core errors
+            raise DeployFailed(
+                f"cannot reach Vertex AI at {self.api_base} to {what}", f"check the network, --region and {API_ENDPOINT_ENV}"
+            ) from None
+
     def _find_endpoint(self, name: str):
         from google.cloud import aiplatform_v1 as v1
 
         request = v1.ListEndpointsRequest(parent=self.parent, filter=f'display_name="{name}"')
-        response = self.clients().endpoints.list_endpoints(request=request)
-        found = [e for e in response if e.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]]
+        with self._reading(f"look up endpoint {name}"):
+            response = self.clients().endpoints.list_endpoints(request=request)
+            found = [e for e in response if e.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]]
         return found[0] if found else None
 
     def get(self, name: str) -> Endpoint | None:
@@ -515,8 +535,9 @@ class VertexProvider(Provider):
         from google.cloud import aiplatform_v1 as v1
 
         request = v1.ListEndpointsRequest(parent=self.parent, filter=f'labels.{MANAGED_BY[0]}="{MANAGED_BY[1]}"')
-        response = self.clients().endpoints.list_endpoints(request=request)
-        return [self._describe(e.display_name, e) for e in response]
+        with self._reading("list endpoints"):
+            response = self.clients().endpoints.list_endpoints(request=request)
+            return [self._describe(e.display_name, e) for e in response]
 
     # --- delete -----------------------------------------------------------------------------
     def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
@@ -560,8 +581,9 @@ class VertexProvider(Provider):
         from google.cloud import aiplatform_v1 as v1
 
         request = v1.ListModelsRequest(parent=self.parent, filter=f'display_name="{name}"')
-        response = self.clients().models.list_models(request=request)
-        return {m.name for m in response if m.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]}
+        with self._reading(f"look up the models of {name}"):
+            response = self.clients().models.list_models(request=request)
+            return {m.name for m in response if m.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]}
 
     def _artifact_roots(self, model: str) -> set["GcsUri"]:
         """gs://.../<name>/ of every version of a model (each version is gs://.../<name>/<version>/)."""
