@@ -262,7 +262,7 @@ CASES = [
          "cannot reach vertex ai", absent=("hunter2hunter2",), env=_VERTEX_NOWHERE),  # fmt: skip
     # cloudllm.yaml files
     Case("yaml-missing-file", "yaml", lambda ws: ["apply", "-f", str(ws.root / "nope.yaml")], 2, "nope.yaml"),
-    Case("yaml-is-a-folder", "yaml", lambda ws: ["apply", "-f", str(ws.root)], 2, str("is a folder")),
+    Case("yaml-is-a-folder", "yaml", lambda ws: ["apply", "-f", str(ws.root)], 2, "is a folder"),
     Case("yaml-not-yaml", "yaml", _apply("endpoints:\n  - name: a\n    model: [models/tiny\n"), 2, "not valid yaml", subprocess=True),
     Case("yaml-empty", "yaml", _apply("\n"), 2, "the file is empty"),
     Case("yaml-not-utf8", "yaml", _apply(b"endpoints:\n  - name: \xff\xfe\n"), 2, "utf-8"),
