@@ -184,11 +184,14 @@ def delete(
         remove_record(name)
 
 
-def logs(name: str, *, follow: bool = False, since: float | None = None, provider: str | None = None) -> Iterator[str]:
-    return _provider_for_name(name, provider, None).logs(name, follow=follow, since=since)
+def logs(
+    name: str, *, follow: bool = False, since: float | None = None, provider: str | None = None, region: str | None = None
+) -> Iterator[str]:
+    """Endpoint NAME's model server log lines, from `since` (Unix time) on; with follow, keep waiting for more."""
+    return _provider_for_name(name, provider, region).logs(name, follow=follow, since=since)
 
 
-def serve(artifact: str | Path, *, port: int = 8080, host: str = "0.0.0.0") -> None:
+def serve(artifact: str | Path, *, port: int = 8080, host: str = "0.0.0.0", log_payloads: bool = False) -> None:
     """Run an artifact's model server in the foreground, exactly as its container does (never returns)."""
     import sys
 
@@ -201,7 +204,8 @@ def serve(artifact: str | Path, *, port: int = 8080, host: str = "0.0.0.0") -> N
     entry = artifact / "code" / "serve.py"
     if not entry.is_file():
         raise UserError(f"{artifact} has no code/serve.py", "rebuild the artifact with `cloudllm package`")
-    os.execv(sys.executable, [sys.executable, str(entry), "serve", "--host", host, "--port", str(port)])
+    argv = [sys.executable, str(entry), "serve", "--host", host, "--port", str(port)]
+    os.execv(sys.executable, argv + (["--log-payloads"] if log_payloads else []))
 
 
 # --- finding providers -------------------------------------------------------------------

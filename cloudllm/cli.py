@@ -53,6 +53,7 @@ def _model_flags(f: Callable) -> Callable:
             click.option("--max-new-tokens", type=int, help="Cap on max_new_tokens per request."),
             click.option("--max-batch", "max_batch_size", type=int, help="Dynamic batching: max requests per batch."),
             click.option("--batch-wait-ms", "max_batch_wait_ms", type=float, help="Dynamic batching: max wait to fill a batch."),
+            click.option("--log-payloads", is_flag=True, help="Log prompt text in the server's request log (off: prompts can hold secrets)."),
         ]
     ):
         f = option(f)
@@ -94,13 +95,13 @@ def _deploy_flags(f: Callable) -> Callable:
     return f
 
 
-_SERVING_KEYS = ("max_input_tokens", "max_total_tokens", "max_new_tokens", "max_batch_size", "max_batch_wait_ms")
+_SERVING_KEYS = ("max_input_tokens", "max_total_tokens", "max_new_tokens", "max_batch_size", "max_batch_wait_ms", "log_payloads")
 _OPTION_KEYS = ("role", "project", "profile", "kms_key", "network_isolation")
 
 
 def _spec_kwargs(kw: dict) -> dict:
     """Flags -> DeploySpec fields; provider-specific flags go to spec.options."""
-    serving = {k: kw.pop(k) for k in _SERVING_KEYS if kw.get(k) is not None}
+    serving = {k: kw.pop(k) for k in _SERVING_KEYS if kw.get(k) is not None and kw.get(k) is not False}
     for k in _SERVING_KEYS:
         kw.pop(k, None)
     options = {k: kw.pop(k) for k in _OPTION_KEYS if kw.get(k) is not None}
@@ -375,7 +376,8 @@ def delete(name: str, purge_artifacts: bool, provider: str | None, region: str |
 @click.argument("artifact", type=click.Path())
 @click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")
-def serve(artifact: str, port: int, host: str) -> None:
+@click.option("--log-payloads", is_flag=True, help="Log prompt text in the request log (off by default: prompts can hold secrets).")
+def serve(artifact: str, port: int, host: str, log_payloads: bool) -> None:
     """Run an artifact's model server in the foreground, as its container does.
 
     \b
@@ -384,23 +386,31 @@ def serve(artifact: str, port: int, host: str) -> None:
     """
     from cloudllm import api
 
-    api.serve(artifact, port=port, host=host)
+    api.serve(artifact, port=port, host=host, log_payloads=log_payloads)
 
 
 @cli.command()
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("--since", help="Only lines from this long ago (30s, 10m, 2h, 1d) or since this UTC time (2026-01-31T12:00:00).")
 @click.option("--provider", help="Provider of an endpoint deployed from another machine.")
-def logs(name: str, follow: bool, provider: str | None) -> None:
+@click.option("--region", help="Region of an endpoint deployed from another machine.")
+def logs(name: str, follow: bool, since: str | None, provider: str | None, region: str | None) -> None:
     """Print the model server's log of endpoint NAME.
 
+    local: the server's log file; sagemaker: the endpoint's CloudWatch log group;
+    vertex: the Cloud Logging filter, console link and gcloud command for it.
+
     \b
-    Example:
+    Examples:
       cloudllm logs demo --follow
+      cloudllm logs demo --since 10m
     """
     from cloudllm import api
+    from cloudllm.logtime import parse_since
 
-    for line in api.logs(name, follow=follow, provider=provider):
+    since_time = parse_since(since) if since is not None else None
+    for line in api.logs(name, follow=follow, since=since_time, provider=provider, region=region):
         click.echo(line)
 
 

@@ -79,7 +79,10 @@ def log_event(event: str, **fields: Any) -> None:
     record.update(fields)
     try:
         line = json.dumps(record, ensure_ascii=False, default=str)
-        sys.stderr.write(line + "\n")
+        try:
+            sys.stderr.write(line + "\n")
+        except UnicodeError:  # a lone surrogate from a request: escaped, the line still gets written
+            sys.stderr.write(json.dumps(record, default=str) + "\n")
         sys.stderr.flush()
     except (ValueError, OSError, UnicodeError):
         pass  # a log line must never fail a request

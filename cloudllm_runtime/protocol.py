@@ -204,11 +204,18 @@ def _parse_hf(data: Mapping[str, Any], task: str, settings: Any) -> InferenceReq
     items = [raw] if single else list(raw)
     if not items:
         raise validation_error("\"inputs\" is an empty list; send at least one input")
+    _check_count(len(items), settings, "inputs")
     inputs = [_check_input(item, task, f"inputs[{i}]" if not single else "inputs") for i, item in enumerate(items)]
     parameters = validate_parameters(data.get("parameters"), task, settings)
     if stream:
         _check_streamable(task, inputs)
     return InferenceRequest(inputs=inputs, parameters=parameters, stream=stream, form="hf", single=single)
+
+
+def _check_count(count: int, settings: Any, field: str) -> None:
+    limit = getattr(settings, "max_inputs_per_request", None)
+    if limit and count > limit:
+        raise validation_error(f"\"{field}\" has {count} entries; this server takes at most {limit} per request (split the list)")
 
 
 def _parse_vertex(data: Mapping[str, Any], task: str, settings: Any) -> InferenceRequest:
@@ -218,6 +225,7 @@ def _parse_vertex(data: Mapping[str, Any], task: str, settings: Any) -> Inferenc
         raise validation_error(f"\"instances\" must be a list, not {_json_type(instances)}")
     if not instances:
         raise validation_error("\"instances\" is an empty list; send at least one instance")
+    _check_count(len(instances), settings, "instances")
     inputs = [_vertex_instance(instance, task, i) for i, instance in enumerate(instances)]
     parameters = validate_parameters(data.get("parameters"), task, settings)
     return InferenceRequest(inputs=inputs, parameters=parameters, stream=False, form="vertex", single=False)

@@ -31,6 +31,7 @@ class ServingSettings:
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
     max_concurrent_requests: int = 128  # beyond this the server answers 429
+    max_inputs_per_request: int = 64  # a list of inputs is that many generations: bound the work one request buys
     max_body_bytes: int = 6 * 1024 * 1024  # SageMaker's real-time payload limit
     trust_remote_code: bool = False
     log_payloads: bool = False

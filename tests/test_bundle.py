@@ -120,3 +120,13 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text("{")
     with pytest.raises(UserError, match="corrupt"):
         read_manifest(tmp_path)
+
+
+def test_package_log_payloads_flag_reaches_the_servers_settings(tiny_gpt2: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    for flags, expected in (([], False), (["--log-payloads"], True)):
+        out = tmp_path / f"artifact-{expected}"
+        result = run_cli("package", str(tiny_gpt2), "-o", str(out), *flags)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((out / "code" / "settings.json").read_text())["log_payloads"] is expected

@@ -25,6 +25,7 @@ from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.home import home_dir
 from cloudllm.http import post_json, stream_tokens
+from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider
 
 STATE_FILE = "state.json"
@@ -108,11 +109,17 @@ class LocalProvider(Provider):
         state = self._state(name)
         if state is None:
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
+        # Lines without a time of their own (uvicorn's, a traceback's) go with the timed line before them.
+        shown = since is None
         with open(state["log"], encoding="utf-8", errors="replace") as fh:
             while True:
                 line = fh.readline()
                 if line:
-                    yield line.rstrip("\n")
+                    if not shown:
+                        written = line_time(line)
+                        shown = written is not None and written >= since
+                    if shown:
+                        yield line.rstrip("\n")
                 elif follow and _alive(state.get("pid"), state.get("artifact")):
                     time.sleep(0.2)
                 else:

@@ -35,7 +35,9 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import quote
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
@@ -440,12 +442,32 @@ class VertexProvider(Provider):
             raise DeployFailed(f"{what} failed: {message}", fix) from None
 
     # --- reading ------------------------------------------------------------------------
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Look-ups (status, list, logs, delete's search): an unreachable or refusing API is one line, not a traceback."""
+        import requests
+        from google.api_core import exceptions
+
+        try:
+            yield
+        except (exceptions.PermissionDenied, exceptions.Unauthenticated, exceptions.Forbidden) as exc:
+            message = str(exc.message or exc).splitlines()[0][:300]
+            raise UserError(f"Vertex AI denied access to {what}: {message}", "check --project and that your account has roles/aiplatform.user") from None
+        except (exceptions.GoogleAPICallError, exceptions.RetryError) as exc:
+            message = str(getattr(exc, "message", None) or exc).splitlines()[0][:300]
+            raise DeployFailed(f"Vertex AI could not {what}: {message}", "run the same command again, or see the Vertex AI console") from None
+        except requests.exceptions.ConnectionError:  # the REST transport's connection failures are not api_core errors
+            raise DeployFailed(
+                f"cannot reach Vertex AI at {self.api_base} to {what}", f"check the network, --region and {API_ENDPOINT_ENV}"
+            ) from None
+
     def _find_endpoint(self, name: str):
         from google.cloud import aiplatform_v1 as v1
 
         request = v1.ListEndpointsRequest(parent=self.parent, filter=f'display_name="{name}"')
-        response = self.clients().endpoints.list_endpoints(request=request)
-        found = [e for e in response if e.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]]
+        with self._reading(f"look up endpoint {name}"):
+            response = self.clients().endpoints.list_endpoints(request=request)
+            found = [e for e in response if e.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]]
         return found[0] if found else None
 
     def get(self, name: str) -> Endpoint | None:
@@ -513,8 +535,9 @@ class VertexProvider(Provider):
         from google.cloud import aiplatform_v1 as v1
 
         request = v1.ListEndpointsRequest(parent=self.parent, filter=f'labels.{MANAGED_BY[0]}="{MANAGED_BY[1]}"')
-        response = self.clients().endpoints.list_endpoints(request=request)
-        return [self._describe(e.display_name, e) for e in response]
+        with self._reading("list endpoints"):
+            response = self.clients().endpoints.list_endpoints(request=request)
+            return [self._describe(e.display_name, e) for e in response]
 
     # --- delete -----------------------------------------------------------------------------
     def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
@@ -558,8 +581,9 @@ class VertexProvider(Provider):
         from google.cloud import aiplatform_v1 as v1
 
         request = v1.ListModelsRequest(parent=self.parent, filter=f'display_name="{name}"')
-        response = self.clients().models.list_models(request=request)
-        return {m.name for m in response if m.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]}
+        with self._reading(f"look up the models of {name}"):
+            response = self.clients().models.list_models(request=request)
+            return {m.name for m in response if m.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]}
 
     def _artifact_roots(self, model: str) -> set["GcsUri"]:
         """gs://.../<name>/ of every version of a model (each version is gs://.../<name>/<version>/)."""
@@ -607,6 +631,24 @@ class VertexProvider(Provider):
         self._wait(c.endpoints.delete_endpoint(name=endpoint), "", 600, quiet)
 
     # --- invoke ---------------------------------------------------------------------------
+    def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
+        """Where the endpoint's logs are: the Cloud Logging filter, its console link and the gcloud command.
+
+        Reading them here would need google-cloud-logging (and its gRPC stack) for one command;
+        the filter is exact, so gcloud or the console show the same lines.
+        """
+        endpoint = self._find_endpoint(name)
+        if endpoint is None:
+            raise UserError(f"no Vertex AI endpoint named {name!r} in {self.parent}", "see `cloudllm list --provider vertex`")
+        query = logging_filter(endpoint.name.rsplit("/", 1)[-1], self.region, since)
+        yield f"Vertex AI keeps endpoint {name}'s model server log in Cloud Logging. Filter:"
+        yield query
+        yield "console: https://console.cloud.google.com/logs/query;query=" + quote(query, safe="") + f"?project={self.project}"
+        if follow:
+            yield f"follow: gcloud beta logging tail '{query}' --project {self.project}"
+        else:
+            yield f"read: gcloud logging read '{query}' --project {self.project} --order asc"
+
     def invoke(self, name: str, body: dict) -> Any:
         from google.api_core import exceptions
         from google.protobuf import json_format, struct_pb2
@@ -773,6 +815,19 @@ def _pending(plan: "Plan", endpoint: str, api_base: str) -> Endpoint:
         name=plan.spec.name, provider="vertex", state="Creating", url=_predict_url(api_base, endpoint),
         runtime=plan.runtime, details={"endpoint": endpoint},
     )  # fmt: skip
+
+
+def logging_filter(endpoint_id: str, region: str, since: float | None = None) -> str:
+    """The Cloud Logging filter for one Vertex AI endpoint's container logs."""
+    parts = [
+        'resource.type="aiplatform.googleapis.com/Endpoint"',
+        f'resource.labels.endpoint_id="{endpoint_id}"',
+        f'resource.labels.location="{region}"',
+    ]
+    if since is not None:
+        stamp = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        parts.append(f'timestamp>="{stamp}"')
+    return " AND ".join(parts)
 
 
 def _predict_url(api_base: str, endpoint: str) -> str:

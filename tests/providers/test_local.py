@@ -71,6 +71,23 @@ def test_list_and_status(demo: dict, home: dict) -> None:
     assert table.splitlines()[0].split() == ["NAME", "PROVIDER", "STATE", "MODEL", "URL"]
 
 
+def test_logs_print_the_servers_json_lines_and_since_filters_by_time(demo: dict, home: dict) -> None:
+    assert run_cli("invoke", "demo", "a secret prompt", "--max-new-tokens", "2", env=home).returncode == 0
+    everything = run_cli("logs", "demo", env=home)
+    assert everything.returncode == 0, everything.stderr
+    records = [json.loads(line) for line in everything.stdout.splitlines() if line.startswith("{")]
+    assert {"listening", "model_loaded", "request"} <= {r["event"] for r in records}
+    assert "a secret prompt" not in everything.stdout  # prompts stay out of the log unless --log-payloads
+
+    recent = run_cli("logs", "demo", "--since", "1h", env=home)
+    assert recent.returncode == 0 and recent.stdout == everything.stdout
+    future = run_cli("logs", "demo", "--since", "2099-01-01T00:00:00Z", env=home)
+    assert future.returncode == 0 and future.stdout == ""
+    last = records[-1]["ts"]
+    tail = run_cli("logs", "demo", "--since", last, env=home)
+    assert tail.stdout and all(json.loads(line)["ts"] >= last for line in tail.stdout.splitlines() if line.startswith("{"))
+
+
 def test_unchanged_redeploy_does_nothing(demo: dict, home: dict, tiny_gpt2: Path) -> None:
     before = _state(home, "demo")
     again = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", env=home)

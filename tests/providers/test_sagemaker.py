@@ -170,6 +170,10 @@ def test_status_list_and_logs(handler: dict, home: dict) -> None:
     logs = run_cli("logs", "sm-handler", env=home)
     assert logs.returncode == 0, logs.stderr
     assert "model_loaded" in logs.stdout  # the server's own log lines, from CloudWatch Logs
+    recent = run_cli("logs", "sm-handler", "--since", "1h", env=home)
+    assert recent.returncode == 0 and "model_loaded" in recent.stdout
+    future = run_cli("logs", "sm-handler", "--since", "2099-01-01T00:00:00Z", env=home)
+    assert future.returncode == 0 and future.stdout == ""  # CloudWatch's startTime filtered them all out
 
 
 def test_unchanged_redeploy_uploads_and_creates_nothing(handler: dict, aws, sagemaker_emulator, tiny_gpt2: Path, home: dict) -> None:

@@ -265,3 +265,20 @@ def test_status_and_list(vertex_emulator, handler_demo) -> None:
     assert endpoint["state"] == "InService" and endpoint["runtime"] == "handler"
     assert endpoint["url"].startswith(vertex_emulator.url) and endpoint["url"].endswith(":predict")
     assert "handler-demo" in {e.name for e in api.list_endpoints(provider="vertex")}
+
+
+def test_logs_print_the_exact_cloud_logging_filter_and_link(vertex_emulator, handler_demo) -> None:
+    details = handler_demo.endpoint.details
+    endpoint_id, region = details["endpoint"].rsplit("/", 1)[-1], details["region"]
+    result = run_cli("logs", "handler-demo", "--provider", "vertex", "--since", "2026-01-31T12:00:00Z")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == (
+        'resource.type="aiplatform.googleapis.com/Endpoint" AND '
+        f'resource.labels.endpoint_id="{endpoint_id}" AND resource.labels.location="{region}" AND '
+        'timestamp>="2026-01-31T12:00:00Z"'
+    )
+    assert lines[2].startswith("console: https://console.cloud.google.com/logs/query;query=resource.type%3D")
+    assert lines[3].startswith("read: gcloud logging read 'resource.type=")
+    missing = run_cli("logs", "nothing-here", "--provider", "vertex")
+    assert_one_line_error(missing, code=2, contains="no vertex ai endpoint named 'nothing-here'")

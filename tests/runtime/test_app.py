@@ -255,6 +255,19 @@ def test_one_json_log_line_per_request_without_prompts(servers: dict[str, Server
     assert "Traceback" not in server.log()
 
 
+def test_log_payloads_flag_puts_the_prompt_in_the_request_line(tiny_gpt2: Path, artifact_factory: Callable[..., Path]) -> None:
+    """Off by default (the test above); `serve --log-payloads` (or serving.log_payloads) turns it on."""
+    server = ServerProcess(artifact_factory(tiny_gpt2, **GEN_SETTINGS), args=["serve", "--host", "127.0.0.1", "--port", "0", "--log-payloads"])
+    try:
+        server.wait_ready()
+        body = {"inputs": SECRET, "parameters": {"max_new_tokens": 2}}
+        assert post(server.url + "/invocations", body, headers={"x-request-id": "with-payload"}).status_code == 200
+        mine = [r for r in server.log_records() if r.get("request_id") == "with-payload"]
+        assert len(mine) == 1 and mine[0]["payload"]["inputs"] == [SECRET]
+    finally:
+        assert server.stop() == 0
+
+
 # --- Vertex AI contract (subprocess) -----------------------------------------------------------------
 
 
