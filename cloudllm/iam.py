@@ -192,6 +192,11 @@ def aws_scope(
         raise UserError(f"--account {account!r} is not a 12-digit AWS account id", "write it like 123456789012")
     for uri in buckets:
         match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", uri.strip())
+        if not match and uri.strip().startswith("s3://"):
+            raise UserError(
+                f"--bucket {uri!r} does not name a valid S3 bucket",
+                "bucket names are 3-63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit",
+            )
         if not match:
             raise UserError(f"--bucket {uri!r} is not an s3:// location", "write it as s3://BUCKET or s3://BUCKET/PREFIX")
         scope.buckets.append((match.group(1), (match.group(2) or "").strip("/")))

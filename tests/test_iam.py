@@ -257,6 +257,7 @@ def test_iam_policy_reads_buckets_roles_and_keys_from_cloudllm_yaml(tmp_path: Pa
     ("args", "contains"),
     [
         (["--bucket", "gs://wrong-cloud"], "--bucket 'gs://wrong-cloud' is not an s3:// location"),
+        (["--bucket", "s3://b"], "does not name a valid S3 bucket"),
         (["--role", "SageMakerExec"], "is not an IAM role ARN"),
         (["--kms-key", "alias/my-key"], "pass the key ARN"),
         (["--account", "12345"], "12-digit"),
