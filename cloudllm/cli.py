@@ -441,11 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code or EXIT_FAILED)
-    except click.exceptions.Abort:
-        click.echo("interrupted: run the same command again to resume, or `cloudllm delete NAME` to clean up", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted: run the same command again to resume, or `cloudllm delete NAME` to clean up", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # click turns Ctrl-C into Abort; the KeyboardInterrupt it wraps may carry what to do next.
+        cause = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__
+        advice = getattr(cause, "advice", None) or "run the same command again to resume, or `cloudllm delete NAME` to clean up"
+        click.echo(f"interrupted: {advice}", err=True)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)

@@ -265,6 +265,13 @@ class S3Artifacts:
             objects.extend(page.get("Contents", []))
         return objects
 
+    def idle_seconds(self, uri: S3Uri) -> float:
+        """Seconds since the newest object under uri was written (0 when there is none)."""
+        from datetime import datetime, timezone
+
+        newest = max((obj["LastModified"] for obj in self._list(uri)), default=None)
+        return 0.0 if newest is None else (datetime.now(timezone.utc) - newest).total_seconds()
+
     def delete(self, uri: S3Uri) -> int:
         """Delete every object under uri; returns how many."""
         keys = [obj["Key"] for obj in self._list(uri)]

@@ -58,6 +58,9 @@ class FaultProxy:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._held: Callable[[str, str], bool] | None = None
+        self._held_then = "drop"
+        self.held_count = 0
+        self._scripted: list[list] = []  # [predicate, kind]: the next matching request fails so, once
         self._hold_gate = threading.Event()
         self.held = threading.Event()  # set once a request has been parked by hold()
         self.log: list[str] = []
@@ -90,17 +93,52 @@ class FaultProxy:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
     # --- control --------------------------------------------------------------------------
-    def hold(self, predicate: Callable[[str, str, dict], bool]) -> None:
-        """Park every request for which predicate(method, path, headers) is true until release()."""
+    def hold(self, predicate: Callable[[str, str], bool], *, then: str = "drop") -> None:
+        """Park every request for which predicate(method, operation) is true until release().
+
+        `operation` is the path, followed by the AWS operation name for AWS JSON and query calls
+        ("/ CreateEndpoint"). Once released, a parked request is dropped unanswered (then="drop":
+        it never reached the service) or forwarded with its answer dropped (then="forward": it
+        took effect, and its caller, by then killed, never knew), or passed through with its
+        answer (then="pass": to line up concurrent callers).
+        """
+        if then not in ("drop", "forward", "pass"):
+            raise ValueError("then must be drop, forward or pass")
         self._hold_gate.clear()
         self.held.clear()
-        self._held = predicate
+        self.held_count = 0
+        self._held, self._held_then = predicate, then
 
     def release(self) -> None:
         self._held = None
         self._hold_gate.set()
 
+    def configure(self, *, rate: float, seed: int = 0) -> None:
+        """Fail `rate` of the requests from now on, drawn from a fresh RNG seeded with `seed`."""
+        with self._lock:
+            self.rate, self._random = rate, random.Random(seed)
+            self.log.clear()
+            self.counts.clear()
+
+    def fail_next(self, predicate: Callable[[str, str], bool], kind: str) -> None:
+        """Fail the next request for which predicate(method, operation) is true with `kind`, once."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"kind must be one of {FAULT_KINDS}")
+        with self._lock:
+            self._scripted.append([predicate, kind])
+
+    @property
+    def unfired(self) -> int:
+        """How many fail_next() faults have not met their request yet."""
+        with self._lock:
+            return len(self._scripted)
+
     def _draw(self, method: str, path: str) -> str | None:
+        with self._lock:
+            for entry in self._scripted:
+                if entry[0](method, path):
+                    self._scripted.remove(entry)
+                    return entry[1]
         if self.spare is not None and self.spare(method, path):
             return None
         with self._lock:
@@ -170,11 +208,17 @@ def _handler_for(proxy: FaultProxy):
             elif method == "POST" and path == "/" and body.startswith(b"Action="):
                 path = f"/ {body.split(b'&', 1)[0][len(b'Action='):].decode(errors='replace')}"
             request_path = self.path
-            if proxy._held is not None and proxy._held(method, path, dict(self.headers)):
+            held = proxy._held
+            if held is not None and held(method, path):
+                then = proxy._held_then
                 proxy._note(method, path, "held")
+                with proxy._lock:
+                    proxy.held_count += 1
                 proxy.held.set()
                 proxy._hold_gate.wait()
-            kind = proxy._draw(method, path)
+                kind = {"drop": "drop", "forward": "drop_after", "pass": None}[then]
+            else:
+                kind = proxy._draw(method, path)
             if kind in ("throttle", "error"):
                 status, headers, payload = proxy.fault_response(kind, self.headers)
                 proxy._note(method, path, kind)

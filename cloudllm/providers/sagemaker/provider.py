@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@/\-]{1,512}$")
 MAX_POLL_SECONDS = 15.0
 DELETE_TIMEOUT = 900
+ABANDONED_UPLOAD_SECONDS = 3600  # an artifact version no model uses, untouched this long, is a killed deploy's
+UNFINISHED = ("Creating", "Updating", "SystemUpdating")  # SageMaker is still working on the endpoint
 _NOT_FOUND = ("Could not find", "does not exist", "not found", "No scaling policy found")
 
 
@@ -287,6 +289,8 @@ class SageMakerProvider(Provider):
             reporter.step(f"endpoint {name} is Failed ({existing.failure_reason or 'no reason given'}): replacing it")
             self._delete_endpoint(name, reporter)
             return self.deploy(plan, reporter)
+        if existing.state in UNFINISHED:
+            return self._finish(plan, reporter)
         if existing.state != "InService":
             raise UserError(f"endpoint {name} is {existing.state}", f"wait until it is InService (`cloudllm status {name}`), then deploy again")
         instance = self._instance(plan.spec)
@@ -339,6 +343,39 @@ class SageMakerProvider(Provider):
                     self._restore_scaling(saved_scaling)
             raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
+        return self._require(name)
+
+    def _finish(self, plan: "Plan", reporter: Reporter) -> Endpoint:
+        """The endpoint is Creating or Updating: finish an earlier, interrupted deploy of this same version.
+
+        A deploy killed while waiting (or on another machine, or Ctrl-C) leaves SageMaker working;
+        running it again waits for that work, then does what the first run had left: autoscaling,
+        tags, removing old versions. When the endpoint is moving to another version, another
+        deploy is changing it: this one stops, clearly, and changes nothing.
+        """
+        name = plan.spec.name
+        with self._aws(f"read endpoint {name}"):
+            desc = self._describe_endpoint(name)
+            if desc is None:
+                raise DeployFailed(f"endpoint {name} disappeared while deploying", "someone deleted it; deploy again")
+            status = desc["EndpointStatus"]
+            target = (desc.get("PendingDeploymentSummary") or {}).get("EndpointConfigName") or desc["EndpointConfigName"]
+            config = self._sm.describe_endpoint_config(EndpointConfigName=target)
+            tags = self._tags(config["EndpointConfigArn"])
+        if tags.get(res.FINGERPRINT_TAGS["digest"]) != plan.digest:
+            raise DeployFailed(
+                f"endpoint {name} is {status}: another deploy is changing it to another version",
+                f"wait until it is InService (`cloudllm status {name}`), then deploy again",
+            )
+        reporter.step(f"endpoint {name} is already {status} with this version (an earlier deploy did not finish): waiting for it")
+        if not plan.wait:
+            return self._require(name)
+        sizes = res.sizing(plan, self._instance(plan.spec))
+        self._wait(name, sizes.wait_timeout, reporter, target_config=target)
+        self._apply_scaling(plan, reporter)
+        self._retag_endpoint(plan)
+        version = S3Uri.parse(tags[res.VERSION_TAG]) if tags.get(res.VERSION_TAG) else None
+        self._sweep(name, keep={target}, keep_version=version, reporter=reporter)
         return self._require(name)
 
     def _retag_endpoint(self, plan: "Plan") -> None:
@@ -563,12 +600,7 @@ class SageMakerProvider(Provider):
         if ("endpoint", endpoint) not in created:
             try:
                 with self._aws(f"read endpoint {endpoint}"):
-                    desc = self._describe_endpoint(endpoint) or {}
-                    configs = {desc.get("EndpointConfigName"), (desc.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")} - {None}
-                    for config in configs:
-                        in_use.add(config)
-                        described = self._sm.describe_endpoint_config(EndpointConfigName=config)
-                        in_use.update(v["ModelName"] for v in described["ProductionVariants"])
+                    in_use = self._in_use(endpoint)
             except UserError as exc:
                 reporter.step(f"could not read endpoint {endpoint}: {exc.problem}; removing nothing")
                 return
@@ -590,6 +622,23 @@ class SageMakerProvider(Provider):
         if removed:
             reporter.step(f"removed what this deploy created: {', '.join(removed)}")
 
+    def _in_use(self, endpoint: str) -> set[str]:
+        """Names of the configs and models the endpoint runs or is moving to."""
+        from botocore.exceptions import ClientError
+
+        desc = self._describe_endpoint(endpoint) or {}
+        configs = {desc.get("EndpointConfigName"), (desc.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")} - {None}
+        in_use = set(configs)
+        for config in configs:
+            try:
+                described = self._sm.describe_endpoint_config(EndpointConfigName=config)
+            except ClientError as exc:
+                if not _gone_already(exc):
+                    raise
+                continue
+            in_use.update(v["ModelName"] for v in described["ProductionVariants"])
+        return in_use
+
     def _sweep(self, name: str, *, keep: set[str], keep_version: S3Uri | None, reporter: Reporter) -> tuple[list[str], set[str]]:
         """Delete this endpoint's cloudllm configs and models except `keep`, and artifact versions except keep_version.
 
@@ -598,6 +647,9 @@ class SageMakerProvider(Provider):
         removed = []
         versions: set[str] = set()
         with self._aws(f"remove old versions of {name}"):
+            # Never what the endpoint runs or is moving to: another deploy may have changed it since.
+            keep = keep | self._in_use(name)
+            kept_versions: set[str] = set()
             for kind, lister, key, deleter, arg in (
                 ("endpoint-config", "list_endpoint_configs", "EndpointConfigs", self._sm.delete_endpoint_config, "EndpointConfigName"),
                 ("model", "list_models", "Models", self._sm.delete_model, "ModelName"),
@@ -611,13 +663,19 @@ class SageMakerProvider(Provider):
                         if tags.get(res.VERSION_TAG):
                             versions.add(tags[res.VERSION_TAG])
                         if resource in keep:
+                            if tags.get(res.VERSION_TAG):
+                                kept_versions.add(tags[res.VERSION_TAG])
                             continue
                         _unless_gone(deleter, **{arg: resource})
                         removed.append(f"{kind} {resource}")
             if keep_version is not None:
                 artifacts = self._artifacts()
                 for version in artifacts.versions(S3Uri.parse(str(keep_version).rstrip("/").rsplit("/", 1)[0])):
-                    if version != keep_version:
+                    if version == keep_version or str(version) in kept_versions:
+                        continue
+                    # A version no model points at may be another pipeline's upload in progress:
+                    # only one untouched for a while is abandoned (a killed deploy's).
+                    if str(version) in versions or artifacts.idle_seconds(version) > ABANDONED_UPLOAD_SECONDS:
                         artifacts.delete(version)
                         removed.append(f"artifacts {version}")
         if removed:
@@ -689,6 +747,8 @@ class SageMakerProvider(Provider):
             log_group=log_group(name),
             tags={k: v for k, v in tags.items() if not k.startswith(res.TAG)},
         )
+        if desc["EndpointStatus"] in UNFINISHED:
+            details["unfinished"] = True  # the next deploy waits for it (or refuses, if another version is coming)
         return Endpoint(
             name=name,
             provider=self.name,
