@@ -337,7 +337,7 @@ class VertexProvider(Provider):
         fix = "see the model server's log in Cloud Logging (linked from the endpoint in the Vertex AI console), then deploy again"
         try:
             op = _send_once(lambda: self.clients().endpoints.deploy_model(endpoint=endpoint, deployed_model=deployed, traffic_split=split), find=None)
-        except exceptions.AlreadyExists:
+        except exceptions.Conflict:  # 409 ALREADY_EXISTS: our id, so our earlier attempt is deploying it
             if not plan.wait:
                 return ""
             self._wait_listed(endpoint, deployed.id, what, _deploy_deadline(plan), reporter, fix)
