@@ -74,6 +74,7 @@ class ApiError(Exception):
         "FAILED_PRECONDITION": (400, 9),
         "NOT_FOUND": (404, 5),
         "ALREADY_EXISTS": (409, 6),
+        "ABORTED": (409, 10),
         "INTERNAL": (500, 13),
         "UNAVAILABLE": (503, 14),
         "UNIMPLEMENTED": (501, 12),
@@ -557,6 +558,8 @@ class VertexEmulator:
             raise ApiError("INVALID_ARGUMENT", "update_mask must be set.")
         with self.lock:
             endpoint = self._endpoint(name)
+            if patch.etag and patch.etag != endpoint.etag:
+                raise ApiError("ABORTED", f"The etag of {name} does not match: it changed since it was read.")
             for path in paths:
                 if path in ("trafficSplit", "traffic_split"):
                     _check_traffic(dict(patch.traffic_split), {dm.id for dm in endpoint.deployed_models})

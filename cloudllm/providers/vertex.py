@@ -51,6 +51,8 @@ API_ENDPOINT_ENV = "CLOUDLLM_VERTEX_ENDPOINT"
 DEFAULT_REGION = "us-central1"
 MANAGED_BY = ("managed-by", "cloudllm")
 NAME_LABEL = "cloudllm-name"
+LOCK_LABEL = "cloudllm-lock"  # "<run token>-<unix time>" while a deploy updates the endpoint
+LOCK_STALE_SECONDS = 4 * 3600  # longer than any deploy's deadline: a lock this old is a killed deploy's
 RUN_LABEL = "cloudllm-run"  # one deploy run's random token: finds what a create whose answer was lost made
 RETRY_INITIAL, RETRY_MAX, RETRY_DEADLINE = 0.5, 30.0, 600.0  # seconds: capped exponential backoff, jittered
 RUNTIME_LABEL = "cloudllm-runtime"
@@ -215,6 +217,12 @@ class VertexProvider(Provider):
             created.model = model
             endpoint = self._create_endpoint(plan, reporter)
             created.endpoint = endpoint
+            if self._find_endpoint(plan.spec.name).name != endpoint:
+                # Another deploy created an endpoint of this name at the same time; the older one stays.
+                raise DeployFailed(
+                    f"endpoint {plan.spec.name} was created by another deploy while this one ran",
+                    "run the same deploy again: it will update that endpoint",
+                )
             self._deploy_model(plan, endpoint, f"{model}@{version}", {"0": 100}, reporter)
         if not plan.wait:
             reporter.step(f"deploying on {endpoint}; follow it with `cloudllm status {plan.spec.name}`")
@@ -227,6 +235,55 @@ class VertexProvider(Provider):
                 "a Vertex AI update cannot return early: the old deployed model is undeployed once the new one serves",
                 "deploy without --no-wait",
             )
+        with self._changing(existing.details["endpoint"], plan):
+            return self._update(plan, existing, reporter)
+
+    @contextmanager
+    def _changing(self, endpoint_name: str, plan: "Plan") -> Iterator[None]:
+        """Hold the endpoint's lock label while updating it: one deploy at a time, across machines.
+
+        The label is set with the endpoint's etag (Vertex's read-modify-write guard), so of two
+        deploys that read the endpoint at once only one sets it; the other stops, clearly, before
+        creating anything. A lock older than LOCK_STALE_SECONDS, or --force, is taken over.
+        """
+        from google.api_core import exceptions
+        from google.cloud import aiplatform_v1 as v1
+        from google.protobuf import field_mask_pb2
+
+        c = self.clients()
+        name = plan.spec.name
+        token = f"{self._run_token()}-{int(time.time())}"
+        busy = DeployFailed(
+            f"endpoint {name} is being changed by another deploy",
+            "wait for it to finish, then deploy again (if none is running because one was killed, deploy again with --force)",
+        )
+        current = c.endpoints.get_endpoint(name=endpoint_name)
+        held = current.labels.get(LOCK_LABEL, "")
+        if held and not plan.spec.options.get("force") and time.time() - _lock_time(held) < LOCK_STALE_SECONDS:
+            raise busy
+        mask = field_mask_pb2.FieldMask(paths=["labels"])
+        try:
+            c.endpoints.update_endpoint(
+                endpoint=v1.Endpoint(name=endpoint_name, labels={**current.labels, LOCK_LABEL: token}, etag=current.etag),
+                update_mask=mask,
+                retry=_retry(),
+            )
+        except (exceptions.Aborted, exceptions.FailedPrecondition, exceptions.Conflict):
+            # Someone changed the endpoint since we read it -- or our own retried write did.
+            if c.endpoints.get_endpoint(name=endpoint_name).labels.get(LOCK_LABEL) != token:
+                raise busy from None
+        try:
+            yield
+        finally:
+            try:
+                now = c.endpoints.get_endpoint(name=endpoint_name)
+                if now.labels.get(LOCK_LABEL) == token:
+                    labels = {k: v for k, v in now.labels.items() if k != LOCK_LABEL}
+                    c.endpoints.update_endpoint(endpoint=v1.Endpoint(name=endpoint_name, labels=labels, etag=now.etag), update_mask=mask, retry=_retry())
+            except exceptions.GoogleAPICallError:
+                pass  # the lock goes stale; --force takes it over
+
+    def _update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
         endpoint_name = existing.details["endpoint"]
         endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
         old = list(endpoint.deployed_models)
@@ -510,7 +567,8 @@ class VertexProvider(Provider):
         request = v1.ListEndpointsRequest(parent=self.parent, filter=f'display_name="{name}"')
         response = self.clients().endpoints.list_endpoints(request=request)
         found = [e for e in response if e.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]]
-        return found[0] if found else None
+        # Two deploys racing may both create one; the older is the endpoint, whoever asks.
+        return min(found, key=lambda e: (e.create_time.timestamp() if e.create_time else 0.0, e.name)) if found else None
 
     def get(self, name: str) -> Endpoint | None:
         endpoint = self._find_endpoint(name)
@@ -771,6 +829,11 @@ class _Created:
     version: str | None = None  # set when the model existed and only this version is ours
     endpoint: str | None = None
     left: list[str] | None = None
+
+
+def _lock_time(label: str) -> float:
+    stamp = label.rsplit("-", 1)[-1]
+    return float(stamp) if stamp.isdigit() else 0.0
 
 
 def _retry():

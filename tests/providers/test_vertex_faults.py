@@ -4,6 +4,9 @@ or performs a request and drops its answer."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from cloudllm import api
 from cloudllm.providers.vertex import API_ENDPOINT_ENV, decode_digest
 from cloudllm.testing.faults import FAULT_KINDS, FaultProxy
+from tests.conftest import CLOUDLLM
 
 v1 = pytest.importorskip("google.cloud.aiplatform_v1")
 
@@ -112,4 +116,65 @@ def test_creates_whose_answer_was_lost_are_not_done_twice(flaky, vertex_emulator
     api_proxy.fail_next(lambda m, path: m == "DELETE" and "/endpoints/" in path, "drop_after")
     api.delete(name, provider="vertex", purge_artifacts=True)
     assert api_proxy.unfired == 0
+    assert_gone(vertex_emulator, name, f"models/{name}/")
+
+
+# --- two pipelines deploy one endpoint at once ------------------------------------------------------
+def _race(proxy: FaultProxy, runs: list[tuple[list[str], dict]], predicate) -> list[subprocess.CompletedProcess]:
+    """Start the deploys; park the calls matching predicate until each has made one, then let all through at once."""
+    proxy.hold(predicate, then="pass")
+    processes = [subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, env in runs]
+    try:
+        for _ in range(2400):
+            if proxy.held_count >= len(runs) or any(p.poll() is not None for p in processes):
+                break
+            proxy.held.wait(timeout=0.1)
+            proxy.held.clear()
+        assert proxy.held_count == len(runs), [(p.poll(), p.stderr.read() if p.poll() is not None else "") for p in processes]
+        proxy.release()
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        proxy.release()
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+
+
+def _one_wins(results: list[subprocess.CompletedProcess], loser_says: str) -> int:
+    assert sorted(r.returncode for r in results) == [0, 1], [(r.returncode, r.stderr[-2000:]) for r in results]
+    winner = next(i for i, r in enumerate(results) if r.returncode == 0)
+    loser = results[1 - winner]
+    assert "Traceback" not in loser.stderr
+    last = loser.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and loser_says in last, last
+    return winner
+
+
+def test_two_pipelines_deploying_one_endpoint_one_wins_and_the_other_fails_clearly(flaky, vertex_emulator, tiny_gpt2: Path, tmp_path: Path) -> None:
+    api_proxy, _ = flaky
+    name = "raced"
+
+    def runs(*tokens: int):
+        return [
+            ([CLOUDLLM, "deploy", str(tiny_gpt2), "--provider", "vertex", "--name", name, "--bucket", vertex_emulator.bucket,
+              "--max-new-tokens", str(t), "--json"], {"CLOUDLLM_HOME": str(tmp_path / f"ci-{i}")})
+            for i, t in enumerate(tokens)
+        ]  # fmt: skip
+
+    # Both create it: both CreateEndpoint calls go through; the older endpoint stays, the other deploy removes its own.
+    results = _race(api_proxy, runs(8, 16), lambda m, path: m == "POST" and path.split("?")[0].endswith("/endpoints"))
+    winner = _one_wins(results, "was created by another deploy")
+    won = json.loads(results[winner].stdout)
+    assert_serving_exactly(vertex_emulator, name, won["endpoint"]["digest"])
+
+    # Both update it: both read the endpoint, both try to take its lock with that etag; one gets it.
+    results = _race(api_proxy, runs(24, 32), lambda m, path: m == "PATCH" and "/endpoints/" in path and "labels" in path)
+    winner = _one_wins(results, "is being changed by another deploy")
+    won = json.loads(results[winner].stdout)
+    assert_serving_exactly(vertex_emulator, name, won["endpoint"]["digest"])
+    endpoints, _ = _state(vertex_emulator, name)
+    assert "cloudllm-lock" not in endpoints[0].labels  # released
+
+    api.delete(name, provider="vertex", purge_artifacts=True)
     assert_gone(vertex_emulator, name, f"models/{name}/")
