@@ -90,6 +90,8 @@ def deploy(
         the_plan = make_plan(spec, provider, reporter)
         the_plan.wait = wait
         if dry_run or the_plan.action == "unchanged":
+            if not dry_run and the_plan.existing is not None and load_record(spec.name) is None:
+                _save(spec, provider, the_plan.existing)  # a run killed before it saved the record
             return DeployResult(the_plan.existing, the_plan.action, the_plan.reasons, the_plan, dry_run=dry_run)
         reporter.step(f"plan: {the_plan.headline()}")
         refuse_unless_fits(the_plan)

@@ -208,7 +208,7 @@ def package(model: str, out: str, overwrite: bool, json_output: bool, **kw: Any)
 @_model_flags
 @click.option("--no-wait", is_flag=True, help="Return once the platform accepted the deploy.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; create nothing.")
-@click.option("--force", is_flag=True, help="Deploy even when the plan says it will not fit.")
+@click.option("--force", is_flag=True, help="Deploy even when the plan says it will not fit (also takes over a Vertex endpoint lock a killed deploy left).")
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output on stdout.")
 def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: bool, **kw: Any) -> None:
     """Create or update an endpoint serving MODEL (a folder with config.json and *.safetensors).

@@ -209,7 +209,7 @@ def _kill_at(flaky: FaultProxy, args: list[str], env: dict, predicate, then: str
         pytest.param("during-upload", marks=pytest.mark.slow),
         pytest.param("after-model", marks=pytest.mark.slow),
         pytest.param("after-config", marks=pytest.mark.slow),
-        "create-endpoint-in-flight",
+        pytest.param("create-endpoint-in-flight", marks=pytest.mark.slow),
         "while-waiting",
     ],
 )
