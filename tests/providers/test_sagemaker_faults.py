@@ -335,3 +335,24 @@ def test_two_pipelines_creating_one_endpoint_one_wins_and_the_other_fails_clearl
 
     api.delete(name, provider="sagemaker", purge_artifacts=True)
     assert_gone(aws, name)
+
+
+def test_a_deploy_that_finds_its_version_still_creating_waits_for_it(flaky: FaultProxy, sagemaker_emulator, aws, tiny_gpt2: Path) -> None:
+    """What a second run sees after the first was killed while waiting, or a --no-wait deploy was followed by
+    a deploy: the endpoint Creating. Same version: wait for it and finish. Another version: stop, clearly."""
+    from cloudllm.errors import DeployFailed
+
+    name = "still-creating"
+    first = _deploy(sagemaker_emulator, tiny_gpt2, name, wait=False)
+    if aws["sagemaker"].describe_endpoint(EndpointName=name)["EndpointStatus"] != "Creating":
+        pytest.skip("the emulator's model server came up before the second deploy could see it Creating")
+    with pytest.raises(DeployFailed) as other:
+        _deploy(sagemaker_emulator, tiny_gpt2, name, serving={"max_new_tokens": 16})
+    assert "another deploy is changing it to another version" in other.value.line()
+
+    again = _deploy(sagemaker_emulator, tiny_gpt2, name)
+    assert again.action == "update" and "an earlier deploy has not finished" in again.reasons[0]
+    assert again.endpoint.state == "InService" and again.endpoint.digest == first.plan.digest
+    assert_exactly_one_version(aws, name, digest=first.plan.digest)
+    api.delete(name, provider="sagemaker", purge_artifacts=True)
+    assert_gone(aws, name)
