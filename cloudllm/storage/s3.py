@@ -257,8 +257,15 @@ class S3Artifacts:
         """
         if f.size <= PART_BYTES or f.content is not None:
             return None
+        from botocore.exceptions import ClientError
+
         key = dest.key(f.name)
-        listing = self.client.list_multipart_uploads(Bucket=dest.bucket, Prefix=key)
+        try:
+            listing = self.client.list_multipart_uploads(Bucket=dest.bucket, Prefix=key)
+        except ClientError as exc:
+            if _code(exc) in ("AccessDenied", "403"):
+                return None  # no s3:ListBucketMultipartUploads: upload the file afresh
+            raise
         uploads = [u for u in listing.get("Uploads", []) if u["Key"] == key]
         return max(uploads, key=lambda u: u["Initiated"]) if uploads else None
 
@@ -309,10 +316,20 @@ class S3Artifacts:
         result.uploaded_bytes += sent
 
     def _abort_leftover_uploads(self, dest: S3Uri) -> None:
-        """Abort unfinished multipart uploads under dest (a killed run's): they cost storage and show nowhere."""
-        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=dest.bucket, Prefix=dest.key("")):
-            for upload in page.get("Uploads", []):
-                self.client.abort_multipart_upload(Bucket=dest.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        """Abort unfinished multipart uploads under dest (a killed run's): they cost storage and show nowhere.
+
+        Best effort: without s3:ListBucketMultipartUploads or s3:AbortMultipartUpload they stay
+        (a bucket lifecycle rule AbortIncompleteMultipartUpload removes them too).
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=dest.bucket, Prefix=dest.key("")):
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=dest.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        except ClientError as exc:
+            if _code(exc) not in ("AccessDenied", "403", "NoSuchUpload"):
+                raise
 
     # --- read, list, delete -----------------------------------------------------------
     def read_manifest(self, uri: S3Uri) -> bytes | None:
