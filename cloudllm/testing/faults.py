@@ -14,8 +14,12 @@ Each request is forwarded to the target unless a seeded draw makes it fail. A fa
   client sees the answer: the worst case for a non-idempotent call (a create that happened,
   but the caller cannot know it).
 
-`hold(predicate)` parks matching requests until `release()` (a deterministic place to SIGKILL a
-client mid-deploy); `log` keeps "METHOD path -> outcome" of every request, newest last.
+The draws are seeded: the same sequence of requests meets the same faults (requests sent
+concurrently may arrive in another order, so a run is reproducible in kind, not to the byte).
+`fail_next(predicate, kind)` fails the next matching request once (a fault at an exact call);
+`hold(predicate)` parks matching requests until `release()` (a deterministic place to SIGKILL
+a client mid-deploy, or to line up two clients); `log` keeps "METHOD path -> outcome" of every
+request, newest last, with the AWS operation name after the path.
 """
 
 from __future__ import annotations
