@@ -565,10 +565,10 @@ class SageMakerProvider(Provider):
         if state is None:
             return False
         for policy in state["policies"]:
-            _unless_gone(
-                self._scaling.delete_scaling_policy, PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker",
+            _unless_gone(lambda: self._scaling.delete_scaling_policy(
+                PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker",
                 ResourceId=policy["ResourceId"], ScalableDimension=policy["ScalableDimension"],
-            )  # fmt: skip
+            ))  # fmt: skip
         try:
             self._scaling.deregister_scalable_target(
                 ServiceNamespace="sagemaker", ResourceId=res.scaling_resource_id(name), ScalableDimension=res.SCALABLE_DIMENSION
@@ -613,9 +613,9 @@ class SageMakerProvider(Provider):
                     if kind == "endpoint":
                         self._delete_endpoint(name, reporter)
                     elif kind == "endpoint-config":
-                        _unless_gone(self._sm.delete_endpoint_config, EndpointConfigName=name)
+                        _unless_gone(lambda: self._sm.delete_endpoint_config(EndpointConfigName=name))
                     else:
-                        _unless_gone(self._sm.delete_model, ModelName=name)
+                        _unless_gone(lambda: self._sm.delete_model(ModelName=name))
                 removed.append(f"{kind} {name}")
             except UserError as exc:
                 reporter.step(f"could not remove {kind} {name}: {exc.problem}")
@@ -666,7 +666,7 @@ class SageMakerProvider(Provider):
                             if tags.get(res.VERSION_TAG):
                                 kept_versions.add(tags[res.VERSION_TAG])
                             continue
-                        _unless_gone(deleter, **{arg: resource})
+                        _unless_gone(lambda: deleter(**{arg: resource}))
                         removed.append(f"{kind} {resource}")
             if keep_version is not None:
                 artifacts = self._artifacts()
@@ -685,7 +685,7 @@ class SageMakerProvider(Provider):
     def _delete_endpoint(self, name: str, reporter: Reporter) -> None:
         """DeleteEndpoint, then wait until it is gone (a name in Deleting cannot be reused)."""
         with self._aws(f"delete endpoint {name}"):
-            _unless_gone(self._sm.delete_endpoint, EndpointName=name)
+            _unless_gone(lambda: self._sm.delete_endpoint(EndpointName=name))
             start = time.monotonic()
             delay = 0.25
             with reporter.waiting(f"deleting endpoint {name}") as update:
@@ -936,12 +936,12 @@ def _gone_already(exc) -> bool:
     return code in ("ValidationException", "ObjectNotFoundException") and any(s in message for s in _NOT_FOUND)
 
 
-def _unless_gone(delete, **kwargs) -> None:
-    """A Delete* call, done when the resource is already gone (a retried delete whose first attempt went through)."""
+def _unless_gone(delete) -> None:
+    """Run a Delete* call; done when the resource is already gone (a retried delete whose first attempt went through)."""
     from botocore.exceptions import ClientError
 
     try:
-        delete(**kwargs)
+        delete()
     except ClientError as exc:
         if not _gone_already(exc):
             raise
