@@ -748,7 +748,7 @@ class VertexProvider(Provider):
         if "parameters" in request:
             kwargs["parameters"] = json_format.ParseDict(request["parameters"], struct_pb2.Value())
         try:
-            response = self.clients().predictions.predict(**kwargs)
+            response = self.clients().predictions.predict(**kwargs, retry=_retry(refused_only=True))
         except exceptions.GoogleAPICallError as exc:
             raise _invoke_error(name, exc) from None
         result = json_format.MessageToDict(type(response).pb(response))
@@ -836,15 +836,22 @@ def _lock_time(label: str) -> float:
     return float(stamp) if stamp.isdigit() else 0.0
 
 
-def _retry():
+def _retry(*, refused_only: bool = False):
     """google-api-core's Retry for transient faults: throttling, 5xx, dropped or timed-out connections.
 
     Capped exponential backoff with jitter (api-core randomizes each sleep). The Vertex clients
     retry nothing by default; reads and idempotent calls get this, creates go through _send_once.
+    refused_only: only what the service refused before doing anything (429, 503), for a predict
+    that must not run twice because an answer was lost.
     """
     import requests
     from google.api_core import exceptions, retry
 
+    if refused_only:
+        return retry.Retry(
+            predicate=retry.if_exception_type(exceptions.TooManyRequests, exceptions.ServiceUnavailable),
+            initial=RETRY_INITIAL, maximum=5.0, multiplier=2.0, timeout=20.0,  # an interactive call: not for long
+        )  # fmt: skip
     transient = retry.if_exception_type(
         exceptions.TooManyRequests, exceptions.InternalServerError, exceptions.BadGateway, exceptions.ServiceUnavailable,
         exceptions.GatewayTimeout, requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
