@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from cloudllm.console import Reporter
-from cloudllm.errors import UserError
+from cloudllm.errors import Interrupted, UserError, interrupted_advice
 from cloudllm.providers.base import Endpoint, Provider, get_provider
 from cloudllm.records import EndpointRecord, endpoint_lock, list_records, load_record, remove_record, save_record
 from cloudllm.spec import DeploySpec, check_endpoint_name, spec_from_kwargs
@@ -85,10 +86,12 @@ def deploy(
     spec = spec or spec_from_kwargs(model, **spec_kwargs)
     reporter = reporter or Reporter()
     provider = _provider_for_spec(spec)
-    with endpoint_lock(spec.name):
+    with endpoint_lock(spec.name), _interrupt_advice(interrupted_advice(spec.name)):
         the_plan = make_plan(spec, provider, reporter)
         the_plan.wait = wait
         if dry_run or the_plan.action == "unchanged":
+            if not dry_run and the_plan.existing is not None and load_record(spec.name) is None:
+                _save(spec, provider, the_plan.existing)  # a run killed before it saved the record
             return DeployResult(the_plan.existing, the_plan.action, the_plan.reasons, the_plan, dry_run=dry_run)
         reporter.step(f"plan: {the_plan.headline()}")
         refuse_unless_fits(the_plan)
@@ -179,7 +182,7 @@ def delete(
     """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts)."""
     check_endpoint_name(name)
     target = _provider_for_name(name, provider, region)
-    with endpoint_lock(name):
+    with endpoint_lock(name), _interrupt_advice(f"run `cloudllm delete {name}` again to finish"):
         target.delete(name, purge_artifacts=purge_artifacts, reporter=reporter or Reporter())
         remove_record(name)
 
@@ -244,3 +247,14 @@ def _save(spec: DeploySpec, provider: Provider, endpoint: Endpoint) -> None:
     if previous:
         record.created_at = previous.created_at
     save_record(record)
+
+
+@contextmanager
+def _interrupt_advice(advice: str) -> Iterator[None]:
+    """Ctrl-C becomes Interrupted, which carries what to do next (the CLI prints it)."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(advice) from None

@@ -209,7 +209,7 @@ def package(model: str, out: str, overwrite: bool, json_output: bool, **kw: Any)
 @_model_flags
 @click.option("--no-wait", is_flag=True, help="Return once the platform accepted the deploy.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; create nothing.")
-@click.option("--force", is_flag=True, help="Deploy even when the plan says it will not fit.")
+@click.option("--force", is_flag=True, help="Deploy even when the plan says it will not fit (also takes over a Vertex endpoint lock a killed deploy left).")
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output on stdout.")
 def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: bool, **kw: Any) -> None:
     """Create or update an endpoint serving MODEL (a folder with config.json and *.safetensors).
@@ -450,11 +450,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code or EXIT_FAILED)
-    except click.exceptions.Abort:
-        click.echo("interrupted: run the same command again to resume, or `cloudllm delete NAME` to clean up", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted: run the same command again to resume, or `cloudllm delete NAME` to clean up", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # click turns Ctrl-C into Abort; the KeyboardInterrupt it wraps may carry what to do next.
+        cause = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__
+        advice = getattr(cause, "advice", None) or "run the same command again to resume, or `cloudllm delete NAME` to clean up"
+        click.echo(f"interrupted: {advice}", err=True)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)

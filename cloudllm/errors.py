@@ -36,3 +36,15 @@ class PlanRefused(UserError):
     """The plan shows the deploy cannot work (does not fit, unsupported feature)."""
 
     exit_code = EXIT_PLAN_REFUSED
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a change to an endpoint, with what to do next (the CLI prints it as one line)."""
+
+    def __init__(self, advice: str):
+        self.advice = advice
+        super().__init__(advice)
+
+
+def interrupted_advice(name: str) -> str:
+    return f"run the same command again to resume, or `cloudllm delete {name}` to clean up"

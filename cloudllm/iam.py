@@ -21,7 +21,7 @@ AUTOSCALING_SERVICE = "sagemaker.application-autoscaling.amazonaws.com"
 OPERATIONS: frozenset[str] = frozenset(
     {
         *(f"sagemaker:{op}" for op in (
-            "CreateModel", "DeleteModel", "ListModels",
+            "CreateModel", "DescribeModel", "DeleteModel", "ListModels",
             "CreateEndpointConfig", "DescribeEndpointConfig", "DeleteEndpointConfig", "ListEndpointConfigs",
             "CreateEndpoint", "DescribeEndpoint", "UpdateEndpoint", "DeleteEndpoint", "ListEndpoints",
             "AddTags", "DeleteTags", "ListTags",
@@ -33,8 +33,9 @@ OPERATIONS: frozenset[str] = frozenset(
             "PutScalingPolicy", "DeleteScalingPolicy", "DescribeScalingPolicies",
         )),  # fmt: skip
         *(f"s3:{op}" for op in (
-            "HeadBucket", "ListObjectsV2", "HeadObject", "GetObject", "PutObject", "DeleteObjects",
+            "HeadBucket", "ListObjectsV2", "HeadObject", "GetObject", "PutObject", "DeleteObject", "DeleteObjects",
             "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "AbortMultipartUpload",
+            "ListMultipartUploads", "ListParts",
             "CopyObject", "UploadPartCopy",
         )),  # fmt: skip
         "iam:GetRole",
@@ -57,7 +58,7 @@ class Permission:
 
 
 _SM_RESOURCE_OPS = (
-    "CreateModel", "DeleteModel", "CreateEndpointConfig", "DescribeEndpointConfig", "DeleteEndpointConfig",
+    "CreateModel", "DescribeModel", "DeleteModel", "CreateEndpointConfig", "DescribeEndpointConfig", "DeleteEndpointConfig",
     "CreateEndpoint", "DescribeEndpoint", "UpdateEndpoint", "DeleteEndpoint", "DeleteTags", "ListTags",
 )  # fmt: skip
 _S3_WRITES = ("s3:PutObject", "s3:CreateMultipartUpload", "s3:UploadPart", "s3:CompleteMultipartUpload", "s3:CopyObject", "s3:UploadPartCopy")

@@ -187,6 +187,8 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
         return "create", ["new endpoint"]
     if existing.state.lower() in ("failed", "stopped", "dead"):
         return "update", [f"endpoint is {existing.state}"]
+    if existing.details.get("unfinished"):
+        return "update", [f"endpoint is {existing.state}: an earlier deploy has not finished"]
     had = existing.details
     now = plan.fingerprint
     reasons = [

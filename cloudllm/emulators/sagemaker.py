@@ -269,6 +269,9 @@ class EmulatedSageMakerBackend(SageMakerModelBackend):
         super().__init__(region_name, account_id)
         self.hosts: dict[str, HostedModel] = {}  # endpoint -> the host serving it
         self.pending: dict[str, HostedModel] = {}  # endpoint -> the host an update is starting
+        # SageMaker checks a name or an endpoint's state and changes it in one step: two concurrent
+        # CreateEndpoint (or UpdateEndpoint) calls never both succeed. moto serves requests on threads.
+        self.control_lock = threading.RLock()
 
     @property
     def _url_module(self) -> Any:
@@ -297,30 +300,32 @@ class EmulatedSageMakerBackend(SageMakerModelBackend):
 
     # models and configs: SageMaker refuses an existing name (moto overwrites)
     def create_model(self, model_name: str, *args: Any, **kwargs: Any):
-        if model_name in self._models:
-            arn = arn_formatter("model", model_name, self.account_id, self.region_name)
-            raise ValidationError(message=f'Cannot create already existing model "{arn}".')
-        return super().create_model(model_name, *args, **kwargs)
+        with self.control_lock:
+            if model_name in self._models:
+                arn = arn_formatter("model", model_name, self.account_id, self.region_name)
+                raise ValidationError(message=f'Cannot create already existing model "{arn}".')
+            return super().create_model(model_name, *args, **kwargs)
 
     def create_endpoint_config(
         self, endpoint_config_name, production_variants, data_capture_config, async_inference_config, tags, kms_key_id
     ):
-        if endpoint_config_name in self.endpoint_configs:
-            arn = FakeEndpointConfig.arn_formatter(endpoint_config_name, self.account_id, self.region_name)
-            raise ValidationError(message=f'Cannot create already existing endpoint configuration "{arn}".')
-        config = EmulatedEndpointConfig(
-            account_id=self.account_id,
-            region_name=self.region_name,
-            endpoint_config_name=endpoint_config_name,
-            production_variants=production_variants,
-            async_inference_config=async_inference_config,
-            data_capture_config=data_capture_config,
-            tags=tags,
-            kms_key_id=kms_key_id,
-        )
-        self.validate_production_variants(production_variants)
-        self.endpoint_configs[endpoint_config_name] = config
-        return config
+        with self.control_lock:
+            if endpoint_config_name in self.endpoint_configs:
+                arn = FakeEndpointConfig.arn_formatter(endpoint_config_name, self.account_id, self.region_name)
+                raise ValidationError(message=f'Cannot create already existing endpoint configuration "{arn}".')
+            config = EmulatedEndpointConfig(
+                account_id=self.account_id,
+                region_name=self.region_name,
+                endpoint_config_name=endpoint_config_name,
+                production_variants=production_variants,
+                async_inference_config=async_inference_config,
+                data_capture_config=data_capture_config,
+                tags=tags,
+                kms_key_id=kms_key_id,
+            )
+            self.validate_production_variants(production_variants)
+            self.endpoint_configs[endpoint_config_name] = config
+            return config
 
     def add_tags(self, arn: str, tags: list[dict[str, str]]) -> list[dict[str, str]]:
         resource = self._get_resource_from_arn(arn)
@@ -330,15 +335,16 @@ class EmulatedSageMakerBackend(SageMakerModelBackend):
 
     # endpoints: Creating until the model server answers /ping
     def create_endpoint(self, endpoint_name: str, endpoint_config_name: str, tags: list[dict[str, str]]):
-        if endpoint_name in self.endpoints:
-            arn = arn_formatter("endpoint", endpoint_name, self.account_id, self.region_name)
-            raise ValidationError(message=f'Cannot create already existing endpoint "{arn}".')
-        endpoint = super().create_endpoint(endpoint_name, endpoint_config_name, tags)
-        endpoint.endpoint_status = "Creating"
-        host = HostedModel(self, endpoint_name, self.describe_endpoint_config(endpoint_config_name), self._created)
-        self.hosts[endpoint_name] = host  # before it starts: a fast failure reports back at once
-        host.start()
-        return endpoint
+        with self.control_lock:
+            if endpoint_name in self.endpoints:
+                arn = arn_formatter("endpoint", endpoint_name, self.account_id, self.region_name)
+                raise ValidationError(message=f'Cannot create already existing endpoint "{arn}".')
+            endpoint = super().create_endpoint(endpoint_name, endpoint_config_name, tags)
+            endpoint.endpoint_status = "Creating"
+            host = HostedModel(self, endpoint_name, self.describe_endpoint_config(endpoint_config_name), self._created)
+            self.hosts[endpoint_name] = host  # before it starts: a fast failure reports back at once
+            host.start()
+            return endpoint
 
     def _created(self, host: HostedModel) -> None:
         endpoint = self.endpoints.get(host.endpoint)
@@ -358,27 +364,28 @@ class EmulatedSageMakerBackend(SageMakerModelBackend):
         deployment_config: dict | None,
         retain_all_variant_properties: bool,
     ):
-        endpoint = self.endpoints.get(endpoint_name)
-        if endpoint is None:
-            arn = arn_formatter("endpoint", endpoint_name, self.account_id, self.region_name)
-            raise ValidationError(message=f"Could not find endpoint \"{arn}\".")
-        if endpoint.endpoint_status != "InService":
-            raise ValidationError(message=f"Cannot update in-progress endpoint \"{endpoint.arn}\".")
-        config = self.describe_endpoint_config(endpoint_config_name)
-        old_variants = {v["VariantName"] for v in endpoint.production_variants}
-        new_variants = {v["VariantName"] for v in config["ProductionVariants"]}
-        if deployment_config and old_variants != new_variants:
-            raise ValidationError(message="A blue/green update needs the same production variant names in the new endpoint configuration.")
-        endpoint.endpoint_status = "Updating"
-        endpoint.failure_reason = None
-        endpoint.last_modified_time = utcnow()
-        endpoint.last_deployment_config = deployment_config
-        endpoint.pending_deployment_summary = {"EndpointConfigName": endpoint_config_name, "StartTime": utcnow()}
-        endpoint.retain_variant_properties = retain_all_variant_properties
-        host = HostedModel(self, endpoint_name, config, self._updated)
-        self.pending[endpoint_name] = host
-        host.start()
-        return endpoint
+        with self.control_lock:
+            endpoint = self.endpoints.get(endpoint_name)
+            if endpoint is None:
+                arn = arn_formatter("endpoint", endpoint_name, self.account_id, self.region_name)
+                raise ValidationError(message=f"Could not find endpoint \"{arn}\".")
+            if endpoint.endpoint_status != "InService":
+                raise ValidationError(message=f"Cannot update in-progress endpoint \"{endpoint.arn}\".")
+            config = self.describe_endpoint_config(endpoint_config_name)
+            old_variants = {v["VariantName"] for v in endpoint.production_variants}
+            new_variants = {v["VariantName"] for v in config["ProductionVariants"]}
+            if deployment_config and old_variants != new_variants:
+                raise ValidationError(message="A blue/green update needs the same production variant names in the new endpoint configuration.")
+            endpoint.endpoint_status = "Updating"
+            endpoint.failure_reason = None
+            endpoint.last_modified_time = utcnow()
+            endpoint.last_deployment_config = deployment_config
+            endpoint.pending_deployment_summary = {"EndpointConfigName": endpoint_config_name, "StartTime": utcnow()}
+            endpoint.retain_variant_properties = retain_all_variant_properties
+            host = HostedModel(self, endpoint_name, config, self._updated)
+            self.pending[endpoint_name] = host
+            host.start()
+            return endpoint
 
     def _updated(self, host: HostedModel) -> None:
         endpoint = self.endpoints.get(host.endpoint)

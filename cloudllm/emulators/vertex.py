@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -73,6 +74,7 @@ class ApiError(Exception):
         "FAILED_PRECONDITION": (400, 9),
         "NOT_FOUND": (404, 5),
         "ALREADY_EXISTS": (409, 6),
+        "ABORTED": (409, 10),
         "INTERNAL": (500, 13),
         "UNAVAILABLE": (503, 14),
         "UNIMPLEMENTED": (501, 12),
@@ -192,6 +194,47 @@ class _State:
     operations: dict[str, Any] = field(default_factory=dict)  # name -> operations_pb2.Operation
     replicas: dict[str, _Replica] = field(default_factory=dict)  # deployed model id -> process
     deploying: dict[str, set] = field(default_factory=dict)  # endpoint id -> model names being deployed
+    deploying_ids: set = field(default_factory=set)  # ids of DeployedModels whose DeployModel is running
+
+
+def _remember_finished_uploads() -> None:
+    """A resumable upload's last PUT, sent again, answers with the object, as GCS does.
+
+    gcp-storage-emulator forgets a session once it completes and answers a repeat with 404; GCS
+    keeps it, so a client whose final PUT lost its answer on the network and retries it succeeds.
+    Installed once, into the emulator's routing table (its handlers are plain functions).
+    """
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects.upload_partial, "remembers_finished", False):
+        return
+    original = objects.upload_partial
+    finished: dict[str, dict] = {}
+
+    def upload_partial(request, response, storage, *args, **kwargs):
+        upload_id = (request.query.get("upload_id") or [""])[0]
+        if upload_id in finished:
+            response.json(finished[upload_id])
+            return
+        try:
+            session = storage.get_resumable_file_obj(upload_id)
+        except NotFound:
+            session = None
+        original(request, response, storage, *args, **kwargs)
+        if session is not None and response.status == HTTPStatus.OK:
+            try:
+                storage.get_resumable_file_obj(upload_id)
+            except NotFound:  # the upload completed with this request
+                finished[upload_id] = storage.get_file_obj(session["bucket"], session["name"])
+
+    upload_partial.remembers_finished = True
+    objects.upload_partial = upload_partial
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is original:
+                handlers[method] = upload_partial
 
 
 class VertexEmulator:
@@ -228,6 +271,7 @@ class VertexEmulator:
         from gcp_storage_emulator.server import create_server
 
         logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+        _remember_finished_uploads()
         self._storage = create_server(self.host, self.storage_port, in_memory=True)
         self._storage.start()
         self.storage_port = self._storage._api._httpd.server_address[1]
@@ -514,6 +558,8 @@ class VertexEmulator:
             raise ApiError("INVALID_ARGUMENT", "update_mask must be set.")
         with self.lock:
             endpoint = self._endpoint(name)
+            if patch.etag and patch.etag != endpoint.etag:
+                raise ApiError("ABORTED", f"The etag of {name} does not match: it changed since it was read.")
             for path in paths:
                 if path in ("trafficSplit", "traffic_split"):
                     _check_traffic(dict(patch.traffic_split), {dm.id for dm in endpoint.deployed_models})
@@ -551,6 +597,10 @@ class VertexEmulator:
             model = self._model(dm.model)
             self._check_resources(dm)
             existing = {d.id for d in endpoint.deployed_models}
+            if dm.id and (dm.id in existing or dm.id in self.state.deploying_ids):
+                raise ApiError("ALREADY_EXISTS", f"DeployedModel {dm.id} already exists on {name}.")
+            if dm.id:
+                self.state.deploying_ids.add(dm.id)
             split = dict(request.traffic_split)
             if split:
                 _check_traffic(split, existing | {"0"})
@@ -570,6 +620,7 @@ class VertexEmulator:
             finally:
                 with self.lock:
                     self.state.deploying.get(_last(name), set()).discard(model_ref)
+                    self.state.deploying_ids.discard(deployed.id)
             with self.lock:
                 live = self._endpoint(name)
                 deployed.status = t.DeployedModel.Status(

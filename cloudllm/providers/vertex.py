@@ -29,9 +29,11 @@ Environment:
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import re
+import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +53,10 @@ API_ENDPOINT_ENV = "CLOUDLLM_VERTEX_ENDPOINT"
 DEFAULT_REGION = "us-central1"
 MANAGED_BY = ("managed-by", "cloudllm")
 NAME_LABEL = "cloudllm-name"
+LOCK_LABEL = "cloudllm-lock"  # "<run token>-<unix time>" while a deploy updates the endpoint
+LOCK_STALE_SECONDS = 4 * 3600  # longer than any deploy's deadline: a lock this old is a killed deploy's
+RUN_LABEL = "cloudllm-run"  # one deploy run's random token: finds what a create whose answer was lost made
+RETRY_INITIAL, RETRY_MAX, RETRY_DEADLINE = 0.5, 30.0, 600.0  # seconds: capped exponential backoff, jittered
 RUNTIME_LABEL = "cloudllm-runtime"
 # plan.fingerprint key -> label key; values are base32 sha256 (52 chars, label-safe).
 DIGEST_LABELS = {
@@ -213,6 +219,12 @@ class VertexProvider(Provider):
             created.model = model
             endpoint = self._create_endpoint(plan, reporter)
             created.endpoint = endpoint
+            if self._find_endpoint(plan.spec.name).name != endpoint:
+                # Another deploy created an endpoint of this name at the same time; the older one stays.
+                raise DeployFailed(
+                    f"endpoint {plan.spec.name} was created by another deploy while this one ran",
+                    "run the same deploy again: it will update that endpoint",
+                )
             self._deploy_model(plan, endpoint, f"{model}@{version}", {"0": 100}, reporter)
         if not plan.wait:
             reporter.step(f"deploying on {endpoint}; follow it with `cloudllm status {plan.spec.name}`")
@@ -225,6 +237,55 @@ class VertexProvider(Provider):
                 "a Vertex AI update cannot return early: the old deployed model is undeployed once the new one serves",
                 "deploy without --no-wait",
             )
+        with self._changing(existing.details["endpoint"], plan):
+            return self._update(plan, existing, reporter)
+
+    @contextmanager
+    def _changing(self, endpoint_name: str, plan: "Plan") -> Iterator[None]:
+        """Hold the endpoint's lock label while updating it: one deploy at a time, across machines.
+
+        The label is set with the endpoint's etag (Vertex's read-modify-write guard), so of two
+        deploys that read the endpoint at once only one sets it; the other stops, clearly, before
+        creating anything. A lock older than LOCK_STALE_SECONDS, or --force, is taken over.
+        """
+        from google.api_core import exceptions
+        from google.cloud import aiplatform_v1 as v1
+        from google.protobuf import field_mask_pb2
+
+        c = self.clients()
+        name = plan.spec.name
+        token = f"{self._run_token()}-{int(time.time())}"
+        busy = DeployFailed(
+            f"endpoint {name} is being changed by another deploy",
+            "wait for it to finish, then deploy again (if none is running because one was killed, deploy again with --force)",
+        )
+        current = c.endpoints.get_endpoint(name=endpoint_name)
+        held = current.labels.get(LOCK_LABEL, "")
+        if held and not plan.spec.options.get("force") and time.time() - _lock_time(held) < LOCK_STALE_SECONDS:
+            raise busy
+        mask = field_mask_pb2.FieldMask(paths=["labels"])
+        try:
+            c.endpoints.update_endpoint(
+                endpoint=v1.Endpoint(name=endpoint_name, labels={**current.labels, LOCK_LABEL: token}, etag=current.etag),
+                update_mask=mask,
+                retry=_retry(),
+            )
+        except (exceptions.Aborted, exceptions.FailedPrecondition, exceptions.Conflict):
+            # Someone changed the endpoint since we read it -- or our own retried write did.
+            if c.endpoints.get_endpoint(name=endpoint_name).labels.get(LOCK_LABEL) != token:
+                raise busy from None
+        try:
+            yield
+        finally:
+            try:
+                now = c.endpoints.get_endpoint(name=endpoint_name)
+                if now.labels.get(LOCK_LABEL) == token:
+                    labels = {k: v for k, v in now.labels.items() if k != LOCK_LABEL}
+                    c.endpoints.update_endpoint(endpoint=v1.Endpoint(name=endpoint_name, labels=labels, etag=now.etag), update_mask=mask, retry=_retry())
+            except exceptions.GoogleAPICallError:
+                pass  # the lock goes stale; --force takes it over
+
+    def _update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
         endpoint_name = existing.details["endpoint"]
         endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
         old = list(endpoint.deployed_models)
@@ -295,10 +356,17 @@ class VertexProvider(Provider):
         if kms:
             model.encryption_spec = v1.EncryptionSpec(kms_key_name=kms)
         request = v1.UploadModelRequest(parent=self.parent, model=model, parent_model=parent_model or "")
-        op = self.clients().models.upload_model(request=request)
-        response = self._wait(op, f"registering the model{' version' if parent_model else ''}", _short_deadline(plan), reporter)
-        reporter.step(f"model {response.model} version {response.model_version_id} ({plan.runtime}, {model.container_spec.image_uri})")
-        return response.model, response.model_version_id
+        sent = _send_once(
+            lambda: self.clients().models.upload_model(request=request),
+            find=lambda: self._model_of_this_run(plan.spec.name, model.labels[RUN_LABEL]),
+        )
+        if isinstance(sent, tuple):  # an earlier attempt registered it; only its answer was lost
+            model_name, version = sent
+        else:
+            response = self._wait(sent, f"registering the model{' version' if parent_model else ''}", _short_deadline(plan), reporter)
+            model_name, version = response.model, response.model_version_id
+        reporter.step(f"model {model_name} version {version} ({plan.runtime}, {model.container_spec.image_uri})")
+        return model_name, version
 
     def _create_endpoint(self, plan: "Plan", reporter: Reporter) -> str:
         from google.cloud import aiplatform_v1 as v1
@@ -307,35 +375,52 @@ class VertexProvider(Provider):
         kms = self.options.get("kms_key")
         if kms:
             endpoint.encryption_spec = v1.EncryptionSpec(kms_key_name=kms)
-        op = self.clients().endpoints.create_endpoint(parent=self.parent, endpoint=endpoint)
-        created = self._wait(op, "creating the endpoint", _short_deadline(plan), reporter)
-        reporter.step(f"endpoint {created.name}")
-        return created.name
+        sent = _send_once(
+            lambda: self.clients().endpoints.create_endpoint(parent=self.parent, endpoint=endpoint),
+            find=lambda: self._endpoint_of_this_run(plan.spec.name, endpoint.labels[RUN_LABEL]),
+        )
+        created = sent if isinstance(sent, str) else self._wait(sent, "creating the endpoint", _short_deadline(plan), reporter).name
+        reporter.step(f"endpoint {created}")
+        return created
 
     def _deploy_model(self, plan: "Plan", endpoint: str, model: str, split: dict[str, int], reporter: Reporter) -> str:
         from google.cloud import aiplatform_v1 as v1
 
-        deployed = v1.DeployedModel(model=model, display_name=plan.spec.name, dedicated_resources=self._resources(plan))
-        op = self.clients().endpoints.deploy_model(endpoint=endpoint, deployed_model=deployed, traffic_split=split)
-        if not plan.wait:
-            return ""
+        from google.api_core import exceptions
+
+        # Our own DeployedModel id: a DeployModel retried after its answer was lost meets ALREADY_EXISTS.
+        deployed = v1.DeployedModel(
+            id=str(secrets.randbelow(9 * 10**9) + 10**9), model=model, display_name=plan.spec.name, dedicated_resources=self._resources(plan)
+        )
         what = f"deploying on {_resources_line(plan)}"
         fix = "see the model server's log in Cloud Logging (linked from the endpoint in the Vertex AI console), then deploy again"
-        response = self._wait(op, what, _deploy_deadline(plan), reporter, fix=fix)
-        reporter.step(f"deployed model {response.deployed_model.id} serving")
-        return response.deployed_model.id
+        try:
+            op = _send_once(lambda: self.clients().endpoints.deploy_model(endpoint=endpoint, deployed_model=deployed, traffic_split=split), find=None)
+        except exceptions.Conflict:  # 409 ALREADY_EXISTS: our id, so our earlier attempt is deploying it
+            if not plan.wait:
+                return ""
+            self._wait_listed(endpoint, deployed.id, what, _deploy_deadline(plan), reporter, fix)
+        else:
+            if not plan.wait:
+                return ""
+            self._wait(op, what, _deploy_deadline(plan), reporter, fix=fix)
+        reporter.step(f"deployed model {deployed.id} serving")
+        return deployed.id
 
     def _set_traffic(self, endpoint: str, split: dict[str, int]) -> None:
         from google.cloud import aiplatform_v1 as v1
         from google.protobuf import field_mask_pb2
 
         self.clients().endpoints.update_endpoint(
-            endpoint=v1.Endpoint(name=endpoint, traffic_split=split), update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"])
+            endpoint=v1.Endpoint(name=endpoint, traffic_split=split),
+            update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]),
+            retry=_retry(),  # setting a traffic split twice is the same as once
         )
 
     def _undeploy(self, endpoint: str, deployed_model_id: str, plan, reporter: Reporter, split: dict | None = None) -> None:
-        op = self.clients().endpoints.undeploy_model(endpoint=endpoint, deployed_model_id=deployed_model_id, traffic_split=split or {})
-        self._wait(op, f"undeploying {deployed_model_id}", _short_deadline(plan), reporter)
+        op = _unless_gone(self.clients().endpoints.undeploy_model, endpoint=endpoint, deployed_model_id=deployed_model_id, traffic_split=split or {})
+        if op is not None:
+            self._wait(op, f"undeploying {deployed_model_id}", _short_deadline(plan), reporter)
         reporter.step(f"undeployed {deployed_model_id}")
 
     def _container_spec(self, plan: "Plan", artifact_uri: str):
@@ -407,6 +492,7 @@ class VertexProvider(Provider):
 
     def _labels(self, plan: "Plan", *, digests: bool) -> dict[str, str]:
         labels = {**plan.spec.tags, MANAGED_BY[0]: MANAGED_BY[1], NAME_LABEL: _label_value(plan.spec.name)}
+        labels[RUN_LABEL] = self._run_token()
         if digests:
             labels[RUNTIME_LABEL] = plan.runtime
             labels.update({label: encode_digest(plan.fingerprint[key]) for key, label in DIGEST_LABELS.items()})
@@ -423,7 +509,7 @@ class VertexProvider(Provider):
         start = time.monotonic()
         delay = 0.1
         with reporter.waiting(what) as update:
-            while not op.done():
+            while not op.done(retry=_retry()):
                 elapsed = time.monotonic() - start
                 if elapsed > deadline_s:
                     raise DeployFailed(
@@ -440,6 +526,41 @@ class VertexProvider(Provider):
                 raise
             message = str(exc.message or exc).splitlines()[0][:500]
             raise DeployFailed(f"{what} failed: {message}", fix) from None
+
+    def _run_token(self) -> str:
+        """A random token for this provider object's deploys, put on what they create (RUN_LABEL)."""
+        if getattr(self, "_token", None) is None:
+            self._token = secrets.token_hex(8)
+        return self._token
+
+    def _model_of_this_run(self, name: str, token: str) -> tuple[str, str] | None:
+        from google.cloud import aiplatform_v1 as v1
+
+        for model in self._models_named(name):
+            for version in self.clients().models.list_model_versions(request=v1.ListModelVersionsRequest(name=model)):
+                if version.labels.get(RUN_LABEL) == token:
+                    return model, version.version_id
+        return None
+
+    def _endpoint_of_this_run(self, name: str, token: str) -> str | None:
+        from google.cloud import aiplatform_v1 as v1
+
+        request = v1.ListEndpointsRequest(parent=self.parent, filter=f'display_name="{name}"')
+        found = [e.name for e in self.clients().endpoints.list_endpoints(request=request) if e.labels.get(RUN_LABEL) == token]
+        return found[0] if found else None
+
+    def _wait_listed(self, endpoint: str, deployed_id: str, what: str, deadline_s: float, reporter: Reporter, fix: str) -> None:
+        """Wait for a deployment whose operation we lost (its DeployModel answer was dropped): poll the endpoint."""
+        start = time.monotonic()
+        delay = 0.5
+        with reporter.waiting(what) as update:
+            while deployed_id not in {d.id for d in self.clients().endpoints.get_endpoint(name=endpoint).deployed_models}:
+                elapsed = time.monotonic() - start
+                if elapsed > deadline_s:
+                    raise DeployFailed(f"{what} did not finish within {deadline_s:.0f}s (deployed model {deployed_id})", fix)
+                update(f"{elapsed:.0f}s")
+                time.sleep(delay)
+                delay = min(delay * 1.6, 15.0)
 
     # --- reading ------------------------------------------------------------------------
     @contextmanager
@@ -468,7 +589,8 @@ class VertexProvider(Provider):
         with self._reading(f"look up endpoint {name}"):
             response = self.clients().endpoints.list_endpoints(request=request)
             found = [e for e in response if e.labels.get(MANAGED_BY[0]) == MANAGED_BY[1]]
-        return found[0] if found else None
+        # Two deploys racing may both create one; the older is the endpoint, whoever asks.
+        return min(found, key=lambda e: (e.create_time.timestamp() if e.create_time else 0.0, e.name)) if found else None
 
     def get(self, name: str) -> Endpoint | None:
         endpoint = self._find_endpoint(name)
@@ -555,17 +677,20 @@ class VertexProvider(Provider):
                 for deployed in sorted(endpoint.deployed_models, key=lambda d: split.get(d.id, 0)):
                     split.pop(deployed.id, None)
                     rest = _give_all_to_first(split) if split else {}
-                    op = c.endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=deployed.id, traffic_split=rest)
-                    self._wait(op, f"undeploying {deployed.id}", deadline["s"], reporter)
+                    op = _unless_gone(c.endpoints.undeploy_model, endpoint=endpoint.name, deployed_model_id=deployed.id, traffic_split=rest)
+                    if op is not None:
+                        self._wait(op, f"undeploying {deployed.id}", deadline["s"], reporter)
                     split = rest
                     reporter.step(f"undeployed {deployed.id}")
             artifact_roots = set()
             for model in sorted(models):
                 artifact_roots |= self._artifact_roots(model)
-                self._wait(c.models.delete_model(name=model), f"deleting model {model}", deadline["s"], reporter)
+                if (op := _unless_gone(c.models.delete_model, name=model)) is not None:
+                    self._wait(op, f"deleting model {model}", deadline["s"], reporter)
                 reporter.step(f"deleted model {model}")
             if endpoint is not None:
-                self._wait(c.endpoints.delete_endpoint(name=endpoint.name), "deleting the endpoint", deadline["s"], reporter)
+                if (op := _unless_gone(c.endpoints.delete_endpoint, name=endpoint.name)) is not None:
+                    self._wait(op, "deleting the endpoint", deadline["s"], reporter)
                 reporter.step(f"deleted endpoint {endpoint.name}")
         except Exception as exc:
             raise _deploy_error(exc, name, after="deleting stopped half-way") from None
@@ -609,9 +734,9 @@ class VertexProvider(Provider):
         if created.model:
             if created.version:
                 name = f"{created.model}@{created.version}"
-                steps.append((f"model version {name}", lambda: self._wait(c.models.delete_model_version(name=name), "", 600, quiet)))
+                steps.append((f"model version {name}", lambda: self._wait_unless_gone(c.models.delete_model_version, quiet, name=name)))
             else:
-                steps.append((f"model {created.model}", lambda: self._wait(c.models.delete_model(name=created.model), "", 600, quiet)))
+                steps.append((f"model {created.model}", lambda: self._wait_unless_gone(c.models.delete_model, quiet, name=created.model)))
         if created.artifacts and created.store:
             steps.append((f"artifacts {created.artifacts}", lambda: created.store.delete(created.artifacts)))
         for what, step in steps:
@@ -627,8 +752,12 @@ class VertexProvider(Provider):
         quiet = Reporter()
         current = c.endpoints.get_endpoint(name=endpoint)
         for deployed in current.deployed_models:
-            self._wait(c.endpoints.undeploy_model(endpoint=endpoint, deployed_model_id=deployed.id, traffic_split={}), "", 600, quiet)
-        self._wait(c.endpoints.delete_endpoint(name=endpoint), "", 600, quiet)
+            self._wait_unless_gone(c.endpoints.undeploy_model, quiet, endpoint=endpoint, deployed_model_id=deployed.id, traffic_split={})
+        self._wait_unless_gone(c.endpoints.delete_endpoint, quiet, name=endpoint)
+
+    def _wait_unless_gone(self, call, reporter: Reporter, **kwargs) -> None:
+        if (op := _unless_gone(call, **kwargs)) is not None:
+            self._wait(op, "", 600, reporter)
 
     # --- invoke ---------------------------------------------------------------------------
     def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
@@ -661,7 +790,7 @@ class VertexProvider(Provider):
         if "parameters" in request:
             kwargs["parameters"] = json_format.ParseDict(request["parameters"], struct_pb2.Value())
         try:
-            response = self.clients().predictions.predict(**kwargs)
+            response = self.clients().predictions.predict(**kwargs, retry=_retry(refused_only=True))
         except exceptions.GoogleAPICallError as exc:
             raise _invoke_error(name, exc) from None
         result = json_format.MessageToDict(type(response).pb(response))
@@ -724,7 +853,7 @@ class _Clients:
         from google.auth.exceptions import DefaultCredentialsError
 
         try:
-            return cls(v1.EndpointServiceClient(**kwargs), v1.ModelServiceClient(**kwargs), v1.PredictionServiceClient(**kwargs))
+            return cls(_Retrying(v1.EndpointServiceClient(**kwargs)), _Retrying(v1.ModelServiceClient(**kwargs)), v1.PredictionServiceClient(**kwargs))
         except DefaultCredentialsError as exc:
             raise UserError(
                 f"no Google Cloud credentials: {str(exc).splitlines()[0]}",
@@ -742,6 +871,77 @@ class _Created:
     version: str | None = None  # set when the model existed and only this version is ours
     endpoint: str | None = None
     left: list[str] | None = None
+
+
+def _lock_time(label: str) -> float:
+    stamp = label.rsplit("-", 1)[-1]
+    return float(stamp) if stamp.isdigit() else 0.0
+
+
+def _retry(*, refused_only: bool = False):
+    """google-api-core's Retry for transient faults: throttling, 5xx, dropped or timed-out connections.
+
+    Capped exponential backoff with jitter (api-core randomizes each sleep). The Vertex clients
+    retry nothing by default; reads and idempotent calls get this, creates go through _send_once.
+    refused_only: only what the service refused before doing anything (429, 503), for a predict
+    that must not run twice because an answer was lost.
+    """
+    import requests
+    from google.api_core import exceptions, retry
+
+    if refused_only:
+        return retry.Retry(
+            predicate=retry.if_exception_type(exceptions.TooManyRequests, exceptions.ServiceUnavailable),
+            initial=RETRY_INITIAL, maximum=5.0, multiplier=2.0, timeout=20.0,  # an interactive call: not for long
+        )  # fmt: skip
+    transient = retry.if_exception_type(
+        exceptions.TooManyRequests, exceptions.InternalServerError, exceptions.BadGateway, exceptions.ServiceUnavailable,
+        exceptions.GatewayTimeout, requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.Timeout,
+    )  # fmt: skip
+    return retry.Retry(predicate=transient, initial=RETRY_INITIAL, maximum=RETRY_MAX, multiplier=2.0, timeout=RETRY_DEADLINE)
+
+
+def _send_once(send, *, find):
+    """A non-idempotent call (a create), retried on transient faults without doing it twice.
+
+    Before sending again, find() looks for what an earlier attempt made (its answer lost on the
+    way back) and returns it instead; with find=None the service itself refuses the repeat
+    (ALREADY_EXISTS for a client-chosen id), which the caller handles.
+    """
+    tried = False
+
+    def attempt():
+        nonlocal tried
+        if tried and find is not None and (found := find()) is not None:
+            return found
+        tried = True
+        return send()
+
+    return _retry()(attempt)()
+
+
+def _unless_gone(call, **kwargs):
+    """A delete or undeploy, retried; NOT_FOUND means done (an earlier attempt did it). Returns its operation, or None."""
+    from google.api_core import exceptions
+
+    try:
+        return call(**kwargs, retry=_retry())
+    except exceptions.NotFound:
+        return None
+
+
+class _Retrying:
+    """A Vertex client whose reads (get_*, list_*) retry transient faults; everything else as is."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name.startswith(("get_", "list_")) and callable(attr):
+            return functools.partial(attr, retry=_retry())
+        return attr
 
 
 def _machine(plan: "Plan", default: str):

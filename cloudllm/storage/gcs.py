@@ -186,9 +186,13 @@ class GcsArtifacts:
     def _copy(self, source, bucket, name: str, f: "BundleFile", kms_key: str | None) -> None:
         target = bucket.blob(name, kms_key_name=kms_key)
         target.metadata = {SHA256_KEY: f.sha256}
-        token, _, _ = target.rewrite(source)
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # Rewrite is retried only with a generation precondition by default; copying the same bytes
+        # to the same name twice is harmless, so transient faults are retried (the client's own Retry).
+        token, _, _ = target.rewrite(source, retry=DEFAULT_RETRY)
         while token is not None:  # large objects across locations or keys take several calls
-            token, _, _ = target.rewrite(source, token=token)
+            token, _, _ = target.rewrite(source, token=token, retry=DEFAULT_RETRY)
         if target.crc32c != source.crc32c:
             raise DeployFailed(f"copying {f.name} inside GCS changed its checksum", "run the same deploy again")
 

@@ -147,8 +147,15 @@ class S3Artifacts:
                     to_copy.append((f, source))
                 else:
                     to_upload.append(f)
+            resumable = {f.name: upload for f in to_upload if (upload := self._interrupted_upload(dest, f)) is not None}
+            if resumable:
+                to_upload = [f for f in to_upload if f.name not in resumable]
+                for f in bundle.files:
+                    if f.name in resumable:
+                        self._resume(dest, f, resumable[f.name], reporter, kms_key, result)
             if to_copy or to_upload:
                 self._transfer(dest, to_copy, to_upload, reporter, kms_key, result)
+            self._abort_leftover_uploads(dest)
             self.client.put_object(
                 Bucket=dest.bucket,
                 Key=dest.key(MANIFEST_NAME),
@@ -240,6 +247,90 @@ class S3Artifacts:
                 result.copied.append(f.name)
                 result.copied_bytes += f.size
 
+    # --- resuming an interrupted multipart upload ---------------------------------------------
+    def _interrupted_upload(self, dest: S3Uri, f: "BundleFile") -> dict | None:
+        """The newest unfinished multipart upload of f's key, when f is big enough to go in parts.
+
+        A deploy killed mid-upload (SIGKILL, a lost machine) leaves one behind: s3transfer aborts
+        its uploads only when it can. The key is inside a content-addressed version prefix, so an
+        unfinished upload there was of this very file; each stored part is still checked.
+        """
+        if f.size <= PART_BYTES or f.content is not None:
+            return None
+        from botocore.exceptions import ClientError
+
+        key = dest.key(f.name)
+        try:
+            listing = self.client.list_multipart_uploads(Bucket=dest.bucket, Prefix=key)
+        except ClientError as exc:
+            if _code(exc) in ("AccessDenied", "403"):
+                return None  # no s3:ListBucketMultipartUploads: upload the file afresh
+            raise
+        uploads = [u for u in listing.get("Uploads", []) if u["Key"] == key]
+        return max(uploads, key=lambda u: u["Initiated"]) if uploads else None
+
+    def _resume(self, dest: S3Uri, f: "BundleFile", upload: dict, reporter: Reporter, kms_key, result: "UploadResult") -> None:
+        """Finish an interrupted multipart upload: keep the stored parts whose checksum matches, send the rest."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        key, upload_id = dest.key(f.name), upload["UploadId"]
+        stored = {}
+        for page in self.client.get_paginator("list_parts").paginate(Bucket=dest.bucket, Key=key, UploadId=upload_id):
+            for part in page.get("Parts", []):
+                stored[part["PartNumber"]] = part
+        count = max(1, -(-f.size // PART_BYTES))
+        parts: dict[int, dict] = {}
+        missing = []
+        for number in range(1, count + 1):
+            part = stored.get(number)
+            if part is not None and part["Size"] == _part_size(f.size, number) and _part_matches(part, _read_part(f, number)):
+                parts[number] = {"PartNumber": number, "ETag": part["ETag"], **_checksum_of(part)}
+            else:
+                missing.append(number)
+        sent = sum(_part_size(f.size, n) for n in missing)
+        reporter.step(
+            f"resuming the interrupted upload of {f.name}: {len(parts)} of {count} part(s) already in S3, sending {len(missing)} ({human_bytes(sent)})"
+        )
+
+        def send(number: int) -> dict:
+            data = _read_part(f, number)
+            answer = self.client.upload_part(
+                Bucket=dest.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ChecksumAlgorithm="CRC32"
+            )
+            advance(len(data))
+            return {"PartNumber": number, "ETag": answer["ETag"], **_checksum_of(answer)}
+
+        with reporter.transfer(sent, f"uploading {len(missing)} part(s) of {f.name} to {dest}") as advance:
+            with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS) as pool:
+                for part in pool.map(send, missing):
+                    parts[part["PartNumber"]] = part
+        ordered = [parts[n] for n in sorted(parts)]
+        if any("ChecksumCRC32" not in p for p in ordered):  # parts stored without checksums: complete by ETag
+            ordered = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in ordered]
+        self.client.complete_multipart_upload(Bucket=dest.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": ordered})
+        head = self.client.head_object(Bucket=dest.bucket, Key=key)
+        if head["ContentLength"] != f.size or head.get("Metadata", {}).get(SHA256_KEY) != f.sha256:
+            self.client.delete_object(Bucket=dest.bucket, Key=key)
+            raise DeployFailed(f"the resumed upload of {f.name} does not match the local file", "run the same deploy again")
+        result.uploaded.append(f.name)
+        result.uploaded_bytes += sent
+
+    def _abort_leftover_uploads(self, dest: S3Uri) -> None:
+        """Abort unfinished multipart uploads under dest (a killed run's): they cost storage and show nowhere.
+
+        Best effort: without s3:ListBucketMultipartUploads or s3:AbortMultipartUpload they stay
+        (a bucket lifecycle rule AbortIncompleteMultipartUpload removes them too).
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=dest.bucket, Prefix=dest.key("")):
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=dest.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        except ClientError as exc:
+            if _code(exc) not in ("AccessDenied", "403", "NoSuchUpload"):
+                raise
+
     # --- read, list, delete -----------------------------------------------------------
     def read_manifest(self, uri: S3Uri) -> bytes | None:
         from botocore.exceptions import ClientError
@@ -265,6 +356,13 @@ class S3Artifacts:
             objects.extend(page.get("Contents", []))
         return objects
 
+    def idle_seconds(self, uri: S3Uri) -> float:
+        """Seconds since the newest object under uri was written (0 when there is none)."""
+        from datetime import datetime, timezone
+
+        newest = max((obj["LastModified"] for obj in self._list(uri)), default=None)
+        return 0.0 if newest is None else (datetime.now(timezone.utc) - newest).total_seconds()
+
     def delete(self, uri: S3Uri) -> int:
         """Delete every object under uri; returns how many."""
         keys = [obj["Key"] for obj in self._list(uri)]
@@ -272,6 +370,31 @@ class S3Artifacts:
             batch = [{"Key": key} for key in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=uri.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
+
+
+def _part_size(size: int, number: int) -> int:
+    return max(0, min(PART_BYTES, size - (number - 1) * PART_BYTES))
+
+
+def _read_part(f: "BundleFile", number: int) -> bytes:
+    with open(f.source, "rb") as fh:
+        fh.seek((number - 1) * PART_BYTES)
+        return fh.read(PART_BYTES)
+
+
+def _part_matches(part: dict, data: bytes) -> bool:
+    """A stored part holds these bytes: by its CRC32 when S3 kept one, else by its ETag (the MD5 under SSE-S3)."""
+    import base64
+    import hashlib
+    import zlib
+
+    if part.get("ChecksumCRC32"):
+        return part["ChecksumCRC32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    return part.get("ETag", "").strip('"') == hashlib.md5(data).hexdigest()  # noqa: S324 (S3's own ETag scheme)
+
+
+def _checksum_of(part: dict) -> dict[str, str]:
+    return {"ChecksumCRC32": part["ChecksumCRC32"]} if part.get("ChecksumCRC32") else {}
 
 
 class _Progress(BaseSubscriber):

@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@/\-]{1,512}$")
 MAX_POLL_SECONDS = 15.0
 DELETE_TIMEOUT = 900
-_NOT_FOUND = ("Could not find", "does not exist", "not found")
+ABANDONED_UPLOAD_SECONDS = 3600  # an artifact version no model uses, untouched this long, is a killed deploy's
+UNFINISHED = ("Creating", "Updating", "SystemUpdating")  # SageMaker is still working on the endpoint
+_NOT_FOUND = ("Could not find", "does not exist", "not found", "No scaling policy found")
 
 
 class StillWaiting(DeployFailed):
@@ -249,10 +251,18 @@ class SageMakerProvider(Provider):
             version = self._upload(plan, reporter)
             config_name = self._create_version(plan, instance, sizes, version, created)
             with self._aws(f"create endpoint {name}"):
-                self._sm.create_endpoint(
-                    EndpointName=name,
-                    EndpointConfigName=config_name,
-                    Tags=res.tag_list(res.endpoint_tags(plan, str(self._artifact_root(plan)))),
+                fresh = self._create_once(
+                    "endpoint", name, lambda: self._sm.create_endpoint(
+                        EndpointName=name,
+                        EndpointConfigName=config_name,
+                        Tags=res.tag_list(res.endpoint_tags(plan, str(self._artifact_root(plan)))),
+                    ),
+                    ours=lambda: self._endpoint_targets(name, config_name),
+                )  # fmt: skip
+            if not fresh:
+                raise DeployFailed(
+                    f"endpoint {name} was created by another deploy while this one ran",
+                    "run the same deploy again: it will update that endpoint once it is InService",
                 )
             created.append(("endpoint", name))
             reporter.step(f"endpoint {name} is being created on {plan.spec.min_instances or 1}x {instance} ({plan.runtime})")
@@ -264,12 +274,14 @@ class SageMakerProvider(Provider):
             raise
         except (Exception, KeyboardInterrupt) as exc:
             if not isinstance(exc, KeyboardInterrupt):  # on Ctrl-C, leave it: the same deploy resumes
-                self._remove_created(created, reporter)
+                self._remove_created(name, created, reporter)
             raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
         return self._require(name)
 
     def update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
+        from botocore.exceptions import ClientError
+
         name = plan.spec.name
         self._refuse_no_wait_scaling(plan)
         if existing.state == "Failed":
@@ -277,6 +289,8 @@ class SageMakerProvider(Provider):
             reporter.step(f"endpoint {name} is Failed ({existing.failure_reason or 'no reason given'}): replacing it")
             self._delete_endpoint(name, reporter)
             return self.deploy(plan, reporter)
+        if existing.state in UNFINISHED:
+            return self._finish(plan, reporter)
         if existing.state != "InService":
             raise UserError(f"endpoint {name} is {existing.state}", f"wait until it is InService (`cloudllm status {name}`), then deploy again")
         instance = self._instance(plan.spec)
@@ -296,13 +310,24 @@ class SageMakerProvider(Provider):
                     self._remove_scaling(name)
                 removed_scaling = True
             with self._aws(f"update endpoint {name}"):
-                self._sm.update_endpoint(
-                    EndpointName=name,
-                    EndpointConfigName=config_name,
-                    DeploymentConfig=deployment,
-                    # Keep the instance count autoscaling chose while the new fleet comes up.
-                    RetainAllVariantProperties=bool(saved_scaling) and not removed_scaling,
-                )
+                try:
+                    self._sm.update_endpoint(
+                        EndpointName=name,
+                        EndpointConfigName=config_name,
+                        DeploymentConfig=deployment,
+                        # Keep the instance count autoscaling chose while the new fleet comes up.
+                        RetainAllVariantProperties=bool(saved_scaling) and not removed_scaling,
+                    )
+                except ClientError as exc:
+                    if not _in_progress(exc):
+                        raise
+                    if not (_retried(exc) and self._endpoint_targets(name, config_name)):
+                        # Another deploy (another pipeline, another machine) is changing the endpoint.
+                        raise DeployFailed(
+                            f"endpoint {name} is being changed by another deploy ({_message_of(exc)})",
+                            f"wait until it is InService (`cloudllm status {name}`), then deploy again",
+                        ) from None
+                    # else: our own UpdateEndpoint went through and only its answer was lost.
             reporter.step(f"blue/green update of {name} started ({plan.spec.rollout}, {'; '.join(plan.reasons)})")
             if not plan.wait:
                 return self._require(name)
@@ -313,11 +338,44 @@ class SageMakerProvider(Provider):
             raise
         except (Exception, KeyboardInterrupt) as exc:
             if not isinstance(exc, KeyboardInterrupt):
-                self._remove_created(created, reporter)
+                self._remove_created(name, created, reporter)
                 if removed_scaling:
                     self._restore_scaling(saved_scaling)
             raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
+        return self._require(name)
+
+    def _finish(self, plan: "Plan", reporter: Reporter) -> Endpoint:
+        """The endpoint is Creating or Updating: finish an earlier, interrupted deploy of this same version.
+
+        A deploy killed while waiting (or on another machine, or Ctrl-C) leaves SageMaker working;
+        running it again waits for that work, then does what the first run had left: autoscaling,
+        tags, removing old versions. When the endpoint is moving to another version, another
+        deploy is changing it: this one stops, clearly, and changes nothing.
+        """
+        name = plan.spec.name
+        with self._aws(f"read endpoint {name}"):
+            desc = self._describe_endpoint(name)
+            if desc is None:
+                raise DeployFailed(f"endpoint {name} disappeared while deploying", "someone deleted it; deploy again")
+            status = desc["EndpointStatus"]
+            target = (desc.get("PendingDeploymentSummary") or {}).get("EndpointConfigName") or desc["EndpointConfigName"]
+            config = self._sm.describe_endpoint_config(EndpointConfigName=target)
+            tags = self._tags(config["EndpointConfigArn"])
+        if tags.get(res.FINGERPRINT_TAGS["digest"]) != plan.digest:
+            raise DeployFailed(
+                f"endpoint {name} is {status}: another deploy is changing it to another version",
+                f"wait until it is InService (`cloudllm status {name}`), then deploy again",
+            )
+        reporter.step(f"endpoint {name} is already {status} with this version (an earlier deploy did not finish): waiting for it")
+        if not plan.wait:
+            return self._require(name)
+        sizes = res.sizing(plan, self._instance(plan.spec))
+        self._wait(name, sizes.wait_timeout, reporter, target_config=target)
+        self._apply_scaling(plan, reporter)
+        self._retag_endpoint(plan)
+        version = S3Uri.parse(tags[res.VERSION_TAG]) if tags.get(res.VERSION_TAG) else None
+        self._sweep(name, keep={target}, keep_version=version, reporter=reporter)
         return self._require(name)
 
     def _retag_endpoint(self, plan: "Plan") -> None:
@@ -367,7 +425,7 @@ class SageMakerProvider(Provider):
         if spec.options.get("vpc_subnets"):
             model["VpcConfig"] = {"Subnets": list(spec.options["vpc_subnets"]), "SecurityGroupIds": list(spec.options["vpc_security_groups"])}
         with self._aws(f"create model {name}"):
-            self._sm.create_model(**model)
+            self._create_once("model", name, lambda: self._sm.create_model(**model), ours=lambda: self._same_version(name, tags))
         created.append(("model", name))
         variant: dict[str, Any] = {
             "VariantName": res.VARIANT,
@@ -383,9 +441,45 @@ class SageMakerProvider(Provider):
         if spec.options.get("kms_key") and not res.has_local_storage(instance):
             config["KmsKeyId"] = spec.options["kms_key"]  # instance-store volumes are encrypted by the hardware
         with self._aws(f"create endpoint config {name}"):
-            self._sm.create_endpoint_config(**config)
+            self._create_once(
+                "endpoint-config", name, lambda: self._sm.create_endpoint_config(**config), ours=lambda: self._same_version(name, tags, config=True)
+            )
         created.append(("endpoint-config", name))
         return name
+
+    def _create_once(self, kind: str, name: str, create, *, ours) -> bool:
+        """Run a Create* call; True when it created the resource, False when it already existed.
+
+        botocore retries throttling, 5xx and dropped connections. When a create went through but
+        its answer was lost, the retry meets "already exists": that is our own earlier attempt
+        when botocore did retry (RetryAttempts > 0) and `ours()` confirms the resource is the one
+        we asked for. Anything else (the name taken by someone else) raises the original error.
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            create()
+            return True
+        except ClientError as exc:
+            if not _already_exists(exc):
+                raise
+            if _retried(exc) and ours():
+                return True
+            if kind == "endpoint":
+                return False
+            raise
+
+    def _same_version(self, name: str, tags: list[dict[str, str]], *, config: bool = False) -> bool:
+        """The model (or endpoint config) called name carries exactly the version tags we create it with."""
+        describe = self._sm.describe_endpoint_config(EndpointConfigName=name) if config else self._sm.describe_model(ModelName=name)
+        found = self._tags(describe["EndpointConfigArn" if config else "ModelArn"])
+        return all(found.get(t["Key"]) == t["Value"] for t in tags)
+
+    def _endpoint_targets(self, name: str, config_name: str) -> bool:
+        """The endpoint runs, or is moving to, config_name."""
+        desc = self._describe_endpoint(name) or {}
+        pending = (desc.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+        return config_name in (desc.get("EndpointConfigName"), pending)
 
     # --- waiting --------------------------------------------------------------------------------
     def _wait(self, name: str, timeout: int, reporter: Reporter, *, target_config: str | None = None) -> dict:
@@ -471,10 +565,10 @@ class SageMakerProvider(Provider):
         if state is None:
             return False
         for policy in state["policies"]:
-            self._scaling.delete_scaling_policy(
+            _unless_gone(lambda: self._scaling.delete_scaling_policy(
                 PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker",
                 ResourceId=policy["ResourceId"], ScalableDimension=policy["ScalableDimension"],
-            )  # fmt: skip
+            ))  # fmt: skip
         try:
             self._scaling.deregister_scalable_target(
                 ServiceNamespace="sagemaker", ResourceId=res.scaling_resource_id(name), ScalableDimension=res.SCALABLE_DIMENSION
@@ -495,23 +589,55 @@ class SageMakerProvider(Provider):
                 self._scaling.put_scaling_policy(PolicyName=policy["PolicyName"], PolicyType=policy["PolicyType"], **keys, **config)
 
     # --- clean-up -------------------------------------------------------------------------
-    def _remove_created(self, created: list[tuple[str, str]], reporter: Reporter) -> None:
-        """Delete, newest first, what a failed deploy created (artifacts stay for the retry)."""
+    def _remove_created(self, endpoint: str, created: list[tuple[str, str]], reporter: Reporter) -> None:
+        """Delete, newest first, what a failed deploy created (artifacts stay for the retry).
+
+        What the endpoint runs or is moving to is never removed: with two deploys of one version
+        racing, the config both named alike may be the one the other deploy put in service.
+        """
         removed = []
+        in_use: set[str] = set()
+        if ("endpoint", endpoint) not in created:
+            try:
+                with self._aws(f"read endpoint {endpoint}"):
+                    in_use = self._in_use(endpoint)
+            except UserError as exc:
+                reporter.step(f"could not read endpoint {endpoint}: {exc.problem}; removing nothing")
+                return
         for kind, name in reversed(created):
+            if name in in_use and kind != "endpoint":
+                reporter.step(f"kept {kind} {name}: endpoint {endpoint} uses it")
+                continue
             try:
                 with self._aws(f"delete {kind} {name}"):
                     if kind == "endpoint":
                         self._delete_endpoint(name, reporter)
                     elif kind == "endpoint-config":
-                        self._sm.delete_endpoint_config(EndpointConfigName=name)
+                        _unless_gone(lambda: self._sm.delete_endpoint_config(EndpointConfigName=name))
                     else:
-                        self._sm.delete_model(ModelName=name)
+                        _unless_gone(lambda: self._sm.delete_model(ModelName=name))
                 removed.append(f"{kind} {name}")
             except UserError as exc:
                 reporter.step(f"could not remove {kind} {name}: {exc.problem}")
         if removed:
             reporter.step(f"removed what this deploy created: {', '.join(removed)}")
+
+    def _in_use(self, endpoint: str) -> set[str]:
+        """Names of the configs and models the endpoint runs or is moving to."""
+        from botocore.exceptions import ClientError
+
+        desc = self._describe_endpoint(endpoint) or {}
+        configs = {desc.get("EndpointConfigName"), (desc.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")} - {None}
+        in_use = set(configs)
+        for config in configs:
+            try:
+                described = self._sm.describe_endpoint_config(EndpointConfigName=config)
+            except ClientError as exc:
+                if not _gone_already(exc):
+                    raise
+                continue
+            in_use.update(v["ModelName"] for v in described["ProductionVariants"])
+        return in_use
 
     def _sweep(self, name: str, *, keep: set[str], keep_version: S3Uri | None, reporter: Reporter) -> tuple[list[str], set[str]]:
         """Delete this endpoint's cloudllm configs and models except `keep`, and artifact versions except keep_version.
@@ -521,6 +647,9 @@ class SageMakerProvider(Provider):
         removed = []
         versions: set[str] = set()
         with self._aws(f"remove old versions of {name}"):
+            # Never what the endpoint runs or is moving to: another deploy may have changed it since.
+            keep = keep | self._in_use(name)
+            kept_versions: set[str] = set()
             for kind, lister, key, deleter, arg in (
                 ("endpoint-config", "list_endpoint_configs", "EndpointConfigs", self._sm.delete_endpoint_config, "EndpointConfigName"),
                 ("model", "list_models", "Models", self._sm.delete_model, "ModelName"),
@@ -534,13 +663,19 @@ class SageMakerProvider(Provider):
                         if tags.get(res.VERSION_TAG):
                             versions.add(tags[res.VERSION_TAG])
                         if resource in keep:
+                            if tags.get(res.VERSION_TAG):
+                                kept_versions.add(tags[res.VERSION_TAG])
                             continue
-                        deleter(**{arg: resource})
+                        _unless_gone(lambda: deleter(**{arg: resource}))
                         removed.append(f"{kind} {resource}")
             if keep_version is not None:
                 artifacts = self._artifacts()
                 for version in artifacts.versions(S3Uri.parse(str(keep_version).rstrip("/").rsplit("/", 1)[0])):
-                    if version != keep_version:
+                    if version == keep_version or str(version) in kept_versions:
+                        continue
+                    # A version no model points at may be another pipeline's upload in progress:
+                    # only one untouched for a while is abandoned (a killed deploy's).
+                    if str(version) in versions or artifacts.idle_seconds(version) > ABANDONED_UPLOAD_SECONDS:
                         artifacts.delete(version)
                         removed.append(f"artifacts {version}")
         if removed:
@@ -550,7 +685,7 @@ class SageMakerProvider(Provider):
     def _delete_endpoint(self, name: str, reporter: Reporter) -> None:
         """DeleteEndpoint, then wait until it is gone (a name in Deleting cannot be reused)."""
         with self._aws(f"delete endpoint {name}"):
-            self._sm.delete_endpoint(EndpointName=name)
+            _unless_gone(lambda: self._sm.delete_endpoint(EndpointName=name))
             start = time.monotonic()
             delay = 0.25
             with reporter.waiting(f"deleting endpoint {name}") as update:
@@ -612,6 +747,8 @@ class SageMakerProvider(Provider):
             log_group=log_group(name),
             tags={k: v for k, v in tags.items() if not k.startswith(res.TAG)},
         )
+        if desc["EndpointStatus"] in UNFINISHED:
+            details["unfinished"] = True  # the next deploy waits for it (or refuses, if another version is coming)
         return Endpoint(
             name=name,
             provider=self.name,
@@ -772,3 +909,39 @@ def _error(exc) -> tuple[str, str]:
     error = exc.response.get("Error", {})
     message = str(error.get("Message") or exc).strip().splitlines()
     return str(error.get("Code", "")), (message[0] if message else "")
+
+
+def _already_exists(exc) -> bool:
+    code, message = _error(exc)
+    return code == "ValidationException" and "already existing" in message
+
+
+def _in_progress(exc) -> bool:
+    code, message = _error(exc)
+    return code == "ValidationException" and "in-progress" in message
+
+
+def _retried(exc) -> bool:
+    """botocore sent the call more than once (a throttled, failed or dropped attempt came first)."""
+    return int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts") or 0) > 0
+
+
+def _message_of(exc) -> str:
+    return _error(exc)[1]
+
+
+def _gone_already(exc) -> bool:
+    """A delete whose earlier attempt went through: SageMaker says the resource does not exist."""
+    code, message = _error(exc)
+    return code in ("ValidationException", "ObjectNotFoundException") and any(s in message for s in _NOT_FOUND)
+
+
+def _unless_gone(delete) -> None:
+    """Run a Delete* call; done when the resource is already gone (a retried delete whose first attempt went through)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        delete()
+    except ClientError as exc:
+        if not _gone_already(exc):
+            raise

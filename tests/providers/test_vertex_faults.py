@@ -1,0 +1,180 @@
+"""The Vertex AI provider through an unreliable network: cloudllm reaches the Vertex fake and the GCS
+emulator through cloudllm.testing.faults.FaultProxy, which answers 429 and 500, drops connections,
+or performs a request and drops its answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cloudllm import api
+from cloudllm.providers.vertex import API_ENDPOINT_ENV, decode_digest
+from cloudllm.testing.faults import FAULT_KINDS, FaultProxy
+from tests.conftest import CLOUDLLM
+
+v1 = pytest.importorskip("google.cloud.aiplatform_v1")
+
+
+@pytest.fixture(scope="module")
+def proxies(vertex_emulator):
+    with FaultProxy(vertex_emulator.url, flavour="google") as api_proxy, FaultProxy(vertex_emulator.storage_url, flavour="google") as gcs_proxy:
+        yield api_proxy, gcs_proxy
+
+
+@pytest.fixture
+def flaky(proxies, monkeypatch: pytest.MonkeyPatch):
+    api_proxy, gcs_proxy = proxies
+    for proxy in proxies:
+        proxy.configure(rate=0.0)
+    monkeypatch.setenv(API_ENDPOINT_ENV, api_proxy.url)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_proxy.url)
+    yield proxies
+    for proxy in proxies:
+        proxy.configure(rate=0.0)
+
+
+def _state(emulator, name: str) -> tuple[list, list]:
+    """The emulator's endpoints and model versions for display name `name` (straight from its state)."""
+    with emulator.lock:
+        endpoints = [e for e in emulator.state.endpoints.values() if e.display_name == name]
+        versions = [v for versions in emulator.state.models.values() for v in versions if v.display_name == name]
+    return endpoints, versions
+
+
+def assert_serving_exactly(emulator, name: str, digest: str) -> None:
+    """One endpoint, one deployed model taking all the traffic, of the version with `digest`; no stray versions."""
+    endpoints, versions = _state(emulator, name)
+    assert len(endpoints) == 1, [e.name for e in endpoints]
+    (endpoint,) = endpoints
+    assert len(endpoint.deployed_models) == 1, endpoint.deployed_models
+    deployed = endpoint.deployed_models[0]
+    assert dict(endpoint.traffic_split) == {deployed.id: 100}
+    serving = [v for v in versions if v.name.endswith(deployed.model.rsplit("/", 1)[-1]) and v.version_id == deployed.model_version_id]
+    assert len(serving) == 1 and decode_digest(serving[0].labels["cloudllm-digest"]) == digest
+    # A create retried after a lost answer must not leave a second model, or a second version of one upload.
+    assert len({v.name for v in versions}) == 1, [v.name for v in versions]
+    assert len(versions) == len({v.artifact_uri for v in versions}), [(v.version_id, v.artifact_uri) for v in versions]
+
+
+def assert_gone(emulator, name: str, prefix: str) -> None:
+    assert _state(emulator, name) == ([], [])
+    assert emulator.objects("cloudllm-test", prefix) == []
+
+
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
+def test_deploy_update_delete_succeed_with_a_fifth_of_requests_failing(flaky, vertex_emulator, tiny_gpt2: Path, seed: int) -> None:
+    api_proxy, gcs_proxy = flaky
+    name = f"flaky-{seed}"
+    api_proxy.configure(rate=0.2, seed=seed)
+    gcs_proxy.configure(rate=0.2, seed=seed + 1000)
+
+    created = api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket)
+    assert created.action == "create" and created.endpoint.state == "InService"
+    assert_serving_exactly(vertex_emulator, name, created.plan.digest)
+
+    updated = api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket, serving={"max_new_tokens": 16})
+    assert updated.action == "update" and updated.endpoint.digest == updated.plan.digest
+    assert_serving_exactly(vertex_emulator, name, updated.plan.digest)
+
+    api.delete(name, provider="vertex", purge_artifacts=True)
+    assert_gone(vertex_emulator, name, f"models/{name}/")
+
+    faults = sum(proxy.counts[kind] for proxy in flaky for kind in FAULT_KINDS)
+    assert faults >= 10, (api_proxy.counts, gcs_proxy.counts)
+
+
+def _call(fragment: str, method: str = "POST"):
+    return lambda m, path: m == method and fragment in path.split("?")[0]
+
+
+def test_creates_whose_answer_was_lost_are_not_done_twice(flaky, vertex_emulator, tiny_gpt2: Path) -> None:
+    """UploadModel, CreateEndpoint, DeployModel, the last chunk of an upload and the deletes each go
+    through once with their answer dropped: the retry finds (or is refused) what the first did."""
+    api_proxy, gcs_proxy = flaky
+    name = "lost-answers"
+    api_proxy.fail_next(_call("/models:upload"), "drop_after")
+    api_proxy.fail_next(lambda m, path: m == "POST" and path.split("?")[0].endswith("/endpoints"), "drop_after")
+    api_proxy.fail_next(_call(":deployModel"), "drop_after")
+    gcs_proxy.fail_next(lambda m, path: m == "PUT" and "upload_id=" in path, "drop_after")
+    created = api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket)
+    assert api_proxy.unfired == 0 and gcs_proxy.unfired == 0
+    assert_serving_exactly(vertex_emulator, name, created.plan.digest)
+
+    api_proxy.fail_next(_call("/models:upload"), "drop_after")  # a new version of the model this time
+    api_proxy.fail_next(_call(":deployModel"), "drop_after")
+    api_proxy.fail_next(_call(":undeployModel"), "drop_after")
+    updated = api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket, serving={"max_new_tokens": 16})
+    assert api_proxy.unfired == 0
+    assert_serving_exactly(vertex_emulator, name, updated.plan.digest)
+
+    api_proxy.fail_next(_call(":undeployModel"), "drop_after")
+    api_proxy.fail_next(lambda m, path: m == "DELETE" and "/models/" in path, "drop_after")
+    api_proxy.fail_next(lambda m, path: m == "DELETE" and "/endpoints/" in path, "drop_after")
+    api.delete(name, provider="vertex", purge_artifacts=True)
+    assert api_proxy.unfired == 0
+    assert_gone(vertex_emulator, name, f"models/{name}/")
+
+
+# --- two pipelines deploy one endpoint at once ------------------------------------------------------
+def _race(proxy: FaultProxy, runs: list[tuple[list[str], dict]], predicate) -> list[subprocess.CompletedProcess]:
+    """Start the deploys; park the calls matching predicate until each has made one, then let all through at once."""
+    proxy.hold(predicate, then="pass")
+    processes = [subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, env in runs]
+    try:
+        for _ in range(2400):
+            if proxy.held_count >= len(runs) or any(p.poll() is not None for p in processes):
+                break
+            proxy.held.wait(timeout=0.1)
+            proxy.held.clear()
+        assert proxy.held_count == len(runs), [(p.poll(), p.stderr.read() if p.poll() is not None else "") for p in processes]
+        proxy.release()
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        proxy.release()
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+
+
+def _one_wins(results: list[subprocess.CompletedProcess], loser_says: str) -> int:
+    assert sorted(r.returncode for r in results) == [0, 1], [(r.returncode, r.stderr[-2000:]) for r in results]
+    winner = next(i for i, r in enumerate(results) if r.returncode == 0)
+    loser = results[1 - winner]
+    assert "Traceback" not in loser.stderr
+    last = loser.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and loser_says in last, last
+    return winner
+
+
+def test_two_pipelines_deploying_one_endpoint_one_wins_and_the_other_fails_clearly(flaky, vertex_emulator, tiny_gpt2: Path, tmp_path: Path) -> None:
+    api_proxy, _ = flaky
+    name = "raced"
+
+    def runs(*tokens: int):
+        return [
+            ([CLOUDLLM, "deploy", str(tiny_gpt2), "--provider", "vertex", "--name", name, "--bucket", vertex_emulator.bucket,
+              "--max-new-tokens", str(t), "--json"], {"CLOUDLLM_HOME": str(tmp_path / f"ci-{i}")})
+            for i, t in enumerate(tokens)
+        ]  # fmt: skip
+
+    # Both create it: both CreateEndpoint calls go through; the older endpoint stays, the other deploy removes its own.
+    results = _race(api_proxy, runs(8, 16), lambda m, path: m == "POST" and path.split("?")[0].endswith("/endpoints"))
+    winner = _one_wins(results, "was created by another deploy")
+    won = json.loads(results[winner].stdout)
+    assert_serving_exactly(vertex_emulator, name, won["endpoint"]["digest"])
+
+    # Both update it: both read the endpoint, both try to take its lock with that etag; one gets it.
+    results = _race(api_proxy, runs(24, 32), lambda m, path: m == "PATCH" and "/endpoints/" in path and "labels" in path)
+    winner = _one_wins(results, "is being changed by another deploy")
+    won = json.loads(results[winner].stdout)
+    assert_serving_exactly(vertex_emulator, name, won["endpoint"]["digest"])
+    endpoints, _ = _state(vertex_emulator, name)
+    assert "cloudllm-lock" not in endpoints[0].labels  # released
+
+    api.delete(name, provider="vertex", purge_artifacts=True)
+    assert_gone(vertex_emulator, name, f"models/{name}/")
