@@ -232,6 +232,28 @@ def test_a_deploy_killed_anywhere_converges_when_run_again(flaky: FaultProxy, sa
     assert_gone(aws, name)
 
 
+def test_a_deploy_killed_before_autoscaling_finishes_it_when_run_again(flaky: FaultProxy, sagemaker_emulator, aws, tiny_gpt2: Path, tmp_path: Path) -> None:
+    """The endpoint is InService with this version, but autoscaling and the sweep never ran: not "unchanged"."""
+    name = "killed-before-scaling"
+    env = {"CLOUDLLM_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": flaky.url}
+    args = _cli_args(sagemaker_emulator, tiny_gpt2, name, "--min-instances", "1", "--max-instances", "3")
+    _kill_at(flaky, args, env, _op("RegisterScalableTarget"), "drop")
+    assert _owned(aws, name)["scaling"] == []
+
+    again = subprocess.run([*args, "--json"], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["action"] == "update" and "has not finished" in result["reasons"][0]
+    assert "finishing it" in again.stderr
+    assert_exactly_one_version(aws, name, digest=result["endpoint"]["digest"])
+    assert _owned(aws, name)["scaling"] == [res.scaling_resource_id(name)]
+
+    unchanged = subprocess.run([*args, "--json"], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert unchanged.returncode == 0 and json.loads(unchanged.stdout)["action"] == "unchanged", unchanged.stderr
+    assert api.delete(name, provider="sagemaker") is None
+    assert _owned(aws, name)["endpoints"] == []
+
+
 @pytest.mark.slow
 def test_an_update_killed_while_waiting_converges_when_run_again(flaky: FaultProxy, sagemaker_emulator, aws, tiny_gpt2: Path, tmp_path: Path) -> None:
     name = "killed-update"

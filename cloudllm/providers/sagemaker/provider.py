@@ -277,6 +277,7 @@ class SageMakerProvider(Provider):
                 self._remove_created(name, created, reporter)
             raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
+        self._retag_endpoint(plan)
         return self._require(name)
 
     def update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
@@ -289,7 +290,7 @@ class SageMakerProvider(Provider):
             reporter.step(f"endpoint {name} is Failed ({existing.failure_reason or 'no reason given'}): replacing it")
             self._delete_endpoint(name, reporter)
             return self.deploy(plan, reporter)
-        if existing.state in UNFINISHED:
+        if existing.state in UNFINISHED or existing.details.get("unfinished_digest") == plan.digest:
             return self._finish(plan, reporter)
         if existing.state != "InService":
             raise UserError(f"endpoint {name} is {existing.state}", f"wait until it is InService (`cloudllm status {name}`), then deploy again")
@@ -333,7 +334,6 @@ class SageMakerProvider(Provider):
                 return self._require(name)
             self._wait(name, sizes.wait_timeout + res.rollout_seconds(deployment), reporter, target_config=config_name)
             self._apply_scaling(plan, reporter)
-            self._retag_endpoint(plan)
         except StillWaiting:
             raise
         except (Exception, KeyboardInterrupt) as exc:
@@ -343,6 +343,7 @@ class SageMakerProvider(Provider):
                     self._restore_scaling(saved_scaling)
             raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
+        self._retag_endpoint(plan)
         return self._require(name)
 
     def _finish(self, plan: "Plan", reporter: Reporter) -> Endpoint:
@@ -367,23 +368,26 @@ class SageMakerProvider(Provider):
                 f"endpoint {name} is {status}: another deploy is changing it to another version",
                 f"wait until it is InService (`cloudllm status {name}`), then deploy again",
             )
-        reporter.step(f"endpoint {name} is already {status} with this version (an earlier deploy did not finish): waiting for it")
-        if not plan.wait:
+        if status == "InService":
+            reporter.step(f"endpoint {name} is InService with this version, but an earlier deploy did not finish: finishing it")
+        else:
+            reporter.step(f"endpoint {name} is already {status} with this version (an earlier deploy did not finish): waiting for it")
+        if not plan.wait and status != "InService":
             return self._require(name)
         sizes = res.sizing(plan, self._instance(plan.spec))
         self._wait(name, sizes.wait_timeout, reporter, target_config=target)
         self._apply_scaling(plan, reporter)
-        self._retag_endpoint(plan)
         version = S3Uri.parse(tags[res.VERSION_TAG]) if tags.get(res.VERSION_TAG) else None
         self._sweep(name, keep={target}, keep_version=version, reporter=reporter)
+        self._retag_endpoint(plan)
         return self._require(name)
 
     def _retag_endpoint(self, plan: "Plan") -> None:
-        """Give the endpoint the plan's tags (the user's may have changed with this update)."""
+        """Give the endpoint the plan's tags (the user's may have changed) and mark this deploy finished: the last step."""
         name = plan.spec.name
         with self._aws(f"tag endpoint {name}"):
             arn = self._sm.describe_endpoint(EndpointName=name)["EndpointArn"]
-            wanted = res.endpoint_tags(plan, str(self._artifact_root(plan)))
+            wanted = {**res.endpoint_tags(plan, str(self._artifact_root(plan))), res.FINISHED_TAG: plan.digest}
             stale = [k for k in self._tags(arn) if k not in wanted and not k.startswith("aws:")]
             if stale:
                 self._sm.delete_tags(ResourceArn=arn, TagKeys=stale)
@@ -749,6 +753,12 @@ class SageMakerProvider(Provider):
         )
         if desc["EndpointStatus"] in UNFINISHED:
             details["unfinished"] = True  # the next deploy waits for it (or refuses, if another version is coming)
+        elif desc["EndpointStatus"] == "InService" and tags.get(res.FINGERPRINT_TAGS["digest"]):
+            with self._aws(f"read endpoint {name}"):
+                finished = self._tags(desc["EndpointArn"]).get(res.FINISHED_TAG)
+            if finished != tags[res.FINGERPRINT_TAGS["digest"]]:
+                # Killed (or --no-wait) after the endpoint came up: autoscaling, tags or the sweep may be missing.
+                details.update(unfinished=True, unfinished_digest=tags[res.FINGERPRINT_TAGS["digest"]])
         return Endpoint(
             name=name,
             provider=self.name,

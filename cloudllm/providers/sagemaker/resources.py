@@ -31,6 +31,9 @@ TAG = "cloudllm:"
 ENDPOINT_TAG = TAG + "endpoint"
 ARTIFACTS_TAG = TAG + "artifacts"  # s3:// root holding every version of this endpoint
 VERSION_TAG = TAG + "artifact"  # the version prefix a config's model reads
+# On the endpoint, the digest of the last deploy that finished every step (autoscaling, tags).
+# A deploy killed after InService but before those steps leaves it behind, and the next run finishes it.
+FINISHED_TAG = TAG + "finished"
 FINGERPRINT_TAGS = {
     "weights_digest": TAG + "weights-digest",
     "code_digest": TAG + "code-digest",
