@@ -73,6 +73,8 @@ class Server:
     def __init__(self, artifact: Path, settings: Path, log: Path):
         port_file = log.with_suffix(".port")
         port_file.unlink(missing_ok=True)
+        self.log_path = log
+        self.started_epoch = time.time()
         self.started = time.perf_counter()
         self.log = open(log, "wb")
         self.process = subprocess.Popen(
@@ -109,6 +111,23 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+    def phases(self) -> dict:
+        """Seconds from process start to the server's `listening` and `model_loaded` log lines, and the load itself."""
+        from datetime import datetime
+
+        found = {}
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") in ("listening", "model_loaded") and "ts" in event:
+                at = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+                found[f"to_{event['event']}_seconds"] = at - self.started_epoch
+                if event["event"] == "model_loaded":
+                    found["model_load_seconds"] = event.get("seconds")
+        return found
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -192,15 +211,23 @@ def streaming(url: str) -> dict:
 
 
 def cold_starts(artifact: Path, settings: Path, model: Path, work: Path) -> dict:
-    serve, bare = [], []
+    serve, bare, phases = [], [], []
     for i in range(COLD_RUNS):  # alternate, so both see the same page cache and the same neighbours
         server = Server(artifact, settings, work / f"cold-{i}.log")
         serve.append(server.ready_seconds)
         server.stop()
+        phases.append(server.phases())
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", BARE_LOAD, str(model)], check=True, capture_output=True)
         bare.append(time.perf_counter() - start)
-    return {"serve_to_ping_seconds": statistics.median(serve), "bare_from_pretrained_seconds": statistics.median(bare), "runs": COLD_RUNS}
+    return {
+        "serve_to_ping_seconds": statistics.median(serve),
+        "bare_from_pretrained_seconds": statistics.median(bare),
+        "runs": COLD_RUNS,
+        "serve_seconds_each": serve,
+        "bare_seconds_each": bare,
+        "server_phases": phases,
+    }
 
 
 def cli_invoke(model: Path, work: Path) -> dict:
