@@ -10,7 +10,9 @@ batches are padded) and records requests/s and p50/p99 latency. Then, in the sam
 - time to first token of a streamed answer against the full non-streamed answer;
 - cold start: process start to /ping 200, against a bare script that imports
   transformers and runs `from_pretrained` of the same model and tokenizer;
-- `cloudllm invoke` end to end (a new CLI process each time) to a local endpoint.
+- `cloudllm invoke` end to end (a new CLI process each time) to a local endpoint;
+- the engine alone (no HTTP): one generate of 1, 8 and 16 prompts, to tell the model
+  call's batching gain from the HTTP server's and the load client's share of the 2 cores.
 
 Goals (issue 7): at 16 clients, batched throughput >= 4x unbatched and batched p99 < unbatched
 p99; cold start within 1.3x of the bare load; `cloudllm invoke` under 0.5 s. No GPU here.
@@ -210,6 +212,35 @@ def streaming(url: str) -> dict:
     }
 
 
+def engine_batching(artifact: Path) -> dict:
+    """The model call alone, in this process: one greedy generate of 1, 8 and 16 mixed-length prompts (best of 3)."""
+    import torch
+
+    from cloudllm_runtime.engine import load_engine
+    from cloudllm_runtime.settings import ServingSettings
+
+    engine = load_engine(str(artifact), ServingSettings.load(str(artifact / "code")))
+    params = {"max_new_tokens": NEW_TOKENS, "do_sample": False}
+    out = {}
+    for size in (1, 8, 16):
+        inputs = [PROMPTS[i % len(PROMPTS)] for i in range(size)]
+        engine.run(inputs, params)  # warm-up
+        best = min(_timed_run(engine, inputs, params) for _ in range(3))
+        out[str(size)] = {"seconds": best, "requests_per_second": size / best}
+    base = out["1"]["requests_per_second"]
+    for figures in out.values():
+        figures["x_batch_1"] = figures["requests_per_second"] / base
+    out["torch_threads"] = torch.get_num_threads()
+    del engine
+    return out
+
+
+def _timed_run(engine, inputs: list[str], params: dict) -> float:
+    start = time.perf_counter()
+    engine.run(inputs, params)
+    return time.perf_counter() - start
+
+
 def cold_starts(artifact: Path, settings: Path, model: Path, work: Path) -> dict:
     serve, bare, phases = [], [], []
     for i in range(COLD_RUNS):  # alternate, so both see the same page cache and the same neighbours
@@ -321,6 +352,11 @@ def main() -> dict:
         print(f"cloudllm invoke to a local endpoint: {invoke}")
 
         at16 = load["on"][16]["requests_per_second"] / load["off"][16]["requests_per_second"]
+        # The same round's servers saw the same neighbours: the ratio per round, and its spread.
+        paired16 = sorted(on["requests_per_second"] / off["requests_per_second"] for on, off in zip(load["on"][16]["rounds"], load["off"][16]["rounds"]))
+        print(f"x at 16 clients per round (paired): {[round(x, 2) for x in paired16]}")
+        engine = engine_batching(artifact)
+        print(f"engine alone, requests/s by batch size: { {k: round(v['requests_per_second'], 1) for k, v in engine.items() if k != 'torch_threads'} }")
         met = {
             "throughput_at_16_x4": at16 >= GOALS["throughput_ratio_at_16_min"],
             "p99_at_16_below_unbatched": load["on"][16]["p99_seconds"] < load["off"][16]["p99_seconds"],
@@ -335,6 +371,8 @@ def main() -> dict:
             "new_tokens": NEW_TOKENS,
             "load": {name: {str(c): v for c, v in per.items()} for name, per in load.items()},
             "throughput_ratio_at_16": at16,
+            "throughput_ratio_at_16_per_round": paired16,
+            "engine_batching": engine,
             "streaming": stream,
             "cold_start": cold,
             "cli_invoke": invoke,
