@@ -2,10 +2,12 @@
 
 A GPT-2 somewhat bigger than the tests' tiny one (4 layers, 256 wide, built offline with
 random weights) is packaged with `cloudllm package`; its `code/serve.py` runs as a
-subprocess on loopback, as in the container, once with batching off (max_batch_size=1)
-and once with the defaults (batching on). A bounded asyncio + httpx load client keeps
+subprocess on loopback, as in the container: two servers side by side, batching off
+(max_batch_size=1) and on (the defaults). A bounded asyncio + httpx load client keeps
 1, 4 and 16 requests in flight (greedy, 16 new tokens, prompts of different lengths, so
-batches are padded) and records requests/s and p50/p99 latency. Then, in the same run:
+batches are padded), alternating between the servers level by level for ROUNDS rounds,
+and records requests/s and p50/p99 latency (medians of the rounds; `met` compares those
+medians, and the per-round paired ratios at 16 clients are saved beside them). Then:
 
 - time to first token of a streamed answer against the full non-streamed answer;
 - cold start: process start to /ping 200, against a bare script that imports
