@@ -36,7 +36,13 @@ def run_quiet(args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    """Where the figures came from; the load average says how busy the shared machine was at the end."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_save": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def save(name: str, data: dict) -> Path:

@@ -192,10 +192,21 @@ def portable_tokenizer_config(raw: bytes) -> bytes | None:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _hash_all(paths: list[Path]) -> dict[Path, str]:
+    """sha256 of every file (cached ones at once), the rest hashed in parallel: hashlib
+    releases the GIL, so shards hash on every core instead of one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(len(paths), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudllm-hash") as pool:
+        return dict(zip(paths, pool.map(sha256_file, paths)))
+
+
 def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | None = None) -> Bundle:
     """Describe the artifact for `model` served with `settings`; hashes are cached, nothing is written."""
     files: list[BundleFile] = []
     skipped = list(model.skipped)
+    digests = _hash_all([Path(f.path) for f in model.files if f.name != MANIFEST_NAME])
     for f in model.files:
         if f.name == MANIFEST_NAME:
             skipped.append(f"{f.name}: name reserved for cloudllm's manifest")
@@ -206,7 +217,7 @@ def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | N
             if fixed is not None:
                 files.append(BundleFile(f.name, len(fixed), sha256_bytes(fixed), content=fixed))
                 continue
-        files.append(BundleFile(f.name, f.size, sha256_file(source), source=source))
+        files.append(BundleFile(f.name, f.size, digests[source], source=source))
     for name, content in render_code(model, settings).items():
         files.append(BundleFile(name, len(content), sha256_bytes(content), content=content))
     files.sort(key=lambda f: f.name)

@@ -502,6 +502,9 @@ class VertexProvider(Provider):
     def _wait(self, op, what: str, deadline_s: float, reporter: Reporter, *, fix: str | None = None):
         """Poll an operation until done or our deadline passes: 0.1 s at first, then up to every 15 s.
 
+        A sleep never exceeds max(0.5 s, a tenth of the time waited): the overshoot past the
+        operation's end stays small.
+
         A failed operation raises DeployFailed with `fix`; without one, the API error itself.
         """
         from google.api_core import exceptions
@@ -518,7 +521,9 @@ class VertexProvider(Provider):
                     )
                 update("running")
                 time.sleep(min(delay, max(0.0, deadline_s - elapsed)))
-                delay = min(delay * 1.6, 2.0 + elapsed / 20, 15.0)  # short waits stay snappy, long ones cheap
+                # Never sleep much past the operation's end: at most a tenth of the time waited so far
+                # (0.5 s early on), 15 s at most: short waits stay snappy, long ones cheap.
+                delay = min(delay * 1.6, max(0.5, elapsed / 10), 15.0)
         try:
             return op.result(timeout=0)
         except exceptions.GoogleAPICallError as exc:

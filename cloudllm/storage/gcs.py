@@ -6,10 +6,9 @@ Each version gets its own prefix: Vertex copies AIP_STORAGE_URI whenever it star
 replica, so files under a live model's prefix must never change. Every object carries its
 sha256 as metadata, which makes a version cheap to build from the previous one: a file
 already under the prefix is kept, a file another version holds is copied inside GCS
-(no bytes leave the machine), and only the rest is uploaded, in parallel with
-transfer_manager. The crc32c of every upload is checked against the one the server
-computed. The manifest (cloudllm.json) is written last, so a prefix with a manifest is
-complete.
+(no bytes leave the machine), and only the rest is uploaded, in parallel. The crc32c of
+every upload is checked against the one the server computed. The manifest (cloudllm.json)
+is written last, so a prefix with a manifest is complete.
 
 google-cloud-storage honours STORAGE_EMULATOR_HOST (used by `cloudllm emulate vertex`).
 """
@@ -32,7 +31,9 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "cloudllm.json"
 SHA256_KEY = "cloudllm-sha256"
 UPLOAD_WORKERS = 8
-CHUNK_BYTES = 16 * 1024 * 1024  # a multiple of 256 KiB, as resumable uploads require
+# A multiple of 256 KiB, as resumable uploads require; the client library's default. Each of the
+# UPLOAD_WORKERS holds one chunk in memory; fewer, larger requests are what make uploads fast.
+CHUNK_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -197,30 +198,32 @@ class GcsArtifacts:
             raise DeployFailed(f"copying {f.name} inside GCS changed its checksum", "run the same deploy again")
 
     def _upload_files(self, bucket, dest: GcsUri, files: list["BundleFile"], reporter: Reporter, kms_key, result) -> None:
-        from google.cloud.storage import transfer_manager
+        """Upload in parallel, each file with its size, so the client picks the cheapest protocol.
+
+        transfer_manager.upload_many takes one set of upload arguments for all files, so it
+        cannot pass each stream's size; without it every file, however small, becomes a
+        resumable upload of unknown length (an extra round trip each). With the size, files up
+        to 8 MB go in one request and larger ones as resumable uploads of CHUNK_BYTES chunks.
+        """
+        from concurrent.futures import ThreadPoolExecutor
 
         total = sum(f.size for f in files)
         with reporter.transfer(total, f"uploading {len(files)} file(s) to {dest}") as advance:
-            pairs = []
-            readers = []
+            jobs = []
             for f in files:
                 blob = bucket.blob(dest.object_name(f.name), kms_key_name=kms_key, chunk_size=CHUNK_BYTES)
                 blob.metadata = {SHA256_KEY: f.sha256}
-                reader = _CountingReader(f, advance)
-                pairs.append((reader, blob))
-                readers.append(reader)
-            try:
-                transfer_manager.upload_many(
-                    pairs,
-                    upload_kwargs={"checksum": "crc32c", "content_type": "application/octet-stream"},
-                    worker_type=transfer_manager.THREAD,
-                    max_workers=UPLOAD_WORKERS,
-                    raise_exception=True,
-                )
-            finally:
-                for reader in readers:
-                    reader.close()
-        for (reader, blob), f in zip(pairs, files):
+                jobs.append((f, blob, _CountingReader(f, advance)))
+
+            def upload(job) -> None:
+                f, blob, reader = job
+                with reader:
+                    blob.upload_from_file(reader, size=f.size, checksum="crc32c", content_type="application/octet-stream")
+
+            with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="cloudllm-gcs") as pool:
+                for _ in pool.map(upload, jobs):  # re-raises the first failure
+                    pass
+        for f, blob, reader in jobs:
             _verify(blob, reader.crc32c(), f.name)
             result.uploaded.append(f.name)
             result.uploaded_bytes += f.size
