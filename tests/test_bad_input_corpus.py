@@ -223,7 +223,7 @@ _AWS_NOWHERE = {
     "AWS_CONFIG_FILE": "/nonexistent",
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
 }
-_VERTEX_NOWHERE = {"CLOUDLLM_VERTEX_ENDPOINT": "http://bob:hunter2hunter2@127.0.0.1:9", "GOOGLE_CLOUD_PROJECT": "p"}
+_VERTEX_NOWHERE = {"CLOUDLLM_VERTEX_ENDPOINT": "http://bob:hunter2hunter2@127.0.0.1:9", "GOOGLE_CLOUD_PROJECT": "p", "CLOUDLLM_RETRY_SECONDS": "2"}
 
 CASES = [
     # CLI flags
@@ -260,6 +260,9 @@ CASES = [
          "cannot reach aws", absent=("s3cr3tpass", AWS_SECRET), subprocess=True, env=_AWS_NOWHERE),  # fmt: skip
     Case("vertex-unreachable-password-in-url", "flags", lambda ws: ["status", "ghost", "--provider", "vertex"], 1,
          "cannot reach vertex ai", absent=("hunter2hunter2",), env=_VERTEX_NOWHERE),  # fmt: skip
+    Case("gcs-unreachable", "flags", lambda ws: ["deploy", str(ws.model), "--provider", "vertex", "--name", "corpus", "--instance", "n1-standard-4",
+                                                  "--runtime", "handler", "--bucket", "gs://corpus-bucket/m"], 1,
+         "cannot reach cloud storage", env={**_VERTEX_NOWHERE, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}),  # fmt: skip
     # cloudllm.yaml files
     Case("yaml-missing-file", "yaml", lambda ws: ["apply", "-f", str(ws.root / "nope.yaml")], 2, "nope.yaml"),
     Case("yaml-is-a-folder", "yaml", lambda ws: ["apply", "-f", str(ws.root)], 2, "is a folder"),

@@ -43,6 +43,7 @@ from urllib.parse import quote
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
+from cloudllm.retries import RETRY_SECONDS_ENV, retry_seconds
 from cloudllm.providers.base import Endpoint, Feature, Provider, ResourceChange
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ NAME_LABEL = "cloudllm-name"
 LOCK_LABEL = "cloudllm-lock"  # "<run token>-<unix time>" while a deploy updates the endpoint
 LOCK_STALE_SECONDS = 4 * 3600  # longer than any deploy's deadline: a lock this old is a killed deploy's
 RUN_LABEL = "cloudllm-run"  # one deploy run's random token: finds what a create whose answer was lost made
-RETRY_INITIAL, RETRY_MAX, RETRY_DEADLINE = 0.5, 30.0, 600.0  # seconds: capped exponential backoff, jittered
+RETRY_INITIAL, RETRY_MAX = 0.5, 30.0  # seconds: capped exponential backoff, jittered
 RUNTIME_LABEL = "cloudllm-runtime"
 # plan.fingerprint key -> label key; values are base32 sha256 (52 chars, label-safe).
 DIGEST_LABELS = {
@@ -580,12 +581,18 @@ class VertexProvider(Provider):
             message = str(exc.message or exc).splitlines()[0][:300]
             raise UserError(f"Vertex AI denied access to {what}: {message}", "check --project and that your account has roles/aiplatform.user") from None
         except (exceptions.GoogleAPICallError, exceptions.RetryError) as exc:
+            if isinstance(getattr(exc, "cause", None), requests.exceptions.ConnectionError):
+                raise self._unreachable(what) from None  # retried until the budget ran out
             message = str(getattr(exc, "message", None) or exc).splitlines()[0][:300]
             raise DeployFailed(f"Vertex AI could not {what}: {message}", "run the same command again, or see the Vertex AI console") from None
         except requests.exceptions.ConnectionError:  # the REST transport's connection failures are not api_core errors
-            raise DeployFailed(
-                f"cannot reach Vertex AI at {self.api_base} to {what}", f"check the network, --region and {API_ENDPOINT_ENV}"
-            ) from None
+            raise self._unreachable(what) from None
+
+    def _unreachable(self, what: str) -> DeployFailed:
+        return DeployFailed(
+            f"cannot reach Vertex AI at {self.api_base} to {what} (retried for {retry_seconds():.0f}s)",
+            f"check the network, --region and {API_ENDPOINT_ENV}; {RETRY_SECONDS_ENV} sets how long to retry",
+        )
 
     def _find_endpoint(self, name: str):
         from google.cloud import aiplatform_v1 as v1
@@ -904,7 +911,8 @@ def _retry(*, refused_only: bool = False):
         exceptions.GatewayTimeout, requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
         requests.exceptions.Timeout,
     )  # fmt: skip
-    return retry.Retry(predicate=transient, initial=RETRY_INITIAL, maximum=RETRY_MAX, multiplier=2.0, timeout=RETRY_DEADLINE)
+    return retry.Retry(predicate=transient, initial=RETRY_INITIAL, maximum=RETRY_MAX, multiplier=2.0, timeout=retry_seconds())
+
 
 
 def _send_once(send, *, find):

@@ -18,12 +18,14 @@ from __future__ import annotations
 import base64
 import io
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from cloudllm.console import Reporter, human_bytes
 from cloudllm.errors import DeployFailed, UserError
+from cloudllm.retries import RETRY_SECONDS_ENV, retry_seconds
 
 if TYPE_CHECKING:
     from cloudllm.bundle import Bundle, BundleFile
@@ -107,13 +109,33 @@ class GcsArtifacts:
     def __init__(self, client=None, project: str | None = None):
         self.client = client or storage_client(project)
 
+    @contextmanager
+    def _reachable(self, what: str) -> Iterator[None]:
+        """Cloud Storage that cannot be reached, after the retries, is one line, not a traceback."""
+        import requests
+        from google.api_core import exceptions
+
+        try:
+            yield
+        except (exceptions.RetryError, requests.exceptions.ConnectionError) as exc:
+            cause = exc.cause if isinstance(exc, exceptions.RetryError) else exc
+            if not isinstance(cause, requests.exceptions.ConnectionError):
+                raise
+            host = os.environ.get("STORAGE_EMULATOR_HOST") or "storage.googleapis.com"
+            raise DeployFailed(
+                f"cannot reach Cloud Storage at {host} to {what} (retried for {retry_seconds():.0f}s)",
+                f"check the network (and STORAGE_EMULATOR_HOST if you use an emulator); {RETRY_SECONDS_ENV} sets how long to retry",
+            ) from None
+
     # --- checks ---------------------------------------------------------------------------
     def check_bucket(self, uri: GcsUri) -> None:
         """UserError unless the bucket exists and we may read it."""
         from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
 
         try:
-            found = self.client.lookup_bucket(uri.bucket)
+            with self._reachable(f"look up bucket gs://{uri.bucket}"):
+                found = self.client.lookup_bucket(uri.bucket, retry=DEFAULT_RETRY.with_timeout(retry_seconds()))
         except exceptions.Forbidden:
             raise UserError(
                 f"no access to bucket gs://{uri.bucket}",
@@ -136,6 +158,10 @@ class GcsArtifacts:
         kms_key: str | None = None,
     ) -> UploadResult:
         """Put bundle under dest: keep what is there, copy what reuse_from holds, upload the rest."""
+        with self._reachable(f"upload to {dest}"):
+            return self._upload(bundle, dest, reporter, reuse_from=reuse_from, kms_key=kms_key)
+
+    def _upload(self, bundle: "Bundle", dest: GcsUri, reporter: Reporter, *, reuse_from: GcsUri | None, kms_key: str | None) -> UploadResult:
         from google.api_core import exceptions
         from google.cloud.storage.exceptions import DataCorruption
 
@@ -252,12 +278,13 @@ class GcsArtifacts:
         """Delete every object under uri; returns how many."""
         from google.api_core import exceptions
 
-        blobs = list(self.client.list_blobs(uri.bucket, prefix=uri.object_name("")))
-        for blob in blobs:
-            try:
-                blob.delete()
-            except exceptions.NotFound:
-                pass
+        with self._reachable(f"delete {uri}"):
+            blobs = list(self.client.list_blobs(uri.bucket, prefix=uri.object_name("")))
+            for blob in blobs:
+                try:
+                    blob.delete()
+                except exceptions.NotFound:
+                    pass
         return len(blobs)
 
 
