@@ -233,6 +233,11 @@ class GcsArtifacts:
         """
         from concurrent.futures import ThreadPoolExecutor
 
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # The client retries an upload only when it is conditional; ours may always be sent again
+        # (same name, same bytes, under a version prefix nothing serves yet), e.g. when an answer is lost.
+        retry = DEFAULT_RETRY.with_timeout(retry_seconds())
         total = sum(f.size for f in files)
         with reporter.transfer(total, f"uploading {len(files)} file(s) to {dest}") as advance:
             jobs = []
@@ -244,7 +249,7 @@ class GcsArtifacts:
             def upload(job) -> None:
                 f, blob, reader = job
                 with reader:
-                    blob.upload_from_file(reader, size=f.size, checksum="crc32c", content_type="application/octet-stream")
+                    blob.upload_from_file(reader, size=f.size, checksum="crc32c", content_type="application/octet-stream", retry=retry)
 
             with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="cloudllm-gcs") as pool:
                 for _ in pool.map(upload, jobs):  # re-raises the first failure

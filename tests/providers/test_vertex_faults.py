@@ -92,14 +92,15 @@ def _call(fragment: str, method: str = "POST"):
 
 
 def test_creates_whose_answer_was_lost_are_not_done_twice(flaky, vertex_emulator, tiny_gpt2: Path) -> None:
-    """UploadModel, CreateEndpoint, DeployModel, the last chunk of an upload and the deletes each go
+    """UploadModel, CreateEndpoint, DeployModel, a file's upload and the deletes each go
     through once with their answer dropped: the retry finds (or is refused) what the first did."""
     api_proxy, gcs_proxy = flaky
     name = "lost-answers"
     api_proxy.fail_next(_call("/models:upload"), "drop_after")
     api_proxy.fail_next(lambda m, path: m == "POST" and path.split("?")[0].endswith("/endpoints"), "drop_after")
     api_proxy.fail_next(_call(":deployModel"), "drop_after")
-    gcs_proxy.fail_next(lambda m, path: m == "PUT" and "upload_id=" in path, "drop_after")
+    # Files this small go in one request each (uploadType=multipart); larger ones as resumable uploads.
+    gcs_proxy.fail_next(lambda m, path: m == "POST" and "uploadType=multipart" in path, "drop_after")
     created = api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket)
     assert api_proxy.unfired == 0 and gcs_proxy.unfired == 0
     assert_serving_exactly(vertex_emulator, name, created.plan.digest)
