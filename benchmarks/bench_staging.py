@@ -187,11 +187,37 @@ def reset_hash_memory() -> None:
     cloudllm.hashing._cache = None
 
 
+def cloudllm_runs(out: dict, model: Path, work: Path, baseline_b, artifacts, root) -> dict:
+    """(b) raw, (c) cloudllm package + upload, (b) again, (d) unchanged re-stage, (e) settings-only re-stage."""
+    from cloudllm.console import Reporter
+
+    b_before, _ = timed(lambda: baseline_b("raw-before"))
+
+    def cloudllm_stage(**settings):
+        package_seconds, bundle = timed(lambda: cloudllm_bundle(model, work / "artifact", **settings))
+        out.setdefault("c_package_seconds", package_seconds)
+        return artifacts.upload(bundle, root.child(bundle.digest[:16]), Reporter(), reuse_from=root)
+
+    out["c_seconds"], first = timed(cloudllm_stage)
+    out["c_uploaded_bytes"] = first.uploaded_bytes
+    # (b) again after (c): the emulator slows as it fills, so the mean of both brackets (c) fairly.
+    b_after, _ = timed(lambda: baseline_b("raw-after"))
+    out["b_runs_seconds"], out["b_seconds"] = [b_before, b_after], (b_before + b_after) / 2
+    reset_hash_memory()
+    out["d_seconds"], again = timed(cloudllm_stage)
+    out["d_uploaded_bytes"], out["d_kept_files"] = again.uploaded_bytes, len(again.kept)
+    reset_hash_memory()
+    out["e_seconds"], changed = timed(lambda: cloudllm_stage(serving={"max_batch_size": 16}))
+    weights = [n for n in changed.uploaded if n.endswith(".safetensors")]
+    out["e_uploaded_bytes"], out["e_uploaded_weight_files"] = changed.uploaded_bytes, len(weights)
+    out["e_copied_bytes"] = changed.copied_bytes
+    return out
+
+
 def s3_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dict:
     import boto3
     from boto3.s3.transfer import TransferConfig
 
-    from cloudllm.console import Reporter
     from cloudllm.storage.s3 import S3Artifacts, S3Uri
 
     emulator = Emulator("sagemaker", "--port", "0")
@@ -213,30 +239,7 @@ def s3_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dict
                 for future in futures:
                     future.result()
 
-        b_before, _ = timed(lambda: baseline_b("raw-before"))
-
-        artifacts = S3Artifacts(client)
-        root = S3Uri(bucket, "models/bench")
-
-        def cloudllm_stage(**settings):
-            package_seconds, bundle = timed(lambda: cloudllm_bundle(model, work / "artifact", **settings))
-            out.setdefault("c_package_seconds", package_seconds)
-            return artifacts.upload(bundle, root.child(bundle.digest[:16]), Reporter(), reuse_from=root)
-
-        out["c_seconds"], first = timed(cloudllm_stage)
-        out["c_uploaded_bytes"] = first.uploaded_bytes
-        # (b) again after (c): the emulator slows as it fills, so the mean of both brackets (c) fairly.
-        b_after, _ = timed(lambda: baseline_b("raw-after"))
-        out["b_runs_seconds"], out["b_seconds"] = [b_before, b_after], (b_before + b_after) / 2
-        reset_hash_memory()
-        out["d_seconds"], again = timed(cloudllm_stage)
-        out["d_uploaded_bytes"], out["d_kept_files"] = again.uploaded_bytes, len(again.kept)
-        reset_hash_memory()
-        out["e_seconds"], changed = timed(lambda: cloudllm_stage(serving={"max_batch_size": 16}))
-        weights = [n for n in changed.uploaded if n.endswith(".safetensors")]
-        out["e_uploaded_bytes"], out["e_uploaded_weight_files"] = changed.uploaded_bytes, len(weights)
-        out["e_copied_bytes"] = changed.copied_bytes
-        return out
+        return cloudllm_runs(out, model, work, baseline_b, S3Artifacts(client), S3Uri(bucket, "models/bench"))
     finally:
         emulator.stop()
         for key in emulator.env:
@@ -246,7 +249,6 @@ def s3_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dict
 def gcs_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dict:
     from google.cloud.storage import transfer_manager
 
-    from cloudllm.console import Reporter
     from cloudllm.storage.gcs import GcsArtifacts, GcsUri, storage_client
 
     emulator = Emulator("vertex", "--port", "0", "--storage-port", "0", "--bucket", "bench")
@@ -266,29 +268,7 @@ def gcs_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dic
                 max_workers=GCS_WORKERS, worker_type=transfer_manager.THREAD, raise_exception=True,
             )  # fmt: skip
 
-        b_before, _ = timed(lambda: baseline_b("raw-before"))
-
-        artifacts = GcsArtifacts(client)
-        root = GcsUri("bench", "models/bench")
-
-        def cloudllm_stage(**settings):
-            package_seconds, bundle = timed(lambda: cloudllm_bundle(model, work / "artifact", **settings))
-            out.setdefault("c_package_seconds", package_seconds)
-            return artifacts.upload(bundle, root.child(bundle.digest[:16]), Reporter(), reuse_from=root)
-
-        out["c_seconds"], first = timed(cloudllm_stage)
-        out["c_uploaded_bytes"] = first.uploaded_bytes
-        # (b) again after (c): the emulator slows as it fills, so the mean of both brackets (c) fairly.
-        b_after, _ = timed(lambda: baseline_b("raw-after"))
-        out["b_runs_seconds"], out["b_seconds"] = [b_before, b_after], (b_before + b_after) / 2
-        reset_hash_memory()
-        out["d_seconds"], again = timed(cloudllm_stage)
-        out["d_uploaded_bytes"], out["d_kept_files"] = again.uploaded_bytes, len(again.kept)
-        reset_hash_memory()
-        out["e_seconds"], changed = timed(lambda: cloudllm_stage(serving={"max_batch_size": 16}))
-        weights = [n for n in changed.uploaded if n.endswith(".safetensors")]
-        out["e_uploaded_bytes"], out["e_uploaded_weight_files"] = changed.uploaded_bytes, len(weights)
-        return out
+        return cloudllm_runs(out, model, work, baseline_b, GcsArtifacts(client), GcsUri("bench", "models/bench"))
     finally:
         emulator.stop()
         for key in emulator.env:

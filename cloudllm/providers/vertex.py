@@ -826,7 +826,7 @@ class VertexProvider(Provider):
         if endpoint is None:
             raise UserError(f"no Vertex AI endpoint named {name!r} in {self.parent}", "see `cloudllm list --provider vertex`")
         if "deployed_model_id" not in endpoint.details:
-            raise DeployFailed(f"endpoint {name} has no deployed model", f"deploy it again with `cloudllm deploy` or delete it")
+            raise DeployFailed(f"endpoint {name} has no deployed model", "deploy it again with `cloudllm deploy` or delete it")
         return endpoint
 
     def _auth_headers(self) -> dict[str, str]:

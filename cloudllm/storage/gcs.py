@@ -19,12 +19,13 @@ import base64
 import io
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from cloudllm.console import Reporter, human_bytes
+from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
+from cloudllm.storage import UploadResult
 from cloudllm.retries import RETRY_SECONDS_ENV, retry_seconds
 
 if TYPE_CHECKING:
@@ -62,23 +63,6 @@ class GcsUri:
 
     def __str__(self) -> str:
         return f"gs://{self.bucket}/{self.prefix}/" if self.prefix else f"gs://{self.bucket}/"
-
-
-@dataclass
-class UploadResult:
-    uri: GcsUri
-    uploaded: list[str] = field(default_factory=list)
-    uploaded_bytes: int = 0
-    copied: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        parts = [f"uploaded {len(self.uploaded)} file(s) ({human_bytes(self.uploaded_bytes)})"]
-        if self.copied:
-            parts.append(f"copied {len(self.copied)} unchanged file(s) inside GCS")
-        if self.kept:
-            parts.append(f"kept {len(self.kept)} already there")
-        return f"{', '.join(parts)} to {self.uri}"
 
 
 def storage_client(project: str | None = None):
@@ -166,7 +150,7 @@ class GcsArtifacts:
         from google.cloud.storage.exceptions import DataCorruption
 
         bucket = self.client.bucket(dest.bucket)
-        result = UploadResult(uri=dest)
+        result = UploadResult(uri=dest, store="GCS")
         try:
             here, elsewhere = self._index(dest, reuse_from)
             to_upload: list["BundleFile"] = []
@@ -177,6 +161,7 @@ class GcsArtifacts:
                 elif (source := elsewhere.get(f.sha256)) is not None and source.size == f.size:
                     self._copy(source, bucket, name, f, kms_key)
                     result.copied.append(f.name)
+                    result.copied_bytes += f.size
                 else:
                     to_upload.append(f)
             if to_upload:

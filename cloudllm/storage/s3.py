@@ -19,13 +19,14 @@ boto3 honours AWS_ENDPOINT_URL (used by `cloudllm emulate sagemaker`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from s3transfer.subscribers import BaseSubscriber
 
 from cloudllm.console import Reporter, human_bytes
 from cloudllm.errors import DeployFailed, UserError
+from cloudllm.storage import UploadResult
 
 if TYPE_CHECKING:
     from cloudllm.bundle import Bundle, BundleFile
@@ -61,24 +62,6 @@ class S3Uri:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}/" if self.prefix else f"s3://{self.bucket}/"
-
-
-@dataclass
-class UploadResult:
-    uri: S3Uri
-    uploaded: list[str] = field(default_factory=list)
-    uploaded_bytes: int = 0
-    copied: list[str] = field(default_factory=list)
-    copied_bytes: int = 0
-    kept: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        parts = [f"uploaded {len(self.uploaded)} file(s) ({human_bytes(self.uploaded_bytes)})"]
-        if self.copied:
-            parts.append(f"copied {len(self.copied)} unchanged file(s) ({human_bytes(self.copied_bytes)}) inside S3")
-        if self.kept:
-            parts.append(f"kept {len(self.kept)} already there")
-        return f"{', '.join(parts)} to {self.uri}"
 
 
 def encryption_args(kms_key: str | None) -> dict[str, str]:
@@ -134,7 +117,7 @@ class S3Artifacts:
         """Put bundle under dest: keep what is there, copy what other versions under reuse_from hold, upload the rest."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        result = UploadResult(uri=dest)
+        result = UploadResult(uri=dest, store="S3")
         try:
             here = self._present(dest, bundle)
             elsewhere = self._other_versions(reuse_from, dest) if reuse_from else {}
