@@ -318,7 +318,8 @@ def main() -> dict:
         artifact = work / "artifact"
         api.package(model, artifact)
         defaults = ServingSettings.load(str(artifact / "code"))
-        variants = {"off": 1, "on": defaults.max_batch_size}
+        # "on16": batching sized to the 16-client level (--max-batch 16), beside the default.
+        variants = {"off": 1, "on": defaults.max_batch_size, "on16": 16}
         settings_files = {}
         for name, size in variants.items():
             settings = ServingSettings.from_dict({**json.loads(defaults.to_json()), "max_batch_size": size})
@@ -342,9 +343,11 @@ def main() -> dict:
         rows = []
         for c in CONCURRENCY:
             off, on = load["off"][c], load["on"][c]
+            on16 = load["on16"][c]
             rows.append((c, off["requests_per_second"], on["requests_per_second"], on["requests_per_second"] / off["requests_per_second"],
-                         off["p50_seconds"], on["p50_seconds"], off["p99_seconds"], on["p99_seconds"]))  # fmt: skip
-        print(table(["clients", "req/s off", "req/s on", "x", "p50 off", "p50 on", "p99 off", "p99 on"], rows))
+                         off["p50_seconds"], on["p50_seconds"], off["p99_seconds"], on["p99_seconds"],
+                         on16["requests_per_second"], on16["requests_per_second"] / off["requests_per_second"], on16["p99_seconds"]))  # fmt: skip
+        print(table(["clients", "req/s off", "req/s on", "x", "p50 off", "p50 on", "p99 off", "p99 on", "req/s on16", "x on16", "p99 on16"], rows))
         print(f"streaming ({STREAM_TOKENS} tokens): {stream}")
 
         cold = cold_starts(artifact, settings_files["on"], model, work)
@@ -354,26 +357,31 @@ def main() -> dict:
         print(f"cloudllm invoke to a local endpoint: {invoke}")
 
         at16 = load["on"][16]["requests_per_second"] / load["off"][16]["requests_per_second"]
+        at16_sized = load["on16"][16]["requests_per_second"] / load["off"][16]["requests_per_second"]
         # The same round's servers saw the same neighbours: the ratio per round, and its spread.
         paired16 = sorted(on["requests_per_second"] / off["requests_per_second"] for on, off in zip(load["on"][16]["rounds"], load["off"][16]["rounds"]))
-        print(f"x at 16 clients per round (paired): {[round(x, 2) for x in paired16]}")
+        paired16_sized = sorted(on["requests_per_second"] / off["requests_per_second"] for on, off in zip(load["on16"][16]["rounds"], load["off"][16]["rounds"]))
+        print(f"x at 16 clients per round (paired): {[round(x, 2) for x in paired16]}; with max_batch_size=16: {[round(x, 2) for x in paired16_sized]}")
         engine = engine_batching(artifact)
         print(f"engine alone, requests/s by batch size: { {k: round(v['requests_per_second'], 1) for k, v in engine.items() if k != 'torch_threads'} }")
         met = {
             "throughput_at_16_x4": at16 >= GOALS["throughput_ratio_at_16_min"],
+            "throughput_at_16_x4_with_max_batch_16": at16_sized >= GOALS["throughput_ratio_at_16_min"],
             "p99_at_16_below_unbatched": load["on"][16]["p99_seconds"] < load["off"][16]["p99_seconds"],
             "cold_start_within_1.3x": cold["ratio"] <= GOALS["cold_start_ratio_max"],
             "invoke_under_0.5s": invoke["median_seconds"] < GOALS["invoke_seconds_max"],
             "stream_first_token_before_full_answer": stream["ttft_seconds"] < stream["full_response_seconds"],
         }
-        print(f"throughput x at 16 clients: {at16:.2f}; goals met: {met}")
+        print(f"throughput x at 16 clients: {at16:.2f} (default max_batch_size), {at16_sized:.2f} (max_batch_size=16); goals met: {met}")
         result = {
             "model": "gpt2 n_layer=4 n_embd=256 (random weights, float32 on CPU)",
-            "batching": {"off_max_batch_size": 1, "on_max_batch_size": variants["on"], "max_batch_wait_ms": defaults.max_batch_wait_ms},
+            "batching": {"off_max_batch_size": 1, "on_max_batch_size": variants["on"], "on16_max_batch_size": 16, "max_batch_wait_ms": defaults.max_batch_wait_ms},
             "new_tokens": NEW_TOKENS,
             "load": {name: {str(c): v for c, v in per.items()} for name, per in load.items()},
             "throughput_ratio_at_16": at16,
             "throughput_ratio_at_16_per_round": paired16,
+            "throughput_ratio_at_16_with_max_batch_16": at16_sized,
+            "throughput_ratio_at_16_with_max_batch_16_per_round": paired16_sized,
             "engine_batching": engine,
             "streaming": stream,
             "cold_start": cold,
