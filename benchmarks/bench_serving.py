@@ -3,7 +3,7 @@
 A GPT-2 somewhat bigger than the tests' tiny one (4 layers, 256 wide, built offline with
 random weights) is packaged with `cloudllm package`; its `code/serve.py` runs as a
 subprocess on loopback, as in the container: two servers side by side, batching off
-(max_batch_size=1) and on (the defaults). A bounded asyncio + httpx load client keeps
+(max_batch_size=1) and on (the defaults). A bounded asyncio load client (raw HTTP/1.1) keeps
 1, 4 and 16 requests in flight (greedy, 16 new tokens, prompts of different lengths, so
 batches are padded), alternating between the servers level by level for ROUNDS rounds,
 and records requests/s and p50/p99 latency (medians of the rounds; `met` compares those
@@ -140,31 +140,46 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def drive(url: str, concurrency: int, per_client: int) -> dict:
-    """`concurrency` clients, each sending `per_client` requests back to back; every answer is checked."""
-    import httpx
+    """`concurrency` clients, each sending `per_client` requests back to back; every answer is checked.
 
+    A minimal HTTP/1.1 keep-alive client on asyncio streams: the load client shares the 2 cores
+    with the server it measures, and httpx's own work per request (~25% of the batched server's
+    throughput in a probe) would be counted against the server.
+    """
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
     latencies: list[float] = []
+    requests = []
+    for prompt in PROMPTS:
+        body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS, "do_sample": False}}).encode()
+        head = f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        requests.append(head.encode() + body)
 
-    async def client(index: int, http: httpx.AsyncClient) -> None:
-        for i in range(per_client):
-            prompt = PROMPTS[(index + i) % len(PROMPTS)]
-            body = {"inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS, "do_sample": False}}
-            start = time.perf_counter()
-            response = await http.post(f"{url}/invocations", json=body)
-            latencies.append(time.perf_counter() - start)
-            response.raise_for_status()
-            answer = response.json()
-            text = (answer[0] if isinstance(answer, list) else answer)["generated_text"]
-            assert isinstance(text, str) and text, (prompt, answer)
+    async def client(index: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for i in range(per_client):
+                start = time.perf_counter()
+                writer.write(requests[(index + i) % len(requests)])
+                status = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                answer = json.loads(await reader.readexactly(length))
+                latencies.append(time.perf_counter() - start)
+                assert status.split()[1] == b"200", (status, answer)
+                text = (answer[0] if isinstance(answer, list) else answer)["generated_text"]
+                assert isinstance(text, str) and text, answer
+        finally:
+            writer.close()
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        await client(0, http)  # warm-up at this concurrency's first prompt, not counted
-        latencies.clear()
-        start = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return {"latencies": latencies, "elapsed": elapsed}
+    await client(0)  # warm-up at this concurrency's first prompt, not counted
+    latencies.clear()
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return {"latencies": latencies, "elapsed": time.perf_counter() - start}
 
 
 def median_of_rounds(runs: list[dict]) -> dict:
