@@ -455,9 +455,11 @@ class SageMakerProvider(Provider):
         """Run a Create* call; True when it created the resource, False when it already existed.
 
         botocore retries throttling, 5xx and dropped connections. When a create went through but
-        its answer was lost, the retry meets "already exists": that is our own earlier attempt
-        when botocore did retry (RetryAttempts > 0) and `ours()` confirms the resource is the one
-        we asked for. Anything else (the name taken by someone else) raises the original error.
+        its answer was lost, the retry meets "already exists". So does a re-run, within the same
+        second, of a deploy that was killed after this create (version names end in the second).
+        Either way it is ours when `ours()` confirms the resource is exactly the one we ask for
+        (same endpoint, artifact version and digest). Anything else (the name taken by someone
+        else) raises the original error.
         """
         from botocore.exceptions import ClientError
 
@@ -467,7 +469,7 @@ class SageMakerProvider(Provider):
         except ClientError as exc:
             if not _already_exists(exc):
                 raise
-            if _retried(exc) and ours():
+            if ours():
                 return True
             if kind == "endpoint":
                 return False
