@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_staging import Emulator  # noqa: E402
-from benchmarks.common import save, table  # noqa: E402
+from benchmarks.common import save, scoped_env, table  # noqa: E402
 
 
 class Calls:
@@ -124,70 +123,52 @@ def measure(step: str, fn) -> dict:
     return figures
 
 
-def sagemaker(model: Path) -> list[dict]:
+def round_trip(model: Path, emulator_args: tuple[str, ...], name: str, **deploy_kwargs) -> list[dict]:
+    """Create, invoke, deploy again unchanged and delete one endpoint on an emulator, each step measured."""
     from cloudllm import api
 
-    emulator = Emulator("sagemaker", "--port", "0")
-    try:
-        os.environ.update(emulator.env)
-        kwargs = dict(
-            provider="sagemaker", name="bench-sm", runtime="handler", instance="ml.m5.xlarge",
-            bucket="s3://cloudllm-emulator/models", options={"role": "arn:aws:iam::123456789012:role/cloudllm-emulator-sagemaker"},
-        )  # fmt: skip
-        steps = [measure("create", lambda: api.deploy(model, **kwargs))]
-        steps.append(measure("invoke", lambda: api.invoke("bench-sm", "Once upon a time", parameters={"max_new_tokens": 8})))
-        steps.append(measure("unchanged re-deploy", lambda: api.deploy(model, **kwargs)))
-        steps.append(measure("delete", lambda: api.delete("bench-sm")))
+    with Emulator(*emulator_args):
+        steps = [measure("create", lambda: api.deploy(model, name=name, **deploy_kwargs))]
+        steps.append(measure("invoke", lambda: api.invoke(name, "Once upon a time", parameters={"max_new_tokens": 8})))
+        steps.append(measure("unchanged re-deploy", lambda: api.deploy(model, name=name, **deploy_kwargs)))
+        steps.append(measure("delete", lambda: api.delete(name)))
         return steps
-    finally:
-        emulator.stop()
-        for key in emulator.env:
-            os.environ.pop(key, None)
+
+
+def sagemaker(model: Path) -> list[dict]:
+    return round_trip(
+        model, ("sagemaker", "--port", "0"), "bench-sm", provider="sagemaker", runtime="handler", instance="ml.m5.xlarge",
+        bucket="s3://cloudllm-emulator/models", options={"role": "arn:aws:iam::123456789012:role/cloudllm-emulator-sagemaker"},
+    )  # fmt: skip
 
 
 def vertex(model: Path) -> list[dict]:
-    from cloudllm import api
-
-    emulator = Emulator("vertex", "--port", "0", "--storage-port", "0", "--bucket", "bench")
-    try:
-        os.environ.update(emulator.env)
-        kwargs = dict(provider="vertex", name="bench-vx", runtime="handler", instance="n1-standard-4", bucket="gs://bench/models")
-        steps = [measure("create", lambda: api.deploy(model, **kwargs))]
-        steps.append(measure("invoke", lambda: api.invoke("bench-vx", "Once upon a time", parameters={"max_new_tokens": 8})))
-        steps.append(measure("unchanged re-deploy", lambda: api.deploy(model, **kwargs)))
-        steps.append(measure("delete", lambda: api.delete("bench-vx")))
-        return steps
-    finally:
-        emulator.stop()
-        for key in emulator.env:
-            os.environ.pop(key, None)
+    return round_trip(
+        model, ("vertex", "--port", "0", "--storage-port", "0", "--bucket", "bench"), "bench-vx",
+        provider="vertex", runtime="handler", instance="n1-standard-4", bucket="gs://bench/models",
+    )  # fmt: skip
 
 
 def main() -> dict:
     from cloudllm.testing.tiny_models import build_tiny_gpt2
 
     work = Path(tempfile.mkdtemp(prefix="cloudllm-bench-deploy-", dir="/tmp"))
-    saved_home = os.environ.get("CLOUDLLM_HOME")
-    os.environ["CLOUDLLM_HOME"] = str(work / "home")
     try:
-        model = build_tiny_gpt2(work / "tiny-gpt2")
-        results: dict = {"model": "tiny gpt2 (n_layer=2, n_embd=64)"}
-        for provider, run in (("sagemaker", sagemaker), ("vertex", vertex)):
-            steps = run(model)
-            results[provider] = steps
-            rows = [
-                (s["step"], s["wall_seconds"], s["api_calls"], s["http_requests"], s["sleeps"], s["sleep_total_seconds"], s["longest_sleep_seconds"])
-                for s in steps
-            ]
-            print(f"\n{provider}:\n" + table(["step", "wall s", "API calls", "HTTP requests", "sleeps", "slept s", "longest sleep s"], rows))
-            print(f"create calls: {steps[0]['by_operation']}")
+        with scoped_env(CLOUDLLM_HOME=str(work / "home")):
+            model = build_tiny_gpt2(work / "tiny-gpt2")
+            results: dict = {"model": "tiny gpt2 (n_layer=2, n_embd=64)"}
+            for provider, run in (("sagemaker", sagemaker), ("vertex", vertex)):
+                steps = run(model)
+                results[provider] = steps
+                rows = [
+                    (s["step"], s["wall_seconds"], s["api_calls"], s["http_requests"], s["sleeps"], s["sleep_total_seconds"], s["longest_sleep_seconds"])
+                    for s in steps
+                ]
+                print(f"\n{provider}:\n" + table(["step", "wall s", "API calls", "HTTP requests", "sleeps", "slept s", "longest sleep s"], rows))
+                print(f"create calls: {steps[0]['by_operation']}")
         save("deploy", results)
         return results
     finally:
-        if saved_home is None:
-            os.environ.pop("CLOUDLLM_HOME", None)
-        else:
-            os.environ["CLOUDLLM_HOME"] = saved_home
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import BIN, save, table  # noqa: E402
+from benchmarks.common import BIN, save, scoped_env, table  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
 REQUESTS_PER_CLIENT = {1: 8, 4: 4, 16: 3}
@@ -296,12 +296,8 @@ def cli_invoke(model: Path, work: Path) -> dict:
 
         from cloudllm.providers.local import LocalProvider
 
-        saved = os.environ.get("CLOUDLLM_HOME")
-        os.environ["CLOUDLLM_HOME"] = env["CLOUDLLM_HOME"]
-        try:
+        with scoped_env(CLOUDLLM_HOME=env["CLOUDLLM_HOME"]):
             url = LocalProvider()._live_url("bench")
-        finally:
-            os.environ.pop("CLOUDLLM_HOME") if saved is None else os.environ.update(CLOUDLLM_HOME=saved)
         direct = []
         with httpx.Client(timeout=60) as http:
             for _ in range(INVOKE_RUNS):

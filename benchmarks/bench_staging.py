@@ -39,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import BIN, save, table  # noqa: E402
+from benchmarks.common import BIN, save, scoped_env, table  # noqa: E402
 
 TARGET_MB = int(os.environ.get("CLOUDLLM_BENCH_STAGING_MB", "1000"))
 GOALS = {"c_over_b_max": 1.3, "a_over_c_min": 3.0, "restage_seconds_max": 2.0}
@@ -156,6 +156,16 @@ class Emulator:
         except subprocess.TimeoutExpired:
             self.process.kill()
 
+    def __enter__(self) -> "Emulator":
+        """Point this process's clients at the emulator for the block (its `export` lines)."""
+        self._scope = scoped_env(**self.env)
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._scope.__exit__(*exc)
+        self.stop()
+
 
 # --- the measured paths -----------------------------------------------------------------------
 def timed(fn):
@@ -220,9 +230,7 @@ def s3_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dict
 
     from cloudllm.storage.s3 import S3Artifacts, S3Uri
 
-    emulator = Emulator("sagemaker", "--port", "0")
-    try:
-        os.environ.update(emulator.env)
+    with Emulator("sagemaker", "--port", "0"):
         client = boto3.client("s3")
         bucket = "cloudllm-emulator"
         files = sorted(p for p in model.iterdir() if p.is_file())
@@ -240,10 +248,6 @@ def s3_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dict
                     future.result()
 
         return cloudllm_runs(out, model, work, baseline_b, S3Artifacts(client), S3Uri(bucket, "models/bench"))
-    finally:
-        emulator.stop()
-        for key in emulator.env:
-            os.environ.pop(key, None)
 
 
 def gcs_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dict:
@@ -251,9 +255,7 @@ def gcs_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dic
 
     from cloudllm.storage.gcs import GcsArtifacts, GcsUri, storage_client
 
-    emulator = Emulator("vertex", "--port", "0", "--storage-port", "0", "--bucket", "bench")
-    try:
-        os.environ.update(emulator.env)
+    with Emulator("vertex", "--port", "0", "--storage-port", "0", "--bucket", "bench"):
         client = storage_client()
         bucket = client.bucket("bench")
         files = sorted(p for p in model.iterdir() if p.is_file())
@@ -269,15 +271,10 @@ def gcs_runs(model: Path, work: Path, tarball: Path, gzip_seconds: float) -> dic
             )  # fmt: skip
 
         return cloudllm_runs(out, model, work, baseline_b, GcsArtifacts(client), GcsUri("bench", "models/bench"))
-    finally:
-        emulator.stop()
-        for key in emulator.env:
-            os.environ.pop(key, None)
 
 
 def main() -> dict:
     base = Path(tempfile.mkdtemp(prefix="cloudllm-bench-staging-", dir="/tmp"))
-    saved_home = os.environ.get("CLOUDLLM_HOME")
     try:
         model = base / "model"
         build_seconds, _ = timed(lambda: build_model(model, TARGET_MB))
@@ -292,9 +289,9 @@ def main() -> dict:
             work = base / store
             work.mkdir()
             # A fresh CLOUDLLM_HOME per store: (c) hashes from cold both times.
-            os.environ["CLOUDLLM_HOME"] = str(work / "home")
             reset_hash_memory()
-            figures = runs(model, work, tarball, gzip_seconds)
+            with scoped_env(CLOUDLLM_HOME=str(work / "home")):
+                figures = runs(model, work, tarball, gzip_seconds)
             figures["c_over_b"] = figures["c_seconds"] / figures["b_seconds"]
             figures["a_over_c"] = figures["a_seconds"] / figures["c_seconds"]
             figures["met"] = {
@@ -315,10 +312,6 @@ def main() -> dict:
         save("staging", results)
         return results
     finally:
-        if saved_home is None:
-            os.environ.pop("CLOUDLLM_HOME", None)
-        else:
-            os.environ["CLOUDLLM_HOME"] = saved_home
         shutil.rmtree(base, ignore_errors=True)
 
 
