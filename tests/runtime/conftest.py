@@ -211,6 +211,19 @@ class ServerProcess:
                 records.append(record)
         return records
 
+    def wait_for_records(self, predicate: Callable[[dict], bool], count: int = 1, timeout: float = 30.0) -> list[dict]:
+        """The log records matching `predicate`, once there are `count` of them.
+
+        The server writes a request's line after the last byte of its answer has gone out,
+        so a client can hold the answer a moment before the line is in the log.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            matching = [r for r in self.log_records() if predicate(r)]
+            if len(matching) >= count or time.monotonic() > deadline:
+                return matching
+            time.sleep(0.02)
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as SageMaker does, and the exit code."""
         if self.process.poll() is None:

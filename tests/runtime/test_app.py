@@ -244,9 +244,9 @@ def test_one_json_log_line_per_request_without_prompts(servers: dict[str, Server
     server = servers["sagemaker"]
     response = post(server.url + "/invocations", {"inputs": SECRET, "parameters": {"max_new_tokens": 2}}, headers={"x-request-id": "req-abc-123"})
     assert response.status_code == 200 and response.headers["x-request-id"] == "req-abc-123"
-    records = [r for r in server.log_records() if r.get("event") == "request"]
-    mine = [r for r in records if r.get("request_id") == "req-abc-123"]
+    mine = server.wait_for_records(lambda r: r.get("event") == "request" and r.get("request_id") == "req-abc-123")
     assert len(mine) == 1
+    records = [r for r in server.log_records() if r.get("event") == "request"]
     line = mine[0]
     assert line["route"] == "/invocations" and line["status"] == 200 and line["latency_ms"] >= 0 and line["tokens"] >= 1
     assert SECRET not in server.log()
@@ -262,7 +262,7 @@ def test_log_payloads_flag_puts_the_prompt_in_the_request_line(tiny_gpt2: Path, 
         server.wait_ready()
         body = {"inputs": SECRET, "parameters": {"max_new_tokens": 2}}
         assert post(server.url + "/invocations", body, headers={"x-request-id": "with-payload"}).status_code == 200
-        mine = [r for r in server.log_records() if r.get("request_id") == "with-payload"]
+        mine = server.wait_for_records(lambda r: r.get("request_id") == "with-payload")
         assert len(mine) == 1 and mine[0]["payload"]["inputs"] == [SECRET]
     finally:
         assert server.stop() == 0
