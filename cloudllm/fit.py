@@ -439,6 +439,24 @@ def _shard_options(dims: ModelDims, devices: int) -> list[int]:
     return [n for n in MAX_SHARDS_TRIED if n <= devices and dims.heads % n == 0] or [1]
 
 
+def engine_shard_count(model: ModelInfo, gpus: int) -> int:
+    """GPUs a TGI/vLLM engine shards over on an instance with `gpus` GPUs.
+
+    All of them where the attention heads split evenly (the instance is the engine's alone, and
+    the spare memory becomes KV cache), else the most that do: TGI and vLLM refuse a tensor
+    parallel degree that does not divide the heads (28 heads cannot go 8 ways, 4 can).
+    """
+    if gpus <= 1:
+        return max(gpus, 1)
+    try:
+        dims = model_dims(model)
+    except UserError:
+        return gpus  # the fit check already said the config lacks the fields; the engine will say more
+    if dims.heads % gpus == 0:
+        return gpus
+    return max(n for n in range(1, gpus + 1) if dims.heads % n == 0)
+
+
 def _required(work: Workload, dims: ModelDims, mem: MemoryEstimate, shards: int, batch: int) -> int:
     dtype_bytes = DTYPE_BYTES[mem.dtype]
     if not _generates(work.model):

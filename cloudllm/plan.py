@@ -78,6 +78,12 @@ class Plan:
         """GPUs to shard over (TGI NUM_SHARD / vLLM tensor parallel degree); None when unknown or on CPU."""
         return self.fit.shards if self.fit else None
 
+    def shard_count(self, gpus: int) -> int:
+        """GPUs the tgi/vllm engine shards over on an instance with `gpus` GPUs (NUM_SHARD, SM_NUM_GPUS, tensor parallel degree)."""
+        from cloudllm.fit import engine_shard_count
+
+        return engine_shard_count(self.model, gpus)
+
     def report(self) -> "PlanReport":
         """The plan as its stable JSON document (docs/plan-schema.json)."""
         return PlanReport.from_plan(self)
@@ -85,7 +91,7 @@ class Plan:
     def _gpu_use(self) -> str:
         """Engines shard over every GPU of their instance (the instance is theirs alone, and the
         spare memory becomes KV cache); `shards` is the fewest that would hold the model."""
-        gpus = self.instance.gpu_count if self.instance else 0
+        gpus = self.shard_count(self.instance.gpu_count) if self.instance and self.instance.gpu_count else 0
         if self.runtime in ("tgi", "vllm") and gpus > (self.shards or 0):
             return f"sharded over {gpus} GPUs, fits on {self.shards}"
         return f"{self.shards} GPU{'s' if self.shards != 1 else ''}"

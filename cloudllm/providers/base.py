@@ -80,7 +80,16 @@ class Provider(ABC):
                 raise PlanRefused(f"{feature.value} is not available on the {self.name} provider: {self.unsupported[feature]}")
 
     def validate(self, plan: "Plan") -> None:
-        """Provider-specific input checks (instance names, buckets, roles); raise UserError."""
+        """Provider-specific input checks that need no account (instance names, scaling, name rules); raise UserError.
+
+        `cloudllm plan` runs these on a machine with no credentials, so a plan always shows fit and cost.
+        """
+
+    def preflight(self, plan: "Plan") -> None:
+        """Checks against the account that deploy (and --dry-run) needs to pass: credentials, role, bucket, project.
+
+        Runs after `validate`, before anything is created; raise UserError. `cloudllm plan` skips it.
+        """
 
     def accepts_uncatalogued_instance(self, name: str) -> bool:
         """True when the platform takes an instance type cloudllm's catalog lacks (planned without fit or cost)."""
