@@ -63,12 +63,16 @@ def package(model: str | Path, out: str | Path, *, overwrite: bool = False, **sp
     return bundle
 
 
-def plan(model: str | Path | None = None, *, spec: DeploySpec | None = None, **spec_kwargs: Any):
-    """What deploy would do, creating nothing."""
+def plan(model: str | Path | None = None, *, spec: DeploySpec | None = None, check_account: bool = False, **spec_kwargs: Any):
+    """What deploy would do, creating nothing.
+
+    Needs no cloud account unless check_account: then it also runs the checks deploy makes
+    against the account (credentials, role, bucket, project), as `deploy --dry-run` does.
+    """
     from cloudllm.plan import make_plan
 
     spec = spec or spec_from_kwargs(model, **spec_kwargs)
-    return make_plan(spec, _provider_for_spec(spec))
+    return make_plan(spec, _provider_for_spec(spec), mode="check" if check_account else "plan")
 
 
 def deploy(
@@ -87,7 +91,7 @@ def deploy(
     reporter = reporter or Reporter()
     provider = _provider_for_spec(spec)
     with endpoint_lock(spec.name), _interrupt_advice(interrupted_advice(spec.name)):
-        the_plan = make_plan(spec, provider, reporter)
+        the_plan = make_plan(spec, provider, reporter, mode="check" if dry_run else "deploy")
         the_plan.wait = wait
         if dry_run or the_plan.action == "unchanged":
             if not dry_run and the_plan.existing is not None and load_record(spec.name) is None:

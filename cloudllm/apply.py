@@ -26,9 +26,10 @@ from cloudllm.records import endpoint_lock, list_records, load_record, remove_re
 from cloudllm.redact import redact, redact_text
 from cloudllm.spec import DeploySpec
 
-Action = Literal["create", "update", "unchanged", "delete", "keep", "refused"]
+# "unknown": int8/int4 weights not quantized on this machine yet; deploy quantizes, then decides.
+Action = Literal["create", "update", "unchanged", "unknown", "delete", "keep", "refused"]
 Outcome = Literal["applied", "no-change", "dry-run", "refused", "failed"]
-ACTIONS: tuple[str, ...] = ("create", "update", "unchanged", "delete", "keep", "refused")
+ACTIONS: tuple[str, ...] = ("create", "update", "unchanged", "unknown", "delete", "keep", "refused")
 
 
 @dataclass
@@ -136,7 +137,7 @@ def apply_file(
         return result
 
     for item in results:
-        if item.action in ("create", "update"):
+        if item.action in ("create", "update", "unknown"):
             _deploy_one(loaded, item, wait, reporter)
         elif item.action == "unchanged":
             _claim(item.name, loaded.file_id)
@@ -163,7 +164,7 @@ def _plan_one(loaded: LoadedFile, spec: DeploySpec) -> EndpointResult:
     item = EndpointResult(spec.name, spec.provider, spec.region, "create", [], spec=spec)
     _check_not_elsewhere(loaded, spec)
     try:
-        plan = api.plan(spec=spec)
+        plan = api.plan(spec=spec, check_account=True)
         refuse_unless_fits(plan)
     except PlanRefused as exc:
         item.action, item.reasons, item.error = "refused", [exc.problem], exc.line()

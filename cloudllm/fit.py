@@ -65,12 +65,13 @@ QUANTIZE_TO_TRY = {"handler": ("int8", "int4"), "tgi": ("bitsandbytes", "bitsand
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
 
-_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-_HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+# Field names per family: Llama/BERT, GPT-2, T5, MPT/DistilBERT, then BART/mBART/Pegasus/Marian.
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+_HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads", "decoder_attention_heads")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
 _HIDDEN = ("hidden_size", "n_embd", "d_model", "dim")
 _HEAD_DIM = ("head_dim", "d_kv")
-_INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "ffn_hidden_size")
+_INTERMEDIATE = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "ffn_hidden_size", "hidden_dim", "decoder_ffn_dim", "encoder_ffn_dim")
 _POSITIONS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
 _GENERATIVE_TASKS = ("text-generation", "text2text-generation", "summarization")
 
@@ -434,9 +435,15 @@ class _Placement:
     concurrent: int | None
 
 
+def _splits(dims: ModelDims, n: int) -> bool:
+    """True when TGI/vLLM take tensor parallel degree n: it divides the attention heads, and the
+    KV heads split n ways or are replicated evenly (vLLM: kv_heads % n == 0 or n % kv_heads == 0)."""
+    return dims.heads % n == 0 and (dims.kv_heads % n == 0 or n % dims.kv_heads == 0)
+
+
 def _shard_options(dims: ModelDims, devices: int) -> list[int]:
-    """Tensor-parallel degrees TGI/vLLM accept: powers of two that divide the attention heads."""
-    return [n for n in MAX_SHARDS_TRIED if n <= devices and dims.heads % n == 0] or [1]
+    """Tensor-parallel degrees TGI/vLLM accept: powers of two that split the attention heads."""
+    return [n for n in MAX_SHARDS_TRIED if n <= devices and _splits(dims, n)] or [1]
 
 
 def engine_shard_count(model: ModelInfo, gpus: int) -> int:
@@ -451,10 +458,8 @@ def engine_shard_count(model: ModelInfo, gpus: int) -> int:
     try:
         dims = model_dims(model)
     except UserError:
-        return gpus  # the fit check already said the config lacks the fields; the engine will say more
-    if dims.heads % gpus == 0:
-        return gpus
-    return max(n for n in range(1, gpus + 1) if dims.heads % n == 0)
+        return gpus  # the config lacks the fields; the engine reads the real ones and says more
+    return gpus if _splits(dims, gpus) else max(_shard_options(dims, gpus))
 
 
 def _required(work: Workload, dims: ModelDims, mem: MemoryEstimate, shards: int, batch: int) -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from cloudllm.catalog.instances import InstanceType
-from cloudllm.errors import PlanRefused
+from cloudllm.errors import PlanRefused, UserError
 from cloudllm.fit import CostEstimate, FitReport
 from cloudllm.hashing import sha256_bytes
 from cloudllm.model_source import ModelInfo
@@ -27,11 +27,15 @@ if TYPE_CHECKING:
     from cloudllm.console import Reporter
     from cloudllm.providers.base import Provider
 
-Action = Literal["create", "update", "unchanged"]
+Action = Literal["create", "update", "unchanged", "unknown"]
+PlanMode = Literal["plan", "check", "deploy"]
 
-# Spec fields that say how to roll out or where the model came from, not what runs:
-# changing them alone does not redeploy anything.
-_NOT_DEPLOYED = {"name", "model", "rollout", "timeout", "task", "allow_pickle", "trust_remote_code", "serving"}
+# Spec fields that say how to roll out, where the model came from or where the endpoint lives,
+# not what runs: changing them alone does not redeploy anything. (Another region or project
+# holds another endpoint: `get` there finds none and the plan says create.)
+_NOT_DEPLOYED = {"name", "model", "rollout", "timeout", "task", "allow_pickle", "trust_remote_code", "serving", "region"}
+# Provider options of the same kind: credentials, rollout pacing and safety nets.
+_OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "rollout_wait", "canary_wait"}
 
 
 @dataclass
@@ -49,11 +53,13 @@ class Plan:
     instance: InstanceType | None = None  # catalog entry of spec.instance (None: local, or not in the catalog)
     fit: FitReport | None = None
     cost: CostEstimate | None = None
+    quantize_pending: str | None = None  # "int8"/"int4": not quantized yet (plan, --dry-run); sizes are estimates
 
     @property
     def deploy_digest(self) -> str:
         settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED)
-        settings.get("options", {}).pop("force", None)  # --force overrides the fit check; it deploys nothing different
+        for key in _OPTIONS_NOT_DEPLOYED:  # --force overrides the fit check; it deploys nothing different
+            settings.get("options", {}).pop(key, None)
         settings["runtime"] = self.runtime
         return sha256_bytes(json.dumps(settings, sort_keys=True).encode())
 
@@ -126,6 +132,8 @@ class Plan:
             fit_lines = self.fit.lines()
             lines.append(f"  fit:      {fit_lines[0]}")
             lines += [f"            {line}" for line in fit_lines[1:]]
+        if self.quantize_pending:
+            lines.append(f"  weights:  {self.quantize_pending} estimated, not quantized yet: deploy quantizes them (once; cached in $CLOUDLLM_HOME/quantized)")
         if self.cost:
             lines.append(f"  cost:     {self.cost.line()}")
         elif self.spec.provider == "local":
@@ -191,6 +199,8 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
     existing = plan.existing
     if existing is None:
         return "create", ["new endpoint"]
+    if plan.quantize_pending:
+        return "unknown", [f"the {plan.quantize_pending} weights are not quantized on this machine yet: deploy quantizes them, then compares"]
     if existing.state.lower() in ("failed", "stopped", "dead"):
         return "update", [f"endpoint is {existing.state}"]
     if existing.details.get("unfinished"):
@@ -202,40 +212,76 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
         for key, label in (
             ("weights_digest", "weights changed"),
             ("code_digest", "code or serving settings changed"),
-            ("deploy_digest", "deployment settings changed"),
         )
         if had.get(key) != now[key]
     ]
+    if had.get("deploy_digest") != now["deploy_digest"]:
+        reasons += _deployment_changes(plan, existing) or ["deployment settings changed"]
     return ("update", reasons) if reasons else ("unchanged", ["nothing changed"])
 
 
-def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None" = None) -> Plan:
-    """Inspect, lay out the bundle in memory, and compare with what is deployed. Creates nothing.
+def _deployment_changes(plan: Plan, existing: Endpoint) -> list[str]:
+    """The deployment settings that changed, where the provider reports them ("instance ml.g5.xlarge -> ml.g6.xlarge")."""
+    asked = plan.instance.name if plan.instance else plan.spec.instance
+    changed = []
+    if existing.instance and asked and existing.instance != asked:
+        changed.append(f"instance {existing.instance} -> {asked}")
+    if existing.runtime and existing.runtime != plan.runtime:
+        changed.append(f"runtime {existing.runtime} -> {plan.runtime}")
+    return changed
 
-    With --quantize int8/int4 the model is quantized first (once; cached in $CLOUDLLM_HOME/quantized)
-    and everything after plans the quantized folder.
+
+def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None" = None, *, mode: PlanMode = "deploy") -> Plan:
+    """Inspect, lay out the bundle in memory, check, and compare with what is deployed. Creates nothing.
+
+    mode "plan" (`cloudllm plan`) needs no account: the provider's account checks (`preflight`)
+    are skipped, and a deployment that cannot be read makes the diff "unknown", not an error.
+    "check" (`deploy --dry-run`, apply's planning pass) runs every check deploy runs. Neither
+    quantizes: int8/int4 weights are sized by arithmetic (or taken from the cache if quantized
+    earlier). "deploy" also quantizes them (once; cached in $CLOUDLLM_HOME/quantized), after
+    the checks and the fit verdict, so a bad flag or a model that cannot fit costs no hours.
     """
-    from cloudllm.bundle import build_bundle
-    from cloudllm.fit import plan_cost, plan_fit, resolve_instance
     from cloudllm.model_source import inspect_model
     from cloudllm.quantize import prepare_model, required_runtime
 
-    model = inspect_model(
+    source = inspect_model(
         spec.model, task=spec.task, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code
     )
-    runtime = spec.runtime or required_runtime(spec, model) or provider.default_runtime(spec, model)
+    runtime = spec.runtime or required_runtime(spec, source) or provider.default_runtime(spec, source)
     provider.require(required_features(spec, runtime))
-    model = prepare_model(spec, model, runtime, reporter)
+    plan = _assemble(spec, prepare_model(spec, source, runtime, reporter, run=False), runtime, provider)
+    provider.validate(plan)
+    if mode != "plan":
+        provider.preflight(plan)
+    if plan.quantize_pending and mode == "deploy":
+        refuse_unless_fits(plan)
+        plan = _assemble(spec, prepare_model(spec, source, runtime, reporter), runtime, provider)
+        provider.validate(plan)
+    try:
+        plan.existing = provider.get(spec.name)
+    except UserError as exc:
+        if mode != "plan":
+            raise
+        plan.action, plan.reasons = "unknown", [f"cannot read what is deployed: {exc.line()}"]
+        return plan
+    plan.action, plan.reasons = compare(plan)
+    plan.changes = provider.describe_changes(plan) if plan.action != "unknown" else []
+    return plan
+
+
+def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provider") -> Plan:
+    """Settings, instance, fit, cost and bundle of `model` served by `runtime`."""
+    from cloudllm.bundle import build_bundle
+    from cloudllm.fit import plan_cost, plan_fit, resolve_instance
+    from cloudllm.quantize import OFFLINE_METHODS
+
     settings = serving_settings(spec, model)
     instance = resolve_instance(spec, getattr(provider, "default_instance", None), provider.accepts_uncatalogued_instance)
-    fit = plan_fit(spec, model, settings, runtime, instance)
     bundle = build_bundle(model, settings, build={"runtime": runtime})
     plan = Plan(spec=spec, model=model, settings=settings, bundle=bundle, runtime=runtime)
-    plan.instance, plan.fit, plan.cost = instance, fit, plan_cost(spec, instance)
-    provider.validate(plan)
-    plan.existing = provider.get(spec.name)
-    plan.action, plan.reasons = compare(plan)
-    plan.changes = provider.describe_changes(plan)
+    plan.instance, plan.fit, plan.cost = instance, plan_fit(spec, model, settings, runtime, instance), plan_cost(spec, instance)
+    if spec.quantize in OFFLINE_METHODS and model.quantization != spec.quantize:
+        plan.quantize_pending = spec.quantize
     return plan
 
 
@@ -287,6 +333,9 @@ class PlanReport(BaseModel):
     cost: CostEstimate | None = Field(description="None for the local provider and instances without a catalog price.")
     diff: PlanDiff
     digest: str = Field(description="Digest of what would be deployed; equal digests mean nothing changes.")
+    quantize_pending: str | None = Field(
+        None, description="int8/int4 weights not quantized on this machine yet: fit is estimated and digest is of the source weights."
+    )
 
     @classmethod
     def from_plan(cls, plan: Plan) -> "PlanReport":
@@ -318,6 +367,7 @@ class PlanReport(BaseModel):
             cost=plan.cost,
             diff=PlanDiff(action=plan.action, reasons=plan.reasons, changes=plan.changes),
             digest=plan.digest,
+            quantize_pending=plan.quantize_pending,
         )
 
 

@@ -264,11 +264,13 @@ def required_runtime(spec: Any, model: ModelInfo) -> str | None:
 
 
 # --- deploy: quantize into a cache folder, once per source + method ------------------------
-def prepare_model(spec: Any, model: ModelInfo, runtime: str, reporter: Reporter | None = None) -> ModelInfo:
+def prepare_model(spec: Any, model: ModelInfo, runtime: str, reporter: Reporter | None = None, *, run: bool = True) -> ModelInfo:
     """The model deploy ships: validated against the runtime, quantized first for int8/int4.
 
     Quantized folders live in $CLOUDLLM_HOME/quantized/<digest>/ keyed by the source files'
-    sha256 and the method, so a redeploy reuses them instead of quantizing again.
+    sha256 and the method, so a redeploy reuses them instead of quantizing again. With
+    run=False (plan, --dry-run) nothing is quantized: the folder quantized earlier, or the
+    source model itself, whose fit is then estimated at the method's bytes per weight.
     """
     from cloudllm.home import home_dir
 
@@ -282,6 +284,8 @@ def prepare_model(spec: Any, model: ModelInfo, runtime: str, reporter: Reporter 
     folder = home_dir("quantized") / source_digest(model, method)[:24] / f"{Path(model.path).name}-{method}"
     if (folder / MARKER).is_file():
         reporter.step(f"reusing the {method} weights quantized earlier ({folder})")
+    elif not run:
+        return model
     else:
         try:
             report = quantize_model(model.path, folder, method=method, task=model.task,
@@ -647,7 +651,9 @@ def _write_shards(tensors: dict, folder: Path) -> list[str]:
     else:
         names = [f"{WEIGHTS_PREFIX}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt", "quantized_by": FORMAT})
+        # One metadata key: safetensors writes a dict's keys in no fixed order, and the same
+        # weights must give the same bytes on every run (or every CI job re-uploads them).
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
     return names
 
 

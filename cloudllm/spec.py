@@ -96,6 +96,12 @@ class DeploySpec(BaseModel):
             raise ValueError("use 1-63 letters, digits and hyphens, starting and ending with a letter or digit")
         return value
 
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_without_trailing_slash(cls, value: str | None) -> str | None:
+        # s3://b/models and s3://b/models/ are one location; one spelling keeps the digest stable.
+        return value.rstrip("/") if value and value.rstrip("/") not in ("s3:", "gs:") else value
+
     @field_validator("rollout")
     @classmethod
     def _valid_rollout(cls, value: str) -> str:

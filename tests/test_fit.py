@@ -316,6 +316,18 @@ def test_shards_must_divide_the_attention_heads():
     assert report.shards == 4 and report.fits is False  # 12 heads do not split 8 ways
 
 
+@pytest.mark.parametrize(
+    "heads, kv_heads, gpus, engine_gpus",
+    [(32, 8, 8, 8), (28, 4, 8, 4), (12, 12, 8, 4), (32, 8, 4, 4), (14, 2, 8, 2), (32, 1, 8, 8), (40, 40, 1, 1), (32, 8, 0, 1)],
+)
+def test_engines_shard_over_the_most_gpus_that_split_the_heads(heads, kv_heads, gpus, engine_gpus):
+    """NUM_SHARD / SM_NUM_GPUS / tensor parallel degree: every GPU when the heads split evenly (28 heads cannot go 8 ways)."""
+    from cloudllm.fit import engine_shard_count
+
+    config = {**LLAMA3_8B, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "hidden_size": heads * 128}
+    assert engine_shard_count(model_info(config, LLAMA3_8B_PARAMS), gpus) == engine_gpus
+
+
 def test_handler_spreads_layers_with_the_device_map():
     report = fit_instance(work(model_info(LLAMA3_8B, LLAMA3_8B_PARAMS), "handler"), lookup("sagemaker", "ml.g4dn.12xlarge"))
     assert report.fits and report.shards == 2

@@ -174,7 +174,7 @@ def test_diff_create_then_unchanged_then_update(tiny_gpt2: Path, emulated_cloud,
     third = json.loads(out)["diff"]
     assert third["action"] == "update" and third["reasons"] == ["code or serving settings changed"]
     code, out, _ = cli(capsys, "deploy", str(tiny_gpt2), *base[:3], "ml.g6.xlarge", *base[4:], "--dry-run")
-    assert "dry run: would update endpoint diff (deployment settings changed)" in out
+    assert "dry run: would update endpoint diff (instance ml.g5.xlarge -> ml.g6.xlarge)" in out
     assert "update endpoint-config diff  (instance changed)" in out
     assert emulated_cloud.endpoints["diff"].instance == "ml.g5.xlarge"  # a dry run changes nothing
 
@@ -229,6 +229,21 @@ def test_model_folder_without_a_needed_config_field(tiny_gpt2: Path, tmp_path: P
     (folder / "config.json").write_text(json.dumps(config))
     line = assert_one_line_error(run_cli("plan", str(folder)), code=2, contains="has no num_hidden_layers")
     assert "n_layer" in line
+
+
+def test_bart_family_configs_are_planned(tmp_path: Path):
+    """BART/mBART/Pegasus/Marian name their shape encoder_layers, decoder_attention_heads, d_model, *_ffn_dim."""
+    from cloudllm.testing.tiny_models import build_tiny_bart
+
+    folder = build_tiny_bart(tmp_path / "tiny-bart")
+    result = run_cli("plan", str(folder), "--json", "--max-total-tokens", "64", "--max-batch", "1")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["model"]["task"] in ("summarization", "text2text-generation") and plan["fit"]["verdict"] == "fits"
+    # decoder self-attention (64 tokens) + cross-attention over the input (64: half the model's 128 positions),
+    # K,V x 2 decoder layers x 32 wide x fp32
+    assert (plan["fit"]["max_input_tokens"], plan["fit"]["max_total_tokens"]) == (64, 64)
+    assert plan["fit"]["memory"]["kv_cache_bytes"] == 2 * 2 * 32 * 4 * (64 + 64)
 
 
 def test_instances_lists_both_providers_with_date_and_region():

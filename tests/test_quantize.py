@@ -105,6 +105,17 @@ def test_quantized_folder_format(gpt2_int8, tiny_gpt2: Path) -> None:
     assert (out / "config.json").read_bytes() == (tiny_gpt2 / "config.json").read_bytes()
 
 
+def test_quantizing_twice_writes_the_same_bytes(gpt2_int8, tiny_gpt2: Path, tmp_path: Path) -> None:
+    """A fresh CI runner quantizes again: equal bytes keep the bundle digest, so nothing is re-uploaded or redeployed."""
+    from cloudllm.hashing import sha256_file
+
+    first, _ = gpt2_int8
+    quantize_model(tiny_gpt2, tmp_path / "again", method="int8")
+    files = sorted(p.name for p in first.iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert {n: sha256_file(first / n) for n in files} == {n: sha256_file(tmp_path / "again" / n) for n in files}
+
+
 def test_transformers_from_pretrained_refuses_the_folder_instead_of_loading_random_weights(gpt2_int8) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -300,13 +311,25 @@ def test_deploy_quantizes_once_and_reuses_the_cache(cloudllm_home: Path, tiny_gp
 
 
 def test_local_deploy_serves_int8_weights(cloudllm_home: Path, tiny_gpt2: Path) -> None:
+    """plan and --dry-run size int8 by arithmetic and quantize nothing; deploy quantizes; a fresh machine converges."""
+    planned = api.plan(tiny_gpt2, provider="local", name="q8", quantize="int8")
+    dry = cloudllm.deploy(tiny_gpt2, provider="local", name="q8", quantize="int8", dry_run=True)
+    assert planned.quantize_pending == dry.plan.quantize_pending == "int8"
+    assert planned.fit.memory.weights_bytes < planned.model.weight_bytes / 2  # float32 source, int8 estimate
+    assert not list((cloudllm_home / "quantized").glob("*")) and not (cloudllm_home / "local" / "q8").exists()
+
     result = cloudllm.deploy(tiny_gpt2, provider="local", name="q8", quantize="int8")
     assert result.action == "create" and result.plan.model.quantization == "int8"
-    assert result.plan.runtime == "handler"
+    assert result.plan.runtime == "handler" and result.plan.quantize_pending is None
     answer = cloudllm.invoke("q8", "Once upon a time", parameters={"max_new_tokens": 4})
     assert isinstance(answer, list) and isinstance(answer[0]["generated_text"], str)
     again = cloudllm.deploy(tiny_gpt2, provider="local", name="q8", quantize="int8")
     assert again.action == "unchanged"
+
+    shutil.rmtree(cloudllm_home / "quantized")  # a new CI runner: the endpoint exists, the quantized cache does not
+    unknown = api.plan(tiny_gpt2, provider="local", name="q8", quantize="int8")
+    assert unknown.action == "unknown" and "not quantized on this machine yet" in unknown.reasons[0]
+    assert cloudllm.deploy(tiny_gpt2, provider="local", name="q8", quantize="int8").action == "unchanged"  # same bytes again
     cloudllm.delete("q8")
 
 

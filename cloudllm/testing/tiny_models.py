@@ -196,6 +196,36 @@ def build_tiny_t5(out: str | Path, *, seed: int = 0) -> Path:
     return _save(model, tokenizer, Path(out))
 
 
+def build_tiny_bart(out: str | Path, *, seed: int = 0) -> Path:
+    """A 2+2-layer BART (summarization): encoder_layers / decoder_layers / d_model config fields."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    raw = _byte_level_tokenizer(vocab_size=400)
+    raw.add_special_tokens([AddedToken("<s>"), AddedToken("<pad>"), AddedToken("</s>")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", pad_token="<pad>", eos_token="</s>")
+    config = BartConfig(
+        vocab_size=raw.get_vocab_size(),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    model = BartForConditionalGeneration(config).eval()
+    return _save(model, tokenizer, Path(out))
+
+
 def read_config(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
@@ -204,6 +234,7 @@ BUILDERS = {
     "gpt2": build_tiny_gpt2,
     "llama": build_tiny_llama,
     "t5": build_tiny_t5,
+    "bart": build_tiny_bart,
     "bert": build_tiny_bert,
     "bert-token": lambda out: build_tiny_bert(out, head="token-classification"),
     "bert-qa": lambda out: build_tiny_bert(out, head="question-answering"),
