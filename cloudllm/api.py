@@ -129,12 +129,13 @@ def invoke(
     json_body: str | dict | None = None,
     provider: str | None = None,
     region: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Any:
     """Send one request; returns the endpoint's decoded JSON response."""
     from cloudllm.invocation import build_body
 
     body = build_body(inputs, parameters, json_body)
-    return _provider_for_name(name, provider, region).invoke(name, body)
+    return _provider_for_name(name, provider, region, options).invoke(name, body)
 
 
 def invoke_stream(
@@ -145,26 +146,27 @@ def invoke_stream(
     json_body: str | dict | None = None,
     provider: str | None = None,
     region: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Iterator[str]:
     """Yield generated text pieces as the endpoint produces them."""
     from cloudllm.invocation import build_body
 
     body = build_body(inputs, parameters, json_body)
     body["stream"] = True
-    return _provider_for_name(name, provider, region).invoke_stream(name, body)
+    return _provider_for_name(name, provider, region, options).invoke_stream(name, body)
 
 
-def status(name: str, *, provider: str | None = None, region: str | None = None) -> Endpoint:
-    endpoint = _provider_for_name(name, provider, region).get(name)
+def status(name: str, *, provider: str | None = None, region: str | None = None, options: dict[str, Any] | None = None) -> Endpoint:
+    endpoint = _provider_for_name(name, provider, region, options).get(name)
     if endpoint is None:
         raise UserError(f"endpoint {name!r} does not exist", "see `cloudllm list`")
     return endpoint
 
 
-def list_endpoints(*, provider: str | None = None, region: str | None = None) -> list[Endpoint]:
+def list_endpoints(*, provider: str | None = None, region: str | None = None, options: dict[str, Any] | None = None) -> list[Endpoint]:
     """Endpoints of one provider, or of every provider this machine has deployed to."""
     if provider:
-        return get_provider(provider, region=region).list()
+        return get_provider(provider, region=region, options=options).list()
     endpoints = []
     for record in list_records():
         try:
@@ -180,22 +182,29 @@ def delete(
     *,
     provider: str | None = None,
     region: str | None = None,
+    options: dict[str, Any] | None = None,
     purge_artifacts: bool = False,
     reporter: Reporter | None = None,
 ) -> None:
     """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts)."""
     check_endpoint_name(name)
-    target = _provider_for_name(name, provider, region)
+    target = _provider_for_name(name, provider, region, options)
     with endpoint_lock(name), _interrupt_advice(f"run `cloudllm delete {name}` again to finish"):
         target.delete(name, purge_artifacts=purge_artifacts, reporter=reporter or Reporter())
         remove_record(name)
 
 
 def logs(
-    name: str, *, follow: bool = False, since: float | None = None, provider: str | None = None, region: str | None = None
+    name: str,
+    *,
+    follow: bool = False,
+    since: float | None = None,
+    provider: str | None = None,
+    region: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Iterator[str]:
     """Endpoint NAME's model server log lines, from `since` (Unix time) on; with follow, keep waiting for more."""
-    return _provider_for_name(name, provider, region).logs(name, follow=follow, since=since)
+    return _provider_for_name(name, provider, region, options).logs(name, follow=follow, since=since)
 
 
 def serve(artifact: str | Path, *, port: int = 8080, host: str = "0.0.0.0", log_payloads: bool = False) -> None:
@@ -224,13 +233,15 @@ def _provider_from_record(record: EndpointRecord) -> Provider:
     return get_provider(record.provider, region=record.region, options=record.options)
 
 
-def _provider_for_name(name: str, provider: str | None, region: str | None) -> Provider:
+def _provider_for_name(name: str, provider: str | None, region: str | None, options: dict[str, Any] | None = None) -> Provider:
+    """The provider holding NAME: from this machine's record, with what the caller passed
+    (region, profile, project) taking precedence; else the one the caller names."""
     check_endpoint_name(name)
     record = load_record(name)
     if record and (provider is None or provider == record.provider):
-        return _provider_from_record(record)
+        return get_provider(record.provider, region=region or record.region, options={**record.options, **(options or {})})
     if provider:
-        return get_provider(provider, region=region)
+        return get_provider(provider, region=region, options=options)
     raise UserError(
         f"no endpoint named {name!r} on this machine",
         "see `cloudllm list`, or pass --provider to reach an endpoint deployed from elsewhere",

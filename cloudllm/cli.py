@@ -6,6 +6,7 @@ Heavy modules load inside the commands that need them, so `cloudllm --help` and
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any, Callable
@@ -93,6 +94,26 @@ def _deploy_flags(f: Callable) -> Callable:
     ):
         f = option(f)
     return f
+
+
+def _where_flags(f: Callable) -> Callable:
+    """--provider/--region/--profile/--project: find an endpoint this machine has no record of (a CI job
+    on another runner), or override the record's region and credentials; collected into `where`."""
+    @functools.wraps(f)
+    def wrapper(*args: Any, provider: str | None, region: str | None, profile: str | None, project: str | None, **kw: Any) -> Any:
+        options = {k: v for k, v in (("profile", profile), ("project", project)) if v}
+        return f(*args, where={"provider": provider, "region": region, "options": options or None}, **kw)
+
+    for option in reversed(
+        [
+            click.option("--provider", help="Provider of an endpoint deployed from another machine."),
+            click.option("--region", help="Region of the endpoint (default: the record's, else the SDK's configuration)."),
+            click.option("--profile", help="AWS profile (SageMaker)."),
+            click.option("--project", help="Google Cloud project (Vertex AI)."),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 _SERVING_KEYS = ("max_input_tokens", "max_total_tokens", "max_new_tokens", "max_batch_size", "max_batch_wait_ms", "log_payloads")
@@ -259,10 +280,9 @@ def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: b
 @click.option("--max-new-tokens", type=int, help="Generation length for this request.")
 @click.option("--param", "params", multiple=True, help="KEY=VALUE generation parameter (value parsed as JSON).")
 @click.option("--raw", is_flag=True, help="Print the endpoint's JSON response as is.")
-@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
-@click.option("--region", help="Region of an endpoint deployed from another machine.")
+@_where_flags
 def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, max_new_tokens: int | None,
-           params: tuple[str, ...], raw: bool, provider: str | None, region: str | None) -> None:  # fmt: skip
+           params: tuple[str, ...], raw: bool, where: dict) -> None:  # fmt: skip
     """Send PROMPT (or a --json body) to endpoint NAME and print the answer.
 
     \b
@@ -283,12 +303,12 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
     if max_new_tokens is not None:
         parameters["max_new_tokens"] = max_new_tokens
     if stream:
-        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, provider=provider, region=region):
+        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, **where):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
         return
-    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, provider=provider, region=region)
+    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, **where)
     text = None if raw else response_text(result)
     click.echo(text if text is not None else json.dumps(result, indent=2, ensure_ascii=False))
 
@@ -296,8 +316,10 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
 @cli.command("list")
 @click.option("--provider", help="List a provider's endpoints (default: those deployed from this machine).")
 @click.option("--region", help="Region to list.")
+@click.option("--profile", help="AWS profile (SageMaker).")
+@click.option("--project", help="Google Cloud project (Vertex AI).")
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
-def list_cmd(provider: str | None, region: str | None, json_output: bool) -> None:
+def list_cmd(provider: str | None, region: str | None, profile: str | None, project: str | None, json_output: bool) -> None:
     """List endpoints with their provider, state, model and URL.
 
     \b
@@ -307,7 +329,8 @@ def list_cmd(provider: str | None, region: str | None, json_output: bool) -> Non
     """
     from cloudllm import api
 
-    endpoints = api.list_endpoints(provider=provider, region=region)
+    options = {k: v for k, v in (("profile", profile), ("project", project)) if v}
+    endpoints = api.list_endpoints(provider=provider, region=region, options=options or None)
     if json_output:
         _print_json([ep.model_dump(mode="json") for ep in endpoints])
         return
@@ -323,10 +346,9 @@ def list_cmd(provider: str | None, region: str | None, json_output: bool) -> Non
 
 @cli.command()
 @click.argument("name")
-@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
-@click.option("--region", help="Region of an endpoint deployed from another machine.")
+@_where_flags
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
-def status(name: str, provider: str | None, region: str | None, json_output: bool) -> None:
+def status(name: str, where: dict, json_output: bool) -> None:
     """Show one endpoint's state, URL and details.
 
     \b
@@ -335,7 +357,7 @@ def status(name: str, provider: str | None, region: str | None, json_output: boo
     """
     from cloudllm import api
 
-    ep = api.status(name, provider=provider, region=region)
+    ep = api.status(name, **where)
     if json_output:
         _print_json(ep.model_dump(mode="json"))
         return
@@ -353,10 +375,9 @@ def status(name: str, provider: str | None, region: str | None, json_output: boo
 @cli.command()
 @click.argument("name")
 @click.option("--purge-artifacts", is_flag=True, help="Also delete the uploaded artifacts.")
-@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
-@click.option("--region", help="Region of an endpoint deployed from another machine.")
+@_where_flags
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
-def delete(name: str, purge_artifacts: bool, provider: str | None, region: str | None, json_output: bool) -> None:
+def delete(name: str, purge_artifacts: bool, where: dict, json_output: bool) -> None:
     """Delete endpoint NAME and everything deploy created for it.
 
     \b
@@ -365,7 +386,7 @@ def delete(name: str, purge_artifacts: bool, provider: str | None, region: str |
     """
     from cloudllm import api
 
-    api.delete(name, provider=provider, region=region, purge_artifacts=purge_artifacts, reporter=_reporter(json_output))
+    api.delete(name, purge_artifacts=purge_artifacts, reporter=_reporter(json_output), **where)
     if json_output:
         _print_json({"name": name, "deleted": True})
     else:
@@ -393,9 +414,9 @@ def serve(artifact: str, port: int, host: str, log_payloads: bool) -> None:
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("--since", help="Only lines from this long ago (30s, 10m, 2h, 1d) or since this UTC time (2026-01-31T12:00:00).")
-@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
-@click.option("--region", help="Region of an endpoint deployed from another machine.")
-def logs(name: str, follow: bool, since: str | None, provider: str | None, region: str | None) -> None:
+@_where_flags
+@click.option("--json", "json_output", is_flag=True, help='JSON Lines: {"name", "line", "record"} per line.')
+def logs(name: str, follow: bool, since: str | None, where: dict, json_output: bool) -> None:
     """Print the model server's log of endpoint NAME.
 
     local: the server's log file; sagemaker: the endpoint's CloudWatch log group;
@@ -405,13 +426,29 @@ def logs(name: str, follow: bool, since: str | None, provider: str | None, regio
     Examples:
       cloudllm logs demo --follow
       cloudllm logs demo --since 10m
+      cloudllm logs demo --json | jq 'select(.record.status >= 500)'
     """
     from cloudllm import api
     from cloudllm.logtime import parse_since
 
     since_time = parse_since(since) if since is not None else None
-    for line in api.logs(name, follow=follow, since=since_time, provider=provider, region=region):
-        click.echo(line)
+    for line in api.logs(name, follow=follow, since=since_time, **where):
+        if json_output:
+            click.echo(json.dumps({"name": name, "line": line, "record": _json_record(line)}, ensure_ascii=False))
+        else:
+            click.echo(line)
+        sys.stdout.flush()
+
+
+def _json_record(line: str) -> dict | None:
+    """The model server's own JSON log record in a log line, if the line is one."""
+    if not line.lstrip().startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _add_command_modules() -> None:
