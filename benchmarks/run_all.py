@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Quick ones first, so a failure shows early; bench_load comes from another branch when merged.
+# Quick ones first, so a failure shows early.
 MODULES = ("cli", "deploy", "serving", "load", "staging", "quantize")
 
 
