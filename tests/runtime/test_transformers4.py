@@ -1,7 +1,9 @@
 """Artifacts run on transformers 4.x, as in the Hugging Face inference containers.
 
 The HF PyTorch inference DLCs and the inference toolkit ship transformers 4.x, while
-cloudllm itself runs with 5.x. `make test` installs transformers 4.57 into .venv/tf4 (beside
+cloudllm itself runs with 5.x. `make test` installs transformers 4.48 (the Vertex image's, the
+oldest deployed; SageMaker's 4.51.3 passes too: CLOUDLLM_TF4=<folder> runs these against
+another 4.x install) into .venv/tf4 (beside
 the venv's own, never over it); these tests put it first on PYTHONPATH and load artifacts
 exactly as the toolkit does: import code/inference.py, then model_fn -> input_fn ->
 predict_fn -> output_fn. They also run code/serve.py under 4.x over real HTTP.
@@ -22,7 +24,8 @@ import pytest
 from cloudllm import api
 from cloudllm.testing.tiny_models import build_tiny_bert
 
-TF4 = Path(sys.prefix) / "tf4"
+# CLOUDLLM_TF4: another 4.x folder (e.g. the 4.48 of the Vertex images) to run these against.
+TF4 = Path(os.environ.get("CLOUDLLM_TF4") or Path(sys.prefix) / "tf4")
 
 pytestmark = pytest.mark.skipif(
     not (TF4 / ".installed").exists(), reason="transformers 4.x not installed: run `make install .venv/tf4/.installed` (make test does)"
