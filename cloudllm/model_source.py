@@ -57,6 +57,11 @@ DTYPE_NAMES = {
 }  # fmt: skip
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Any of these means the folder carries a tokenizer. Byte-level ones (ByT5, CANINE) have
+# only tokenizer_config.json; whether a tokenizer has a vocabulary is the runtime's check.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "merges.txt")
+TOKENIZER_SUFFIXES = (".model", ".spm", ".tiktoken")  # sentencepiece (spiece.model, ...) and tiktoken vocabularies
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -155,6 +160,7 @@ def inspect_model(
     else:
         raise UserError(f"{folder} has no weights (*.safetensors)", "point at the folder that holds the model's weights")
 
+    _check_tokenizer(folder, files, resolved_task)
     quantization, marker = _detect_quantization(folder, config)
     if marker:  # cloudllm-quantized: report the model's own size and compute dtype, not the packed storage
         parameters, dtype = marker.get("parameters") or parameters, marker.get("dtype") or dtype
@@ -267,6 +273,20 @@ def _resolve_task(task: str | None, architecture: str | None, config: dict, fold
     raise UserError(
         f"cannot tell the task of {folder} (architecture {architecture or 'missing'} in config.json)",
         f"pass --task, one of: {', '.join(TASKS)}",
+    )
+
+
+def _check_tokenizer(folder: Path, files: list[ModelFile], task: str) -> None:
+    """Refuse a folder without tokenizer files: every task served reads text through one,
+    and without it the server starts but answers every request with an error."""
+    for f in files:
+        if f.name in TOKENIZER_FILES or f.name.endswith(TOKENIZER_SUFFIXES) or "vocab" in f.name.lower():
+            return
+    raise UserError(
+        f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json/merges.txt, vocab.txt "
+        f"or tokenizer.model), which the {task} server needs to read text",
+        "copy tokenizer.json, tokenizer_config.json and any vocab files from the original model into the folder "
+        "(or run tokenizer.save_pretrained on it)",
     )
 
 

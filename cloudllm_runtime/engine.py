@@ -74,6 +74,7 @@ def load_engine(model_dir: str, settings: Any) -> "Engine":
     task = normalize_task(settings.task)
     engine_cls = _ENGINES[task]
     tokenizer = _load_tokenizer(model_dir, settings)
+    _require_vocabulary(tokenizer, model_dir)
     model = _load_model(engine_cls.auto_class, model_dir, settings)
     return engine_cls(task=task, model=model, tokenizer=tokenizer, settings=settings, model_dir=model_dir)
 
@@ -82,6 +83,21 @@ def _load_tokenizer(model_dir: str, settings: Any) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
+
+
+def _require_vocabulary(tokenizer: Any, model_dir: str) -> None:
+    """Refuse a tokenizer with no tokens beyond its special ones.
+
+    transformers 5 builds one from config.json alone when a folder has no tokenizer files;
+    it encodes every text to nothing, so the server would load and then fail each request.
+    """
+    added = tokenizer.get_added_vocab()
+    if any(token not in added for token in tokenizer.get_vocab()):
+        return
+    raise ValueError(
+        f"the tokenizer in {model_dir} has no vocabulary (no tokenizer.json, vocab or sentencepiece file); "
+        "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) from the original model into the model folder"
+    )
 
 
 def _load_model(auto_class: str, model_dir: str, settings: Any) -> Any:
@@ -210,8 +226,12 @@ class Engine:
         return min(limit for limit in limits if limit)
 
     def _check_length(self, length: int, index: int, count: int) -> None:
+        which = "the input" if count == 1 else f"input {index}"
+        if length == 0:
+            # A tokenizer that strips what it cannot read (whitespace, control characters) can
+            # leave nothing, and a model cannot run on no tokens.
+            raise validation_error(f"{which} encodes to no tokens: this model's tokenizer drops all of its text")
         if length > self.max_input_tokens:
-            which = "the input" if count == 1 else f"input {index}"
             raise validation_error(
                 f"{which} is {length} tokens long; this endpoint accepts at most {self.max_input_tokens} input tokens"
             )
@@ -508,12 +528,17 @@ class TokenClassificationEngine(Engine):
 
         # The pipeline truncates, which flips shared tokenizer state; it gets its own copy.
         own_tokenizer = _load_tokenizer(self.model_dir, self.settings) if self.model_dir else copy.deepcopy(self.tokenizer)
+        if own_tokenizer.pad_token_id is None and own_tokenizer.eos_token is not None:
+            own_tokenizer.pad_token = own_tokenizer.eos_token  # the pipeline pads batches; the mask hides the pads
+        self.batchable = own_tokenizer.pad_token_id is not None
         placement = {} if getattr(self.model, "hf_device_map", None) else {"device": self.device}
         self.pipeline = pipeline("token-classification", model=self.model, tokenizer=own_tokenizer, **placement)
 
     def _run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
         strategy = parameters.get("aggregation_strategy") or DEFAULT_AGGREGATION
-        results = self.pipeline(list(inputs), aggregation_strategy=strategy)
+        # Without batch_size the pipeline runs one forward pass per input, whatever the batcher gathered.
+        batch_size = len(inputs) if self.batchable else 1
+        results = self.pipeline(list(inputs), aggregation_strategy=strategy, batch_size=batch_size)
         return [Prediction(_plain(entities)) for entities in results]
 
 
@@ -529,16 +554,18 @@ class QuestionAnsweringEngine(Engine):
         import torch
 
         max_len = parameters.get("max_answer_len", DEFAULT_MAX_ANSWER_LEN)
+        encodings = [self._encode(item["question"], item["context"], return_offsets_mapping=True) for item in inputs]
+        for index, encoding in enumerate(encodings):
+            self._check_length(len(encoding["input_ids"]), index, len(encodings))
+        # One forward pass for the batch, right-padded; each row is then read over its own tokens only.
+        out = self.model(**self._collate(encodings))
         results = []
-        for item in inputs:
-            encoding = self._encode(item["question"], item["context"], return_offsets_mapping=True)
-            self._check_length(len(encoding["input_ids"]), 0, 1)
-            batch = self._collate([encoding])
-            out = self.model(**batch)
+        for row, (item, encoding) in enumerate(zip(inputs, encodings)):
+            width = len(encoding["input_ids"])
             in_context = torch.tensor([s == 1 for s in encoding.sequence_ids()], device=out.start_logits.device)
             # As the HF pipeline: only context tokens may start or end the answer.
-            start = torch.softmax(out.start_logits[0].float().masked_fill(~in_context, -10000.0), dim=-1)
-            end = torch.softmax(out.end_logits[0].float().masked_fill(~in_context, -10000.0), dim=-1)
+            start = torch.softmax(out.start_logits[row, :width].float().masked_fill(~in_context, -10000.0), dim=-1)
+            end = torch.softmax(out.end_logits[row, :width].float().masked_fill(~in_context, -10000.0), dim=-1)
             spans = torch.triu(torch.outer(start, end)) - torch.triu(torch.outer(start, end), diagonal=max_len)
             best = int(torch.argmax(spans))
             first, last = divmod(best, spans.shape[1])

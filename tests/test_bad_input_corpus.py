@@ -161,6 +161,11 @@ def _pickle_only(folder: Path) -> None:
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
 
 
+def _no_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+
+
 def _missing(ws: Workspace) -> str:
     return str(ws.root / "no-such-model")
 
@@ -301,6 +306,7 @@ CASES = [
     Case("remote-code-not-allowed", "model", _deploy_bad(_config_edit(auto_map={"AutoModelForCausalLM": "x.Y"})), 2,
          "--trust-remote-code"),  # fmt: skip
     Case("unknown-architecture", "model", _inspect(_config_edit(architectures=["GPT2Mystery"])), 2, "--task"),
+    Case("no-tokenizer-files", "model", _deploy_bad(_no_tokenizer), 2, "no tokenizer files", subprocess=True),
 ]
 
 

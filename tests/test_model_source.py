@@ -218,3 +218,37 @@ def test_remote_code_needs_consent(gpt2_copy: Path) -> None:
 def test_header_reader_skips_metadata(tiny_gpt2: Path) -> None:
     header = read_safetensors_header(tiny_gpt2 / "model.safetensors")
     assert "__metadata__" not in header and header
+
+
+def test_no_tokenizer_files_refused_with_the_fix(gpt2_copy: Path) -> None:
+    """config.json + safetensors only: the server would start, then fail every request."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (gpt2_copy / name).unlink()
+    assert sorted(p.name for p in gpt2_copy.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    with pytest.raises(UserError, match="no tokenizer files") as err:
+        inspect_model(gpt2_copy)
+    assert "tokenizer.json" in err.value.problem and "text-generation" in err.value.problem
+    assert "copy tokenizer.json, tokenizer_config.json" in err.value.fix and "original model" in err.value.fix
+    with pytest.raises(UserError, match="no tokenizer files"):
+        inspect_model(gpt2_copy, task="feature-extraction")
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["tokenizer.json"],
+        ["tokenizer_config.json"],  # byte-level tokenizers (ByT5, CANINE) need no vocabulary file
+        ["vocab.json", "merges.txt"],
+        ["vocab.txt"],
+        ["spiece.model"],
+        ["tokenizer.model"],
+        ["sentencepiece.bpe.model"],
+        ["qwen.tiktoken"],
+    ],
+)
+def test_any_tokenizer_file_is_enough(gpt2_copy: Path, files: list[str]) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (gpt2_copy / name).unlink()
+    for name in files:
+        (gpt2_copy / name).write_text("{}")
+    assert inspect_model(gpt2_copy).task == "text-generation"

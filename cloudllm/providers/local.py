@@ -2,9 +2,13 @@
 
 It runs the very code a cloud container runs (`python code/serve.py serve`), so a
 deploy that works here differs from the cloud only in the hardware. State lives in
-$CLOUDLLM_HOME/local/<name>/: one folder per deployed version (artifact + log) and
-state.json pointing at the live one. An update starts the new version beside the
+$CLOUDLLM_HOME/local/<name>/: one folder per deployed version (its artifact) and
+state.json pointing at the live one; server logs go to $CLOUDLLM_HOME/local/logs/. An update starts the new version beside the
 old, switches state.json once the new one is healthy, then stops the old.
+
+A server whose model fails to load says so on /ping (503 {"status": "failed", "error": ...});
+a deploy stops waiting at once, stops that server, and leaves no state behind (its log stays
+for the traceback).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from cloudllm.home import home_dir
 from cloudllm.http import post_json, stream_tokens
 from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider
+from cloudllm.records import load_record
 
 STATE_FILE = "state.json"
 DEFAULT_START_TIMEOUT = 600
@@ -62,13 +67,19 @@ class LocalProvider(Provider):
 
     # --- verbs ------------------------------------------------------------------------
     def deploy(self, plan, reporter: Reporter) -> Endpoint:
-        state = self._start_version(plan, reporter)
+        """Start the server; with plan.wait False (--no-wait), return once it has a port."""
+        state = self._start_version(plan, reporter, wait=plan.wait)
         self._write_state(plan.spec.name, state)
         return self._endpoint(plan.spec.name, state)
 
     def update(self, plan, existing: Endpoint, reporter: Reporter) -> Endpoint:
+        """Start the new version beside the live one and switch once /ping answers 200.
+
+        This waits for health even with --no-wait: switching earlier would stop a serving
+        server for one still loading its model, or one that never will.
+        """
         old = self._state(plan.spec.name)
-        state = self._start_version(plan, reporter)
+        state = self._start_version(plan, reporter, wait=True)
         self._write_state(plan.spec.name, state)
         if old and old.get("version") != state["version"]:
             _stop(old.get("pid"), old.get("artifact"))
@@ -86,10 +97,19 @@ class LocalProvider(Provider):
 
     def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
         state = self._state(name)
+        root = self._root(name)
         if state is None:
-            raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
+            # A record of ours whose state is gone (a wiped $CLOUDLLM_HOME/local), or a folder a
+            # killed deploy left: nothing runs, so it is already deleted and the caller drops the record.
+            record = load_record(name)
+            ours = record.provider == self.name if record else root.exists()
+            if not ours:
+                raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
+            shutil.rmtree(root, ignore_errors=True)
+            (reporter or Reporter()).step(f"no local server state for {name}: nothing was running")
+            return
         _stop(state.get("pid"), state.get("artifact"))
-        shutil.rmtree(self._root(name), ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
     def invoke(self, name: str, body: dict) -> Any:
         url = self._live_url(name)
@@ -144,10 +164,13 @@ class LocalProvider(Provider):
 
     def _endpoint(self, name: str, state: dict) -> Endpoint:
         alive = _alive(state.get("pid"), state.get("artifact"))
+        health = _health(state["url"]) if alive and state.get("url") else {}
         if not alive:
             status, reason = "Failed", _last_line(state.get("log")) or "server process exited"
+        elif health.get("status") == "failed":  # up, but its model did not load (a --no-wait deploy)
+            status, reason = "Failed", _one_line(f"the model failed to load: {health.get('error') or 'no reason given'}")
         else:
-            status, reason = ("InService" if _healthy(state["url"]) else "Loading"), None
+            status, reason = ("InService" if health.get("status") == "ok" else "Loading"), None
         return Endpoint(
             name=name,
             provider=self.name,
@@ -160,11 +183,12 @@ class LocalProvider(Provider):
             details={k: state[k] for k in ("pid", "log", "artifact", "weights_digest", "code_digest", "deploy_digest") if k in state},
         )
 
-    def _start_version(self, plan, reporter: Reporter) -> dict:
-        """Lay out the artifact, start its server, and wait for /ping; clean up on failure."""
+    def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
+        """Lay out the artifact, start its server, and (with wait) wait for /ping; clean up on failure."""
         name = plan.spec.name
         version = plan.digest[:12]
-        version_dir = self._root(name) / version
+        root = self._root(name)
+        version_dir = root / version
         live = self._state(name)
         if live and live.get("version") == version:
             # Same artifact, but its server died: start it again in place.
@@ -193,19 +217,26 @@ class LocalProvider(Provider):
             **plan.fingerprint,
         }
         try:
-            state["url"] = self._wait_healthy(process, port_file, log_path, plan, reporter)
+            state["url"] = self._wait_healthy(process, port_file, log_path, plan, reporter, wait=wait)
         except BaseException:
             _stop(process.pid, str(artifact))
-            shutil.rmtree(version_dir, ignore_errors=True)
+            # A first deploy leaves no local/<name>/ behind; an update keeps the live version's.
+            shutil.rmtree(version_dir if live else root, ignore_errors=True)
             raise
         return state
 
-    def _wait_healthy(self, process, port_file: Path, log_path: Path, plan, reporter: Reporter) -> str:
-        deadline = time.monotonic() + (plan.spec.timeout or DEFAULT_START_TIMEOUT)
+    def _wait_healthy(self, process, port_file: Path, log_path: Path, plan, reporter: Reporter, *, wait: bool) -> str:
+        """The server's URL once /ping answers 200 (without wait, once it has a port).
+
+        Raises DeployFailed as soon as the server exits or /ping says the model failed to load.
+        """
+        timeout = plan.spec.timeout or DEFAULT_START_TIMEOUT
+        deadline = time.monotonic() + timeout
         url = None
         delay = 0.05
+        # Every raise is inside the with, so a failed start never prints the spinner's "done".
         with reporter.waiting(f"starting the model server for {plan.spec.name}") as update:
-            while time.monotonic() < deadline:
+            while True:
                 code = process.poll()
                 if code is not None:
                     raise DeployFailed(
@@ -215,23 +246,36 @@ class LocalProvider(Provider):
                 if url is None and port_file.exists() and port_file.read_text().strip():
                     url = f"http://127.0.0.1:{int(port_file.read_text())}"
                     update(f"listening on {url}, loading the model")
-                if url and (not plan.wait or _healthy(url)):
+                if url and not wait:
                     return url
+                if url:
+                    health = _health(url)
+                    if health.get("status") == "ok":
+                        return url
+                    if health.get("status") == "failed":
+                        raise DeployFailed(
+                            _one_line(f"the model failed to load: {health.get('error') or 'no reason given'}"),
+                            f"see the full log in {log_path}",
+                        )
+                if time.monotonic() >= deadline:
+                    raise DeployFailed(
+                        f"the model server did not become healthy within {timeout}s",
+                        f"see its log {log_path}; raise --timeout for large models",
+                    )
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
-        raise DeployFailed(
-            f"the model server did not become healthy within {plan.spec.timeout or DEFAULT_START_TIMEOUT}s",
-            f"see its log {log_path}; raise --timeout for large models",
-        )
 
 
-def _healthy(url: str | None) -> bool:
-    if not url:
-        return False
+def _health(url: str) -> dict:
+    """/ping's JSON body ({"status": "ok" | "loading" | "failed", "error"?}); {} when it does not answer."""
     try:
-        return httpx.get(f"{url}/ping", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
+        response = httpx.get(f"{url}/ping", timeout=2.0)
+        if response.status_code == 200:
+            return {"status": "ok"}
+        body = response.json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _alive(pid: int | None, artifact: str | None) -> bool:
@@ -278,6 +322,12 @@ def _stop(pid: int | None, artifact: str | None, grace: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """text on one line (a load error can span many), cut to limit characters."""
+    flat = " ".join(text.split()).rstrip(".!")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _last_line(log: str | None) -> str:

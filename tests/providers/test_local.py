@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,3 +204,114 @@ def test_serve_runs_the_artifact_like_a_container(tiny_gpt2: Path, tmp_path: Pat
 
 def test_serve_refuses_a_folder_that_is_not_an_artifact(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("serve", str(tmp_path)), code=2, contains="not a cloudllm artifact")
+
+
+# --- a server that cannot load its model, --no-wait updates, orphaned records ------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_gpt2(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 with a config.json whose sizes disagree with its weights: it passes inspect, then fails to load."""
+    folder = tmp_path_factory.mktemp("broken") / "gpt2"
+    shutil.copytree(tiny_gpt2, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_embd"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _servers_under(path: Path) -> list[int]:
+    """Live processes (not zombies) whose command line runs something under path: our model servers."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in text and "serve.py" in text:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    """A failed deploy: progress lines, then exactly one error line last, no traceback and no "done"."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors and errors == lines[-1:], result.stderr
+    assert "Traceback" not in result.stderr and "done in" not in result.stderr
+    return errors[0]
+
+
+def test_a_model_that_fails_to_load_fails_the_deploy_at_once(home: dict, broken_gpt2: Path) -> None:
+    root = Path(home["CLOUDLLM_HOME"])
+    # Waiting out --timeout would end in "did not become healthy"; the failure must come from /ping.
+    result = run_cli("deploy", str(broken_gpt2), "--provider", "local", "--name", "broken", "--timeout", "120", env=home)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    line = _error_line(result)
+    assert "the model failed to load" in line and "mismatch" in line, line
+    log = Path(line.rsplit("see the full log in ", 1)[1].rstrip("."))
+    assert "model_load_failed" in {json.loads(r).get("event") for r in log.read_text().splitlines() if r.startswith("{")}
+    # Nothing left running or recorded.
+    assert not (root / "local" / "broken").exists()
+    assert not (root / "endpoints" / "broken.json").exists()
+    assert "broken" not in [e["name"] for e in json.loads(run_cli("list", "--json", env=home).stdout)]
+    assert _servers_under(root / "local" / "broken") == []
+
+
+def test_no_wait_update_switches_only_to_a_healthy_server(home: dict, tiny_gpt2: Path, broken_gpt2: Path) -> None:
+    root = Path(home["CLOUDLLM_HOME"])
+    first = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "steady", env=home)
+    assert first.returncode == 0, first.stderr
+    old = _state(home, "steady")
+
+    # A good change: --no-wait still returns only once the new server answers, and the old one is gone.
+    no_wait = ("--provider", "local", "--name", "steady", "--no-wait")
+    changed = run_cli("deploy", str(tiny_gpt2), *no_wait, "--max-new-tokens", "40", "--json", env=home)
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["action"] == "update"
+    new = _state(home, "steady")
+    assert new["pid"] != old["pid"]
+    assert httpx.get(new["url"] + "/ping", timeout=5).status_code == 200
+    assert _servers_under(Path(old["artifact"])) == [] and not Path(old["artifact"]).exists()
+
+    # A change whose model cannot load: the update fails and the live server keeps serving, untouched.
+    failed = run_cli("deploy", str(broken_gpt2), *no_wait, env=home)
+    assert failed.returncode == 1, (failed.stdout, failed.stderr)
+    assert "the model failed to load" in _error_line(failed)
+    assert _state(home, "steady") == new
+    assert httpx.get(new["url"] + "/ping", timeout=5).status_code == 200
+    assert run_cli("invoke", "steady", "still here?", "--max-new-tokens", "2", env=home).returncode == 0
+    assert [p.name for p in (root / "local" / "steady").iterdir() if p.is_dir()] == [new["version"]]
+    assert _servers_under(root / "local" / "steady") == [new["pid"]]
+    assert run_cli("delete", "steady", env=home).returncode == 0
+
+
+def test_delete_forgets_an_endpoint_whose_local_state_is_gone(home: dict, tiny_gpt2: Path) -> None:
+    root = Path(home["CLOUDLLM_HOME"])
+    assert run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "orphan", env=home).returncode == 0
+    pid = _state(home, "orphan")["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    shutil.rmtree(root / "local" / "orphan")  # e.g. someone cleaned out $CLOUDLLM_HOME/local
+    listed = {e["name"]: e["state"] for e in json.loads(run_cli("list", "--json", env=home).stdout)}
+    assert listed["orphan"] == "Missing"
+
+    deleted = run_cli("delete", "orphan", env=home)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not (root / "endpoints" / "orphan.json").exists()
+    assert "orphan" not in [e["name"] for e in json.loads(run_cli("list", "--json", env=home).stdout)]
+    assert_one_line_error(run_cli("delete", "orphan", env=home), code=2, contains="no endpoint named 'orphan'")
+    assert_one_line_error(run_cli("delete", "orphan", "--provider", "local", env=home), code=2, contains="no local endpoint named 'orphan'")
+
+
+def test_no_wait_create_of_a_model_that_fails_to_load_reports_failed(home: dict, broken_gpt2: Path) -> None:
+    root = Path(home["CLOUDLLM_HOME"])
+    created = run_cli("deploy", str(broken_gpt2), "--provider", "local", "--name", "doomed", "--no-wait", env=home)
+    assert created.returncode == 0, created.stderr  # --no-wait on a create returns once the server has a port
+    for _ in range(300):  # until the server has tried to load its model
+        endpoint = json.loads(run_cli("status", "doomed", "--json", env=home).stdout)
+        if endpoint["state"] != "Loading":
+            break
+        time.sleep(0.2)
+    assert endpoint["state"] == "Failed" and "the model failed to load" in endpoint["failure_reason"], endpoint
+    assert run_cli("delete", "doomed", env=home).returncode == 0
+    assert _servers_under(root / "local" / "doomed") == [] and not (root / "local" / "doomed").exists()

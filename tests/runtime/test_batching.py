@@ -1,9 +1,11 @@
-"""The dynamic batcher with the real tiny GPT-2: concurrent callers share model calls and each gets its own answer."""
+"""The dynamic batcher with real tiny models (GPT-2, and BERT for token classification and question answering):
+concurrent callers share model calls and each gets its own answer."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import re
 import threading
 from pathlib import Path
@@ -147,3 +149,104 @@ def test_http_concurrency_matches_sequential_answers(engine, sequential, tiny_gp
     count = float(re.search(r"^cloudllm_batch_size_count (\S+)$", metrics, re.M).group(1))
     total = float(re.search(r"^cloudllm_batch_size_sum (\S+)$", metrics, re.M).group(1))
     assert total == 32 and count < total  # some model call served more than one request
+
+
+# --- encoders: a shared call is one forward pass, and each caller's answer is its answer alone --------
+
+SENTENCES = [
+    "Paris is the capital of France and Berlin is the capital of Germany.",
+    "hello",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Machine learning engineers ship models.",
+    "Once upon a time there was a tiny model that lived on a laptop.",
+    "Berlin 😀",
+]
+QUESTIONS = [
+    {"question": "What is the capital of France?", "context": SENTENCES[0]},
+    {"question": "Who?", "context": "Nobody knows 😀."},
+    {"question": "What did the fox jump over?", "context": SENTENCES[2]},
+    {"question": "Where did the tiny model live?", "context": SENTENCES[4] + " " + SENTENCES[3]},
+    {"question": "Which river?", "context": "the river bank"},
+]
+
+
+class ForwardBatches:
+    """Records the batch dimension of every forward pass the model runs (a real torch forward hook)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.sizes: list[int] = []
+
+    def __enter__(self) -> list[int]:
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.sizes.append(int(ids.shape[0]))
+
+        self.handle = self.model.register_forward_hook(hook, with_kwargs=True)
+        return self.sizes
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def assert_same_answer(batched: Any, alone: Any) -> None:
+    """Equal, except scores, which padding may move in the last float32 digits."""
+    if isinstance(alone, dict):
+        assert set(batched) == set(alone)
+        for key in alone:
+            assert_same_answer(batched[key], alone[key])
+    elif isinstance(alone, list):
+        assert len(batched) == len(alone)
+        for b, a in zip(batched, alone):
+            assert_same_answer(b, a)
+    elif isinstance(alone, float):
+        assert math.isclose(batched, alone, rel_tol=1e-4, abs_tol=1e-6), (batched, alone)
+    else:
+        assert batched == alone
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_bert) -> Any:
+    """encoders(task) -> (engine, inputs of several lengths), loaded on first use."""
+    heads = {"token-classification": ("token-classification", SENTENCES), "question-answering": ("question-answering", QUESTIONS)}
+    loaded: dict[str, Any] = {}
+
+    def get(task: str) -> tuple[Any, list[Any]]:
+        head, inputs = heads[task]
+        if task not in loaded:
+            loaded[task] = load_engine(str(tiny_bert(head)), ServingSettings(task=task))
+        return loaded[task], inputs
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("task", "params"),
+    [
+        ("token-classification", {}),
+        ("token-classification", {"aggregation_strategy": "none"}),
+        ("token-classification", {"aggregation_strategy": "first"}),
+        ("question-answering", {}),
+        ("question-answering", {"max_answer_len": 2}),
+    ],
+)
+def test_encoder_batches_reach_the_model(encoders, task: str, params: dict) -> None:
+    engine, inputs = encoders(task)
+    alone = [engine.predict([item], params)[0] for item in inputs]
+    batcher = Batcher(engine.predict, max_batch_size=8, max_wait_ms=50, key=batch_key)
+    with ForwardBatches(engine.model) as forward:
+        results = asyncio.run(submit_all(batcher, [([item], params) for item in inputs]))
+    assert max(batcher.batch_sizes) > 1
+    assert forward == batcher.batch_sizes  # one forward pass per shared call, as wide as the call
+    for result, single in zip(results, alone):
+        assert_same_answer(result[0], single)
+
+
+def test_question_answering_a_long_item_fails_only_itself(encoders) -> None:
+    qa_engine, _ = encoders("question-answering")
+    batcher = Batcher(qa_engine.predict, max_batch_size=8, max_wait_ms=50, key=batch_key)
+    too_long = {"question": "q", "context": "word " * 500}
+    results = asyncio.run(submit_all(batcher, [([QUESTIONS[0]], {}), ([too_long], {}), ([QUESTIONS[2]], {})]))
+    assert isinstance(results[1], RequestError) and results[1].status == 422
+    assert_same_answer(results[0][0], qa_engine.predict([QUESTIONS[0]], {})[0])
+    assert_same_answer(results[2][0], qa_engine.predict([QUESTIONS[2]], {})[0])

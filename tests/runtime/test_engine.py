@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloudllm_runtime.engine import Engine, GenerationEngine, load_engine, resolve_dtype, resolve_placement
@@ -163,8 +165,58 @@ def test_position_limit_caps_the_input_limit(task_models: dict[str, Path]) -> No
 
 @pytest.mark.parametrize("text", ["emoji 😀👍🏽 party", "مرحبا بالعالم", "nul\x00char", "\ufffd\ufffd", "   "])
 def test_unicode_inputs_generate(gpt2: GenerationEngine, text: str) -> None:
-    out = gpt2.predict([text], {"max_new_tokens": 4})
-    json.dumps(out, ensure_ascii=False).encode("utf-8")
+    ids = gpt2._token_ids(text)
+    assert ids and gpt2.tokenizer.decode(ids) == text  # byte-level BPE: every character reaches the model
+    [prediction] = gpt2.run([text], {"max_new_tokens": 4, "details": True})
+    output = prediction.output
+    assert set(output) == {"generated_text", "details"} and isinstance(output["generated_text"], str)
+    assert 1 <= prediction.generated_tokens <= 4 and output["details"]["generated_tokens"] == prediction.generated_tokens
+    # Valid UTF-8 on the wire (no lone surrogates), and the same text back.
+    assert json.loads(json.dumps(output, ensure_ascii=False).encode("utf-8")) == output
+    # Incremental detokenization of the same prompt adds up to the same text.
+    assert "".join(gpt2.stream(text, {"max_new_tokens": 4})) == output["generated_text"]
+
+
+@pytest.fixture(scope="module")
+def stripping_gpt2(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 with a tokenizer that strips surrounding whitespace, as some do: "   " becomes no tokens."""
+    from tokenizers import Tokenizer, normalizers
+
+    folder = tmp_path_factory.mktemp("stripping") / "gpt2"
+    shutil.copytree(tiny_gpt2, folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.normalizer = normalizers.Strip()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_an_input_that_encodes_to_no_tokens_is_422(stripping_gpt2: Path) -> None:
+    from cloudllm_runtime.app import create_app
+
+    from .conftest import serve_in_thread
+
+    engine = load_engine(str(stripping_gpt2), ServingSettings(task="text-generation"))
+    assert engine._token_ids("   ") == []
+    for call in (engine.validate, engine.predict):
+        with pytest.raises(RequestError) as caught:
+            call(["fine", "   "], {"max_new_tokens": 2})
+        assert caught.value.status == 422 and "input 1 encodes to no tokens" in caught.value.message
+    app = create_app(str(stripping_gpt2), ServingSettings(task="text-generation"), engine_loader=lambda d, s: engine)
+    with serve_in_thread(app) as url:
+        refused = httpx.post(url + "/invocations", json={"inputs": "   "}, timeout=60)
+        assert refused.status_code == 422 and "no tokens" in refused.json()["error"]
+        assert httpx.post(url + "/invocations", json={"inputs": " fine ", "parameters": {"max_new_tokens": 2}}, timeout=60).status_code == 200
+
+
+def test_a_tokenizer_without_vocabulary_refuses_to_load(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """config.json + weights only: transformers 5 makes an empty tokenizer that would encode every text to nothing."""
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gpt2 / name, folder / name)
+    with pytest.raises(ValueError, match="no vocabulary") as caught:
+        load_engine(str(folder), ServingSettings(task="text-generation"))
+    assert "tokenizer.json" in str(caught.value)
 
 
 def test_llama_style_model_generates_and_streams(tiny_llama: Path) -> None:
