@@ -228,7 +228,7 @@ def package(model: str, out: str, overwrite: bool, json_output: bool, **kw: Any)
 @click.argument("model", type=click.Path())
 @_deploy_flags
 @_model_flags
-@click.option("--no-wait", is_flag=True, help="Return once the platform accepted the deploy.")
+@click.option("--no-wait", is_flag=True, help="Return once the platform accepted the deploy (a local update still waits for health before it switches).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; create nothing.")
 @click.option("--force", is_flag=True, help="Deploy even when the plan says it will not fit (also takes over a Vertex endpoint lock a killed deploy left).")
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output on stdout.")

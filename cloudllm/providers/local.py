@@ -3,7 +3,7 @@
 It runs the very code a cloud container runs (`python code/serve.py serve`), so a
 deploy that works here differs from the cloud only in the hardware. State lives in
 $CLOUDLLM_HOME/local/<name>/: one folder per deployed version (its artifact) and
-state.json pointing at the live one; server logs go to $CLOUDLLM_HOME/local/logs/. An update starts the new version beside the
+state.json pointing at the live one; server logs go to $CLOUDLLM_HOME/logs/. An update starts the new version beside the
 old, switches state.json once the new one is healthy, then stops the old.
 
 A server whose model fails to load says so on /ping (503 {"status": "failed", "error": ...});
@@ -197,7 +197,7 @@ class LocalProvider(Provider):
         version_dir.mkdir(parents=True)
         artifact = plan.bundle.write(version_dir / "artifact")
         reporter.step(f"artifact laid out in {artifact}")
-        log_path = home_dir("local", "logs") / f"{name}-{version}.log"
+        log_path = home_dir("logs") / f"{name}-{version}.log"  # beside local/, where every folder is an endpoint
         port_file = version_dir / "port"
         with open(log_path, "ab") as log:
             process = subprocess.Popen(

@@ -87,6 +87,9 @@ def test_logs_print_the_servers_json_lines_and_since_filters_by_time(demo: dict,
     last = records[-1]["ts"]
     tail = run_cli("logs", "demo", "--since", last, env=home)
     assert tail.stdout and all(json.loads(line)["ts"] >= last for line in tail.stdout.splitlines() if line.startswith("{"))
+    as_json = [json.loads(line) for line in run_cli("logs", "demo", "--json", env=home).stdout.splitlines()]
+    assert [r["line"] for r in as_json] == everything.stdout.splitlines()  # JSON Lines, one per log line
+    assert {r["name"] for r in as_json} == {"demo"} and [r["record"] for r in as_json if r["record"]] == records
 
 
 def test_unchanged_redeploy_does_nothing(demo: dict, home: dict, tiny_gpt2: Path) -> None:
