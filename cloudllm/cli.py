@@ -375,16 +375,23 @@ def status(name: str, where: dict, json_output: bool) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--purge-artifacts", is_flag=True, help="Also delete the uploaded artifacts.")
+@click.option("--bucket", help="With --purge-artifacts: where deploy uploaded them, when the endpoint that said so is gone.")
 @_where_flags
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
-def delete(name: str, purge_artifacts: bool, where: dict, json_output: bool) -> None:
+def delete(name: str, purge_artifacts: bool, bucket: str | None, where: dict, json_output: bool) -> None:
     """Delete endpoint NAME and everything deploy created for it.
 
     \b
-    Example:
+    Examples:
       cloudllm delete demo
+      cloudllm delete chat --provider sagemaker --purge-artifacts --bucket s3://my-bucket/models
     """
     from cloudllm import api
+
+    if bucket:
+        if not purge_artifacts:
+            raise click.UsageError("--bucket goes with --purge-artifacts")
+        where["options"] = {**(where["options"] or {}), "bucket": bucket.rstrip("/")}
 
     api.delete(name, purge_artifacts=purge_artifacts, reporter=_reporter(json_output), **where)
     if json_output:

@@ -27,7 +27,8 @@ def test_every_row_is_complete_and_names_are_unique_across_providers():
     assert len({r.name for r in rows}) == len(rows)
     for row in rows:
         assert row.vcpu > 0 and row.memory_gib > 0, row.name
-        assert row.price_per_hour and row.price_per_hour > 0, row.name
+        # A price only where one is known; a row without says where to look.
+        assert (row.price_per_hour is not None and row.price_per_hour > 0) or "pricing" in (row.note or ""), row.name
         if row.kind == "cpu":
             assert row.accelerator_count == 0 and row.gpu_count == 0, row.name
         else:
@@ -48,11 +49,31 @@ def test_every_row_is_complete_and_names_are_unique_across_providers():
         ("ml.p4d.24xlarge", 8, 40, "NVIDIA A100 40GB"),
         ("ml.p4de.24xlarge", 8, 80, "NVIDIA A100 80GB"),
         ("ml.p5.48xlarge", 8, 80, "NVIDIA H100 80GB"),
+        # Types SageMaker hosts that the catalog lacked (their GPU count was taken as 1):
+        ("ml.p2.16xlarge", 16, 12, "NVIDIA K80"),
+        ("ml.p3.2xlarge", 1, 16, "NVIDIA V100"),
+        ("ml.p3.16xlarge", 8, 16, "NVIDIA V100"),
+        ("ml.p5.4xlarge", 1, 80, "NVIDIA H100 80GB"),
+        ("ml.p5e.48xlarge", 8, 141, "NVIDIA H200"),
+        ("ml.p5en.48xlarge", 8, 141, "NVIDIA H200"),
+        ("ml.p6-b200.48xlarge", 8, 180, "NVIDIA B200"),
+        ("ml.g6e.12xlarge", 4, 48, "NVIDIA L40S"),
+        ("ml.g7.12xlarge", 2, 32, "NVIDIA RTX PRO 4500"),
     ],
 )
 def test_sagemaker_gpu_facts(name, count, memory, accelerator):
     row = lookup("sagemaker", name)
     assert (row.gpu_count, row.accelerator_memory_gib, row.accelerator) == (count, memory, accelerator)
+
+
+def test_every_sagemaker_row_is_a_type_sagemaker_hosts_and_unpriced_rows_are_sourced():
+    from cloudllm.catalog.instances import platform_names
+
+    rows = instances("sagemaker")
+    assert {r.name for r in rows} <= platform_names("sagemaker")  # botocore's ProductionVariantInstanceType
+    unpriced = [r.name for r in rows if r.price_per_hour is None]
+    assert "ml.p5e.48xlarge" in unpriced
+    assert any("priced null" in source for source in catalog_info().sources["sagemaker"])
 
 
 def test_sagemaker_cpu_and_neuron_types():
@@ -131,6 +152,14 @@ def test_unknown_instance_error_suggests_close_names():
         resolve("sagemaker", "ml.g5.xlarg")
     assert "unknown SageMaker instance type 'ml.g5.xlarg'" in err.value.line()
     assert "did you mean ml.g5.xlarge" in err.value.line()
+
+
+def test_suggestions_also_come_from_the_types_sagemaker_lists_beyond_the_catalog():
+    assert lookup("sagemaker", "ml.p6-b300.48xlarge") is None  # hosted by SageMaker (botocore), not catalogued
+    assert suggest_names("sagemaker", "ml.p6-b300.48xlarg")[0] == "ml.p6-b300.48xlarge"
+    with pytest.raises(UserError, match="did you mean ml.p6-b300.48xlarge"):
+        resolve("sagemaker", "ml.p6-b300.48xlarg")
+    assert suggest_names("vertex", "ml.p6-b300.48xlarg") == []  # botocore's names are SageMaker's only
 
 
 def test_instance_of_the_other_provider_says_which_provider():

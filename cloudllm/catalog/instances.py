@@ -1,9 +1,10 @@
 """The instance catalog: GPU type, count and memory, vCPU, RAM and price of every instance/machine type.
 
 The data lives in instances.json beside this module, with its sources, its date and the one
-region its prices are for. Providers call `lookup` (GPU count for NUM_SHARD, accelerator type
-for Vertex's machine_spec) and `suggest_names` (for "did you mean"); the planner calls
-`resolve` and `offers`.
+region its prices are for (a row without a known price has none). Providers call `lookup` (GPU
+count for NUM_SHARD, accelerator type for Vertex's machine_spec) and `suggest_names` (for "did
+you mean", also over the names the platform lists beyond the catalog: `platform_names`); the
+planner calls `resolve` and `offers`.
 
 Vertex n1 machines carry no GPU of their own: a T4 or V100 is attached with
 `--accelerator NVIDIA_TESLA_T4:2`, so `resolve` and `offers` return the machine with its
@@ -126,9 +127,24 @@ def lookup(provider: str, name: str | None) -> InstanceType | None:
     return _instances(provider).get(name)
 
 
+@lru_cache(maxsize=None)
+def platform_names(provider: str) -> frozenset[str]:
+    """Instance types the platform itself takes, catalogued or not: for SageMaker, the hosting types of
+    botocore's current service model (ProductionVariantInstanceType, not a copy); empty elsewhere or without botocore."""
+    if provider != "sagemaker":
+        return frozenset()
+    try:
+        import botocore.session
+    except ImportError:
+        return frozenset()
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    return frozenset(model.shape_for("ProductionVariantInstanceType").enum)
+
+
 def suggest_names(provider: str, name: str, n: int = 3) -> list[str]:
-    """Close matches among the provider's instance names, best first (for "did you mean")."""
-    names = list(_instances(provider))
+    """Close matches among the provider's instance names (the catalog's, then the platform's own), best first."""
+    catalogued = list(_instances(provider))
+    names = catalogued + sorted(platform_names(provider) - set(catalogued))
     found = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
     lowered = name.lower().removeprefix("ml.")
     for candidate in names:

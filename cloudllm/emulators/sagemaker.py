@@ -21,14 +21,19 @@ installed in its BackendDicts), not a fork:
 - InvokeEndpoint and InvokeEndpointWithResponseStream reach that server, so invoke returns real
   model output, and streams come back as application/vnd.amazon.eventstream PayloadPart events.
 
-Every endpoint is served by the generated handler whatever its image (TGI and vLLM need their
-GPU containers): the emulator checks cloudllm's side of the contract, not the containers'.
+What serves an endpoint follows its image, as far as a CPU machine can: a Hugging Face PyTorch
+inference DLC image runs the artifact's code/inference.py hooks the way the HF inference toolkit
+does (`_toolkit_server`: whole answers only, any hook error a 400, so "stream": true is refused as
+the real container refuses it); any other image (TGI, LMI/vLLM, a custom one) runs the artifact's
+`code/serve.py`, which speaks TGI's request and stream format (TGI and vLLM need their GPU
+containers): the emulator checks cloudllm's side of the contract, not the engines'.
 One emulator per process: moto keeps its state in module-level backends.
 """
 
 from __future__ import annotations
 
 import atexit
+import inspect
 import json
 import os
 import shutil
@@ -61,7 +66,7 @@ from moto.moto_server.werkzeug_app import (
     create_backend_app,
 )
 
-from cloudllm.providers.sagemaker.resources import known_instance_types
+from cloudllm.providers.sagemaker.resources import known_instance_types, runs_toolkit
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account for any access key it does not know
@@ -90,6 +95,7 @@ class HostedModel:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{endpoint}-", dir=backend.work_dir()))
         self.log_stream = f"{self.variant['VariantName']}/i-{uuid.uuid4().hex[:17]}"
         self.log_path = self.dir / "server.log"
+        self.image = ""
 
     def start(self) -> "HostedModel":
         threading.Thread(target=self._run, name=f"host-{self.endpoint}", daemon=True).start()
@@ -109,6 +115,7 @@ class HostedModel:
 
     def _download(self) -> Path:
         model = self.backend.describe_model(self.variant["ModelName"])
+        self.image = (model.primary_container or {}).get("Image", "")
         source = (model.primary_container or {}).get("ModelDataSource", {}).get("S3DataSource")
         if not source or source.get("S3DataType") != "S3Prefix" or source.get("CompressionType") != "None":
             raise RuntimeError(
@@ -135,17 +142,27 @@ class HostedModel:
             count += 1
         if count == 0:
             raise RuntimeError(f"Failed to download model data from {uri}: no objects under that prefix")
-        if not (artifact / "code" / "serve.py").is_file():
-            raise RuntimeError(f"{uri} has no code/serve.py: the emulator serves cloudllm artifacts only")
+        entry = "inference.py" if runs_toolkit(self.image) else "serve.py"
+        if not (artifact / "code" / entry).is_file():
+            raise RuntimeError(f"{uri} has no code/{entry}: the emulator serves cloudllm artifacts only")
         return artifact
+
+    def _command(self, artifact: Path, port_file: Path) -> list[str]:
+        if runs_toolkit(self.image):
+            # A fresh interpreter with the stand-in's own source: it imports neither moto nor cloudllm, as the DLC has neither.
+            source = f"{inspect.getsource(_toolkit_server)}\n_toolkit_server({str(artifact)!r}, {str(port_file)!r})\n"
+            return [sys.executable, "-c", source]
+        return [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
 
     def _serve(self, artifact: Path) -> None:
         port_file = self.dir / "port"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if runs_toolkit(self.image):
+            env.update(self.backend.describe_model(self.variant["ModelName"]).primary_container.get("Environment") or {})
         self.process = subprocess.Popen(
-            [sys.executable, str(artifact / "code" / "serve.py"), "serve",
-             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+            self._command(artifact, port_file),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=artifact, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=artifact, start_new_session=True, env=env,
         )  # fmt: skip
         threading.Thread(target=self._pump_logs, name=f"logs-{self.endpoint}", daemon=True).start()
         timeout = self.variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or DEFAULT_STARTUP_TIMEOUT
@@ -231,6 +248,89 @@ class HostedModel:
             process.wait()
         except ProcessLookupError:
             pass
+
+
+def _toolkit_server(model_dir: str, port_file: str) -> None:
+    """The HF inference toolkit's model server as the HF PyTorch inference DLCs run an artifact with
+    code/inference.py (sagemaker-huggingface-inference-toolkit, handler_service.py), cut down to what
+    the emulator needs: the hooks load once, then GET /ping and POST /invocations on 127.0.0.1.
+
+    Like the toolkit: transform_fn beside the other hooks is refused; JSON and CSV bodies are decoded to
+    str; Accept */* or none means application/json; input_fn -> predict_fn -> output_fn runs one request
+    at a time (one model server worker); any exception a hook raises answers 400 with its message (the
+    toolkit wraps everything in PredictionException(str(e), 400)); every answer is whole: no streaming.
+    Runs in its own interpreter, from this function's source alone.
+    """
+    import importlib.util
+    import json
+    import os
+    import sys
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    code_dir = os.path.join(model_dir, "code")
+    sys.path.insert(0, code_dir)
+    spec = importlib.util.spec_from_file_location("inference", os.path.join(code_dir, "inference.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    hooks = {name: getattr(module, name, None) for name in ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")}
+    if hooks["transform_fn"] and any(hooks[name] for name in ("input_fn", "predict_fn", "output_fn")):
+        raise ValueError("Cannot use transform_fn implementation in conjunction with input_fn, predict_fn, and/or output_fn implementation")
+    if not hooks["model_fn"] or not (hooks["transform_fn"] or all(hooks[name] for name in ("input_fn", "predict_fn", "output_fn"))):
+        raise ValueError("the emulator's toolkit stand-in needs model_fn and input_fn/predict_fn/output_fn (or transform_fn) in code/inference.py")
+    started = time.monotonic()
+    model = hooks["model_fn"](model_dir)
+    print(f"toolkit: model_fn loaded {model_dir} in {time.monotonic() - started:.2f}s", flush=True)
+    one_worker = threading.Lock()
+
+    def transform(body, content_type: str, accept: str):
+        if hooks["transform_fn"]:
+            return hooks["transform_fn"](model, body, content_type, accept)
+        return hooks["output_fn"](hooks["predict_fn"](hooks["input_fn"](body, content_type), model), accept)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == "/ping":
+                self._answer(200, b"{}", "application/json")
+            else:
+                self._answer(404, b"", "text/plain")
+
+        def do_POST(self) -> None:
+            if self.path != "/invocations":
+                return self._answer(404, b"", "text/plain")
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            content_type = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
+            accept = self.headers.get("Accept")
+            if not accept or accept == "*/*":
+                accept = "application/json"
+            try:
+                if content_type in ("application/json", "text/csv"):
+                    body = body.decode("utf-8")
+                with one_worker:
+                    answer = transform(body, content_type, accept)
+            except Exception as exc:
+                print(f"toolkit: prediction failed: {exc}", flush=True)
+                message = json.dumps({"code": 400, "type": "InternalServerException", "message": str(exc)})
+                return self._answer(400, message.encode(), "application/json")
+            self._answer(200, answer.encode("utf-8") if isinstance(answer, str) else bytes(answer), accept)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with open(port_file + ".tmp", "w") as fh:
+        fh.write(str(server.server_address[1]))
+    os.replace(port_file + ".tmp", port_file)
+    print(f"toolkit: model server listening on port {server.server_address[1]}", flush=True)
+    server.serve_forever()
 
 
 def _ping(url: str) -> tuple[bool, str | None]:

@@ -138,7 +138,7 @@ class S3Artifacts:
                         self._resume(dest, f, resumable[f.name], reporter, kms_key, result)
             if to_copy or to_upload:
                 self._transfer(dest, to_copy, to_upload, reporter, kms_key, result)
-            self._abort_leftover_uploads(dest)
+            self.abort_uploads(dest)
             self.client.put_object(
                 Bucket=dest.bucket,
                 Key=dest.key(MANIFEST_NAME),
@@ -298,21 +298,38 @@ class S3Artifacts:
         result.uploaded.append(f.name)
         result.uploaded_bytes += sent
 
-    def _abort_leftover_uploads(self, dest: S3Uri) -> None:
-        """Abort unfinished multipart uploads under dest (a killed run's): they cost storage and show nowhere.
+    def abort_uploads(self, uri: S3Uri) -> int:
+        """Abort the unfinished multipart uploads under uri (a killed run's): S3 bills their parts and lists them nowhere.
 
-        Best effort: without s3:ListBucketMultipartUploads or s3:AbortMultipartUpload they stay
-        (a bucket lifecycle rule AbortIncompleteMultipartUpload removes them too).
+        Returns how many. Best effort: without s3:ListBucketMultipartUploads or s3:AbortMultipartUpload
+        they stay (a bucket lifecycle rule AbortIncompleteMultipartUpload removes them too).
         """
         from botocore.exceptions import ClientError
 
+        aborted = 0
+        for upload in self._uploads(uri):
+            try:
+                self.client.abort_multipart_upload(Bucket=uri.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            except ClientError as exc:
+                if _code(exc) in ("AccessDenied", "403"):
+                    break
+                if _code(exc) != "NoSuchUpload":  # gone meanwhile: completed, or aborted by its own run
+                    raise
+            aborted += 1
+        return aborted
+
+    def _uploads(self, uri: S3Uri) -> list[dict[str, Any]]:
+        """The unfinished multipart uploads under uri (Key, UploadId, Initiated); none without s3:ListBucketMultipartUploads."""
+        from botocore.exceptions import ClientError
+
+        uploads = []
         try:
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=dest.bucket, Prefix=dest.key("")):
-                for upload in page.get("Uploads", []):
-                    self.client.abort_multipart_upload(Bucket=dest.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=uri.bucket, Prefix=uri.key("")):
+                uploads.extend(page.get("Uploads", []))
         except ClientError as exc:
-            if _code(exc) not in ("AccessDenied", "403", "NoSuchUpload"):
+            if _code(exc) not in ("AccessDenied", "403"):
                 raise
+        return uploads
 
     # --- read, list, delete -----------------------------------------------------------
     def read_manifest(self, uri: S3Uri) -> bytes | None:
@@ -326,12 +343,18 @@ class S3Artifacts:
             raise
 
     def versions(self, root: S3Uri) -> list[S3Uri]:
-        """The version prefixes directly under root."""
-        found = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=root.bucket, Prefix=root.key(""), Delimiter="/"):
-            for common in page.get("CommonPrefixes", []):
-                found.append(S3Uri(root.bucket, common["Prefix"].strip("/")))
-        return found
+        """The version prefixes directly under root, also those holding only unfinished multipart uploads
+        (a deploy killed while sending its first file)."""
+        start = root.key("")
+        prefixes = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=root.bucket, Prefix=start, Delimiter="/"):
+            prefixes += [common["Prefix"] for common in page.get("CommonPrefixes", [])]
+        # Grouped here, not with Delimiter: moto's ListMultipartUploads ignores it (S3 answers CommonPrefixes).
+        for upload in self._uploads(root):
+            head, slash, _ = upload["Key"][len(start) :].partition("/")
+            if slash:
+                prefixes.append(f"{start}{head}/")
+        return [S3Uri(root.bucket, prefix.strip("/")) for prefix in dict.fromkeys(prefixes)]
 
     def _list(self, uri: S3Uri) -> list[dict[str, Any]]:
         objects = []
@@ -340,19 +363,25 @@ class S3Artifacts:
         return objects
 
     def idle_seconds(self, uri: S3Uri) -> float:
-        """Seconds since the newest object under uri was written (0 when there is none)."""
+        """Seconds since anything under uri was last written: an object, or a part of an unfinished upload (0 when empty)."""
         from datetime import datetime, timezone
 
-        newest = max((obj["LastModified"] for obj in self._list(uri)), default=None)
+        times = [obj["LastModified"] for obj in self._list(uri)]
+        for upload in self._uploads(uri):
+            times.append(upload["Initiated"])
+            pages = self.client.get_paginator("list_parts").paginate(Bucket=uri.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            times.extend(part["LastModified"] for page in pages for part in page.get("Parts", []))
+        newest = max(times, default=None)
         return 0.0 if newest is None else (datetime.now(timezone.utc) - newest).total_seconds()
 
-    def delete(self, uri: S3Uri) -> int:
-        """Delete every object under uri; returns how many."""
+    def delete(self, uri: S3Uri) -> tuple[int, int]:
+        """Delete every object under uri and abort its unfinished multipart uploads; returns (objects, uploads)."""
+        aborted = self.abort_uploads(uri)  # first: an upload finishing meanwhile becomes an object the listing sees
         keys = [obj["Key"] for obj in self._list(uri)]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": key} for key in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=uri.bucket, Delete={"Objects": batch, "Quiet": True})
-        return len(keys)
+        return len(keys), aborted
 
 
 def _part_size(size: int, number: int) -> int:

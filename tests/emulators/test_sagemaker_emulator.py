@@ -22,18 +22,21 @@ from cloudllm.emulators.sagemaker import ROLE_ARN
 from tests.conftest import CLOUDLLM
 
 BUCKET = "cloudllm-emulator"
+# The HF PyTorch inference DLC (the toolkit serves code/inference.py), and a custom image (code/serve.py).
+TOOLKIT_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-inference:latest"
+SERVE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cloudllm-serve:latest"
 
 
 def _variant(model: str, instance: str = "ml.m5.xlarge", count: int = 1) -> list[dict]:
     return [{"VariantName": "AllTraffic", "ModelName": model, "InstanceType": instance, "InitialInstanceCount": count}]
 
 
-def _model(sm, name: str, prefix: str) -> None:
+def _model(sm, name: str, prefix: str, image: str = TOOLKIT_IMAGE) -> None:
     sm.create_model(
         ModelName=name,
         ExecutionRoleArn=ROLE_ARN,
         PrimaryContainer={
-            "Image": "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-inference:latest",
+            "Image": image,
             "ModelDataSource": {"S3DataSource": {"S3Uri": f"s3://{BUCKET}/{prefix}", "S3DataType": "S3Prefix", "CompressionType": "None"}},
         },
     )
@@ -54,21 +57,37 @@ def sm(sagemaker_emulator):
 
 
 @pytest.fixture(scope="module")
-def served(sagemaker_emulator, sm, tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An endpoint made with raw boto3 calls from an artifact uploaded file by file."""
+def artifact(sagemaker_emulator, tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """s3://.../raw/: tiny-gpt2's artifact, uploaded file by file with plain boto3."""
     root = tmp_path_factory.mktemp("artifact") / "a"
     api.package(tiny_gpt2, root)
     s3 = boto3.client("s3")
     for path in root.rglob("*"):
         if path.is_file():
             s3.upload_file(str(path), BUCKET, f"raw/{path.relative_to(root)}")
-    _model(sm, "raw-model", "raw/")
-    sm.create_endpoint_config(EndpointConfigName="raw-config", ProductionVariants=_variant("raw-model"))
-    sm.create_endpoint(EndpointName="raw", EndpointConfigName="raw-config")
-    assert sm.describe_endpoint(EndpointName="raw")["EndpointStatus"] == "Creating"  # moto says InService at once
-    endpoint = _settle(sm, "raw")
+    return "raw/"
+
+
+def _endpoint(sm, name: str, prefix: str, image: str) -> str:
+    _model(sm, f"{name}-model", prefix, image)
+    sm.create_endpoint_config(EndpointConfigName=f"{name}-config", ProductionVariants=_variant(f"{name}-model"))
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=f"{name}-config")
+    assert sm.describe_endpoint(EndpointName=name)["EndpointStatus"] == "Creating"  # moto says InService at once
+    endpoint = _settle(sm, name)
     assert endpoint["EndpointStatus"] == "InService", endpoint.get("FailureReason")
-    return "raw"
+    return name
+
+
+@pytest.fixture(scope="module")
+def served(sm, artifact: str) -> str:
+    """An endpoint on the HF PyTorch inference image: code/inference.py's hooks serve it, as the toolkit does."""
+    return _endpoint(sm, "raw", artifact, TOOLKIT_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def served_by_server(sm, artifact: str) -> str:
+    """The same artifact on a custom image: its code/serve.py serves it (TGI's request and stream format)."""
+    return _endpoint(sm, "raw-serve", artifact, SERVE_IMAGE)
 
 
 def test_instance_types_come_from_botocore(sm) -> None:
@@ -120,7 +139,25 @@ def test_invoke_returns_model_output(served: str) -> None:
     assert "/aws/sagemaker/Endpoints/raw" in bad.value.response["LogStreamArn"]
 
 
-def test_stream_is_amazon_eventstream(sagemaker_emulator, served: str) -> None:
+def test_the_toolkit_image_answers_whole_and_refuses_streams_as_the_dlc_does(served: str) -> None:
+    runtime = boto3.client("sagemaker-runtime")
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6}}
+    # A response stream from a server that cannot stream: the whole JSON answer, in payload parts.
+    response = runtime.invoke_endpoint_with_response_stream(EndpointName=served, Body=json.dumps(body), ContentType="application/json")
+    whole = json.loads(b"".join(event["PayloadPart"]["Bytes"] for event in response["Body"]))
+    assert whole[0]["generated_text"].strip() and not response["ContentType"].startswith("text/event-stream")
+
+    # "stream": true reaches predict_fn, which refuses it; the toolkit answers every hook error with a 400.
+    for call in (runtime.invoke_endpoint, runtime.invoke_endpoint_with_response_stream):
+        with pytest.raises(ClientError) as refused:
+            call(EndpointName=served, Body=json.dumps({**body, "stream": True}), ContentType="application/json")
+        assert refused.value.response["Error"]["Code"] == "ModelError"
+        assert refused.value.response["OriginalStatusCode"] == 400
+        assert "streaming is not available through the Hugging Face inference toolkit" in refused.value.response["OriginalMessage"]
+
+
+def test_stream_is_amazon_eventstream(sagemaker_emulator, served_by_server: str) -> None:
+    served = served_by_server
     body = json.dumps({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6}, "stream": True}).encode()
 
     # Through boto3: PayloadPart events whose bytes re-join into TGI's server-sent events.
@@ -145,13 +182,15 @@ def test_stream_is_amazon_eventstream(sagemaker_emulator, served: str) -> None:
     assert b"".join(m.payload for m in messages).decode().count("data:") == len(events)
 
 
-def test_server_output_goes_to_cloudwatch_logs(served: str) -> None:
+@pytest.mark.parametrize(("fixture", "line"), [("served", "toolkit: model_fn loaded"), ("served_by_server", "model_loaded")])
+def test_server_output_goes_to_cloudwatch_logs(request: pytest.FixtureRequest, fixture: str, line: str) -> None:
+    served = request.getfixturevalue(fixture)
     logs = boto3.client("logs")
     group = f"/aws/sagemaker/Endpoints/{served}"
     (stream,) = logs.describe_log_streams(logGroupName=group)["logStreams"]
     assert stream["logStreamName"].startswith("AllTraffic/i-")
     messages = [e["message"] for e in logs.filter_log_events(logGroupName=group)["events"]]
-    assert any("model_loaded" in m for m in messages)
+    assert any(line in m for m in messages), messages
 
 
 def test_update_endpoint_that_fails_rolls_back(sm, served: str) -> None:

@@ -22,6 +22,7 @@ from cloudllm.providers.sagemaker import resources as res
 from tests.conftest import assert_one_line_error, run_cli
 
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+SERVE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cloudllm-serve:latest"  # containers/Dockerfile, pushed to ECR
 # What sagemaker-core 2.27.0's image_uris.retrieve() answers for the pinned versions (checked by hand).
 TGI_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-tgi-inference:2.7.0-tgi3.3.6-gpu-py311-cu124-ubuntu22.04"
 LMI_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/djl-inference:0.38.0-lmi29.0.0-cu130"
@@ -56,10 +57,11 @@ def aws(sagemaker_emulator):
     return {name: boto3.client(name) for name in ("sagemaker", "s3", "application-autoscaling", "logs")}
 
 
-def _cli_deploy(emulator, model: Path, name: str, *extra: str, env: dict, runtime: str = "handler", instance: str = "ml.m5.xlarge"):
+def _cli_deploy(emulator, model: Path, name: str, *extra: str, env: dict, runtime: str | None = "handler", instance: str = "ml.m5.xlarge"):
+    """`cloudllm deploy` to the emulator; runtime None leaves --runtime out (the provider's default)."""
     return run_cli(
-        "deploy", str(model), "--provider", "sagemaker", "--name", name, "--runtime", runtime, "--instance", instance,
-        "--bucket", f"{emulator.bucket}/models", "--role", emulator.role, *extra, env=env,
+        "deploy", str(model), "--provider", "sagemaker", "--name", name, *(("--runtime", runtime) if runtime else ()),
+        "--instance", instance, "--bucket", f"{emulator.bucket}/models", "--role", emulator.role, *extra, env=env,
     )  # fmt: skip
 
 
@@ -106,13 +108,15 @@ def _gone(aws, name: str) -> None:
 # --- the handler runtime end to end -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def handler(sagemaker_emulator, tiny_gpt2: Path, home: dict) -> dict:
-    result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-handler", "--json", env=home)
+    """GPT-2 on a CPU instance without --runtime: the handler (TGI needs a GPU), on the HF PyTorch CPU image."""
+    result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-handler", "--json", env=home, runtime=None)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def test_handler_deploy_serves_uncompressed_artifacts(handler: dict, aws, sagemaker_emulator) -> None:
     assert handler["action"] == "create"
+    assert handler["plan"]["runtime"] == "handler"  # chosen for ml.m5.xlarge, though TGI serves gpt2
     assert handler["endpoint"]["state"] == "InService"
     endpoint, config, model = _live(aws, "sm-handler")
     container = model["PrimaryContainer"]
@@ -146,9 +150,12 @@ def test_invoke_text_stream_and_json(handler: dict, home: dict) -> None:
     assert text.returncode == 0, text.stderr
     assert text.stdout.strip()
 
+    # The HF inference toolkit cannot stream (it refuses "stream": true): --stream gets the whole answer, once.
     streamed = run_cli("invoke", "sm-handler", "Once upon a time", "--max-new-tokens", "12", "--stream", env=home)
     assert streamed.returncode == 0, streamed.stderr
-    assert streamed.stdout == text.stdout  # greedy: the payload parts re-join into the same text
+    assert streamed.stdout == text.stdout
+    pieces = list(api.invoke_stream("sm-handler", "Once upon a time", parameters={"max_new_tokens": 12}, provider="sagemaker"))
+    assert pieces == [text.stdout.strip("\n")]
 
     body = json.dumps({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}})
     raw = run_cli("invoke", "sm-handler", "--json", body, "--raw", "--provider", "sagemaker", env={})  # no record: --provider
@@ -169,9 +176,9 @@ def test_status_list_and_logs(handler: dict, home: dict) -> None:
 
     logs = run_cli("logs", "sm-handler", env=home)
     assert logs.returncode == 0, logs.stderr
-    assert "model_loaded" in logs.stdout  # the server's own log lines, from CloudWatch Logs
+    assert "toolkit: model_fn loaded" in logs.stdout  # the model server's own log lines, from CloudWatch Logs
     recent = run_cli("logs", "sm-handler", "--since", "1h", env=home)
-    assert recent.returncode == 0 and "model_loaded" in recent.stdout
+    assert recent.returncode == 0 and "toolkit: model_fn loaded" in recent.stdout
     future = run_cli("logs", "sm-handler", "--since", "2099-01-01T00:00:00Z", env=home)
     assert future.returncode == 0 and future.stdout == ""  # CloudWatch's startTime filtered them all out
 
@@ -253,6 +260,15 @@ def test_failed_create_removes_what_it_created(aws, sagemaker_emulator, broken: 
     _gone(aws, "sm-broken")
     assert _objects(aws, "models/sm-broken/")  # the upload stays for the retry; `delete --purge-artifacts` removes it
 
+    # Nothing in SageMaker names the artifacts any more, and this machine has no record: the purge needs the bucket.
+    no_bucket = run_cli("delete", "sm-broken", "--provider", "sagemaker", "--purge-artifacts", env=home)
+    assert_one_line_error(no_bucket, code=2, contains="pass the --bucket it was deployed with")
+    assert _objects(aws, "models/sm-broken/")
+    purged = run_cli("delete", "sm-broken", "--provider", "sagemaker", "--purge-artifacts", "--bucket", f"{sagemaker_emulator.bucket}/models/", env=home)
+    assert purged.returncode == 0, purged.stderr
+    assert not _objects(aws, "models/sm-broken/")
+    assert not aws["s3"].list_multipart_uploads(Bucket="cloudllm-emulator", Prefix="models/sm-broken/").get("Uploads")
+
 
 def test_delete_with_purge_leaves_nothing(handler: dict, aws, home: dict) -> None:
     deleted = run_cli("delete", "sm-handler", "--purge-artifacts", env=home)
@@ -322,7 +338,7 @@ def test_update_to_another_instance_type_re_registers_scaling(tgi: dict, aws, sa
         sagemaker_emulator, tiny_gpt2, "sm-tgi", runtime="tgi", instance="ml.g5.2xlarge", min_instances=1, max_instances=2,
         tags={"team": "research"}, options={"role": ROLE_ARN, "network_isolation": True, "kms_key": KMS_KEY}, reporter=recorder,
     )  # fmt: skip
-    assert result.action == "update" and result.reasons == ["deployment settings changed"]
+    assert result.action == "update" and result.reasons == ["instance ml.g5.12xlarge -> ml.g5.2xlarge"]
     assert recorder.uploaded_bytes == 0  # same artifact: the version prefix is already complete
     assert result.endpoint.details["tags"] == {"team": "research"}
     endpoint, config, model = _live(aws, "sm-tgi")
@@ -344,6 +360,15 @@ def test_delete_removes_scaling_and_keeps_artifacts(tgi: dict, aws, home: dict) 
     assert _objects(aws, "models/sm-tgi/")  # kept without --purge-artifacts: a re-deploy uploads nothing
 
 
+def test_purge_after_a_plain_delete_finds_the_artifacts_by_bucket(tgi: dict, aws, sagemaker_emulator) -> None:
+    assert _objects(aws, "models/sm-tgi/") and not _owned(aws, "sm-tgi")["endpoints"]
+    bucket = {"bucket": f"{sagemaker_emulator.bucket}/models"}
+    api.delete("sm-tgi", provider="sagemaker", options=bucket, purge_artifacts=True)
+    assert not _objects(aws, "models/sm-tgi/")
+    with pytest.raises(UserError, match="no SageMaker endpoint named sm-tgi in us-east-1, and no artifacts under s3://cloudllm-emulator/models/sm-tgi/"):
+        api.delete("sm-tgi", provider="sagemaker", options=bucket, purge_artifacts=True)
+
+
 def test_vllm_deploy_no_wait(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict) -> None:
     result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-vllm", "--no-wait", "--json", env=home, runtime="vllm", instance="ml.g5.2xlarge")
     assert result.returncode == 0, result.stderr
@@ -363,19 +388,141 @@ def test_vllm_deploy_no_wait(sagemaker_emulator, aws, tiny_gpt2: Path, home: dic
     assert not _objects(aws, "models/sm-vllm/")
 
 
+def test_vllm_deploy_waits_for_in_service_and_records_model_config_env_and_image(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict) -> None:
+    """8 GPUs, a model with 4 attention heads: vLLM shards 4 ways (8 does not divide the heads)."""
+    result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-vllm-full", "--json", env=home, runtime="vllm", instance="ml.g5.48xlarge")
+    assert result.returncode == 0, result.stderr
+    deployed = json.loads(result.stdout)
+    assert deployed["endpoint"]["state"] == "InService" and deployed["endpoint"]["runtime"] == "vllm"
+    endpoint, config, model = _live(aws, "sm-vllm-full")
+    container = model["PrimaryContainer"]
+    assert container["Image"] == LMI_IMAGE
+    assert container["ModelDataSource"]["S3DataSource"]["S3Uri"].startswith("s3://cloudllm-emulator/models/sm-vllm-full/")
+    env = container["Environment"]
+    assert env["HF_MODEL_ID"] == "/opt/ml/model" and env["OPTION_ROLLING_BATCH"] == "vllm"
+    assert env["TENSOR_PARALLEL_DEGREE"] == "4"
+    assert env["OPTION_MAX_MODEL_LEN"] == "256"  # the model's n_positions
+    assert "SM_NUM_GPUS" not in env and "HF_TASK" not in env
+    variant = config["ProductionVariants"][0]
+    assert (variant["InstanceType"], variant["InitialInstanceCount"], variant["ModelName"]) == ("ml.g5.48xlarge", 1, model["ModelName"])
+    assert "VolumeSizeInGB" not in variant  # local NVMe
+    assert int(env["OPTION_MODEL_LOADING_TIMEOUT"]) <= variant["ContainerStartupHealthCheckTimeoutInSeconds"]
+    tags = res.tag_dict(aws["sagemaker"].list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"])
+    assert tags[res.TAG + "runtime"] == "vllm" and tags[res.FINGERPRINT_TAGS["digest"]] == deployed["digest"]
+    assert api.invoke("sm-vllm-full", "Once upon a time", parameters={"max_new_tokens": 3}, provider="sagemaker")
+
+    # The endpoint removed behind cloudllm's back (the console): the local record still says where the artifacts are.
+    sm = aws["sagemaker"]
+    sm.delete_endpoint(EndpointName="sm-vllm-full")
+    sm.delete_endpoint_config(EndpointConfigName=config["EndpointConfigName"])
+    sm.delete_model(ModelName=model["ModelName"])
+    purged = run_cli("delete", "sm-vllm-full", "--purge-artifacts", env=home)
+    assert purged.returncode == 0, purged.stderr
+    assert not _objects(aws, "models/sm-vllm-full/")
+
+
+def _plan(tiny: Path, instance: str, runtime: str, **kwargs):
+    """A plan as `cloudllm plan` makes it (offline checks only), and the container environment it becomes."""
+    kwargs.setdefault("options", {"role": ROLE_ARN})
+    plan = api.plan(tiny, provider="sagemaker", name="sm-plan", runtime=runtime, instance=instance, bucket="s3://cloudllm-emulator/models", **kwargs)
+    return plan, res.container_env(plan, instance, res.sizing(plan, instance), "us-east-1")
+
+
+@pytest.mark.parametrize(
+    ("instance", "runtime", "key", "shards"),
+    [
+        ("ml.g5.48xlarge", "tgi", "SM_NUM_GPUS", "4"),  # 8 GPUs, 4 heads: 8 ways would not start
+        ("ml.g5.12xlarge", "tgi", "SM_NUM_GPUS", "4"),
+        ("ml.p5e.48xlarge", "tgi", "SM_NUM_GPUS", "4"),  # newly catalogued: was taken as 1 GPU
+        ("ml.p3.16xlarge", "vllm", "TENSOR_PARALLEL_DEGREE", "4"),
+        ("ml.g7.12xlarge", "vllm", "TENSOR_PARALLEL_DEGREE", "2"),
+        ("ml.g5.xlarge", "tgi", "SM_NUM_GPUS", "1"),
+    ],
+)
+def test_engines_shard_over_the_gpus_the_attention_heads_split_into(sagemaker_emulator, tiny_gpt2: Path, instance, runtime, key, shards) -> None:
+    _, env = _plan(tiny_gpt2, instance, runtime)
+    assert env[key] == shards
+
+
+def test_a_gpu_type_the_catalog_lacks_needs_num_gpus_for_the_engines(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict) -> None:
+    refused = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-p6", env=home, runtime="tgi", instance="ml.p6-b300.48xlarge")
+    assert_one_line_error(refused, contains="--option num_gpus=N")
+    _gone(aws, "sm-p6")
+    assert not _objects(aws, "models/sm-p6/")
+    with pytest.raises(UserError, match="has 8 NVIDIA GPU"):
+        _plan(tiny_gpt2, "ml.g5.48xlarge", "tgi", options={"role": ROLE_ARN, "num_gpus": 4})  # the catalog knows better
+
+    result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-p6", "--option", "num_gpus=8", "--no-wait", env=home, runtime="tgi", instance="ml.p6-b300.48xlarge")
+    assert result.returncode == 0, result.stderr
+    _, config, model = _live(aws, "sm-p6")
+    assert config["ProductionVariants"][0]["InstanceType"] == "ml.p6-b300.48xlarge"
+    assert model["PrimaryContainer"]["Environment"]["SM_NUM_GPUS"] == "4"
+    assert run_cli("delete", "sm-p6", "--purge-artifacts", env=home).returncode == 0
+    _gone(aws, "sm-p6")
+
+
+def test_image_engine_quantize_and_vpc_reach_create_model(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict) -> None:
+    result = _cli_deploy(
+        sagemaker_emulator, tiny_gpt2, "sm-tgi-bnb", "--quantize", "bitsandbytes", "--no-wait",
+        "--vpc-subnets", "subnet-0a1,subnet-0b2", "--vpc-security-groups", "sg-0c3", env=home, runtime="tgi", instance="ml.g5.xlarge",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _, _, model = _live(aws, "sm-tgi-bnb")
+    env = model["PrimaryContainer"]["Environment"]
+    assert env["HF_MODEL_QUANTIZE"] == "bitsandbytes" and "DTYPE" not in env
+    assert model["VpcConfig"] == {"Subnets": ["subnet-0a1", "subnet-0b2"], "SecurityGroupIds": ["sg-0c3"]}
+    assert model["PrimaryContainer"]["Image"] == TGI_IMAGE
+    assert run_cli("delete", "sm-tgi-bnb", "--purge-artifacts", env=home).returncode == 0
+    _gone(aws, "sm-tgi-bnb")
+
+
+def test_image_is_honoured_and_a_server_image_streams(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict) -> None:
+    """The handler on cloudllm's own serving image runs code/serve.py, which streams tokens (the DLC cannot)."""
+    result = _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-image", "--image", SERVE_IMAGE, env=home, runtime=None)
+    assert result.returncode == 0, result.stderr
+    _, _, model = _live(aws, "sm-image")
+    assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE
+    whole = api.invoke("sm-image", "Once upon a time", parameters={"max_new_tokens": 12}, provider="sagemaker")
+    pieces = list(api.invoke_stream("sm-image", "Once upon a time", parameters={"max_new_tokens": 12}, provider="sagemaker"))
+    assert len(pieces) > 1 and "".join(pieces) == whole[0]["generated_text"]
+    assert run_cli("delete", "sm-image", "--purge-artifacts", env=home).returncode == 0
+    _gone(aws, "sm-image")
+
+
+def test_network_isolation_refuses_what_the_container_would_pip_install(sagemaker_emulator, tiny_gpt2: Path) -> None:
+    isolated = {"role": ROLE_ARN, "network_isolation": True}
+    with pytest.raises(UserError) as refused:
+        _plan(tiny_gpt2, "ml.m5.xlarge", None, quantize="int8", options=isolated)
+    assert "--network-isolation" in refused.value.line() and "optimum-quanto" in refused.value.line()
+    plan, _ = _plan(tiny_gpt2, "ml.m5.xlarge", None, quantize="int8", options=isolated, image=SERVE_IMAGE)  # no pip at start
+    assert plan.runtime == "handler"
+    _plan(tiny_gpt2, "ml.m5.xlarge", None, options=isolated)  # full-precision weights: requirements.txt lists nothing
+
+
 # --- bad input: one line, non-zero exit, nothing created ------------------------------------------
 @pytest.mark.parametrize(
     ("name", "args", "contains"),
     [
         ("sm-bad-type", ["--instance", "ml.g5.xlarg"], "ml.g5.xlarge"),
+        ("sm-bad-type", ["--instance", "ml.p6-b300.48xlarg"], "did you mean ml.p6-b300.48xlarge"),  # botocore's, not catalogued
         ("sm-bad-bucket", ["--bucket", "s3://no-such-bucket/models"], "does not exist"),
+        # Real regions (botocore's partitions list them) where the runtime's image is not published:
+        ("sm-bad-region", ["--region", "mx-central-1"], "not published in region mx-central-1"),
         ("sm-bad-region", ["--runtime", "vllm", "--instance", "ml.g5.xlarge", "--region", "me-west-1"], "not published in region me-west-1"),
+        ("sm-bad-region", ["--region", "us-east1"], "unknown AWS region 'us-east1'. did you mean us-east-1?"),
+        ("sm-bad-scale", ["--min-instances", "3", "--max-instances", "2"], "min_instances (3) is above max_instances (2)"),
+        ("sm-no-role", ["--role", None], "execution role"),
+        ("bad_name", [], "invalid endpoint name"),
         ("x" * 64, [], "invalid endpoint name"),
+        ("sm-isolated", ["--quantize", "int8", "--network-isolation"], "--network-isolation leaves the container no network"),
     ],
 )
 def test_bad_input_through_the_cli(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict, name: str, args: list, contains: str) -> None:
+    """args follow the base flags (the last value wins); a flag followed by None is left out."""
     base = ["--bucket", f"{sagemaker_emulator.bucket}/models", "--role", sagemaker_emulator.role, "--runtime", "handler", "--instance", "ml.m5.xlarge"]
-    result = run_cli("deploy", str(tiny_gpt2), "--provider", "sagemaker", "--name", name, *base, *args, env=home)
+    dropped = {args[i] for i in range(len(args) - 1) if args[i + 1] is None}
+    base = [part for flag, value in zip(base[::2], base[1::2]) if flag not in dropped for part in (flag, value)]
+    result = run_cli("deploy", str(tiny_gpt2), "--provider", "sagemaker", "--name", name, *base, *(a for a in args if a is not None and a not in dropped), env=home)
     assert_one_line_error(result, contains=contains)
     _gone(aws, name)
     assert not _objects(aws, f"models/{name}/")
@@ -406,8 +553,8 @@ def test_bad_input_is_one_user_error(sagemaker_emulator, aws, tiny_gpt2: Path, o
         _deploy(sagemaker_emulator, tiny_gpt2, name, options=options, **overrides)
     assert contains in error.value.line()
     assert "\n" not in error.value.line()
-    _gone(aws, "sm-bad")
-    assert not _objects(aws, "models/sm-bad/")
+    _gone(aws, name)
+    assert not _objects(aws, f"models/{name}/")
 
 
 def test_no_wait_refuses_autoscaling_before_creating_anything(sagemaker_emulator, aws, tiny_gpt2: Path) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -295,6 +296,65 @@ def test_ctrl_c_during_deploy_says_how_to_resume_or_clean_up(flaky: FaultProxy, 
     assert_exactly_one_version(aws, name)
     deleted = subprocess.run([CLOUDLLM, "delete", name, "--purge-artifacts"], env=env, capture_output=True, text=True, timeout=300)
     assert deleted.returncode == 0, deleted.stderr
+    assert_gone(aws, name)
+
+
+# --- SIGKILL mid multipart upload: the parts S3 keeps (and bills) ------------------------------------
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def gpt2_7mb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2 whose 7 MB model.safetensors goes up in two 5 MiB multipart parts (with _small_parts)."""
+    from cloudllm.testing.tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2-7mb", n_embd=256)
+    assert (model / "model.safetensors").stat().st_size > 5 * MiB
+    return model
+
+
+def _small_parts(args: list[str]) -> list[str]:
+    """The same CLI command, in a Python that sends 5 MiB multipart parts (S3's smallest) instead of 64 MiB."""
+    boot = "import cloudllm.storage.s3 as s3; s3.PART_BYTES = 5 * 1024 * 1024; from cloudllm.cli import main; main()"
+    return [sys.executable, "-c", boot, *args[1:]]
+
+
+def _second_part(method: str, operation: str) -> bool:
+    return method == "PUT" and "/model.safetensors?" in operation and "partNumber=2" in operation
+
+
+def _uploads(aws, name: str) -> list[dict]:
+    return aws["s3"].list_multipart_uploads(Bucket=BUCKET, Prefix=f"models/{name}/").get("Uploads", [])
+
+
+def test_a_deploy_killed_mid_multipart_upload_leaves_no_parts_after_a_purge(flaky: FaultProxy, sagemaker_emulator, aws, gpt2_7mb: Path, tmp_path: Path) -> None:
+    name = "killed-multipart"
+    env = {"CLOUDLLM_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": flaky.url}
+    _kill_at(flaky, _small_parts(_cli_args(sagemaker_emulator, gpt2_7mb, name)), env, _second_part, "drop")
+    assert _uploads(aws, name)  # what the kill left: an upload with its first part stored
+    assert _owned(aws, name)["endpoints"] == []
+
+    # Nothing in SageMaker names the artifacts, and the killed run saved no record: the purge is given the bucket.
+    api.delete(name, provider="sagemaker", options={"bucket": f"{sagemaker_emulator.bucket}/models"}, purge_artifacts=True)
+    assert _uploads(aws, name) == []
+    assert_gone(aws, name)
+
+
+def test_the_sweep_aborts_the_upload_of_an_abandoned_version(flaky: FaultProxy, sagemaker_emulator, aws, gpt2_7mb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed mid upload, then another version deployed: the killed version's parts go with it."""
+    from cloudllm.providers.sagemaker import provider
+
+    name = "killed-then-changed"
+    env = {"CLOUDLLM_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": flaky.url}
+    _kill_at(flaky, _small_parts(_cli_args(sagemaker_emulator, gpt2_7mb, name)), env, _second_part, "drop")
+    assert _uploads(aws, name)
+    # An unused version counts as abandoned once untouched for an hour; here at once (its part was just written).
+    monkeypatch.setattr(provider, "ABANDONED_UPLOAD_SECONDS", -1)
+    changed = _deploy(sagemaker_emulator, gpt2_7mb, name, serving={"max_new_tokens": 16})
+    assert changed.action == "create"
+    assert _uploads(aws, name) == []
+    assert_exactly_one_version(aws, name, digest=changed.plan.digest)
+    api.delete(name, provider="sagemaker", purge_artifacts=True)
     assert_gone(aws, name)
 
 

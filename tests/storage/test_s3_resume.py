@@ -97,3 +97,25 @@ def test_without_an_interrupted_upload_the_transfer_manager_sends_everything(sag
     assert result.uploaded_bytes == 13 * MiB and not any("resuming" in step for step in reporter.steps)
     stored = client.get_object(Bucket=BUCKET, Key=dest.key(f.name))
     assert hashlib.sha256(stored["Body"].read()).hexdigest() == f.sha256
+
+
+def test_delete_aborts_the_unfinished_uploads_under_the_prefix_and_versions_lists_their_prefix(sagemaker_emulator, tmp_path: Path) -> None:
+    """A deploy killed mid multipart upload leaves parts S3 bills for and lists nowhere but ListMultipartUploads."""
+    client = boto3.client("s3", endpoint_url=sagemaker_emulator.url)
+    root = S3Uri(BUCKET, "leaks/ep")
+    client.put_object(Bucket=BUCKET, Key=root.key("1111111111111111/config.json"), Body=b"{}")
+    killed = client.create_multipart_upload(Bucket=BUCKET, Key=root.key("2222222222222222/model.safetensors"))["UploadId"]
+    client.upload_part(Bucket=BUCKET, Key=root.key("2222222222222222/model.safetensors"), UploadId=killed, PartNumber=1, Body=b"\1" * (5 * MiB))
+    neighbour = client.create_multipart_upload(Bucket=BUCKET, Key="leaks/ep2/3333333333333333/model.safetensors")["UploadId"]
+    artifacts = S3Artifacts(client)
+
+    # The version holding nothing but the unfinished upload is a version: the sweep sees it.
+    assert {v.prefix for v in artifacts.versions(root)} == {"leaks/ep/1111111111111111", "leaks/ep/2222222222222222"}
+    assert artifacts.idle_seconds(S3Uri(BUCKET, "leaks/ep/2222222222222222")) < 3600  # its part was just written
+
+    assert artifacts.delete(root) == (1, 1)
+    assert not client.list_multipart_uploads(Bucket=BUCKET, Prefix=root.key("")).get("Uploads")
+    assert not client.list_objects_v2(Bucket=BUCKET, Prefix=root.key("")).get("Contents")
+    # leaks/ep2/ is another endpoint's: untouched.
+    assert [u["UploadId"] for u in client.list_multipart_uploads(Bucket=BUCKET, Prefix="leaks/ep2/")["Uploads"]] == [neighbour]
+    assert artifacts.delete(root) == (0, 0)

@@ -10,7 +10,8 @@ fingerprint, so `get` reads what runs from the config the endpoint uses: after a
 that is the old one, and the next deploy tries again.
 
 Credentials and region come from boto3's default chain (`--profile`, `--region`); boto3
-honours AWS_ENDPOINT_URL, which is how `cloudllm emulate sagemaker` is reached.
+honours AWS_ENDPOINT_URL, which is how `cloudllm emulate sagemaker` is reached. `validate` needs
+the region but no credentials (`cloudllm plan`); `preflight` checks the account.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ DELETE_TIMEOUT = 900
 ABANDONED_UPLOAD_SECONDS = 3600  # an artifact version no model uses, untouched this long, is a killed deploy's
 UNFINISHED = ("Creating", "Updating", "SystemUpdating")  # SageMaker is still working on the endpoint
 _NOT_FOUND = ("Could not find", "does not exist", "not found", "No scaling policy found")
+_DENIED = ("AccessDenied", "AccessDeniedException", "UnrecognizedClientException", "InvalidClientTokenId", "ExpiredTokenException")
 
 
 class StillWaiting(DeployFailed):
@@ -56,10 +58,12 @@ class SageMakerProvider(Provider):
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         super().__init__(region, options)
         self._boto_session = None
+        self._has_credentials = False
         self._clients: dict[str, Any] = {}
 
     # --- AWS access -------------------------------------------------------------------------
-    def _session(self):
+    def _configured(self):
+        """The boto3 session with its profile and region resolved: local configuration only, no credentials needed."""
         if self._boto_session is None:
             import boto3
             from botocore.exceptions import ProfileNotFound
@@ -70,14 +74,22 @@ class SageMakerProvider(Provider):
                 raise UserError(f"AWS profile {self.options.get('profile')!r} is not configured", "see `aws configure list-profiles`") from None
             if not session.region_name:
                 raise UserError("no AWS region is set", "pass --region, or set AWS_DEFAULT_REGION or a region in ~/.aws/config")
+            check_region(session.region_name)
+            self.region = session.region_name
+            self._boto_session = session
+        return self._boto_session
+
+    def _session(self):
+        """The boto3 session, once it has credentials to sign with."""
+        session = self._configured()
+        if not self._has_credentials:
             if session.get_credentials() is None:
                 raise UserError(
                     "no AWS credentials found",
                     "run `aws configure` or `aws sso login`, pass --profile, or point AWS_ENDPOINT_URL at `cloudllm emulate sagemaker`",
                 )
-            self.region = session.region_name
-            self._boto_session = session
-        return self._boto_session
+            self._has_credentials = True
+        return session
 
     def _client(self, service: str):
         if service not in self._clients:
@@ -116,7 +128,7 @@ class SageMakerProvider(Provider):
             raise DeployFailed(f"cannot reach AWS to {what}: {exc}", "check the network, --region and AWS_ENDPOINT_URL") from None
         except ClientError as exc:
             code, message = _error(exc)
-            if code in ("AccessDenied", "AccessDeniedException", "UnrecognizedClientException", "InvalidClientTokenId", "ExpiredTokenException"):
+            if code in _DENIED:
                 raise UserError(f"AWS refused to {what}: {message}", "check your credentials and the IAM permissions they carry") from None
             if code == "ResourceLimitExceeded":
                 raise UserError(f"cannot {what}: {message}", "request a quota increase in Service Quotas, or pick another --instance") from None
@@ -126,6 +138,9 @@ class SageMakerProvider(Provider):
 
     # --- checks, before anything is created -------------------------------------------------
     def default_runtime(self, spec: "DeploySpec", model: "ModelInfo") -> str:
+        """TGI for the LLMs it serves, on a GPU instance; the generated handler for the rest (and on CPU)."""
+        if res.processor(self._instance(spec)) != "gpu":
+            return "handler"
         if model.task == "text-generation" and model.model_type in res.TGI_MODEL_TYPES:
             return "tgi"
         return "handler"
@@ -137,8 +152,10 @@ class SageMakerProvider(Provider):
         return name in res.known_instance_types()
 
     def validate(self, plan: "Plan") -> None:
+        """Offline checks (`cloudllm plan` runs them without credentials): region, instance, role ARN,
+        runtime and image, GPU count, tags, VPC, scaling, sizes, rollout, bucket, network isolation."""
         spec = plan.spec
-        self._session()
+        self._configured()
         instance = self._instance(spec)
         if instance not in res.known_instance_types():
             from cloudllm.catalog import unknown_instance_error
@@ -154,7 +171,13 @@ class SageMakerProvider(Provider):
             raise UserError(f"--role {role!r} is not an IAM role ARN", "write it as arn:aws:iam::123456789012:role/NAME")
         if plan.runtime in ("tgi", "vllm") and res.processor(instance) != "gpu":
             raise UserError(f"the {plan.runtime} runtime needs a GPU instance, not {instance}", "pick e.g. --instance ml.g5.xlarge, or --runtime handler")
-        self._image(plan, instance)
+        gpus = res.gpu_count(instance, spec.options)
+        if gpus is None and plan.runtime in ("tgi", "vllm"):
+            raise UserError(
+                f"cloudllm's catalog does not know how many GPUs {instance} has, and {plan.runtime} must be told how many to shard over",
+                "pass --option num_gpus=N with the instance's GPU count (see https://aws.amazon.com/ec2/instance-types/)",
+            )
+        image = self._image(plan, instance)
         res.check_user_tags(spec.tags)
         subnets, groups = spec.options.get("vpc_subnets"), spec.options.get("vpc_security_groups")
         if bool(subnets) != bool(groups):
@@ -168,10 +191,23 @@ class SageMakerProvider(Provider):
         root = self._artifact_root(plan)
         if len(str(root)) > 200:
             raise UserError(f"the artifact location {root} is too long", "use a shorter --bucket prefix")
+        if spec.options.get("network_isolation") and res.runs_toolkit(image) and (packages := _start_up_installs(plan)):
+            raise UserError(
+                f"--network-isolation leaves the container no network, but the Hugging Face inference container "
+                f"pip-installs code/requirements.txt ({', '.join(packages)}) when it starts",
+                "drop --network-isolation, or pass --image with a serving image that has them installed (containers/Dockerfile)",
+            )
+
+    def preflight(self, plan: "Plan") -> None:
+        """Checks against the account: credentials, the bucket (exists, ours to use, in the endpoint's
+        region), the execution role, and that the name is not an endpoint cloudllm did not create."""
+        spec = plan.spec
+        self._session()
+        root = self._artifact_root(plan)
         with self._aws(f"check bucket {root}"):
             self._artifacts().check_bucket(root, self.region)
-        with self._aws(f"check role {role}"):
-            self._check_role(role)
+        with self._aws(f"check role {spec.options['role']}"):
+            self._check_role(spec.options["role"])
         with self._aws(f"read endpoint {spec.name}"):
             self._check_not_foreign(spec.name)
 
@@ -401,6 +437,9 @@ class SageMakerProvider(Provider):
             )
 
     def _upload(self, plan: "Plan", reporter: Reporter) -> S3Uri:
+        # The endpoint's local record keeps the provider options: `delete --purge-artifacts` then finds
+        # the artifacts even once the endpoint (and its tag naming them) is gone.
+        self.options["bucket"] = plan.spec.bucket
         version = self._version_uri(plan)
         with self._aws(f"upload the artifacts to {version}"):
             result = self._artifacts().upload(
@@ -785,6 +824,13 @@ class SageMakerProvider(Provider):
         return [ep for name in sorted(found) if (ep := self.get(name))]
 
     def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
+        """Remove the endpoint, its autoscaling, configs and models; with purge_artifacts its S3 prefix too.
+
+        The purge works without the endpoint (after a plain delete, or a create that failed): the
+        artifact root comes from the endpoint's tag, the versions its models pointed at, or
+        `options["bucket"]` (the --bucket the endpoint was deployed with; deploy keeps it in the
+        provider options, which the endpoint's local record stores).
+        """
         reporter = reporter or Reporter()
         self._session()
         with self._aws(f"read endpoint {name}"):
@@ -799,18 +845,37 @@ class SageMakerProvider(Provider):
             self._delete_endpoint(name, reporter)
             reporter.step(f"deleted endpoint {name}")
         removed, versions = self._sweep(name, keep=set(), keep_version=None, reporter=reporter)
-        if desc is None and not removed:
-            raise UserError(f"no SageMaker endpoint named {name} in {self.region}", "see `cloudllm list --provider sagemaker`")
-        if purge_artifacts:
-            root = endpoint_tags.get(res.ARTIFACTS_TAG) or next(
-                (v.rstrip("/").rsplit("/", 1)[0] for v in sorted(versions)), None
-            )
-            if root is None:
-                reporter.step("no artifact location is recorded for this endpoint: nothing to purge")
-                return
+        purged = self._purge(name, endpoint_tags, versions, reporter) if purge_artifacts else 0
+        if purge_artifacts and purged is None and (desc is not None or removed):
+            reporter.step("no artifact location is recorded for this endpoint: nothing to purge (pass the --bucket it was deployed with)")
+        if desc is None and not removed and not purged:
+            problem, fix = f"no SageMaker endpoint named {name} in {self.region}", "see `cloudllm list --provider sagemaker`"
+            if purge_artifacts and self.options.get("bucket"):
+                problem += f", and no artifacts under {S3Uri.parse(self.options['bucket']).child(name)}"
+            elif purge_artifacts:
+                fix += "; to purge the artifacts of an endpoint that is gone, pass the --bucket it was deployed with"
+            raise UserError(problem, fix)
+
+    def _purge(self, name: str, endpoint_tags: dict[str, str], versions: set[str], reporter: Reporter) -> int | None:
+        """Delete every object and abort every unfinished multipart upload under the endpoint's artifact roots;
+        how many (None: no root is known)."""
+        roots = {S3Uri.parse(v.rstrip("/").rsplit("/", 1)[0]) for v in versions}
+        if endpoint_tags.get(res.ARTIFACTS_TAG):
+            roots.add(S3Uri.parse(endpoint_tags[res.ARTIFACTS_TAG]))
+        if self.options.get("bucket"):
+            roots.add(S3Uri.parse(self.options["bucket"]).child(name))
+        if not roots:
+            return None
+        total = 0
+        artifacts = self._artifacts()
+        for root in sorted(roots, key=str):
             with self._aws(f"delete the artifacts under {root}"):
-                count = self._artifacts().delete(S3Uri.parse(root))
-            reporter.step(f"deleted {count} artifact object(s) under {S3Uri.parse(root)}")
+                objects, uploads = artifacts.delete(root)
+            if objects or uploads:
+                aborted = f" and aborted {uploads} unfinished upload(s)" if uploads else ""
+                reporter.step(f"deleted {objects} artifact object(s){aborted} under {root}")
+            total += objects + uploads
+        return total
 
     # --- invoking -------------------------------------------------------------------------
     def invoke(self, name: str, body: dict) -> Any:
@@ -830,11 +895,18 @@ class SageMakerProvider(Provider):
             return data.decode("utf-8", errors="replace")
 
     def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+        """Tokens as TGI, LMI or the generated server send them; the whole answer at once from the HF
+        inference toolkit (handler runtime on the HF PyTorch DLC), which cannot stream and refuses "stream": true."""
         from botocore.exceptions import ClientError
 
-        from cloudllm.invocation import iter_sse_tokens, split_lines
+        from cloudllm.invocation import iter_sse_tokens, response_text, split_lines
 
         self._session()
+        if self._runs_toolkit(name):
+            result = self.invoke(name, {k: v for k, v in body.items() if k != "stream"})
+            text = response_text(result)
+            yield text if text is not None else json.dumps(result, ensure_ascii=False)
+            return
         try:
             response = self._client("sagemaker-runtime").invoke_endpoint_with_response_stream(
                 EndpointName=name, Body=json.dumps({**body, "stream": True}).encode(), ContentType="application/json"
@@ -848,6 +920,24 @@ class SageMakerProvider(Provider):
             yield from iter_sse_tokens(_as_events(split_lines(parts())))
         except ClientError as exc:  # botocore.exceptions.EventStreamError is one too (ModelStreamError)
             raise self._invoke_error(name, exc) from None
+
+    def _runs_toolkit(self, name: str) -> bool:
+        """The endpoint's container is an HF PyTorch inference DLC (read from the model it runs)."""
+        from botocore.exceptions import ClientError
+
+        with self._aws(f"read endpoint {name}"):
+            try:
+                desc = self._describe_endpoint(name)
+                if desc is None:
+                    raise UserError(f"SageMaker endpoint {name} does not exist in {self.region}", "see `cloudllm list --provider sagemaker`")
+                config = self._sm.describe_endpoint_config(EndpointConfigName=desc["EndpointConfigName"])
+                model = self._sm.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+            except ClientError as exc:
+                if not (_gone_already(exc) or _error(exc)[0] in _DENIED):
+                    raise
+                # Credentials that may only invoke, or a config deleted under the endpoint: the stream call says what is wrong.
+                return False
+        return res.runs_toolkit((model.get("PrimaryContainer") or {}).get("Image", ""))
 
     def _invoke_error(self, name: str, exc) -> UserError:
         from cloudllm.http import endpoint_error
@@ -908,6 +998,41 @@ def _rollout_wait(plan: "Plan") -> int | None:
     if not str(value).isdigit() or int(value) > 3600:
         raise UserError(f"--option rollout_wait={value} is not a number of seconds in 0..3600", "pass e.g. --option rollout_wait=300")
     return int(value)
+
+
+def check_region(region: str) -> None:
+    """UserError for a name that is no AWS region (a typo like us-east1), from botocore's partitions.
+
+    A name listed there, or shaped like a partition's regions (one newer than this botocore), passes.
+    """
+    import difflib
+
+    import botocore.loaders
+
+    partitions = botocore.loaders.create_loader().load_data("partitions")["partitions"]
+    listed = sorted(r for p in partitions for r in p.get("regions", {}) if not r.endswith("-global"))
+    if region in listed or any(re.match(p["regionRegex"], region) for p in partitions):
+        return
+    close = difflib.get_close_matches(region, listed, n=1, cutoff=0.8)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise UserError(f"unknown AWS region {region!r}", f"{hint}pass --region with a region name like us-east-1")
+
+
+def _start_up_installs(plan: "Plan") -> list[str]:
+    """The packages code/requirements.txt lists, which the HF inference container pip-installs when it starts.
+
+    int8/int4 weights that are not quantized yet (plan, --dry-run) get the file their quantized bundle will have.
+    """
+    if plan.quantize_pending:
+        from dataclasses import replace
+
+        from cloudllm.bundle import render_code
+
+        text = render_code(plan.model, replace(plan.settings, quantization=plan.quantize_pending))["code/requirements.txt"]
+    else:
+        text = next((f.read_bytes() for f in plan.bundle.files if f.name == "code/requirements.txt"), b"")
+    lines = (line.strip() for line in text.decode().splitlines())
+    return [re.split(r"[\s<>=!~;\[]", line, maxsplit=1)[0] for line in lines if line and not line.startswith("#")]
 
 
 def _as_events(lines: Iterator[str]) -> Iterator[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,8 @@ FINGERPRINT_TAGS = {
     "digest": TAG + "digest",
 }
 MAX_TAGS = 50
+# The HF PyTorch inference DLCs (CPU and GPU builds, Inferentia 1 and 2): repositories in the SDK's huggingface tables.
+_TOOLKIT_REPOSITORIES = frozenset({"huggingface-pytorch-inference", "huggingface-pytorch-inference-neuron", "huggingface-pytorch-inference-neuronx"})
 _TAG_TEXT = re.compile(r"^[\w\s.:/=+\-@]*$")
 
 # Text-only model types of TGI's ModelType enum (server/text_generation_server/models/__init__.py):
@@ -59,13 +60,11 @@ _NVME_FAMILIES = {
 }  # fmt: skip
 
 
-@lru_cache(maxsize=1)
 def known_instance_types() -> frozenset[str]:
     """Instance types SageMaker hosting accepts, from botocore's current service model (not a copy)."""
-    import botocore.session
+    from cloudllm.catalog.instances import platform_names
 
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    return frozenset(model.shape_for("ProductionVariantInstanceType").enum)
+    return platform_names("sagemaker")
 
 
 def family(instance: str) -> str:
@@ -87,14 +86,29 @@ def processor(instance: str) -> str:
     return "gpu" if fam[:1] in ("g", "p") else "cpu"
 
 
-def gpu_count(instance: str) -> int:
-    """NVIDIA GPUs per instance, from the instance catalog (1 for a GPU type it lacks)."""
+def gpu_count(instance: str, options: dict | None = None) -> int | None:
+    """NVIDIA GPUs per instance: the catalog's count, else `--option num_gpus=N`; None for a GPU type neither knows.
+
+    A guess would be wrong both ways: too few leaves GPUs idle, too many makes TGI/vLLM fail to start.
+    """
     from cloudllm.catalog import lookup
 
+    given = None
+    if (options or {}).get("num_gpus") is not None:
+        given = _int_option(options, "num_gpus", 8, 1, 64)
     row = lookup("sagemaker", instance)
-    if row is not None:
-        return row.gpu_count
-    return 1 if processor(instance) == "gpu" else 0
+    known = row.gpu_count if row is not None else (None if processor(instance) == "gpu" else 0)
+    if given is not None and known is not None and given != known:
+        why = "cloudllm's instance catalog knows this type" if row is not None else f"{instance} has no NVIDIA GPU"
+        raise UserError(f"--option num_gpus={given} does not match {instance}, which has {known} NVIDIA GPU(s)", f"drop --option num_gpus: {why}")
+    return known if known is not None else given
+
+
+def runs_toolkit(image: str) -> bool:
+    """The image is a Hugging Face PyTorch inference DLC: it serves code/inference.py through the HF
+    inference toolkit (one whole answer per request, no streaming), not the artifact's code/serve.py."""
+    repository = image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
+    return repository in _TOOLKIT_REPOSITORIES
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -164,11 +178,12 @@ def _int_option(options: dict, key: str, default: int, low: int, high: int) -> i
 def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> dict[str, str]:
     """Environment of the serving container, per runtime (see CONTRACTS.md).
 
-    TGI and vLLM shard over every GPU of the instance: SageMaker runs one container per
-    instance, so a GPU the engine does not use would sit idle (more shards, more KV cache).
+    TGI and vLLM shard over as many of the instance's GPUs as the attention heads split into
+    (plan.shard_count): SageMaker runs one container per instance, so more shards mean more KV
+    cache, but a degree that does not divide the heads stops the engine at start.
     """
     settings = plan.settings
-    gpus = max(1, gpu_count(instance))
+    gpus = plan.shard_count(gpu_count(instance, plan.spec.options) or 1)
     from cloudllm.quantize import plan_quantize_env
 
     quantize_env = plan_quantize_env(plan)
