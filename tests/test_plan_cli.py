@@ -231,6 +231,30 @@ def test_model_folder_without_a_needed_config_field(tiny_gpt2: Path, tmp_path: P
     assert "n_layer" in line
 
 
+def test_a_cloud_plan_needs_no_account(tiny_gpt2: Path, tmp_path: Path):
+    """A laptop or CI job with no AWS credentials, region, role or bucket still gets fit and cost;
+    the diff is unknown. deploy --dry-run makes every check deploy makes, so it asks for them."""
+    import os
+    import subprocess
+
+    from tests.conftest import CLOUDLLM
+
+    nowhere = str(tmp_path / "none")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=nowhere, AWS_SHARED_CREDENTIALS_FILE=nowhere, AWS_EC2_METADATA_DISABLED="true")
+    args = [str(tiny_gpt2), "--provider", "sagemaker", "--instance", "ml.g5.xlarge", "--name", "offline"]
+    for region in ([], ["--region", "eu-west-1"]):
+        result = subprocess.run([CLOUDLLM, "plan", *args, *region, "--json"], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        plan = json.loads(result.stdout)
+        jsonschema.validate(plan, _schema())
+        assert plan["fit"]["verdict"] == "fits" and plan["cost"]["per_hour_min"] == 1.41
+        assert plan["diff"]["action"] == "unknown" and plan["diff"]["changes"] == []
+        assert ("no AWS region" if not region else "no AWS credentials") in plan["diff"]["reasons"][0]
+    dry = subprocess.run([CLOUDLLM, "deploy", *args, "--region", "eu-west-1", "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(dry, code=2, contains="needs an execution role")
+
+
 def test_bart_family_configs_are_planned(tmp_path: Path):
     """BART/mBART/Pegasus/Marian name their shape encoder_layers, decoder_attention_heads, d_model, *_ffn_dim."""
     from cloudllm.testing.tiny_models import build_tiny_bart

@@ -29,6 +29,8 @@ from cloudllm.providers.base import Endpoint, Feature, Provider, ResourceChange
 from cloudllm.providers.sagemaker import resources as res
 from cloudllm.storage.s3 import S3Artifacts, S3Uri
 
+NO_REGION = "no AWS region is set"
+
 if TYPE_CHECKING:
     from cloudllm.model_source import ModelInfo
     from cloudllm.plan import Plan
@@ -73,11 +75,21 @@ class SageMakerProvider(Provider):
             except ProfileNotFound:
                 raise UserError(f"AWS profile {self.options.get('profile')!r} is not configured", "see `aws configure list-profiles`") from None
             if not session.region_name:
-                raise UserError("no AWS region is set", "pass --region, or set AWS_DEFAULT_REGION or a region in ~/.aws/config")
+                raise UserError(NO_REGION, "pass --region, or set AWS_DEFAULT_REGION or a region in ~/.aws/config")
             check_region(session.region_name)
             self.region = session.region_name
             self._boto_session = session
         return self._boto_session
+
+    def _region_configured(self) -> bool:
+        """True when a region is given or configured (and valid); False when none is, which only deploy refuses."""
+        try:
+            self._configured()
+        except UserError as exc:
+            if exc.problem == NO_REGION:
+                return False
+            raise
+        return True
 
     def _session(self):
         """The boto3 session, once it has credentials to sign with."""
@@ -155,19 +167,14 @@ class SageMakerProvider(Provider):
         """Offline checks (`cloudllm plan` runs them without credentials): region, instance, role ARN,
         runtime and image, GPU count, tags, VPC, scaling, sizes, rollout, bucket, network isolation."""
         spec = plan.spec
-        self._configured()
+        regional = self._region_configured()  # without one, `cloudllm plan` skips the image look-up; deploy refuses
         instance = self._instance(spec)
         if instance not in res.known_instance_types():
             from cloudllm.catalog import unknown_instance_error
 
             raise unknown_instance_error("sagemaker", instance)
         role = spec.options.get("role")
-        if not role:
-            raise UserError(
-                "SageMaker needs an execution role to read the artifacts and pull the image",
-                "pass --role arn:aws:iam::ACCOUNT:role/NAME (a role SageMaker may assume, with S3 read on --bucket)",
-            )
-        if not isinstance(role, str) or not ROLE_ARN.match(role):
+        if role is not None and (not isinstance(role, str) or not ROLE_ARN.match(role)):
             raise UserError(f"--role {role!r} is not an IAM role ARN", "write it as arn:aws:iam::123456789012:role/NAME")
         if plan.runtime in ("tgi", "vllm") and res.processor(instance) != "gpu":
             raise UserError(f"the {plan.runtime} runtime needs a GPU instance, not {instance}", "pick e.g. --instance ml.g5.xlarge, or --runtime handler")
@@ -177,7 +184,7 @@ class SageMakerProvider(Provider):
                 f"cloudllm's catalog does not know how many GPUs {instance} has, and {plan.runtime} must be told how many to shard over",
                 "pass --option num_gpus=N with the instance's GPU count (see https://aws.amazon.com/ec2/instance-types/)",
             )
-        image = self._image(plan, instance)
+        image = self._image(plan, instance) if regional else plan.spec.image
         res.check_user_tags(spec.tags)
         subnets, groups = spec.options.get("vpc_subnets"), spec.options.get("vpc_security_groups")
         if bool(subnets) != bool(groups):
@@ -186,12 +193,11 @@ class SageMakerProvider(Provider):
             res.scaling_policy(plan)
         res.sizing(plan, instance)
         _rollout_wait(plan)
-        if not spec.bucket:
-            raise UserError("SageMaker reads the model from S3 and no bucket was given", "pass --bucket s3://BUCKET/PREFIX")
-        root = self._artifact_root(plan)
-        if len(str(root)) > 200:
-            raise UserError(f"the artifact location {root} is too long", "use a shorter --bucket prefix")
-        if spec.options.get("network_isolation") and res.runs_toolkit(image) and (packages := _start_up_installs(plan)):
+        if spec.bucket:
+            root = self._artifact_root(plan)
+            if len(str(root)) > 200:
+                raise UserError(f"the artifact location {root} is too long", "use a shorter --bucket prefix")
+        if spec.options.get("network_isolation") and image and res.runs_toolkit(image) and (packages := _start_up_installs(plan)):
             raise UserError(
                 f"--network-isolation leaves the container no network, but the Hugging Face inference container "
                 f"pip-installs code/requirements.txt ({', '.join(packages)}) when it starts",
@@ -202,6 +208,14 @@ class SageMakerProvider(Provider):
         """Checks against the account: credentials, the bucket (exists, ours to use, in the endpoint's
         region), the execution role, and that the name is not an endpoint cloudllm did not create."""
         spec = plan.spec
+        if not spec.options.get("role"):
+            raise UserError(
+                "SageMaker needs an execution role to read the artifacts and pull the image",
+                "pass --role arn:aws:iam::ACCOUNT:role/NAME (a role SageMaker may assume, with S3 read on --bucket)",
+            )
+        if not spec.bucket:
+            raise UserError("SageMaker reads the model from S3 and no bucket was given", "pass --bucket s3://BUCKET/PREFIX")
+        self._image(plan, self._instance(spec))  # the region is known now: is the image published there?
         self._session()
         root = self._artifact_root(plan)
         with self._aws(f"check bucket {root}"):
@@ -246,7 +260,9 @@ class SageMakerProvider(Provider):
     def _artifact_root(self, plan: "Plan") -> S3Uri:
         return S3Uri.parse(plan.spec.bucket).child(plan.spec.name)
 
-    def _version_uri(self, plan: "Plan") -> S3Uri:
+    def _version_uri(self, plan: "Plan") -> S3Uri | str:
+        if not plan.spec.bucket:  # `cloudllm plan` without --bucket
+            return f"s3://<--bucket>/{plan.spec.name}/{plan.bundle.digest[:16]}/"
         return self._artifact_root(plan).child(plan.bundle.digest[:16])
 
     def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
