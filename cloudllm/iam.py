@@ -297,7 +297,11 @@ def vertex_bindings(
     bindings = [
         GcpBinding("roles/aiplatform.user", "project", project, member, "upload models, create endpoints, deploy, predict, delete"),
         *(
-            GcpBinding("roles/storage.objectAdmin", "bucket", name, member, "upload, list and delete the artifacts (bucket only)")
+            GcpBinding(
+                "roles/storage.objectAdmin", "bucket", name, member,
+                "check the bucket (a one-object list), upload, copy, list and delete the artifacts; bucket only "
+                "(it grants storage.objects.*, not storage.buckets.get, so cloudllm never reads the bucket itself)",
+            )  # fmt: skip
             for name in sorted(set(bucket_names))
         ),
         GcpBinding("roles/logging.viewer", "project", project, member, "cloudllm logs: read the endpoint's Cloud Logging entries"),

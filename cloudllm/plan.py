@@ -35,7 +35,7 @@ PlanMode = Literal["plan", "check", "deploy"]
 # holds another endpoint: `get` there finds none and the plan says create.)
 _NOT_DEPLOYED = {"name", "model", "rollout", "timeout", "task", "allow_pickle", "trust_remote_code", "serving", "region"}
 # Provider options of the same kind: credentials, rollout pacing and safety nets.
-_OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "rollout_wait", "canary_wait"}
+_OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "rollout_wait"}
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tests.test_plugins import echo_plugin  # noqa: F401  (fixture)
 
 HF_TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"
 ENDPOINT_KEYS = {"name", "provider", "region", "action", "reasons", "done", "error", "state", "url", "digest", "changes"}
-SUMMARY_KEYS = {"create", "update", "unchanged", "delete", "keep", "refused", "failed"}
+SUMMARY_KEYS = {"create", "update", "unchanged", "unknown", "delete", "keep", "refused", "failed"}
 
 
 @pytest.fixture
@@ -298,3 +298,31 @@ def test_prune_from_a_fresh_machine_finds_the_files_endpoints_by_tag(sagemaker_e
     assert "sm-manual" not in by_name(pruned)
     names = [e["name"] for e in json.loads(run_cli("list", "--provider", "sagemaker", "--json", env=fresh).stdout)]
     assert names == ["sm-a", "sm-manual"]
+
+
+# --- the same on the Vertex AI emulator: the file's endpoints carry it as a label ------------------------
+def test_vertex_prune_from_a_fresh_machine_finds_the_files_endpoints_by_label(vertex_emulator, project: Path, tmp_path: Path) -> None:
+    vertex_emulator.serve_engine_images = False  # the TGI deployments need no model server: this is about ownership
+    common = f"    provider: vertex\n    model: models/tiny\n    runtime: tgi\n    instance: g2-standard-8\n    bucket: {vertex_emulator.bucket}\n"
+    path = write(project, f"file_id: remote-test\nendpoints:\n  - name: vx-a\n{common}  - name: vx-b\n{common}")
+    try:
+        assert apply_json("-f", str(path), env={})["summary"]["create"] == 2
+        details = json.loads(run_cli("status", "vx-b", "--json").stdout)["details"]
+        assert details["labels"][FILE_TAG] == "remote-test"
+        manual = run_cli(
+            "deploy", str(project / "models" / "tiny"), "--name", "vx-manual", "--provider", "vertex", "--runtime", "tgi",
+            "--instance", "g2-standard-8", "--bucket", vertex_emulator.bucket,
+        )  # fmt: skip
+        assert manual.returncode == 0, manual.stderr
+
+        fresh = {"CLOUDLLM_HOME": str(tmp_path / "fresh-runner")}  # no records: only the labels say who owns what
+        write(project, f"file_id: remote-test\nendpoints:\n  - name: vx-a\n{common}")
+        pruned = apply_json("-f", str(path), "--prune", env=fresh)
+        assert by_name(pruned)["vx-b"]["action"] == "delete" and by_name(pruned)["vx-b"]["done"]
+        assert by_name(pruned)["vx-a"]["action"] == "unchanged" and "vx-manual" not in by_name(pruned)
+        names = [e["name"] for e in json.loads(run_cli("list", "--provider", "vertex", "--json", env=fresh).stdout)]
+        assert sorted(names) == ["vx-a", "vx-manual"]
+    finally:
+        for name in ("vx-a", "vx-b", "vx-manual"):
+            run_cli("delete", name, "--provider", "vertex", "--purge-artifacts")
+        vertex_emulator.serve_engine_images = True

@@ -302,3 +302,19 @@ def test_vertex_roles_cover_the_google_services_the_tool_uses() -> None:
     # Least privilege: storage only on the bucket, and no basic or admin roles anywhere.
     assert not any(b.role.startswith("roles/storage") and b.scope == "project" for b in bindings)
     assert not any(b.role in ("roles/owner", "roles/editor") or b.role.endswith(".admin") for b in bindings)
+
+
+# Storage calls that read the bucket resource itself (storage.buckets.get), which roles/storage.objectAdmin does not grant.
+BUCKET_GET_CALLS = re.compile(r"\.(lookup_bucket|get_bucket|get_iam_policy|test_iam_permissions)\(|\bbucket\([^)]*\)\.(reload|exists)\(")
+
+
+def test_the_vertex_storage_calls_need_only_what_object_admin_grants(vertex_emulator) -> None:
+    """The user's side of gcs.py and vertex.py (not the emulator, which plays the service) lists, writes and deletes objects only."""
+    for path in (PACKAGE / "storage" / "gcs.py", PACKAGE / "providers" / "vertex.py"):
+        calls = BUCKET_GET_CALLS.findall(path.read_text())
+        assert not calls, f"{path.name} calls {calls}: storage.buckets.get is not in roles/storage.objectAdmin"
+    from cloudllm.storage.gcs import GcsArtifacts, GcsUri
+
+    GcsArtifacts(vertex_emulator.storage_client()).check_bucket(GcsUri("cloudllm-test"))  # the check it does instead works
+    (binding,) = [b for b in iam.vertex_bindings(project="p", buckets=["gs://bkt/models"]) if b.scope == "bucket"]
+    assert binding.role == "roles/storage.objectAdmin" and "check the bucket (a one-object list)" in binding.why

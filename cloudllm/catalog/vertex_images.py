@@ -29,13 +29,16 @@ IMAGES: dict[str, VertexImage] = {
         uri=f"{_DLC}/huggingface-text-generation-inference-cu124.2-4.ubuntu2204.py311",
         source="github.com/huggingface/Google-Cloud-Containers README.md, 'Latest DLCs' (TGI 2.4.0); "
         "containers/tgi/gpu/2.4.0/entrypoint.sh copies AIP_STORAGE_URI to /tmp/model and sets MODEL_ID",
-        note="built with TGI's `google` feature: serves AIP_PREDICT_ROUTE with {instances: [{inputs, parameters}]}",
+        note="built with TGI's `google` feature: serves AIP_PREDICT_ROUTE with {instances: [{inputs, parameters}]} "
+        "(router/src/vertex.rs: reads max_new_tokens and seed, samples, answers whole predictions: no streaming)",
     ),
     "vllm": VertexImage(
         runtime="vllm",
         uri="us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20250312_0916_RC01",
         source="github.com/GoogleCloudPlatform/vertex-ai-samples, model garden vLLM notebooks (VLLM_DOCKER_URI, vLLM past v0.7.3)",
-        note="args `python -m vllm.entrypoints.api_server --model=gs://...`; predict route /generate, health /ping",
+        note="args `python -m vllm.entrypoints.api_server --model=gs://...`; predict route /generate, health /ping; "
+        "instances {prompt, SamplingParams..., raw_response, stream}: without raw_response it answers "
+        "'Prompt:\\n...\\nOutput:\\n...'; stream=true answers NUL-separated {predictions: [text]} objects",
     ),
     "handler": VertexImage(
         runtime="handler",

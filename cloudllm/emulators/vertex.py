@@ -16,8 +16,22 @@ A deployed model really serves. The emulator cannot run GPU engines, so:
   machine's Python, with the AIP_* variables Vertex sets (the handler runtime's bootstrap
   downloads AIP_STORAGE_URI from the storage emulator itself, as in the cloud);
 - any other image (TGI, vLLM, a custom one) is stood in for by the artifact's generated
-  handler (`code/serve.py`), downloaded from the model's artifact_uri.
-One process stands for all replicas of a deployed model.
+  handler (`code/serve.py`), downloaded from the model's artifact_uri. For TGI and vLLM
+  images the emulator speaks the engine's own protocol in front of it, and refuses what the
+  engine refuses: TGI's Vertex route takes {"instances": [{"inputs", "parameters"}]} only
+  (422 otherwise), reads only max_new_tokens and seed, samples, and never streams; the
+  Model Garden vLLM server takes {"instances": [{"prompt", <SamplingParams>, "stream",
+  "raw_response"}]} (500 on a missing prompt or an unknown parameter, as its KeyError and
+  TypeError), prefixes "Prompt:/Output:" unless raw_response, and streams NUL-separated
+  {"predictions": [text]} objects.
+One process stands for all replicas of a deployed model. Traffic is split by smooth weighted
+round-robin, so a test sees exactly the share it set (one of every four requests at 25%).
+
+Hooks for tests: `traffic_log` (every traffic split an endpoint took), `requests` (every
+call), `replica_gate` (a threading.Event model servers wait for before they start: a slow
+model), `crash_when_ready` (a predicate on the DeployedModel: its server dies right after it
+becomes ready, as a version that fails under traffic) and `corrupt_next_upload` (the
+storage emulator receives one upload with a flipped byte).
 
 What Vertex validates and a deploy can get wrong is validated here too: machine types and
 their accelerators (from cloudllm's instance catalog), replica counts, autoscaling metric
@@ -112,16 +126,18 @@ def _to_json(message) -> dict:
 
 
 def _parse(cls, data: bytes | dict):
+    """A request body as the real type. Unknown fields are refused, as Vertex AI refuses them
+    ("Invalid JSON payload received. Unknown name ..."): the clients and this fake share the proto."""
     from google.protobuf import json_format
 
     pb = cls.pb(cls())
     try:
         if isinstance(data, dict):
-            json_format.ParseDict(data, pb, ignore_unknown_fields=True)
+            json_format.ParseDict(data, pb)
         else:
-            json_format.Parse(data or b"{}", pb, ignore_unknown_fields=True)
+            json_format.Parse(data or b"{}", pb)
     except json_format.ParseError as exc:
-        raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload: {exc}") from None
+        raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}") from None
     return cls.wrap(pb)
 
 
@@ -265,6 +281,10 @@ class VertexEmulator:
         # for tests that only check what was deployed, and machines that cannot spare a model server.
         self.serve_engine_images = True
         self.requests: collections.deque[str] = collections.deque(maxlen=1000)  # "METHOD /path", newest last
+        self.traffic_log: list[tuple[str, dict[str, int]]] = []  # (endpoint name, split) each time a split is set, oldest first
+        self.replica_gate: threading.Event | None = None  # set: model servers start only once it is set
+        self.crash_when_ready: Callable[[Any], bool] | None = None  # DeployedModel -> True: its server dies once ready
+        self._rotation: dict[str, dict[str, int]] = {}  # endpoint id -> smooth weighted round-robin state
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "VertexEmulator":
@@ -337,6 +357,12 @@ class VertexEmulator:
     def objects(self, bucket: str, prefix: str = "") -> list[str]:
         return sorted(b.name for b in self.storage_client().list_blobs(bucket, prefix=prefix or None))
 
+    def corrupt_next_upload(self, name_matches: Callable[[str], bool]) -> None:
+        """The next upload of an object whose name matches arrives with one byte flipped (the server sees other bytes than were sent)."""
+        _install_corruption()
+        with _CORRUPTION_LOCK:
+            _CORRUPTIONS.append(name_matches)
+
     def replica_log(self, deployed_model_id: str) -> str:
         replica = self.state.replicas.get(deployed_model_id)
         return replica.log_path.read_text(errors="replace") if replica and replica.log_path else ""
@@ -403,6 +429,7 @@ class VertexEmulator:
         if not model.container_spec.image_uri:
             raise ApiError("INVALID_ARGUMENT", "Model container_spec.image_uri must be set.")
         _check_labels(model.labels, "Model")
+        _check_encryption(model.encryption_spec, parent)
         if model.container_spec.deployment_timeout and model.container_spec.deployment_timeout.total_seconds() > 7200:
             raise ApiError("INVALID_ARGUMENT", "container_spec.deployment_timeout must be at most 2 hours.")
         if model.artifact_uri:
@@ -520,6 +547,7 @@ class VertexEmulator:
         if not endpoint.display_name:
             raise ApiError("INVALID_ARGUMENT", "Endpoint display_name must be set.")
         _check_labels(endpoint.labels, "Endpoint")
+        _check_encryption(endpoint.encryption_spec, parent)
         endpoint_id = (query.get("endpointId") or query.get("endpoint_id") or [""])[0] or _new_id()
         with self.lock:
             if endpoint_id in self.state.endpoints:
@@ -532,6 +560,10 @@ class VertexEmulator:
             self.state.endpoints[endpoint_id] = endpoint
         created = t.Endpoint(endpoint)
         return self._operation(endpoint.name, lambda: created, t.CreateEndpointOperationMetadata())
+
+    def _set_split(self, endpoint, split: dict[str, int]) -> None:
+        endpoint.traffic_split = dict(split)
+        self.traffic_log.append((endpoint.name, dict(split)))
 
     def _endpoint(self, name: str):
         endpoint = self.state.endpoints.get(_last(name))
@@ -563,7 +595,7 @@ class VertexEmulator:
             for path in paths:
                 if path in ("trafficSplit", "traffic_split"):
                     _check_traffic(dict(patch.traffic_split), {dm.id for dm in endpoint.deployed_models})
-                    endpoint.traffic_split = dict(patch.traffic_split)
+                    self._set_split(endpoint, dict(patch.traffic_split))
                 elif path == "labels":
                     _check_labels(patch.labels, "Endpoint")
                     endpoint.labels = dict(patch.labels)
@@ -629,9 +661,9 @@ class VertexEmulator:
                 )
                 live.deployed_models.append(deployed)
                 if split:
-                    live.traffic_split = {(deployed.id if k == "0" else k): v for k, v in split.items()}
+                    self._set_split(live, {(deployed.id if k == "0" else k): v for k, v in split.items()})
                 elif not live.traffic_split:
-                    live.traffic_split = {deployed.id: 100}
+                    self._set_split(live, {deployed.id: 100})
                 live.update_time = _now()
             return t.DeployModelResponse(deployed_model=deployed)
 
@@ -712,6 +744,10 @@ class VertexEmulator:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop(ENDPOINT_ENV, None)
+        timeout = spec.deployment_timeout.total_seconds() if spec.deployment_timeout else DEFAULT_DEPLOYMENT_TIMEOUT
+        if self.replica_gate is not None and not self.replica_gate.wait(timeout):
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise ApiError("DEADLINE_EXCEEDED", f"Model server never became ready within {timeout:.0f}s: it was still loading")
         argv = [*spec.command, *spec.args]
         if RUNNABLE_IMAGES.search(spec.image_uri) and argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
@@ -740,7 +776,6 @@ class VertexEmulator:
             )
         import httpx
 
-        timeout = spec.deployment_timeout.total_seconds() if spec.deployment_timeout else DEFAULT_DEPLOYMENT_TIMEOUT
         deadline = time.monotonic() + timeout
         delay = 0.05
         while time.monotonic() < deadline:
@@ -756,6 +791,9 @@ class VertexEmulator:
             except httpx.HTTPError:
                 health = None
             if health is not None and health.status_code == 200:
+                if self.crash_when_ready is not None and self.crash_when_ready(deployed):
+                    os.killpg(replica.process.pid, signal.SIGKILL)
+                    replica.process.wait()
                 return
             failed = _failed_health(health)
             if failed:
@@ -794,7 +832,7 @@ class VertexEmulator:
                 )
             endpoint.deployed_models = [d for d in endpoint.deployed_models if d.id != request.deployed_model_id]
             split.pop(request.deployed_model_id, None)
-            endpoint.traffic_split = split if remaining else {}
+            self._set_split(endpoint, split if remaining else {})
             endpoint.update_time = _now()
 
         def work():
@@ -805,12 +843,20 @@ class VertexEmulator:
 
     # --- prediction ---------------------------------------------------------------------
     def _pick_replica(self, name: str) -> _Replica:
+        """The deployed model the traffic split sends this request to (smooth weighted round-robin)."""
         with self.lock:
             endpoint = self._endpoint(name)
             split = {k: v for k, v in endpoint.traffic_split.items() if v > 0}
             if not split:
                 raise ApiError("FAILED_PRECONDITION", f"Endpoint {name} has no deployed model taking traffic.")
-            chosen = random.choices(list(split), weights=list(split.values()))[0]
+            rotation = self._rotation.setdefault(_last(name), {})
+            for key in list(rotation):
+                if key not in split:
+                    del rotation[key]
+            for key, weight in split.items():
+                rotation[key] = rotation.get(key, 0) + weight
+            chosen = max(sorted(split), key=lambda k: rotation[k])
+            rotation[chosen] -= sum(split.values())
             replica = self.state.replicas.get(chosen)
         if replica is None or replica.process is None or replica.process.poll() is not None:
             raise ApiError("UNAVAILABLE", f"Deployed model {chosen} is not serving: {replica.log_tail() if replica else 'no process'}")
@@ -828,19 +874,22 @@ class VertexEmulator:
         if "parameters" in data:
             forward["parameters"] = _integral(data["parameters"])
         if replica.dialect:
-            forward = _from_engine_request(forward, replica.dialect)
-        response = httpx.post(replica.url + replica.predict_route, json=forward, timeout=httpx.Timeout(600, connect=5))
-        if response.status_code != 200:
-            raise _container_error(response.status_code, response.text)
-        try:
-            predictions = response.json()["predictions"]
-        except (ValueError, KeyError, TypeError):
-            raise ApiError("INTERNAL", f"The model server answered without \"predictions\": {response.text[:300]}") from None
-        if replica.dialect:
-            predictions = [_engine_prediction(p, replica.dialect, i, forward) for i, p in enumerate(predictions)]
+            answer, stream = _Engine(replica).call(forward)
+            if stream is not None:
+                raise ApiError("INTERNAL", "The model server answered a stream, which predict cannot return; use streamRawPredict.")
+        else:
+            response = httpx.post(replica.url + replica.predict_route, json=forward, timeout=httpx.Timeout(600, connect=5))
+            if response.status_code != 200:
+                raise _container_error(response.status_code, response.text)
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("predictions"), list):
+            raise ApiError("INTERNAL", f"The model server answered without \"predictions\": {str(answer)[:300]}")
         with self.lock:
             dm = next((d for d in self._endpoint(name).deployed_models if d.id == replica.deployed_model_id), None)
-        result = {"predictions": predictions, "deployedModelId": replica.deployed_model_id}
+        result = {"predictions": answer["predictions"], "deployedModelId": replica.deployed_model_id}
         if dm is not None:
             result.update(model=dm.model, modelVersionId=dm.model_version_id, modelDisplayName=dm.display_name)
         json_format.ParseDict(result, t.PredictResponse.pb(t.PredictResponse()))  # the real type must hold it
@@ -886,33 +935,184 @@ def _integral(value: Any) -> Any:
     return value
 
 
-# What TGI's Vertex route and the Model Garden vLLM server take and answer, for the generated
-# handler standing in for them: {"instances": [{"inputs", "parameters"}]} (TGI) or
-# {"instances": [{"prompt", "max_tokens", ...}]} (vLLM), answered with one string per instance.
-_VLLM_PARAMETERS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
+# --- the engines the generated handler stands in for ----------------------------------------
+# vllm.SamplingParams' keyword arguments: anything else in an instance is its TypeError (a 500).
+_VLLM_SAMPLING = frozenset({
+    "n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k",
+    "min_p", "seed", "use_beam_search", "length_penalty", "early_stopping", "stop", "stop_token_ids",
+    "include_stop_str_in_output", "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "detokenize",
+    "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+})  # fmt: skip
+_VLLM_DEFAULT_MAX_TOKENS = 16  # SamplingParams' default
 
 
-def _from_engine_request(body: dict, dialect: str) -> dict:
-    instances = body.get("instances")
-    if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
-        return body
-    prompts, parameters = [], dict(body.get("parameters") or {})
-    for instance in instances:
-        instance = dict(instance)
-        if dialect == "tgi":
-            prompts.append(instance.pop("inputs", None))
-            parameters.update(instance.pop("parameters", None) or {})
-        else:
-            prompts.append(instance.pop("prompt", None))
-            parameters.update({_VLLM_PARAMETERS[k]: v for k, v in instance.items() if k in _VLLM_PARAMETERS})
-    return {"instances": prompts, **({"parameters": parameters} if parameters else {})}
+def _engine_body(payload: bytes, dialect: str) -> Any:
+    """A raw request body as the engine's JSON parser sees it."""
+    try:
+        return json.loads(payload or b"")
+    except ValueError as exc:
+        if dialect == "tgi":  # axum's Json extractor
+            raise _container_error(400, f"Failed to parse the request body as JSON: {exc}") from None
+        raise _container_error(500, "Internal Server Error") from None  # fastapi: request.json() raised
 
 
-def _engine_prediction(prediction: Any, dialect: str, index: int, request: dict) -> Any:
-    text = prediction.get("generated_text") if isinstance(prediction, dict) else prediction
-    if dialect == "vllm" and isinstance(text, str):
-        return f"Prompt:\n{request['instances'][index]}\nOutput:\n{text}"
-    return text
+class _Engine:
+    """TGI's Vertex route or the Model Garden vLLM server, in front of the generated handler of one replica.
+
+    call(body) -> (JSON answer, None) or (None, the stream's chunks); a body the engine refuses
+    raises the container error the engine answers.
+    """
+
+    def __init__(self, replica: _Replica):
+        self.replica = replica
+
+    def call(self, body: Any):
+        return self._tgi(body) if self.replica.dialect == "tgi" else self._vllm(body)
+
+    # TGI (router/src/vertex.rs): VertexRequest {instances: Vec<VertexInstance>}; an instance is
+    # {inputs: String, parameters?} (or a chat request); generate with do_sample, max_new_tokens and seed only.
+    def _tgi(self, body: Any):
+        def refuse(why: str) -> ApiError:
+            return _container_error(422, json.dumps({"error": f"Failed to deserialize the JSON body into the target type: {why}", "error_type": "validation"}))
+
+        if not isinstance(body, dict):
+            raise refuse("invalid type: expected struct VertexRequest")
+        if "instances" not in body:
+            raise refuse("missing field `instances`")
+        if not isinstance(body["instances"], list):
+            raise refuse("instances: invalid type: expected a sequence")
+        if not body["instances"]:
+            raise _container_error(422, json.dumps({"error": "Input validation error", "error_type": "Input validation error"}))
+        predictions = []
+        for i, instance in enumerate(body["instances"]):
+            if isinstance(instance, dict) and "messages" in instance and "inputs" not in instance:
+                raise ApiError("UNIMPLEMENTED", "The emulator's TGI stand-in serves {\"inputs\"} instances, not chat requests.")
+            parameters = instance.get("parameters") if isinstance(instance, dict) else None
+            if not isinstance(instance, dict) or not isinstance(instance.get("inputs"), str) or not isinstance(parameters, (dict, type(None))):
+                raise refuse(f"instances[{i}]: data did not match any variant of untagged enum VertexInstance")
+            chosen = {k: parameters[k] for k in ("max_new_tokens", "seed") if (parameters or {}).get(k) is not None}
+            predictions.append(self._generate(instance["inputs"], {"do_sample": True, **chosen})[0])
+        return {"predictions": predictions}, None
+
+    # vLLM (the Model Garden entrypoints/api_server.py /generate): {"instances": [...]} or one bare instance.
+    def _vllm(self, body: Any):
+        if not isinstance(body, dict):
+            raise _container_error(500, "Internal Server Error")
+        items = body["instances"] if "instances" in body else [body]
+        if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+            raise _container_error(500, "Internal Server Error")
+        answers = []
+        for item in items:
+            item = dict(item)
+            if item.pop("@requestFormat", "") == "chatCompletions":
+                raise ApiError("UNIMPLEMENTED", "The emulator's vLLM stand-in serves {\"prompt\"} instances, not chatCompletions.")
+            if "prompt" not in item:
+                raise _container_error(500, "Internal Server Error")  # KeyError: 'prompt'
+            prompt = item.pop("prompt")
+            stream, raw = item.pop("stream", False), item.pop("raw_response", False)
+            item.pop("dynamic-lora", None)
+            if stream and len(items) > 1:
+                raise _container_error(400, json.dumps({"detail": "stream=True can only be used with a single prompt."}))
+            unknown = sorted(set(item) - _VLLM_SAMPLING)
+            if unknown:
+                raise _container_error(500, "Internal Server Error")  # TypeError: SamplingParams got an unexpected keyword argument
+            parameters = _vllm_to_handler(item)
+            if stream:
+                return None, self._vllm_stream(prompt, parameters, raw)
+            text, tokens = self._generate(prompt, parameters)
+            if raw:
+                answers.append({"predictions": [text], "output_token_counts": [tokens], "cumulative_logprobs": [None]})
+            else:
+                answers.append({"predictions": [f"Prompt:\n{str(prompt).strip()}\nOutput:\n{text.strip(chr(10))}"]})
+        return (answers[0] if len(answers) == 1 else {"predictions": answers}), None
+
+    def _vllm_stream(self, prompt: str, parameters: dict, raw: bool):
+        """The stream's chunks; the handler is asked first, so a refusal is an error answer, not a broken stream."""
+        import httpx
+
+        from cloudllm.invocation import iter_sse_tokens
+
+        client = httpx.Client(timeout=httpx.Timeout(600, connect=5))
+        body = {"inputs": prompt, "parameters": parameters, "stream": True}
+        response = client.send(client.build_request("POST", self.replica.url + self.replica.predict_route, json=body), stream=True)
+        if response.status_code != 200:
+            response.read()
+            client.close()
+            raise _container_error(response.status_code, response.text)
+
+        def frames():
+            try:
+                for text in iter_sse_tokens(response.iter_lines()):
+                    frame = {"predictions": [text]}
+                    if raw:
+                        frame.update(output_token_counts=[1], cumulative_logprobs=[None])
+                    yield (json.dumps(frame) + "\0").encode()
+            finally:
+                response.close()
+                client.close()
+
+        return frames()
+
+    def _generate(self, prompt: Any, parameters: dict) -> tuple[str, int | None]:
+        """The handler's generated text for one prompt, and how many tokens it generated."""
+        import httpx
+
+        body = {"instances": [prompt], "parameters": {**parameters, "details": True}}
+        response = httpx.post(self.replica.url + self.replica.predict_route, json=body, timeout=httpx.Timeout(600, connect=5))
+        if response.status_code != 200:
+            raise _container_error(response.status_code, response.text)
+        prediction = response.json()["predictions"][0]
+        if isinstance(prediction, dict):
+            return str(prediction.get("generated_text", "")), (prediction.get("details") or {}).get("generated_tokens")
+        return str(prediction), None
+
+
+def _vllm_to_handler(sampling: dict) -> dict:
+    """vLLM sampling parameters as the handler's: temperature 0 is greedy; max_tokens defaults to 16."""
+    temperature = sampling.get("temperature", 1.0)
+    out: dict[str, Any] = {"max_new_tokens": sampling.get("max_tokens") or _VLLM_DEFAULT_MAX_TOKENS}
+    if temperature == 0:
+        out["do_sample"] = False
+    else:
+        out.update(do_sample=True, temperature=temperature)
+        if sampling.get("top_p") not in (None, 1.0):
+            out["top_p"] = sampling["top_p"]
+        if (sampling.get("top_k") or -1) > 0:
+            out["top_k"] = sampling["top_k"]
+    for key in ("seed", "stop"):
+        if sampling.get(key) is not None:
+            out[key] = sampling[key]
+    if sampling.get("repetition_penalty") not in (None, 1.0):
+        out["repetition_penalty"] = sampling["repetition_penalty"]
+    return out
+
+
+# --- uploads that arrive corrupted --------------------------------------------------------------
+_CORRUPTIONS: list[Callable[[str], bool]] = []
+_CORRUPTION_LOCK = threading.Lock()
+
+
+def _install_corruption() -> None:
+    """Wrap gcp-storage-emulator's checksum step (every upload passes it with the bytes received):
+    a pending corruption flips one byte of what it checks, as if the bytes changed on the way."""
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects._checksums, "corrupts", False):
+        return
+    original = objects._checksums
+
+    def checksums(content, file_obj):
+        with _CORRUPTION_LOCK:
+            match = next((m for m in _CORRUPTIONS if m(file_obj.get("name", ""))), None)
+            if match is not None:
+                _CORRUPTIONS.remove(match)
+        if match is not None and content:
+            data = content.encode() if isinstance(content, str) else bytes(content)
+            content = bytes([data[0] ^ 0xFF]) + data[1:]
+        return original(content, file_obj)
+
+    checksums.corrupts = True
+    objects._checksums = checksums
 
 
 def _container_error(status: int, text: str) -> ApiError:
@@ -941,6 +1141,22 @@ def _check_labels(labels, what: str) -> None:
                 f"{what} label {key}={value} is invalid: keys and values hold at most 63 lowercase letters, digits, "
                 "underscores and dashes, and keys start with a letter.",
             )
+
+
+_KMS_KEY = re.compile(r"^projects/[^/]+/locations/(?P<location>[^/]+)/keyRings/[^/]+/cryptoKeys/[^/]+$")
+
+
+def _check_encryption(spec, parent: str) -> None:
+    """A customer-managed key is a Cloud KMS key name in the resource's own region, as Vertex AI requires."""
+    key = spec.kms_key_name if spec else ""
+    if not key:
+        return
+    match = _KMS_KEY.match(key)
+    if not match:
+        raise ApiError("INVALID_ARGUMENT", f"encryption_spec.kms_key_name {key!r} is not of the form projects/*/locations/*/keyRings/*/cryptoKeys/*.")
+    region = parent.split("/locations/", 1)[1].split("/", 1)[0]
+    if match.group("location") != region:
+        raise ApiError("INVALID_ARGUMENT", f"The KMS key {key} is in {match.group('location')}; resources in {region} need a key in {region}.")
 
 
 _CLAUSE = re.compile(r'^\s*(display_name|labels\.[\w-]+)\s*=\s*"([^"]*)"\s*$')
@@ -1077,18 +1293,30 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
                 self._send_op(e.undeploy_model(params["name"], body))
             elif action == "predict":
                 self._send_json(200, e.predict(params["name"], body))
-            elif action == "raw_predict":
+            elif action in ("raw_predict", "stream_raw_predict"):
                 replica, payload, ctype = e.raw_request(params["name"], body, self.headers.get("Content-Type"))
-                response = httpx.post(
-                    replica.url + replica.predict_route, content=payload, headers={"Content-Type": ctype},
-                    timeout=httpx.Timeout(600, connect=5),
-                )  # fmt: skip
-                if response.status_code != 200:
-                    raise _container_error(response.status_code, response.text)
-                self._send_bytes(200, response.content, response.headers.get("content-type", "application/json"))
-            elif action == "stream_raw_predict":
-                replica, payload, ctype = e.raw_request(params["name"], body, self.headers.get("Content-Type"))
-                self._stream(replica, payload, ctype)
+                if replica.dialect:
+                    self._engine(replica, payload, streamed=action == "stream_raw_predict")
+                elif action == "stream_raw_predict":
+                    self._stream(replica, payload, ctype)
+                else:
+                    response = httpx.post(
+                        replica.url + replica.predict_route, content=payload, headers={"Content-Type": ctype},
+                        timeout=httpx.Timeout(600, connect=5),
+                    )  # fmt: skip
+                    if response.status_code != 200:
+                        raise _container_error(response.status_code, response.text)
+                    self._send_bytes(200, response.content, response.headers.get("content-type", "application/json"))
+
+        def _engine(self, replica: _Replica, payload: bytes, *, streamed: bool) -> None:
+            """raw/streamRawPredict to a TGI or vLLM image: the engine's own answer (rawPredict collects a stream)."""
+            answer, stream = _Engine(replica).call(_engine_body(payload, replica.dialect))
+            if stream is None:
+                self._send_json(200, answer)
+            elif streamed:
+                self._send_chunks(stream, "application/json")
+            else:
+                self._send_bytes(200, b"".join(stream), "application/json")
 
         def _stream(self, replica: _Replica, payload: bytes, ctype: str) -> None:
             import httpx
@@ -1100,16 +1328,20 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
                 if response.status_code != 200:
                     response.read()
                     raise _container_error(response.status_code, response.text)
-                self.send_response(200)
-                self.send_header("Content-Type", response.headers.get("content-type", "text/event-stream"))
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                for chunk in response.iter_raw():
-                    if chunk:
-                        self.wfile.write(f"{len(chunk):X}\r\n".encode() + chunk + b"\r\n")
-                        self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
+                self._send_chunks(response.iter_raw(), response.headers.get("content-type", "text/event-stream"))
+
+        def _send_chunks(self, chunks, content_type: str) -> None:
+            """A streamed answer (chunked transfer encoding), each chunk as the model server sent it."""
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for chunk in chunks:
+                if chunk:
+                    self.wfile.write(f"{len(chunk):X}\r\n".encode() + chunk + b"\r\n")
+                    self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _send_op(self, op) -> None:
             from google.protobuf import json_format

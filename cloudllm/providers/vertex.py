@@ -1,18 +1,29 @@
 """The Vertex AI provider: artifacts on GCS, a Model in the registry, an Endpoint serving it.
 
     deploy:  upload gs://BUCKET/PREFIX/<name>/<version>/  ->  UploadModel  ->  CreateEndpoint  ->  DeployModel
-    update:  upload the new version  ->  UploadModel(parent_model=...)  ->  DeployModel beside the old one
-             (all traffic, or canary:PCT then all)  ->  UndeployModel the old one
+    update:  upload the new version  ->  UploadModel(parent_model=...)  ->  DeployModel beside the old one,
+             without traffic  ->  all traffic to it, or canary: PCT% to it, bake (--option
+             rollout_wait=SECONDS, default 300), check that it answers sample requests, then
+             the rest (a failing canary moves the traffic back and undeploys it)  ->  UndeployModel the old one
     delete:  UndeployModel each  ->  DeleteModel  ->  DeleteEndpoint  [->  delete the artifacts]
 
 Runtimes: `tgi` (Hugging Face TGI DLC; it copies AIP_STORAGE_URI itself; NUM_SHARD = the
-machine's GPUs), `vllm` (the Vertex Model Garden vLLM image, `--model=gs://...`, tensor
-parallel over the GPUs) and `handler` (the generated server in the HF PyTorch inference DLC:
-a short bootstrap copies the artifact, then runs code/serve.py). Images come from
-cloudllm/catalog/vertex_images.py; `--image` overrides them.
+GPUs the model's attention heads split over), `vllm` (the Vertex Model Garden vLLM image,
+`--model=gs://...`, tensor parallel over as many GPUs) and `handler` (the generated server in
+the HF PyTorch inference DLC: a short bootstrap copies the artifact, then runs code/serve.py).
+Images come from cloudllm/catalog/vertex_images.py; `--image` overrides them.
+
+Streaming (streamRawPredict, which Vertex forwards to the container's predict route as is):
+the handler answers TGI's server-sent events; the Model Garden vLLM server takes
+{"instances": [{"prompt", "stream": true, ...}]} and answers NUL-separated JSON objects
+{"predictions": [text]}; TGI's Vertex route (AIP_PREDICT_ROUTE) only answers whole
+predictions, so `--stream` is refused for tgi endpoints.
 
 Every long-running operation is waited on with our own deadline (--timeout, or sized from
 the model's bytes), never google-api-core's 900 s default, polling less often as it goes.
+When that deadline passes the operation goes on in Vertex AI, which refuses to delete what
+an operation is still changing: nothing is cleaned up, and the error says how to follow it
+and how to remove it afterwards.
 The plan's digests are stored as labels on each model version (base32, so a sha256 fits a
 label value) and read back by get(), which is how an unchanged deploy is a no-op.
 
@@ -59,6 +70,7 @@ LOCK_STALE_SECONDS = 4 * 3600  # longer than any deploy's deadline: a lock this 
 RUN_LABEL = "cloudllm-run"  # one deploy run's random token: finds what a create whose answer was lost made
 RETRY_INITIAL, RETRY_MAX = 0.5, 30.0  # seconds: capped exponential backoff, jittered
 RUNTIME_LABEL = "cloudllm-runtime"
+SYSTEM_LABELS = (MANAGED_BY[0], NAME_LABEL, RUN_LABEL)  # the endpoint labels that are ours, not the spec's tags
 # plan.fingerprint key -> label key; values are base32 sha256 (52 chars, label-safe).
 DIGEST_LABELS = {
     "weights_digest": "cloudllm-weights",
@@ -72,6 +84,14 @@ SCALE_METRICS = {
     "requests": "aiplatform.googleapis.com/prediction/online/request_count",
 }
 DEFAULT_SCALE_TARGET = 60
+DEFAULT_ROLLOUT_WAIT = 300  # seconds a canary bakes before the rest of the traffic moves (SageMaker's default too)
+MAX_ROLLOUT_WAIT = 3600
+CANARY_SAMPLES_MAX = 200  # sample requests a canary check sends at most, looking for one the new version serves
+# TGI-form generation parameters -> the Model Garden vLLM server's (vllm SamplingParams keyword arguments).
+VLLM_PARAMETERS = {
+    "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+    "repetition_penalty": "repetition_penalty", "stop": "stop", "stop_sequences": "stop",
+}  # fmt: skip
 SERVING_PORT = 8080
 PREDICT_ROUTE = "/predict"
 HEALTH_ROUTE = "/health"
@@ -161,8 +181,10 @@ class VertexProvider(Provider):
 
     # --- checks ---------------------------------------------------------------------------
     def validate(self, plan: "Plan") -> None:
+        """Offline checks: machine and accelerator, scaling, rollout, labels, key and bucket names, image."""
+        from cloudllm.storage.gcs import GcsUri
+
         spec = plan.spec
-        self.project  # noqa: B018  (raises when there is none)
         machine = _machine(plan, self.default_instance)
         if plan.runtime in ("tgi", "vllm") and not machine.gpu_count:
             raise UserError(
@@ -172,6 +194,7 @@ class VertexProvider(Provider):
         _scale_metric(spec, machine)
         if spec.rollout.startswith("linear"):
             raise UserError("Vertex AI moves traffic in one step or a canary", "use --rollout all-at-once or --rollout canary:PCT")
+        _rollout_wait(plan)
         if spec.scale_in_cooldown is not None or spec.scale_out_cooldown is not None:
             raise UserError("Vertex AI chooses its own scaling cooldowns", "drop --scale-in-cooldown/--scale-out-cooldown")
         for key, value in spec.tags.items():
@@ -181,16 +204,27 @@ class VertexProvider(Provider):
                     "use lowercase letters, digits, '-' and '_' (at most 63), keys starting with a letter",
                 )
         kms = self.options.get("kms_key")
-        if kms and not re.fullmatch(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+", kms):
+        key = re.fullmatch(r"projects/[^/]+/locations/([^/]+)/keyRings/[^/]+/cryptoKeys/[^/]+", kms) if kms else None
+        if kms and not key:
             raise UserError(
                 f"--kms-key {kms!r} is not a Cloud KMS key name",
                 "write it as projects/P/locations/REGION/keyRings/RING/cryptoKeys/KEY (in the endpoint's region)",
             )
+        if key and key.group(1) != self.region:
+            raise UserError(
+                f"--kms-key is in {key.group(1)}, and Vertex AI encrypts resources in {self.region} only with a key there",
+                f"use a key of projects/P/locations/{self.region}/keyRings/..., or deploy with --region {key.group(1)}",
+            )
         if not spec.bucket:
             raise UserError("the vertex provider needs a bucket for the artifacts", "pass --bucket gs://BUCKET/PREFIX")
+        GcsUri.parse(spec.bucket)
+        _check_quantized_image(plan)
+
+    def preflight(self, plan: "Plan") -> None:
+        """Checks against the account: a project, credentials, and a bucket we may list and write."""
         from cloudllm.storage.gcs import GcsArtifacts, GcsUri
 
-        GcsArtifacts(project=self.project).check_bucket(GcsUri.parse(spec.bucket))
+        GcsArtifacts(project=self.project).check_bucket(GcsUri.parse(plan.spec.bucket))
 
     def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
         name = plan.spec.name
@@ -207,14 +241,14 @@ class VertexProvider(Provider):
         else:
             changes += [
                 ResourceChange(resource="model-version", name=name, action="create", reason="; ".join(plan.reasons)),
-                ResourceChange(resource="deployed-model", name=name, action="replace", reason=f"{plan.spec.rollout}; {_resources_line(plan)}"),
+                ResourceChange(resource="deployed-model", name=name, action="replace", reason=f"{_rollout_line(plan)}; {_resources_line(plan)}"),
             ]
         return changes
 
     # --- deploy / update ------------------------------------------------------------------
     def deploy(self, plan: "Plan", reporter: Reporter) -> Endpoint:
         created = _Created()
-        with self._undone_on_failure(created, plan.spec.name, reporter):
+        with self._undone_on_failure(created, plan, reporter):
             artifact_uri = self._upload(plan, reporter, created)
             model, version = self._upload_model(plan, artifact_uri, None, reporter)
             created.model = model
@@ -248,6 +282,7 @@ class VertexProvider(Provider):
         The label is set with the endpoint's etag (Vertex's read-modify-write guard), so of two
         deploys that read the endpoint at once only one sets it; the other stops, clearly, before
         creating anything. A lock older than LOCK_STALE_SECONDS, or --force, is taken over.
+        Releasing it after a successful update also sets the endpoint's labels to the plan's tags.
         """
         from google.api_core import exceptions
         from google.cloud import aiplatform_v1 as v1
@@ -275,59 +310,151 @@ class VertexProvider(Provider):
             # Someone changed the endpoint since we read it -- or our own retried write did.
             if c.endpoints.get_endpoint(name=endpoint_name).labels.get(LOCK_LABEL) != token:
                 raise busy from None
+        updated = False
         try:
             yield
+            updated = True
         finally:
             try:
                 now = c.endpoints.get_endpoint(name=endpoint_name)
                 if now.labels.get(LOCK_LABEL) == token:
                     labels = {k: v for k, v in now.labels.items() if k != LOCK_LABEL}
+                    if updated:  # the tags as the plan declares them (apply --prune finds its endpoints by them)
+                        labels = {**{k: v for k, v in labels.items() if k in SYSTEM_LABELS}, **plan.spec.tags}
                     c.endpoints.update_endpoint(endpoint=v1.Endpoint(name=endpoint_name, labels=labels, etag=now.etag), update_mask=mask, retry=_retry())
             except exceptions.GoogleAPICallError:
                 pass  # the lock goes stale; --force takes it over
 
     def _update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
+        name = plan.spec.name
         endpoint_name = existing.details["endpoint"]
         endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
         old = list(endpoint.deployed_models)
         main = _main_deployment(endpoint)
-        if main is not None and existing.details.get("digest") == plan.digest:
-            reporter.step(f"the new version already serves ({main.id}); undeploying what an earlier update left")
-            for deployed in old:
-                if deployed.id != main.id:
-                    self._undeploy(endpoint_name, deployed.id, plan, reporter)
-            return self._endpoint_or_fail(plan.spec.name)
-        parent_model = main.model if main else existing.details.get("model")
+        before = dict(endpoint.traffic_split)
         kind, _, pct = plan.spec.rollout.partition(":")
-        if kind == "canary" and main is not None and endpoint.traffic_split.get(main.id):
-            split = {"0": int(pct), main.id: 100 - int(pct)}
-        else:
-            split = {"0": 100}
-        created = _Created()
-        with self._undone_on_failure(created, plan.spec.name, reporter):
-            artifact_uri = self._upload(plan, reporter, created)
-            model, version = self._upload_model(plan, artifact_uri, parent_model, reporter)
-            created.model, created.version = model, (version if parent_model else None)
-            new_id = self._deploy_model(plan, endpoint_name, f"{model}@{version}", split, reporter)
-        try:
-            if split.get("0") != 100:
-                reporter.step(f"canary: {split['0']}% of the traffic on the new version ({new_id}); moving the rest")
+        created = _Created(update=True)
+        with self._undone_on_failure(created, plan, reporter):
+            ready = self._deployed_version(endpoint, existing, plan.digest)
+            if ready is not None:
+                new_id = ready.id
+                reporter.step(f"the new version is already deployed ({new_id}); an earlier deploy stopped before it finished")
+            else:
+                parent_model = main.model if main else existing.details.get("model")
+                artifact_uri = self._upload(plan, reporter, created)
+                model, version = self._upload_model(plan, artifact_uri, parent_model, reporter)
+                created.model, created.version = model, (version if parent_model else None)
+                # Beside the old version, without traffic: until we move it, the old one serves everything,
+                # also when this deploy stops (a timeout, Ctrl-C) while Vertex AI goes on deploying.
+                first = {"0": 0, **before} if before else {"0": 100}
+                new_id = self._deploy_model(plan, endpoint_name, f"{model}@{version}", first, reporter)
+            created.deployed, created.on_endpoint, created.traffic_before = new_id, endpoint_name, before
+            if kind == "canary" and main is not None and main.id != new_id and before.get(main.id):
+                self._canary(plan, endpoint_name, new_id, main.id, int(pct), reporter)
+            if before != {new_id: 100}:
                 self._set_traffic(endpoint_name, {new_id: 100})
+                reporter.step(f"all traffic on the new version ({new_id})")
+        try:
             for deployed in old:
-                self._undeploy(endpoint_name, deployed.id, plan, reporter)
+                if deployed.id != new_id:
+                    self._undeploy(endpoint_name, deployed.id, plan, reporter)
         except BaseException as exc:
-            raise _deploy_error(exc, plan.spec.name, after="the new version serves, but moving traffic or undeploying "
-                                                          "the old one failed") from None  # fmt: skip
-        return self._endpoint_or_fail(plan.spec.name)
+            raise _deploy_error(exc, name, after="the new version serves all the traffic, but undeploying the old one failed") from None
+        return self._endpoint_or_fail(name)
+
+    def _deployed_version(self, endpoint, existing: Endpoint, digest: str):
+        """The deployed model on the endpoint that serves exactly this plan (an earlier run deployed it), or None."""
+        main = _main_deployment(endpoint)
+        for deployed in endpoint.deployed_models:
+            if main is not None and deployed.id == main.id:
+                found = existing.details.get("digest")
+            else:
+                labels = self.clients().models.get_model(name=f"{deployed.model}@{deployed.model_version_id}").labels
+                found = decode_digest(labels[DIGEST_LABELS["digest"]]) if DIGEST_LABELS["digest"] in labels else None
+            if found == digest:
+                return deployed
+        return None
+
+    def _canary(self, plan: "Plan", endpoint: str, new_id: str, old_id: str, pct: int, reporter: Reporter) -> None:
+        """PCT% of the traffic on the new version, a bake period, then sample requests it must answer; DeployFailed if not."""
+        self._set_traffic(endpoint, {new_id: pct, old_id: 100 - pct})
+        wait = _rollout_wait(plan)
+        reporter.step(f"canary: {pct}% of the traffic on the new version ({new_id}), {100 - pct}% on {old_id}; baking {wait}s")
+        if wait:
+            start = time.monotonic()
+            with reporter.waiting(f"canary: {pct}% on the new version") as update:
+                while (left := wait - (time.monotonic() - start)) > 0:
+                    update(f"{left:.0f}s left")
+                    time.sleep(min(5.0, left))
+        problem = self._canary_problem(plan, endpoint, new_id, pct)
+        if problem:
+            raise DeployFailed(
+                f"the canary of {plan.spec.name} failed: {problem}",
+                f"the traffic goes back to {old_id} and the new version is removed; see its log in Cloud Logging "
+                f"(`cloudllm logs {plan.spec.name}`), fix it and deploy again",
+            )
+        reporter.step("canary: the new version answered; moving the rest of the traffic to it")
+
+    def _canary_problem(self, plan: "Plan", endpoint: str, new_id: str, pct: int) -> str | None:
+        """Why the new deployed model fails its check, or None: sample requests until one it serves succeeds.
+
+        Vertex AI cannot address one deployed model, so the requests go to the endpoint, which
+        gives the new version PCT% of them. A server error fails the check; an answer of 4xx (the
+        sample does not fit this model's task) shows a server that answers, so it passes.
+        """
+        from google.api_core import exceptions, retry
+
+        kwargs = _predict_kwargs(endpoint, vertex_request(_sample_body(plan), plan.runtime))
+        throttled = retry.Retry(
+            predicate=retry.if_exception_type(exceptions.TooManyRequests), initial=RETRY_INITIAL, maximum=5.0, timeout=20.0
+        )
+        attempts = min(CANARY_SAMPLES_MAX, math.ceil(100 / pct) * 5)
+        elsewhere = 0
+        for _ in range(attempts):
+            try:
+                response = self.clients().predictions.predict(**kwargs, retry=throttled)
+            except (exceptions.InvalidArgument, exceptions.BadRequest):
+                continue
+            except (exceptions.GoogleAPICallError, exceptions.RetryError) as exc:
+                return f"a sample request failed: {_message(exc, 300)}"
+            if response.deployed_model_id == new_id:
+                return None
+            elsewhere += 1
+        if elsewhere:
+            return f"none of {attempts} sample requests reached the new version ({elsewhere} went to the old one)"
+        return None
 
     @contextmanager
-    def _undone_on_failure(self, created: "_Created", name: str, reporter: Reporter) -> Iterator[None]:
-        """On any failure (Ctrl-C included) remove what this deploy created, then raise one line."""
+    def _undone_on_failure(self, created: "_Created", plan: "Plan", reporter: Reporter) -> Iterator[None]:
+        """On any failure (Ctrl-C included) remove what this deploy created, then raise one line.
+
+        Except when our deadline passed while a Vertex AI operation still runs: Vertex refuses to
+        delete what an operation is changing (and the artifacts are what it is copying), so
+        everything is left as it is and the error says how to follow it and remove it later.
+        """
         try:
             yield
+        except _StillRunning as exc:
+            exc.fix = self._still_running_advice(plan, created)
+            exc.args = (exc.line(),)
+            raise
         except BaseException as exc:
             self._clean_up(created, reporter)
-            raise _with_leftovers(_deploy_error(exc, name), created) from None
+            raise _with_leftovers(_deploy_error(exc, plan.spec.name), created) from None
+
+    def _still_running_advice(self, plan: "Plan", created: "_Created") -> str:
+        name = plan.spec.name
+        where = f" --provider vertex --region {self.region} --project {self.project}"
+        if created.update:
+            return (
+                "nothing was removed and the old version keeps all the traffic; once the operation has ended, "
+                f"deploy again to move the traffic to the new version (`cloudllm status {name}{where}` shows the endpoint), "
+                "or give the deploy a longer --timeout"
+            )
+        return (
+            f"nothing was removed; `cloudllm status {name}{where}` shows when it serves, and once the operation has ended "
+            f"`cloudllm delete {name}{where} --purge-artifacts` removes it all; or give the deploy a longer --timeout"
+        )
 
     def _upload(self, plan: "Plan", reporter: Reporter, created: "_Created") -> str:
         from cloudllm.storage.gcs import GcsArtifacts, GcsUri
@@ -400,7 +527,7 @@ class VertexProvider(Provider):
         except exceptions.Conflict:  # 409 ALREADY_EXISTS: our id, so our earlier attempt is deploying it
             if not plan.wait:
                 return ""
-            self._wait_listed(endpoint, deployed.id, what, _deploy_deadline(plan), reporter, fix)
+            self._wait_listed(endpoint, deployed.id, what, _deploy_deadline(plan), reporter)
         else:
             if not plan.wait:
                 return ""
@@ -432,7 +559,8 @@ class VertexProvider(Provider):
         from cloudllm.quantize import plan_quantize_env
 
         machine = _machine(plan, self.default_instance)
-        gpus = machine.gpu_count  # every GPU of the machine: Vertex bills them all, and more KV cache means more throughput
+        # Every GPU the attention heads split over: Vertex bills them all, and more KV cache means more throughput.
+        gpus = plan.shard_count(machine.gpu_count) if machine.gpu_count else 0
         settings = plan.settings
         image = plan.spec.image or image_for(plan.runtime, gpu=bool(machine.gpu_count)).uri
         env: dict[str, str] = {"HF_HUB_OFFLINE": "1"}
@@ -449,7 +577,6 @@ class VertexProvider(Provider):
                 env["TRUST_REMOTE_CODE"] = "true"
             shm = 16 * 1024 if gpus > 1 else 0
         elif plan.runtime == "vllm":
-            env["MODEL_ID"] = artifact_uri
             args = [
                 "python", "-m", "vllm.entrypoints.api_server", "--host=0.0.0.0", f"--port={SERVING_PORT}",
                 f"--model={artifact_uri}", f"--tensor-parallel-size={gpus}", f"--max-model-len={settings.max_total_tokens}",
@@ -516,10 +643,7 @@ class VertexProvider(Provider):
             while not op.done(retry=_retry()):
                 elapsed = time.monotonic() - start
                 if elapsed > deadline_s:
-                    raise DeployFailed(
-                        f"{what} did not finish within {deadline_s:.0f}s (operation {op.operation.name})",
-                        "raise --timeout; the operation goes on in Vertex AI, see it with `cloudllm status NAME`",
-                    )
+                    raise _StillRunning(f"{what} did not finish within {deadline_s:.0f}s (operation {op.operation.name}); it goes on in Vertex AI")
                 update("running")
                 time.sleep(min(delay, max(0.0, deadline_s - elapsed)))
                 # Never sleep much past the operation's end: at most a tenth of the time waited so far
@@ -530,7 +654,7 @@ class VertexProvider(Provider):
         except exceptions.GoogleAPICallError as exc:
             if fix is None:
                 raise
-            message = str(exc.message or exc).splitlines()[0][:500]
+            message = _message(exc, 500)
             raise DeployFailed(f"{what} failed: {message}", fix) from None
 
     def _run_token(self) -> str:
@@ -555,7 +679,7 @@ class VertexProvider(Provider):
         found = [e.name for e in self.clients().endpoints.list_endpoints(request=request) if e.labels.get(RUN_LABEL) == token]
         return found[0] if found else None
 
-    def _wait_listed(self, endpoint: str, deployed_id: str, what: str, deadline_s: float, reporter: Reporter, fix: str) -> None:
+    def _wait_listed(self, endpoint: str, deployed_id: str, what: str, deadline_s: float, reporter: Reporter) -> None:
         """Wait for a deployment whose operation we lost (its DeployModel answer was dropped): poll the endpoint."""
         start = time.monotonic()
         delay = 0.5
@@ -563,7 +687,7 @@ class VertexProvider(Provider):
             while deployed_id not in {d.id for d in self.clients().endpoints.get_endpoint(name=endpoint).deployed_models}:
                 elapsed = time.monotonic() - start
                 if elapsed > deadline_s:
-                    raise DeployFailed(f"{what} did not finish within {deadline_s:.0f}s (deployed model {deployed_id})", fix)
+                    raise _StillRunning(f"{what} did not finish within {deadline_s:.0f}s (deployed model {deployed_id}); it may go on in Vertex AI")
                 update(f"{elapsed:.0f}s")
                 time.sleep(delay)
                 delay = min(delay * 1.6, 15.0)
@@ -578,12 +702,12 @@ class VertexProvider(Provider):
         try:
             yield
         except (exceptions.PermissionDenied, exceptions.Unauthenticated, exceptions.Forbidden) as exc:
-            message = str(exc.message or exc).splitlines()[0][:300]
+            message = _message(exc, 300)
             raise UserError(f"Vertex AI denied access to {what}: {message}", "check --project and that your account has roles/aiplatform.user") from None
         except (exceptions.GoogleAPICallError, exceptions.RetryError) as exc:
             if isinstance(getattr(exc, "cause", None), requests.exceptions.ConnectionError):
                 raise self._unreachable(what) from None  # retried until the budget ran out
-            message = str(getattr(exc, "message", None) or exc).splitlines()[0][:300]
+            message = _message(exc, 300)
             raise DeployFailed(f"Vertex AI could not {what}: {message}", "run the same command again, or see the Vertex AI console") from None
         except requests.exceptions.ConnectionError:  # the REST transport's connection failures are not api_core errors
             raise self._unreachable(what) from None
@@ -616,11 +740,12 @@ class VertexProvider(Provider):
             "region": self.region,
             "traffic_split": dict(endpoint.traffic_split),
             "deployed_models": [d.id for d in endpoint.deployed_models],
+            "labels": {k: v for k, v in endpoint.labels.items() if k != LOCK_LABEL},  # the spec's tags among them
         }
         if main is None:
             return Endpoint(
                 name=name, provider=self.name, state="Failed", url=_predict_url(self.api_base, endpoint.name),
-                failure_reason="no model is deployed on the endpoint", details=details,
+                failure_reason="no model is deployed on the endpoint (yet, if a deploy is still running)", details=details,
             )  # fmt: skip
         model = self.clients().models.get_model(name=f"{main.model}@{main.model_version_id}")
         res = main.dedicated_resources
@@ -740,6 +865,8 @@ class VertexProvider(Provider):
         c = self.clients()
         left = []
         steps = []
+        if created.deployed and not created.endpoint:
+            steps.append((f"deployed model {created.deployed} (traffic back to the old version)", lambda: self._roll_back(created)))
         if created.endpoint:
             steps.append(("endpoint " + created.endpoint, lambda: self._delete_endpoint_hard(created.endpoint, reporter)))
         quiet = Reporter()
@@ -758,6 +885,19 @@ class VertexProvider(Provider):
             except Exception as exc:  # keep cleaning; report what is left
                 left.append(f"{what} ({str(exc).splitlines()[0][:120]})")
         created.left = left
+
+    def _roll_back(self, created: "_Created") -> None:
+        """The traffic as it was before the update, and the update's deployed model undeployed (one call)."""
+        endpoint = self.clients().endpoints.get_endpoint(name=created.on_endpoint)
+        if created.deployed not in {d.id for d in endpoint.deployed_models}:
+            return
+        others = [d.id for d in endpoint.deployed_models if d.id != created.deployed]
+        split = {k: v for k, v in (created.traffic_before or {}).items() if k in others and v}
+        if others and sum(split.values()) != 100:
+            split = _give_all_to_first({k: 0 for k in (split or others)})
+        self._wait_unless_gone(
+            self.clients().endpoints.undeploy_model, Reporter(), endpoint=endpoint.name, deployed_model_id=created.deployed, traffic_split=split
+        )
 
     def _delete_endpoint_hard(self, endpoint: str, reporter: Reporter) -> None:
         c = self.clients()
@@ -792,15 +932,10 @@ class VertexProvider(Provider):
 
     def invoke(self, name: str, body: dict) -> Any:
         from google.api_core import exceptions
-        from google.protobuf import json_format, struct_pb2
+        from google.protobuf import json_format
 
         endpoint = self._serving_endpoint(name)
-        runtime = endpoint.runtime or "handler"
-        request = vertex_request(body, runtime)
-        instances = [json_format.ParseDict(i, struct_pb2.Value()) for i in request["instances"]]
-        kwargs = {"endpoint": endpoint.details["endpoint"], "instances": instances}
-        if "parameters" in request:
-            kwargs["parameters"] = json_format.ParseDict(request["parameters"], struct_pb2.Value())
+        kwargs = _predict_kwargs(endpoint.details["endpoint"], vertex_request(body, endpoint.runtime or "handler"))
         try:
             response = self.clients().predictions.predict(**kwargs, retry=_retry(refused_only=True))
         except exceptions.GoogleAPICallError as exc:
@@ -809,15 +944,24 @@ class VertexProvider(Provider):
         return {"predictions": result.get("predictions", []), "deployed_model_id": response.deployed_model_id}
 
     def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
-        """streamRawPredict with our own HTTP client: the SDK's raw_predict hard-codes Google's host."""
+        """streamRawPredict with our own HTTP client (the SDK's raw_predict hard-codes Google's host), in the body each engine takes."""
         import httpx
 
-        from cloudllm.http import stream_tokens
-
         endpoint = self._serving_endpoint(name)
+        runtime = endpoint.runtime or "handler"
+        if runtime == "tgi":
+            raise UserError(
+                f"endpoint {name} runs TGI, whose Vertex AI route answers whole predictions only and cannot stream",
+                "invoke without --stream, or deploy with --runtime vllm or --runtime handler to stream",
+            )
         url = f"{self.api_base}/v1/{endpoint.details['endpoint']}:streamRawPredict"
         try:
-            yield from stream_tokens(name, url, {**body, "stream": True}, headers=self._auth_headers())
+            if runtime == "vllm":
+                yield from _vllm_stream(name, url, vllm_stream_request(body), self._auth_headers())
+            else:
+                from cloudllm.http import stream_tokens
+
+                yield from stream_tokens(name, url, {**body, "stream": True}, headers=self._auth_headers())
         except httpx.TransportError as exc:
             raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
 
@@ -882,7 +1026,15 @@ class _Created:
     model: str | None = None
     version: str | None = None  # set when the model existed and only this version is ours
     endpoint: str | None = None
+    deployed: str | None = None  # an update's new deployed model, its endpoint, and the traffic split before it
+    on_endpoint: str | None = None
+    traffic_before: dict[str, int] | None = None
+    update: bool = False
     left: list[str] | None = None
+
+
+class _StillRunning(DeployFailed):
+    """Our deadline passed while a Vertex AI operation still runs (it cannot be cancelled or cleaned up now)."""
 
 
 def _lock_time(label: str) -> float:
@@ -1072,8 +1224,10 @@ def _label_value(name: str) -> str:
 def vertex_request(body: dict, runtime: str) -> dict:
     """The predict body for a runtime from our TGI-form body; a body with "instances" goes as is.
 
-    handler: {"instances": [prompt], "parameters": {...}}; tgi (its Vertex route):
-    {"instances": [{"inputs", "parameters"}]}; vllm (Model Garden): {"instances": [{"prompt", "max_tokens", ...}]}.
+    handler: {"instances": [prompt], "parameters": {...}}; tgi (its Vertex route, which reads
+    only max_new_tokens and seed, and samples): {"instances": [{"inputs", "parameters"}]}; vllm
+    (the Model Garden server): {"instances": [{"prompt", "max_tokens", ..., "raw_response": true}]}:
+    without raw_response it answers "Prompt:\n<prompt>\nOutput:\n<text>".
     """
     if "instances" in body:
         return {k: v for k, v in body.items() if k in ("instances", "parameters")}
@@ -1083,13 +1237,128 @@ def vertex_request(body: dict, runtime: str) -> dict:
     if runtime == "tgi":
         return {"instances": [{"inputs": p, **({"parameters": parameters} if parameters else {})} for p in prompts]}
     if runtime == "vllm":
-        if "max_new_tokens" in parameters:
-            parameters["max_tokens"] = parameters.pop("max_new_tokens")
-        return {"instances": [{"prompt": p, **parameters} for p in prompts]}
+        sampling = _vllm_parameters(parameters)
+        return {"instances": [{"prompt": p, **sampling, "raw_response": True} for p in prompts]}
     request: dict[str, Any] = {"instances": prompts}
     if parameters:
         request["parameters"] = parameters
     return request
+
+
+def vllm_stream_request(body: dict) -> dict:
+    """The Model Garden vLLM server's streaming body: one instance with "stream": true (it streams one prompt at a time)."""
+    request = vertex_request(body, "vllm")
+    instances = request.get("instances")
+    if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
+        raise UserError("the vllm runtime streams one prompt at a time", "send one prompt, or invoke without --stream")
+    return {"instances": [{**instances[0], "stream": True}]}
+
+
+def _vllm_parameters(parameters: dict) -> dict:
+    """TGI-form generation parameters as vLLM sampling parameters: greedy unless asked to sample, as TGI and the handler."""
+    params = {k: v for k, v in parameters.items() if v is not None}  # null means "not set", as the handler reads it
+    sampling = params.pop("do_sample", None)
+    unknown = sorted(set(params) - set(VLLM_PARAMETERS))
+    if unknown:
+        raise UserError(
+            f"the vllm runtime takes no parameter {unknown[0]!r}", f"use {', '.join(sorted({*VLLM_PARAMETERS, 'do_sample'}))}"
+        )
+    if sampling is None:
+        sampling = params.get("temperature", 1.0) != 1.0 or params.get("top_p", 1.0) < 1.0 or params.get("top_k", 0) > 0
+    out = {VLLM_PARAMETERS[k]: v for k, v in params.items()}
+    if not sampling:
+        out["temperature"] = 0.0  # vLLM samples at temperature 1.0 unless told otherwise
+        out.pop("top_p", None)
+        out.pop("top_k", None)
+    return out
+
+
+def _vllm_stream(name: str, url: str, body: dict, headers: dict) -> Iterator[str]:
+    """The Model Garden vLLM server's stream: JSON objects {"predictions": [text since the last one]}, each ended by NUL."""
+    import json
+
+    import httpx
+
+    from cloudllm.http import TIMEOUT, endpoint_error
+
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=TIMEOUT) as response:
+        if response.status_code >= 400:
+            response.read()
+            raise endpoint_error(name, response.status_code, response.text)
+        buffer = b""
+        for chunk in response.iter_bytes():
+            buffer += chunk
+            *frames, buffer = buffer.split(b"\0")
+            for frame in frames:
+                if frame.strip():
+                    yield from _vllm_pieces(name, json.loads(frame))
+        if buffer.strip():
+            yield from _vllm_pieces(name, json.loads(buffer))
+
+
+def _vllm_pieces(name: str, frame: Any) -> Iterator[str]:
+    pieces = frame.get("predictions") if isinstance(frame, dict) else None
+    if not isinstance(pieces, list):
+        raise DeployFailed(f"endpoint {name} streamed something that is not vLLM's: {str(frame)[:200]}", f"check its logs: cloudllm logs {name}")
+    for piece in pieces[:1]:  # one prompt, one sequence
+        if isinstance(piece, str) and piece:
+            yield piece
+
+
+def _predict_kwargs(endpoint: str, request: dict) -> dict[str, Any]:
+    """PredictionService.predict's arguments for a {"instances", "parameters"} body."""
+    from google.protobuf import json_format, struct_pb2
+
+    kwargs: dict[str, Any] = {"endpoint": endpoint, "instances": [json_format.ParseDict(i, struct_pb2.Value()) for i in request["instances"]]}
+    if "parameters" in request:
+        kwargs["parameters"] = json_format.ParseDict(request["parameters"], struct_pb2.Value())
+    return kwargs
+
+
+def _sample_body(plan: "Plan") -> dict:
+    """A small request for a canary check: one generated token for generation tasks, one short text otherwise."""
+    task = plan.model.task or ""
+    if task in ("text-generation", "text2text-generation", "summarization") or task.startswith("translation"):
+        return {"inputs": "Hello", "parameters": {"max_new_tokens": 1}}
+    return {"inputs": "Hello"}
+
+
+def _rollout_line(plan: "Plan") -> str:
+    if plan.spec.rollout.startswith("canary"):
+        return f"{plan.spec.rollout}, baking {_rollout_wait(plan)}s before the rest moves"
+    return plan.spec.rollout
+
+
+def _rollout_wait(plan: "Plan") -> int:
+    """--option rollout_wait: seconds a canary bakes before the rest of the traffic moves."""
+    value = plan.spec.options.get("rollout_wait")
+    if value is None:
+        return DEFAULT_ROLLOUT_WAIT
+    if not str(value).isdigit() or int(value) > MAX_ROLLOUT_WAIT:
+        raise UserError(
+            f"--option rollout_wait={value} is not a number of seconds in 0..{MAX_ROLLOUT_WAIT}", "pass e.g. --option rollout_wait=300"
+        )
+    return int(value)
+
+
+def _check_quantized_image(plan: "Plan") -> None:
+    """The stock handler image cannot load int8/int4 weights; an --image that can is the user's to name."""
+    from cloudllm.quantize import OFFLINE_METHODS
+
+    method = plan.spec.quantize if plan.spec.quantize in OFFLINE_METHODS else plan.model.quantization
+    if plan.runtime != "handler" or method not in OFFLINE_METHODS or plan.spec.image:
+        return
+    raise UserError(
+        f"the Vertex AI handler image cannot load {method} weights: it starts the server without installing "
+        "code/requirements.txt, and lacks optimum-quanto (its torch is older than optimum-quanto needs)",
+        "pass --image with an image that carries optimum-quanto (e.g. one built from containers/Dockerfile), or deploy without --quantize",
+    )
+
+
+def _message(exc: BaseException, limit: int) -> str:
+    """An API error's first line, without the "POST http://...: " the REST transport puts before it."""
+    text = str(getattr(exc, "message", None) or exc).splitlines()[0]
+    return re.sub(r"^(GET|POST|PATCH|PUT|DELETE) \S+: ", "", text)[:limit]
 
 
 def _with_leftovers(exc: BaseException, created: _Created) -> BaseException:
@@ -1103,7 +1372,7 @@ def _with_leftovers(exc: BaseException, created: _Created) -> BaseException:
 def _invoke_error(name: str, exc) -> UserError:
     from google.api_core import exceptions
 
-    message = str(getattr(exc, "message", exc)).splitlines()[0][:300]
+    message = _message(exc, 300)
     if isinstance(exc, (exceptions.InvalidArgument, exceptions.BadRequest, exceptions.NotFound)):
         return UserError(f"endpoint {name} rejected the request: {message}", "fix the request body or parameters")
     return DeployFailed(f"endpoint {name} failed: {message}", "see the endpoint's logs in Cloud Logging")
@@ -1115,7 +1384,7 @@ def _deploy_error(exc: BaseException, name: str, after: str | None = None) -> Ba
 
     if isinstance(exc, UserError) or not isinstance(exc, (exceptions.GoogleAPICallError, exceptions.RetryError)):
         return exc
-    message = str(getattr(exc, "message", None) or exc).splitlines()[0][:500]
+    message = _message(exc, 500)
     prefix = f"{after}: " if after else ""
     if isinstance(exc, (exceptions.InvalidArgument, exceptions.BadRequest, exceptions.FailedPrecondition)):
         return DeployFailed(f"{prefix}Vertex AI refused the deploy of {name}: {message}", "fix the setting it names and deploy again")

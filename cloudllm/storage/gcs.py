@@ -113,23 +113,32 @@ class GcsArtifacts:
 
     # --- checks ---------------------------------------------------------------------------
     def check_bucket(self, uri: GcsUri) -> None:
-        """UserError unless the bucket exists and we may read it."""
+        """UserError unless the bucket exists and we may list its objects.
+
+        A one-object listing (storage.objects.list, which roles/storage.objectAdmin grants), not
+        a bucket lookup: buckets.get needs storage.buckets.get, which objectAdmin lacks.
+        """
         from google.api_core import exceptions
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         try:
             with self._reachable(f"look up bucket gs://{uri.bucket}"):
-                found = self.client.lookup_bucket(uri.bucket, retry=DEFAULT_RETRY.with_timeout(retry_seconds()))
+                blobs = self.client.list_blobs(
+                    uri.bucket, prefix=uri.object_name("") or None, max_results=1, retry=DEFAULT_RETRY.with_timeout(retry_seconds())
+                )
+                list(blobs)
         except exceptions.Forbidden:
             raise UserError(
-                f"no access to bucket gs://{uri.bucket}",
-                "grant your account roles/storage.objectAdmin on it, or pick another --bucket",
+                f"no access to the objects of bucket gs://{uri.bucket}",
+                f"grant your account roles/storage.objectAdmin on it "
+                f"(gcloud storage buckets add-iam-policy-binding gs://{uri.bucket} --member=YOU --role=roles/storage.objectAdmin), "
+                "or pick another --bucket",
             ) from None
-        if found is None:
+        except exceptions.NotFound:
             raise UserError(
                 f"bucket gs://{uri.bucket} does not exist",
                 f"create it (gcloud storage buckets create gs://{uri.bucket} --location REGION) or pick another --bucket",
-            )
+            ) from None
 
     # --- upload -------------------------------------------------------------------------
     def upload(
@@ -171,13 +180,16 @@ class GcsArtifacts:
             _verify(manifest, crc32c_b64(bundle.manifest_bytes), MANIFEST_NAME)
         except exceptions.Forbidden as exc:
             raise UserError(
-                f"no permission to write to {dest}: {exc.message}",
+                f"no permission to write to {dest}: {_message(exc)}",
                 "grant your account roles/storage.objectAdmin on the bucket, or pick another --bucket",
             ) from None
         except exceptions.NotFound as exc:
-            raise UserError(f"cannot write to {dest}: {exc.message}", "check that the bucket exists (--bucket)") from None
+            raise UserError(f"cannot write to {dest}: {_message(exc)}", "check that the bucket exists (--bucket)") from None
         except exceptions.GoogleAPICallError as exc:
-            raise DeployFailed(f"uploading to {dest} failed: {exc.message}", "run the same deploy again to resume") from None
+            message = _message(exc)
+            if "CRC32C" in message or "MD5" in message:  # the server received other bytes than we sent
+                raise DeployFailed(f"an upload to {dest} arrived corrupted: {message}", "run the same deploy again; it uploads the file anew") from None
+            raise DeployFailed(f"uploading to {dest} failed: {message}", "run the same deploy again to resume") from None
         except DataCorruption as exc:
             raise DeployFailed(f"an upload to {dest} arrived corrupted: {exc}".splitlines()[0], "run the same deploy again") from None
         return result
@@ -276,6 +288,16 @@ class GcsArtifacts:
                 except exceptions.NotFound:
                     pass
         return len(blobs)
+
+
+def _message(exc) -> str:
+    """The error GCS gave, from the JSON body the client library puts in its message ("POST url: {json}: (...)")."""
+    import json
+    import re
+
+    text = str(exc.message or exc)
+    found = re.search(r'"message":\s*("(?:[^"\\]|\\.)*")', text)
+    return json.loads(found.group(1)) if found else text.splitlines()[0][:300]
 
 
 def _same(blob, f: "BundleFile") -> bool:

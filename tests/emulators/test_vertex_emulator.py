@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from google.protobuf import json_format, struct_pb2
 
 from cloudllm import api
 from cloudllm.catalog.vertex_images import IMAGES
@@ -211,3 +212,88 @@ def test_emulate_vertex_prints_the_environment_and_stops_on_ctrl_c(tmp_path: Pat
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def _engine_model(v1, artifact: str, runtime: str):
+    routes = {"tgi": ("/predict", "/health"), "vllm": ("/generate", "/ping")}[runtime]
+    return v1.Model(
+        display_name=f"engine-{runtime}",
+        artifact_uri=artifact,
+        container_spec=v1.ModelContainerSpec(
+            image_uri=IMAGES[runtime].uri, ports=[v1.Port(container_port=8080)], predict_route=routes[0], health_route=routes[1]
+        ),
+    )
+
+
+def _deploy_engine(clients, v1, artifact: str, runtime: str):
+    model = clients["models"].upload_model(parent=clients["parent"], model=_engine_model(v1, artifact, runtime)).result(timeout=30)
+    endpoint = clients["endpoints"].create_endpoint(parent=clients["parent"], endpoint=v1.Endpoint(display_name=f"engine-{runtime}")).result(timeout=30)
+    resources = _resources(v1, machine="g2-standard-8", accel="NVIDIA_L4", count=1)
+    deployed = clients["endpoints"].deploy_model(
+        endpoint=endpoint.name, deployed_model=v1.DeployedModel(model=model.model, dedicated_resources=resources), traffic_split={"0": 100}
+    ).result(timeout=300).deployed_model
+    return model, endpoint, deployed
+
+
+def _undeploy_engine(clients, model, endpoint, deployed) -> None:
+    clients["endpoints"].undeploy_model(endpoint=endpoint.name, deployed_model_id=deployed.id).result(timeout=60)
+    clients["endpoints"].delete_endpoint(name=endpoint.name).result(timeout=30)
+    clients["models"].delete_model(name=model.model).result(timeout=30)
+
+
+def test_a_tgi_image_answers_as_tgi_vertex_route_and_refuses_what_it_refuses(vertex_emulator, clients, v1, artifact: str) -> None:
+    """TGI's Vertex route (router/src/vertex.rs): {"instances": [{"inputs", "parameters"}]} only, whole predictions only."""
+    model, endpoint, deployed = _deploy_engine(clients, v1, artifact, "tgi")
+    url = f"{vertex_emulator.url}/v1/{endpoint.name}"
+    body = {"instances": [{"inputs": "Once upon a time", "parameters": {"max_new_tokens": 3}}]}
+    raw = httpx.post(f"{url}:rawPredict", json=body)
+    assert raw.status_code == 200 and [type(p) for p in raw.json()["predictions"]] == [str]
+    streamed = httpx.post(f"{url}:streamRawPredict", json=body)  # TGI's route never streams: one JSON answer
+    assert streamed.status_code == 200 and len(streamed.json()["predictions"]) == 1
+    for bad, says in [
+        ({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 3}, "stream": True}, "missing field `instances`"),
+        ({"instances": "Once upon a time"}, "invalid type"),
+        ({"instances": [{"prompt": "Once upon a time"}]}, "did not match any variant of untagged enum VertexInstance"),
+        ({"instances": []}, "Input validation error"),
+    ]:
+        refused = httpx.post(f"{url}:streamRawPredict", json=bad)
+        assert refused.status_code == 400 and "answered 422" in refused.json()["error"]["message"] and says in refused.json()["error"]["message"], bad
+    _undeploy_engine(clients, model, endpoint, deployed)
+
+
+def test_a_vllm_image_answers_as_the_model_garden_server_and_streams_nul_separated_json(vertex_emulator, clients, v1, artifact: str) -> None:
+    """The Model Garden vLLM server's /generate: prompt + SamplingParams per instance, raw_response, NUL-separated stream frames."""
+    model, endpoint, deployed = _deploy_engine(clients, v1, artifact, "vllm")
+    url = f"{vertex_emulator.url}/v1/{endpoint.name}"
+    instance = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    raw = httpx.post(f"{url}:rawPredict", json={"instances": [{**instance, "raw_response": True}]}).json()
+    (text,) = raw["predictions"]
+    assert text and 1 <= raw["output_token_counts"][0] <= 4
+    formatted = httpx.post(f"{url}:rawPredict", json={"instances": [instance]}).json()["predictions"][0]
+    assert formatted == f"Prompt:\nOnce upon a time\nOutput:\n{text.strip(chr(10))}"  # without raw_response the prompt is echoed
+
+    with httpx.stream("POST", f"{url}:streamRawPredict", json={"instances": [{**instance, "stream": True, "raw_response": True}]}) as stream:
+        assert stream.status_code == 200
+        frames = [json.loads(f) for f in stream.read().split(b"\0") if f.strip()]
+    assert len(frames) > 1 and "".join(f["predictions"][0] for f in frames) == text
+
+    predicted = clients["predictions"].predict(
+        endpoint=endpoint.name, instances=[json_format.ParseDict({**instance, "raw_response": True}, struct_pb2.Value())]
+    )
+    assert list(predicted.predictions) == [text]
+    for bad, status in [
+        ({"inputs": "Once upon a time", "stream": True}, 500),  # KeyError: 'prompt'
+        ({"instances": [{**instance, "max_new_tokens": 4}]}, 500),  # TypeError: SamplingParams got an unexpected keyword
+        ({"instances": [{**instance, "stream": True}, instance]}, 400),  # stream=True can only be used with a single prompt
+    ]:
+        refused = httpx.post(f"{url}:streamRawPredict", json=bad)
+        assert refused.status_code == status and f"answered {status}" in refused.json()["error"]["message"], bad
+    _undeploy_engine(clients, model, endpoint, deployed)
+
+
+def test_unknown_fields_are_refused_as_vertex_refuses_them(vertex_emulator, clients) -> None:
+    parent = clients["parent"]
+    refused = httpx.post(f"{vertex_emulator.url}/v1/{parent}/endpoints", json={"displayName": "strict", "trafficSplitt": {}})
+    assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("Invalid JSON payload received.")
+    assert "trafficSplitt" in refused.json()["error"]["message"]
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "strict"]

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloudllm import api
@@ -15,6 +18,7 @@ from cloudllm.catalog.vertex_images import IMAGES
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.vertex import decode_digest, deployment_timeout
+from cloudllm.spec import spec_from_kwargs
 from tests.conftest import assert_one_line_error, run_cli
 
 DUTY_CYCLE = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
@@ -48,6 +52,15 @@ def _deployed(clients, result):
     deployed = endpoint.deployed_models[0]
     model = models.get_model(name=f"{deployed.model}@{deployed.model_version_id}")
     return endpoint, deployed, model
+
+
+def _eventually(check, *, tries: int = 1200) -> None:
+    """Poll until check() is true (a condition, not a duration: tries is only a bound)."""
+    for _ in range(tries):
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition never became true")
 
 
 def _deploy(tiny_gpt2: Path, emulator, name: str, reporter: Reporter | None = None, **kwargs):
@@ -134,6 +147,58 @@ def test_vllm_deploy_with_an_accelerator_override_and_delete_to_nothing(vertex_e
         api.delete("vllm-demo", provider="vertex")
 
 
+def test_engines_shard_over_the_gpus_the_attention_heads_split_over(vertex_emulator, clients, tiny_gpt2: Path, no_engine_servers) -> None:
+    """tiny-gpt2 has 4 attention heads: on 8 GPUs TGI and vLLM shard 4 ways (8 would not start)."""
+    tgi = _deploy(tiny_gpt2, vertex_emulator, "shard-tgi", runtime="tgi", instance="g2-standard-96")
+    env = {e.name: e.value for e in _deployed(clients, tgi)[2].container_spec.env}
+    assert env["NUM_SHARD"] == "4" and tgi.plan.shard_count(8) == 4
+    assert _deployed(clients, tgi)[1].dedicated_resources.machine_spec.accelerator_count == 8  # the machine keeps its 8 GPUs
+
+    vllm = _deploy(tiny_gpt2, vertex_emulator, "shard-vllm", runtime="vllm", instance="a2-highgpu-8g")
+    spec = _deployed(clients, vllm)[2].container_spec
+    assert "--tensor-parallel-size=4" in spec.args
+    assert "MODEL_ID" not in {e.name for e in spec.env}  # the vLLM server reads --model, nothing reads MODEL_ID
+    for name in ("shard-tgi", "shard-vllm"):
+        api.delete(name, provider="vertex", purge_artifacts=True)
+
+
+def test_tgi_serves_predict_and_refuses_stream(vertex_emulator, tiny_gpt2: Path) -> None:
+    """The emulator stands in for TGI with the generated server behind TGI's Vertex route."""
+    result = _deploy(tiny_gpt2, vertex_emulator, "tgi-serving", runtime="tgi", instance="g2-standard-8")
+    assert vertex_emulator.state.replicas[result.endpoint.details["deployed_model_id"]].dialect == "tgi"
+    answer = api.invoke("tgi-serving", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")
+    assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
+
+    # TGI's Vertex route answers {"instances": [...]} with whole predictions only: --stream is refused, in one line
+    streamed = run_cli("invoke", "tgi-serving", "Once upon a time", "--provider", "vertex", "--stream")
+    assert_one_line_error(streamed, code=2, contains="runs TGI, whose Vertex AI route answers whole predictions only")
+    # ... as the route itself refuses the TGI-form body cloudllm sent before
+    url = f"{vertex_emulator.url}/v1/{result.endpoint.details['endpoint']}:streamRawPredict"
+    refused = httpx.post(url, json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 4}, "stream": True})
+    assert refused.status_code == 400 and "missing field `instances`" in refused.json()["error"]["message"]
+    api.delete("tgi-serving", provider="vertex", purge_artifacts=True)
+
+
+def test_vllm_answers_without_the_prompt_and_streams_the_same_text(vertex_emulator, tiny_gpt2: Path) -> None:
+    result = _deploy(tiny_gpt2, vertex_emulator, "vllm-serving", runtime="vllm", instance="g2-standard-8")
+    assert vertex_emulator.state.replicas[result.endpoint.details["deployed_model_id"]].dialect == "vllm"
+    text = run_cli("invoke", "vllm-serving", "Once upon a time", "--max-new-tokens", "6", "--provider", "vertex")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.strip() and "Prompt:" not in text.stdout  # raw_response: the generated text alone
+
+    streamed = run_cli("invoke", "vllm-serving", "Once upon a time", "--max-new-tokens", "6", "--provider", "vertex", "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == text.stdout  # greedy (temperature 0): the stream adds up to the same text
+
+    bad = run_cli("invoke", "vllm-serving", "Once upon a time", "--param", "watermark=true", "--provider", "vertex")
+    assert_one_line_error(bad, code=2, contains="the vllm runtime takes no parameter 'watermark'")
+    # the body cloudllm used to stream, refused by the vLLM server (KeyError: 'prompt')
+    url = f"{vertex_emulator.url}/v1/{result.endpoint.details['endpoint']}:streamRawPredict"
+    refused = httpx.post(url, json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 4}, "stream": True})
+    assert refused.status_code == 500
+    api.delete("vllm-serving", provider="vertex", purge_artifacts=True)
+
+
 @pytest.fixture(scope="module")
 def handler_demo(vertex_emulator, tiny_gpt2: Path, tmp_path_factory):
     """One handler deploy (in the HF inference image, emulated) shared by the invoke and update tests."""
@@ -166,20 +231,26 @@ def test_invoke_and_stream_through_the_cli(vertex_emulator, handler_demo) -> Non
 def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(vertex_emulator, clients, handler_demo, tiny_gpt2) -> None:
     endpoints, models = clients
     before = handler_demo.endpoint.details
+    old_id = before["deployed_model_id"]
     reporter = Recorder()
+    logged = len(vertex_emulator.traffic_log)
     result = _deploy(
         tiny_gpt2, vertex_emulator, "handler-demo", reporter, runtime="handler", instance="n1-standard-4",
-        rollout="canary:25", serving={"max_new_tokens": 64},
+        rollout="canary:25", serving={"max_new_tokens": 64}, options={"rollout_wait": 0},
     )  # fmt: skip
     assert result.action == "update" and "code or serving settings changed" in result.reasons
 
     endpoint = endpoints.get_endpoint(name=before["endpoint"])
     assert len(endpoint.deployed_models) == 1
     new = endpoint.deployed_models[0]
-    assert new.id != before["deployed_model_id"]
+    assert new.id != old_id
     assert new.model == before["model"] and new.model_version_id == "2"
     assert dict(endpoint.traffic_split) == {new.id: 100}
+    # the new version came up without traffic, took 25% while the old one kept 75%, then all of it
+    splits = [split for name, split in vertex_emulator.traffic_log[logged:] if name == before["endpoint"]]
+    assert splits[:3] == [{new.id: 0, old_id: 100}, {new.id: 25, old_id: 75}, {new.id: 100}], splits
     assert any("canary: 25%" in s for s in reporter.steps)
+    assert any("canary: the new version answered" in s for s in reporter.steps)
     assert any(f"undeployed {before['deployed_model_id']}" in s for s in reporter.steps)
     # only changed code went up (settings.json, and any runtime file edited since); the model files were copied inside GCS
     upload = next(s for s in reporter.steps if s.startswith("uploaded "))
@@ -192,6 +263,136 @@ def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(verte
     unchanged = _deploy(tiny_gpt2, vertex_emulator, "handler-demo", runtime="handler", instance="n1-standard-4",
                         rollout="canary:25", serving={"max_new_tokens": 64})  # fmt: skip
     assert unchanged.action == "unchanged"
+
+
+def test_a_failed_update_leaves_the_old_version_serving(vertex_emulator, clients, handler_demo, tiny_gpt2, tmp_path: Path) -> None:
+    endpoints, models = clients
+    name = handler_demo.endpoint.details["endpoint"]
+    serving = endpoints.get_endpoint(name=name)
+    (old,) = serving.deployed_models
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_gpt2, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    reporter = Recorder()
+    with pytest.raises(DeployFailed, match="Model server reports it cannot serve"):
+        _deploy(broken, vertex_emulator, "handler-demo", reporter, runtime="handler", instance="n1-standard-4", serving={"max_new_tokens": 64})
+    after = endpoints.get_endpoint(name=name)
+    assert [d.id for d in after.deployed_models] == [old.id] and dict(after.traffic_split) == {old.id: 100}
+    assert [v.version_id for v in models.list_model_versions(name=old.model)] == ["1", old.model_version_id]  # the new one is gone
+    assert [s.split()[2] for s in reporter.steps if s.startswith("cleaned up ")] == ["model", "artifacts"]
+    answer = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")
+    assert answer["deployed_model_id"] == old.id
+
+
+def test_a_failing_canary_moves_the_traffic_back_and_removes_the_new_version(vertex_emulator, clients, tiny_gpt2: Path) -> None:
+    endpoints, models = clients
+    first = _deploy(tiny_gpt2, vertex_emulator, "canary-fail", runtime="handler", instance="n1-standard-4")
+    old_id, endpoint_name = first.endpoint.details["deployed_model_id"], first.endpoint.details["endpoint"]
+    # version 2 passes its health check, then its server dies: it fails the requests the canary sends it
+    vertex_emulator.crash_when_ready = lambda deployed: deployed.display_name == "canary-fail" and deployed.model_version_id == "2"
+    logged = len(vertex_emulator.traffic_log)
+    try:
+        with pytest.raises(DeployFailed) as info:
+            _deploy(tiny_gpt2, vertex_emulator, "canary-fail", runtime="handler", instance="n1-standard-4",
+                    rollout="canary:25", serving={"max_new_tokens": 16}, options={"rollout_wait": 0})  # fmt: skip
+    finally:
+        vertex_emulator.crash_when_ready = None
+    assert info.value.line().startswith("the canary of canary-fail failed: a sample request failed: Deployed model ")
+    assert f"the traffic goes back to {old_id}" in info.value.line()
+    splits = [split for name, split in vertex_emulator.traffic_log[logged:] if name == endpoint_name]
+    new_id = next(k for k in splits[0] if k != old_id)
+    assert {new_id: 25, old_id: 75} in splits and splits[-1] == {old_id: 100}
+    endpoint = endpoints.get_endpoint(name=endpoint_name)
+    assert [d.id for d in endpoint.deployed_models] == [old_id] and dict(endpoint.traffic_split) == {old_id: 100}
+    assert [v.version_id for v in models.list_model_versions(name=first.endpoint.details["model"])] == ["1"]
+    version_prefixes = {o.split("/")[2] for o in vertex_emulator.objects("cloudllm-test", "models/canary-fail/")}
+    assert version_prefixes == {first.plan.bundle.digest[:16]}  # the new version's artifacts are gone
+    assert api.invoke("canary-fail", "Hello", parameters={"max_new_tokens": 2}, provider="vertex")["deployed_model_id"] == old_id
+
+    # delete without --purge-artifacts removes the endpoint and the model, and keeps the artifacts
+    deleted = run_cli("delete", "canary-fail", "--provider", "vertex")
+    assert deleted.returncode == 0, deleted.stderr
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "canary-fail"]
+    assert not [v for vs in vertex_emulator.state.models.values() for v in vs if v.display_name == "canary-fail"]
+    assert {o.split("/")[2] for o in vertex_emulator.objects("cloudllm-test", "models/canary-fail/")} == version_prefixes
+
+
+def test_a_deploy_past_its_timeout_leaves_the_operation_running_and_says_how_to_remove_it(vertex_emulator, tiny_gpt2: Path) -> None:
+    """A model server slower than --timeout: nothing is deleted under the running operation; once it ends, delete works."""
+    def spec(timeout: int | None = 2, **kwargs):
+        spec = spec_from_kwargs(tiny_gpt2, provider="vertex", name="slow", runtime="handler", instance="n1-standard-4",
+                                bucket=vertex_emulator.bucket, **kwargs)  # fmt: skip
+        return spec.model_copy(update={"timeout": timeout})  # 2 s: below the 60 s --timeout accepts, to keep the test short
+
+    vertex_emulator.replica_gate = threading.Event()  # the model server loads until the gate opens
+    try:
+        with pytest.raises(DeployFailed) as info:
+            api.deploy(spec=spec())
+        line = info.value.line()
+        assert line.startswith("deploying on 1x n1-standard-4 did not finish within 2s (operation projects/"), line
+        assert "it goes on in Vertex AI. nothing was removed" in line
+        assert "`cloudllm delete slow --provider vertex --region us-central1 --project cloudllm-emulator --purge-artifacts`" in line
+        endpoints = [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "slow"]
+        assert len(endpoints) == 1 and [v.display_name for vs in vertex_emulator.state.models.values() for v in vs].count("slow") == 1
+        assert vertex_emulator.objects("cloudllm-test", "models/slow/")
+    finally:
+        vertex_emulator.replica_gate.set()
+    _eventually(lambda: api.status("slow", provider="vertex").state == "InService")
+
+    # an update past its timeout: the old version keeps all the traffic; the next deploy moves it to the new one
+    old_id = api.status("slow", provider="vertex").details["deployed_model_id"]
+    vertex_emulator.replica_gate = threading.Event()
+    try:
+        with pytest.raises(DeployFailed) as info:
+            api.deploy(spec=spec(serving={"max_new_tokens": 16}))
+        assert "nothing was removed and the old version keeps all the traffic" in info.value.line()
+        assert dict(api.status("slow", provider="vertex").details["traffic_split"]) == {old_id: 100}
+    finally:
+        vertex_emulator.replica_gate.set()
+    _eventually(lambda: len(api.status("slow", provider="vertex").details["deployed_models"]) == 2)  # it arrives without traffic
+    reporter = Recorder()
+    again = api.deploy(spec=spec(None, serving={"max_new_tokens": 16}), reporter=reporter)
+    assert again.action == "update" and any(s.startswith("the new version is already deployed") for s in reporter.steps)
+    assert not any(s.startswith("uploaded ") or s.startswith("model ") for s in reporter.steps)  # nothing made twice
+    (new_id,) = again.endpoint.details["deployed_models"]
+    assert new_id != old_id and again.endpoint.details["traffic_split"] == {new_id: 100} and again.endpoint.digest == again.plan.digest
+    deleted = run_cli("delete", "slow", "--provider", "vertex", "--purge-artifacts")
+    assert deleted.returncode == 0, deleted.stderr
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "slow"]
+    assert vertex_emulator.objects("cloudllm-test", "models/slow/") == []
+    vertex_emulator.replica_gate = None
+
+
+def test_no_wait_returns_while_it_deploys_and_image_is_honoured(vertex_emulator, clients, tiny_gpt2: Path) -> None:
+    image = "europe-docker.pkg.dev/my-proj/serving/cloudllm-serve:1"
+    vertex_emulator.replica_gate = threading.Event()
+    try:
+        result = api.deploy(tiny_gpt2, provider="vertex", name="no-wait", runtime="handler", instance="n1-standard-4",
+                            bucket=vertex_emulator.bucket, image=image, wait=False)  # fmt: skip
+        assert result.action == "create" and result.endpoint.state == "Creating"
+        endpoint = clients[0].get_endpoint(name=result.endpoint.details["endpoint"])
+        assert list(endpoint.deployed_models) == []  # still deploying when deploy returned
+    finally:
+        vertex_emulator.replica_gate.set()
+    _eventually(lambda: api.status("no-wait", provider="vertex").state == "InService")
+    _, deployed, model = _deployed(clients, api.deploy(tiny_gpt2, provider="vertex", name="no-wait", runtime="handler",
+                                                       instance="n1-standard-4", bucket=vertex_emulator.bucket, image=image))  # fmt: skip
+    assert model.container_spec.image_uri == image
+    assert api.invoke("no-wait", "Hello", parameters={"max_new_tokens": 2}, provider="vertex")["deployed_model_id"] == deployed.id
+    api.delete("no-wait", provider="vertex", purge_artifacts=True)
+    vertex_emulator.replica_gate = None
+
+
+def test_a_corrupted_upload_fails_the_deploy_in_one_line(vertex_emulator, tiny_gpt2: Path) -> None:
+    vertex_emulator.corrupt_next_upload(lambda name: name.startswith("models/corrupt/") and name.endswith("/config.json"))
+    result = run_cli("deploy", str(tiny_gpt2), "--provider", "vertex", "--name", "corrupt", "--runtime", "handler",
+                     "--instance", "n1-standard-4", "--bucket", vertex_emulator.bucket)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the progress lines: one error line
+    assert line.startswith("error: an upload to gs://cloudllm-test/models/corrupt/") and "arrived corrupted: Provided CRC32C" in line, line
+    assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "corrupt"]
+    assert not [v for vs in vertex_emulator.state.models.values() for v in vs if v.display_name == "corrupt"]
+    assert vertex_emulator.objects("cloudllm-test", "models/corrupt/") == []
 
 
 def test_a_server_that_cannot_start_fails_the_deploy_and_is_cleaned_up(vertex_emulator, tiny_gpt2: Path, tmp_path: Path) -> None:
@@ -238,6 +439,8 @@ def test_bad_input_through_the_cli_is_one_line_and_creates_nothing(vertex_emulat
         (dict(instance="g2-standard-8", tags={"Team": "ML"}), "is not a valid Vertex label"),
         (dict(instance="g2-standard-8", bucket="s3://wrong-cloud/models"), "is not a gs:// location"),
         (dict(instance="g2-standard-8", min_instances=0), "scale to zero"),
+        (dict(instance="n1-standard-4", quantize="int8"), "pass --image with an image that carries optimum-quanto"),
+        (dict(instance="n1-standard-4", rollout="canary:10", options={"rollout_wait": "soon"}), "rollout_wait=soon is not a number"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_created(vertex_emulator, tiny_gpt2: Path, settings: dict, contains: str) -> None:
@@ -247,6 +450,12 @@ def test_bad_input_is_refused_before_anything_is_created(vertex_emulator, tiny_g
     assert contains in info.value.line()
     assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "bad-api-input"]
     assert vertex_emulator.objects("cloudllm-test", "models/bad-api-input/") == []
+
+
+def test_quantized_handler_weights_plan_with_an_image_that_can_load_them(vertex_emulator, tiny_gpt2: Path) -> None:
+    plan = api.plan(tiny_gpt2, provider="vertex", name="int8-image", runtime="handler", instance="n1-standard-4",
+                    quantize="int8", image="europe-docker.pkg.dev/p/r/cloudllm-serve:1", bucket=vertex_emulator.bucket)  # fmt: skip
+    assert plan.runtime == "handler" and plan.quantize_pending == "int8"
 
 
 def test_missing_project_is_one_line(vertex_emulator, tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -179,3 +179,49 @@ def test_two_pipelines_deploying_one_endpoint_one_wins_and_the_other_fails_clear
 
     api.delete(name, provider="vertex", purge_artifacts=True)
     assert_gone(vertex_emulator, name, f"models/{name}/")
+
+
+# --- what goes over the wire, watched through the proxies (no faults) --------------------------------
+def _query(line: str) -> dict[str, list[str]]:
+    from urllib.parse import parse_qs, urlsplit
+
+    return parse_qs(urlsplit(line.split()[1]).query)
+
+
+def test_kms_key_is_on_the_model_the_endpoint_and_every_artifact_write(flaky, vertex_emulator, tiny_gpt2: Path) -> None:
+    api_proxy, gcs_proxy = flaky
+    key = f"projects/{vertex_emulator.project}/locations/us-central1/keyRings/ring/cryptoKeys/cloudllm"
+    name = "cmek"
+    api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket, options={"kms_key": key})
+    (endpoint,), (version,) = _state(vertex_emulator, name)
+    assert endpoint.encryption_spec.kms_key_name == key and version.encryption_spec.kms_key_name == key
+    uploads = [line for line in gcs_proxy.log if line.startswith("POST /upload/")]
+    assert uploads and all(_query(line).get("kmsKeyName") == [key] for line in uploads), uploads
+
+    # an update copies the unchanged files inside GCS: the copies are written with the key as well
+    for proxy in flaky:
+        proxy.configure(rate=0.0)
+    api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket, options={"kms_key": key}, serving={"max_new_tokens": 16})
+    copies = [line for line in gcs_proxy.log if "/rewriteTo/" in line]
+    uploads = [line for line in gcs_proxy.log if line.startswith("POST /upload/")]
+    assert copies and all(_query(line).get("destinationKmsKeyName") == [key] for line in copies), copies
+    assert uploads and all(_query(line).get("kmsKeyName") == [key] for line in uploads), uploads
+    assert {v.encryption_spec.kms_key_name for v in _state(vertex_emulator, name)[1]} == {key}
+
+    api.delete(name, provider="vertex", purge_artifacts=True)
+    assert_gone(vertex_emulator, name, f"models/{name}/")
+
+
+def test_an_unchanged_deploy_writes_nothing(flaky, vertex_emulator, tiny_gpt2: Path) -> None:
+    api_proxy, gcs_proxy = flaky
+    name = "steady"
+    api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket)
+    for proxy in flaky:
+        proxy.configure(rate=0.0)  # clears the logs
+    again = api.deploy(tiny_gpt2, provider="vertex", name=name, bucket=vertex_emulator.bucket)
+    assert again.action == "unchanged"
+    requests = api_proxy.log + gcs_proxy.log
+    assert api_proxy.log and gcs_proxy.log  # it did look (the endpoint, the bucket)
+    assert all(line.startswith("GET ") for line in requests), [line for line in requests if not line.startswith("GET ")]
+    api.delete(name, provider="vertex", purge_artifacts=True)
+    assert_gone(vertex_emulator, name, f"models/{name}/")

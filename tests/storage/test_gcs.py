@@ -73,3 +73,24 @@ def test_every_file_arrives_whole_with_its_sha256(vertex_emulator, tmp_path: Pat
 
     again = GcsArtifacts(client).upload(bundle, dest, Bytes())
     assert again.uploaded == [] and sorted(again.kept) == sorted(f.name for f in bundle.files)
+
+
+def test_the_bucket_check_lists_one_object_and_names_a_missing_bucket(vertex_emulator) -> None:
+    from cloudllm.errors import UserError
+
+    store = GcsArtifacts(vertex_emulator.storage_client())
+    store.check_bucket(GcsUri("cloudllm-test", "models"))
+    with pytest.raises(UserError, match="bucket gs://no-such-bucket does not exist"):
+        store.check_bucket(GcsUri("no-such-bucket", "models"))
+
+
+def test_a_corrupted_resumable_upload_is_caught_by_its_crc32c(vertex_emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudllm.errors import DeployFailed
+
+    monkeypatch.setattr(gcs, "CHUNK_BYTES", 4 * 1024 * 1024)  # the 9 MB file goes as a resumable upload
+    bundle = _bundle(tmp_path / "model")
+    dest = GcsUri("cloudllm-test", "storage-test/corrupt")
+    vertex_emulator.corrupt_next_upload(lambda name: name == dest.object_name("model.safetensors"))
+    with pytest.raises(DeployFailed, match=r"arrived corrupted.*run the same deploy again"):
+        GcsArtifacts(vertex_emulator.storage_client()).upload(bundle, dest, Bytes())
+    assert dest.object_name("cloudllm.json") not in vertex_emulator.objects("cloudllm-test", "storage-test/corrupt/")  # never complete
