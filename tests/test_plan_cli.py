@@ -231,6 +231,40 @@ def test_model_folder_without_a_needed_config_field(tiny_gpt2: Path, tmp_path: P
     assert "n_layer" in line
 
 
+def test_diff_against_the_sagemaker_emulator(tiny_gpt2: Path, sagemaker_emulator):
+    """The real provider's describe calls: create, then unchanged, then what each change would touch."""
+    base = [str(tiny_gpt2), "--name", "plan-diff", "--provider", "sagemaker", "--runtime", "handler", "--instance", "ml.m5.xlarge",
+            "--bucket", f"{sagemaker_emulator.bucket}/models", "--role", sagemaker_emulator.role, "--max-instances", "2"]  # fmt: skip
+
+    def diff(*extra: str) -> dict:
+        result = run_cli("plan", *base, *extra, "--json")
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        jsonschema.validate(document, _schema())
+        return document["diff"]
+
+    def changes(d: dict) -> dict[str, str]:
+        return {c["resource"]: c["action"] for c in d["changes"]}
+
+    first = diff()
+    assert first["action"] == "create"
+    assert changes(first) == {"artifacts": "create", "model": "create", "endpoint-config": "create", "endpoint": "create",
+                              "scaling-target": "create", "scaling-policy": "create"}  # fmt: skip
+    deployed = run_cli("deploy", *base)
+    assert deployed.returncode == 0, deployed.stderr
+    try:
+        assert diff()["action"] == "unchanged"
+        code = diff("--max-new-tokens", "9")
+        assert code["reasons"] == ["code or serving settings changed"]
+        assert changes(code)["artifacts"] == "create" and changes(code)["scaling-target"] == "update"
+        moved = diff("--instance", "ml.m5.2xlarge")
+        assert moved["reasons"] == ["instance ml.m5.xlarge -> ml.m5.2xlarge"]
+        assert changes(moved)["artifacts"] == "unchanged"  # the same bundle: nothing to upload
+        assert changes(diff("--max-instances", "1"))["scaling-target"] == "delete"
+    finally:
+        assert run_cli("delete", "plan-diff", "--purge-artifacts").returncode == 0
+
+
 def test_a_cloud_plan_needs_no_account(tiny_gpt2: Path, tmp_path: Path):
     """A laptop or CI job with no AWS credentials, region, role or bucket still gets fit and cost;
     the diff is unknown. deploy --dry-run makes every check deploy makes, so it asks for them."""

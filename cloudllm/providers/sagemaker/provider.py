@@ -270,26 +270,37 @@ class SageMakerProvider(Provider):
         if plan.action == "unchanged":
             return [ResourceChange(resource="endpoint", name=name, action="unchanged", reason="nothing changed")]
         version = f"{res.name_prefix(name)}{plan.digest[:8]}-<time>"
+        old = (plan.existing.details if plan.existing else {}) or {}
+        artifacts = str(self._version_uri(plan))
+        if old.get("artifact") == artifacts:  # same bundle: the files the endpoint runs already
+            upload = ResourceChange(resource="artifacts", name=artifacts, action="unchanged", reason="the same files")
+        else:
+            upload = ResourceChange(resource="artifacts", name=artifacts, action="create", reason="upload changed files, copy the rest inside S3")
         changes = [
-            ResourceChange(resource="artifacts", name=str(self._version_uri(plan)), action="create", reason="upload changed files, copy the rest inside S3"),
+            upload,
             ResourceChange(resource="model", name=version, action="create", reason=f"{plan.runtime} on {self._instance(plan.spec)}"),
             ResourceChange(resource="endpoint-config", name=version, action="create"),
         ]
         scaled = res.autoscaled(plan)
+        had_scaling = False
+        if plan.existing is not None:
+            with self._aws(f"read autoscaling of {name}"):
+                had_scaling = self._scaling_state(name) is not None
         if plan.action == "create":
             changes.append(ResourceChange(resource="endpoint", name=name, action="create"))
         else:
             changes.append(ResourceChange(resource="endpoint", name=name, action="update", reason=f"blue/green {plan.spec.rollout}: {'; '.join(plan.reasons)}"))
-            old = (plan.existing.details if plan.existing else {}) or {}
             for kind, key in (("endpoint-config", "endpoint_config"), ("model", "model_name")):
                 if old.get(key):
                     changes.append(ResourceChange(resource=kind, name=old[key], action="delete", reason="replaced"))
         if scaled:
             policy = res.scaling_policy(plan)
             metric = policy["PredefinedMetricSpecification"]["PredefinedMetricType"]
-            action = "create" if plan.action == "create" else "update"
+            action = "update" if had_scaling else "create"
             changes.append(ResourceChange(resource="scaling-target", name=res.scaling_resource_id(name), action=action, reason=f"{max(1, plan.spec.min_instances)}-{plan.spec.max_instances} instances"))
             changes.append(ResourceChange(resource="scaling-policy", name=res.SCALING_POLICY, action=action, reason=f"{metric} target {policy['TargetValue']:g}"))
+        elif had_scaling:
+            changes.append(ResourceChange(resource="scaling-target", name=res.scaling_resource_id(name), action="delete", reason="max_instances is 1"))
         return changes
 
     # --- deploy and update ----------------------------------------------------------------
