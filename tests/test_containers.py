@@ -44,3 +44,14 @@ def test_image_pins_transformers_4_like_the_hf_containers() -> None:
     assert "transformers>=4.45,<5" in requirements
     for needed in ("starlette", "uvicorn", "prometheus-client", "google-cloud-storage"):
         assert needed in requirements
+
+
+def test_quantized_weights_load_without_replacing_the_base_images_torch() -> None:
+    """The artifacts' code/requirements.txt asks for the same optimum-quanto, whose 0.2.7 needs torch >= 2.6."""
+    requirements = (ROOT / "containers" / "requirements.txt").read_text()
+    template = (ROOT / "templates" / "requirements.txt.j2").read_text()
+    (quanto,) = re.findall(r"^optimum-quanto\S*", requirements, re.MULTILINE)
+    assert quanto in template
+    base = dict(_instructions())["FROM"]
+    torch = tuple(int(part) for part in re.search(r"pytorch:(\d+)\.(\d+)", base).groups())
+    assert torch >= (2, 6), base
