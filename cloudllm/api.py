@@ -189,8 +189,16 @@ def delete(
     """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts)."""
     check_endpoint_name(name)
     target = _provider_for_name(name, provider, region, options)
+    reporter = reporter or Reporter()
     with endpoint_lock(name), _interrupt_advice(f"run `cloudllm delete {name}` again to finish"):
-        target.delete(name, purge_artifacts=purge_artifacts, reporter=reporter or Reporter())
+        try:
+            target.delete(name, purge_artifacts=purge_artifacts, reporter=reporter)
+        except UserError:
+            # Removed elsewhere (the console, another machine): this machine's record is all that is left.
+            record = load_record(name)
+            if record is None or record.provider != target.name or target.get(name) is not None:
+                raise
+            reporter.step(f"endpoint {name} was already gone from {target.name}; removed this machine's record of it")
         remove_record(name)
 
 

@@ -489,6 +489,26 @@ def test_image_is_honoured_and_a_server_image_streams(sagemaker_emulator, aws, t
     _gone(aws, "sm-image")
 
 
+def test_an_endpoint_removed_elsewhere_leaves_only_a_record_to_delete(sagemaker_emulator, aws, tiny_gpt2: Path, home: dict) -> None:
+    assert _cli_deploy(sagemaker_emulator, tiny_gpt2, "sm-orphan", env=home).returncode == 0
+    _, config, model = _live(aws, "sm-orphan")
+    sm = aws["sagemaker"]  # the console, or another machine's `cloudllm delete`
+    sm.delete_endpoint(EndpointName="sm-orphan")
+    sm.delete_endpoint_config(EndpointConfigName=config["EndpointConfigName"])
+    sm.delete_model(ModelName=model["ModelName"])
+    assert ("sm-orphan", "Missing") in [(e["name"], e["state"]) for e in json.loads(run_cli("list", "--json", env=home).stdout)]
+    deleted = run_cli("delete", "sm-orphan", env=home)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "already gone from sagemaker; removed this machine's record" in deleted.stderr
+    assert "sm-orphan" not in run_cli("list", env=home).stdout
+    assert _objects(aws, "models/sm-orphan/")  # kept without --purge-artifacts
+    again = run_cli("delete", "sm-orphan", env=home)
+    assert_one_line_error(again, contains="no endpoint named 'sm-orphan' on this machine")
+    purged = run_cli("delete", "sm-orphan", "--provider", "sagemaker", "--purge-artifacts", "--bucket", f"{sagemaker_emulator.bucket}/models", env=home)
+    assert purged.returncode == 0, purged.stderr
+    assert not _objects(aws, "models/sm-orphan/")
+
+
 def test_network_isolation_refuses_what_the_container_would_pip_install(sagemaker_emulator, tiny_gpt2: Path) -> None:
     isolated = {"role": ROLE_ARN, "network_isolation": True}
     with pytest.raises(UserError) as refused:
