@@ -290,11 +290,13 @@ def test_no_wait_update_switches_only_to_a_healthy_server(home: dict, tiny_gpt2:
 
 
 def test_delete_forgets_an_endpoint_whose_local_state_is_gone(home: dict, tiny_gpt2: Path) -> None:
+    from cloudllm.records import EndpointRecord
+
     root = Path(home["CLOUDLLM_HOME"])
-    assert run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "orphan", env=home).returncode == 0
-    pid = _state(home, "orphan")["pid"]
-    os.killpg(pid, signal.SIGKILL)
-    shutil.rmtree(root / "local" / "orphan")  # e.g. someone cleaned out $CLOUDLLM_HOME/local
+    # What a deploy leaves after someone cleans out $CLOUDLLM_HOME/local: its record, and no server state.
+    record = EndpointRecord(name="orphan", provider="local", model=str(tiny_gpt2), url="http://127.0.0.1:9")
+    (root / "endpoints").mkdir(parents=True, exist_ok=True)
+    (root / "endpoints" / "orphan.json").write_text(record.model_dump_json())
     listed = {e["name"]: e["state"] for e in json.loads(run_cli("list", "--json", env=home).stdout)}
     assert listed["orphan"] == "Missing"
 
