@@ -483,6 +483,10 @@ class VertexProvider(Provider):
         kms = self.options.get("kms_key")
         if kms:
             model.encryption_spec = v1.EncryptionSpec(kms_key_name=kms)
+        earlier = self._version_of_this_plan(plan, artifact_uri, parent_model)
+        if earlier is not None:  # a deploy of this same plan was killed after registering it
+            reporter.step(f"model {earlier[0]} version {earlier[1]}, registered by an earlier deploy of this version")
+            return earlier
         request = v1.UploadModelRequest(parent=self.parent, model=model, parent_model=parent_model or "")
         sent = _send_once(
             lambda: self.clients().models.upload_model(request=request),
@@ -516,9 +520,11 @@ class VertexProvider(Provider):
 
         from google.api_core import exceptions
 
-        # Our own DeployedModel id: a DeployModel retried after its answer was lost meets ALREADY_EXISTS.
+        # Our own DeployedModel id, the same for every deploy of this plan to this endpoint: a DeployModel
+        # retried after its answer was lost, or sent again by a re-run of a deploy killed while Vertex AI
+        # went on deploying, meets ALREADY_EXISTS, and waits for the one under way instead of adding another.
         deployed = v1.DeployedModel(
-            id=str(secrets.randbelow(9 * 10**9) + 10**9), model=model, display_name=plan.spec.name, dedicated_resources=self._resources(plan)
+            id=deployed_model_id(plan.spec.name, plan.digest), model=model, display_name=plan.spec.name, dedicated_resources=self._resources(plan)
         )
         what = f"deploying on {_resources_line(plan)}"
         fix = "see the model server's log in Cloud Logging (linked from the endpoint in the Vertex AI console), then deploy again"
@@ -669,6 +675,17 @@ class VertexProvider(Provider):
         for model in self._models_named(name):
             for version in self.clients().models.list_model_versions(request=v1.ListModelVersionsRequest(name=model)):
                 if version.labels.get(RUN_LABEL) == token:
+                    return model, version.version_id
+        return None
+
+    def _version_of_this_plan(self, plan: "Plan", artifact_uri: str, parent_model: str | None) -> tuple[str, str] | None:
+        """A model version an earlier (killed) deploy registered for exactly this plan and these artifacts."""
+        from google.cloud import aiplatform_v1 as v1
+
+        digest = encode_digest(plan.digest)
+        for model in sorted({parent_model} if parent_model else self._models_named(plan.spec.name)):
+            for version in self.clients().models.list_model_versions(request=v1.ListModelVersionsRequest(name=model)):
+                if version.labels.get(DIGEST_LABELS["digest"]) == digest and version.artifact_uri.rstrip("/") == artifact_uri.rstrip("/"):
                     return model, version.version_id
         return None
 
@@ -1201,6 +1218,14 @@ def _predict_url(api_base: str, endpoint: str) -> str:
 
 def _accelerator_name(value) -> str:
     return getattr(value, "name", str(value))
+
+
+def deployed_model_id(name: str, digest: str) -> str:
+    """A DeployedModel id (10 digits, what Vertex AI allows) derived from the endpoint name and plan digest."""
+    import hashlib
+
+    value = int.from_bytes(hashlib.sha256(f"{name}:{digest}".encode()).digest()[:8], "big")
+    return str(value % (9 * 10**9) + 10**9)
 
 
 def encode_digest(hex_digest: str) -> str:

@@ -91,6 +91,7 @@ def _call(fragment: str, method: str = "POST"):
     return lambda m, path: m == method and fragment in path.split("?")[0]
 
 
+@pytest.mark.slow  # the SageMaker twin runs by default
 def test_creates_whose_answer_was_lost_are_not_done_twice(flaky, vertex_emulator, tiny_gpt2: Path) -> None:
     """UploadModel, CreateEndpoint, DeployModel, a file's upload and the deletes each go
     through once with their answer dropped: the retry finds (or is refused) what the first did."""
@@ -117,6 +118,85 @@ def test_creates_whose_answer_was_lost_are_not_done_twice(flaky, vertex_emulator
     api_proxy.fail_next(lambda m, path: m == "DELETE" and "/endpoints/" in path, "drop_after")
     api.delete(name, provider="vertex", purge_artifacts=True)
     assert api_proxy.unfired == 0
+    assert_gone(vertex_emulator, name, f"models/{name}/")
+
+
+# --- killed mid-deploy (SIGKILL: a lost CI runner), then run again -----------------------------------
+def _after(first: str, then):
+    """A predicate true for `then` requests once a request containing `first` has gone by."""
+    seen = {"first": False}
+
+    def predicate(method: str, path: str) -> bool:
+        if first in path:
+            seen["first"] = True
+            return False
+        return seen["first"] and then(method, path)
+
+    return predicate
+
+
+def _nth(n: int, matches):
+    """A predicate true from the n-th request that `matches` on."""
+    count = {"seen": 0}
+
+    def predicate(method: str, path: str) -> bool:
+        if matches(method, path):
+            count["seen"] += 1
+        return count["seen"] >= n
+
+    return predicate
+
+
+VERTEX_KILL_POINTS = {
+    # name: (proxy "api" or "gcs", which request to park, what becomes of it once the client is dead)
+    "during-upload": ("gcs", _nth(5, lambda m, path: m == "POST" and path.startswith("/upload/")), "drop"),
+    "after-model-upload": ("api", lambda m, path: m == "POST" and path.split("?")[0].endswith("/endpoints"), "drop"),
+    "deploy-in-flight": ("api", lambda m, path: ":deployModel" in path, "forward"),
+    "while-waiting": ("api", _after(":deployModel", lambda m, path: m == "GET" and "/operations/" in path), "forward"),
+}
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        pytest.param("during-upload", marks=pytest.mark.slow),
+        pytest.param("after-model-upload", marks=pytest.mark.slow),
+        pytest.param("deploy-in-flight", marks=pytest.mark.slow),
+        "while-waiting",
+    ],
+)
+def test_a_deploy_killed_anywhere_converges_when_run_again(flaky, vertex_emulator, tiny_gpt2: Path, tmp_path: Path, point: str) -> None:
+    """SIGKILL at each step; the same command run again serves exactly one version, and delete leaves nothing."""
+    import signal
+
+    api_proxy, gcs_proxy = flaky
+    name = f"killed-{point}"
+    where, predicate, then = VERTEX_KILL_POINTS[point]
+    proxy = api_proxy if where == "api" else gcs_proxy
+    env = {**os.environ, "CLOUDLLM_HOME": str(tmp_path / "home")}
+    args = [CLOUDLLM, "deploy", str(tiny_gpt2), "--provider", "vertex", "--name", name, "--bucket", vertex_emulator.bucket]
+    proxy.hold(predicate, then=then)
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2400):
+            if proxy.held.wait(timeout=0.1) or process.poll() is not None:
+                break
+        assert proxy.held.is_set(), f"the deploy never reached {point}: {process.poll()} {proxy.log[-5:]}"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+        proxy.release()
+
+    again = subprocess.run([*args, "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["endpoint"]["state"] == "InService", (again.stderr, result)
+    assert_serving_exactly(vertex_emulator, name, result["endpoint"]["digest"])
+    deleted = subprocess.run([CLOUDLLM, "delete", name, "--purge-artifacts"], env=env, capture_output=True, text=True, timeout=300)
+    assert deleted.returncode == 0, deleted.stderr
     assert_gone(vertex_emulator, name, f"models/{name}/")
 
 
@@ -152,6 +232,7 @@ def _one_wins(results: list[subprocess.CompletedProcess], loser_says: str) -> in
     return winner
 
 
+@pytest.mark.slow  # the SageMaker twin runs by default
 def test_two_pipelines_deploying_one_endpoint_one_wins_and_the_other_fails_clearly(flaky, vertex_emulator, tiny_gpt2: Path, tmp_path: Path) -> None:
     api_proxy, _ = flaky
     name = "raced"
