@@ -132,8 +132,13 @@ def resolve_placement(device: str) -> tuple[Any, str | None]:
     import torch
 
     if device in ("auto", "cuda") and torch.cuda.is_available():
-        if torch.cuda.device_count() > 1 and _accelerate_available():
-            return torch.device("cuda:0"), "auto"
+        if torch.cuda.device_count() > 1:
+            if _accelerate_available():
+                return torch.device("cuda:0"), "auto"
+            from cloudllm_runtime.app import log_event  # here: app imports this module
+
+            log_event("one_gpu_only", level="warning", gpus=torch.cuda.device_count(),
+                      reason="accelerate is not installed, so the model is not spread over the GPUs")  # fmt: skip
         return torch.device("cuda:0"), None
     if device in ("auto", "cuda"):
         return torch.device("cpu"), None
