@@ -24,7 +24,7 @@ OPERATIONS: frozenset[str] = frozenset(
             "CreateModel", "DescribeModel", "DeleteModel", "ListModels",
             "CreateEndpointConfig", "DescribeEndpointConfig", "DeleteEndpointConfig", "ListEndpointConfigs",
             "CreateEndpoint", "DescribeEndpoint", "UpdateEndpoint", "DeleteEndpoint", "ListEndpoints",
-            "AddTags", "DeleteTags", "ListTags",
+            "UpdateEndpointWeightsAndCapacities", "AddTags", "DeleteTags", "ListTags",
         )),  # fmt: skip
         "sagemaker-runtime:InvokeEndpoint",
         "sagemaker-runtime:InvokeEndpointWithResponseStream",
@@ -89,8 +89,9 @@ PERMISSIONS: tuple[Permission, ...] = (
     ),  # fmt: skip
     Permission(
         "AutoscalingTarget", ("sagemaker:UpdateEndpointWeightsAndCapacities",), "endpoints",
-        ("application-autoscaling:RegisterScalableTarget",),
-        "Application Auto Scaling checks that the caller may change the variant's instance count",
+        ("application-autoscaling:RegisterScalableTarget", "sagemaker:UpdateEndpointWeightsAndCapacities"),
+        "Application Auto Scaling checks that the caller may change the variant's instance count; "
+        "turning autoscaling off in place sets the count back",
     ),
     Permission(
         "AutoscalingServiceLinkedRole", ("iam:CreateServiceLinkedRole",), "slr",

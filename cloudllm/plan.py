@@ -36,6 +36,9 @@ PlanMode = Literal["plan", "check", "deploy"]
 _NOT_DEPLOYED = {"name", "model", "rollout", "timeout", "task", "allow_pickle", "trust_remote_code", "serving", "region"}
 # Provider options of the same kind: credentials, rollout pacing and safety nets.
 _OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "rollout_wait"}
+# How the fleet scales: digested apart, so a provider can change autoscaling in place
+# (SageMaker: the scalable target and policy) instead of standing up a new fleet for it.
+_SCALING = {"min_instances", "max_instances", "scale_metric", "scale_target", "scale_in_cooldown", "scale_out_cooldown"}
 
 
 @dataclass
@@ -57,11 +60,15 @@ class Plan:
 
     @property
     def deploy_digest(self) -> str:
-        settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED)
+        settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED | _SCALING)
         for key in _OPTIONS_NOT_DEPLOYED:  # --force overrides the fit check; it deploys nothing different
             settings.get("options", {}).pop(key, None)
         settings["runtime"] = self.runtime
         return sha256_bytes(json.dumps(settings, sort_keys=True).encode())
+
+    @property
+    def scaling_digest(self) -> str:
+        return sha256_bytes(json.dumps(self.spec.model_dump(mode="json", include=_SCALING), sort_keys=True).encode())
 
     @property
     def fingerprint(self) -> dict[str, str]:
@@ -71,6 +78,7 @@ class Plan:
             "weights_digest": manifest.weights_digest,
             "code_digest": manifest.code_digest,
             "deploy_digest": self.deploy_digest,
+            "scaling_digest": self.scaling_digest,
         }
         parts["digest"] = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
         return parts
@@ -78,6 +86,17 @@ class Plan:
     @property
     def digest(self) -> str:
         return self.fingerprint["digest"]
+
+    @property
+    def rescale_only(self) -> bool:
+        """An update of an InService endpoint whose only change is autoscaling (min/max instances,
+        metric, target, cooldowns): what runs is the same, so a provider that can may apply it in place."""
+        existing = self.existing
+        if self.action != "update" or existing is None or existing.state != "InService" or existing.details.get("unfinished"):
+            return False
+        had, now = existing.details, self.fingerprint
+        same = all(had.get(key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest"))
+        return same and had.get("scaling_digest") != now["scaling_digest"]
 
     @property
     def shards(self) -> int | None:
@@ -217,6 +236,9 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
     ]
     if had.get("deploy_digest") != now["deploy_digest"]:
         reasons += _deployment_changes(plan, existing) or ["deployment settings changed"]
+    if had.get("scaling_digest") != now["scaling_digest"]:
+        spec = plan.spec
+        reasons.append(f"autoscaling changed (now {spec.min_instances}-{spec.max_instances} instances)")
     return ("update", reasons) if reasons else ("unchanged", ["nothing changed"])
 
 

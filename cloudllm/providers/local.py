@@ -180,7 +180,7 @@ class LocalProvider(Provider):
             digest=state.get("digest"),
             runtime="handler",
             failure_reason=reason,
-            details={k: state[k] for k in ("pid", "log", "artifact", "weights_digest", "code_digest", "deploy_digest") if k in state},
+            details={k: state[k] for k in ("pid", "log", "artifact", "weights_digest", "code_digest", "deploy_digest", "scaling_digest") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:

@@ -76,6 +76,7 @@ DIGEST_LABELS = {
     "weights_digest": "cloudllm-weights",
     "code_digest": "cloudllm-code",
     "deploy_digest": "cloudllm-deploy",
+    "scaling_digest": "cloudllm-scaling",
     "digest": "cloudllm-digest",
 }
 SCALE_METRICS = {

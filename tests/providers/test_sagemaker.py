@@ -338,7 +338,8 @@ def test_update_to_another_instance_type_re_registers_scaling(tgi: dict, aws, sa
         sagemaker_emulator, tiny_gpt2, "sm-tgi", runtime="tgi", instance="ml.g5.2xlarge", min_instances=1, max_instances=2,
         tags={"team": "research"}, options={"role": ROLE_ARN, "network_isolation": True, "kms_key": KMS_KEY}, reporter=recorder,
     )  # fmt: skip
-    assert result.action == "update" and result.reasons == ["instance ml.g5.12xlarge -> ml.g5.2xlarge"]
+    assert result.action == "update"
+    assert result.reasons == ["instance ml.g5.12xlarge -> ml.g5.2xlarge", "autoscaling changed (now 1-2 instances)"]
     assert recorder.uploaded_bytes == 0  # same artifact: the version prefix is already complete
     assert result.endpoint.details["tags"] == {"team": "research"}
     endpoint, config, model = _live(aws, "sm-tgi")
@@ -350,6 +351,51 @@ def test_update_to_another_instance_type_re_registers_scaling(tgi: dict, aws, sa
     metric = policy["TargetTrackingScalingPolicyConfiguration"]["PredefinedMetricSpecification"]["PredefinedMetricType"]
     assert metric == "SageMakerVariantInvocationsPerInstance"  # the default metric, now that none is given
     assert len(_owned(aws, "sm-tgi")["configs"]) == 1
+
+
+def test_an_autoscaling_change_alone_is_made_in_place(tgi: dict, aws, sagemaker_emulator, tiny_gpt2: Path) -> None:
+    """min/max, metric or target alone: the scalable target and policy change; no new model, config or fleet."""
+    same = dict(
+        runtime="tgi", instance="ml.g5.2xlarge", tags={"team": "research"},
+        options={"role": ROLE_ARN, "network_isolation": True, "kms_key": KMS_KEY},
+    )  # fmt: skip  (what the previous test deployed, all but the scaling)
+    _, config_before, model_before = _live(aws, "sm-tgi")
+    plan = api.plan(tiny_gpt2, provider="sagemaker", name="sm-tgi", bucket=f"{sagemaker_emulator.bucket}/models",
+                    min_instances=2, max_instances=3, scale_metric="concurrency", scale_target=3, **same)  # fmt: skip
+    assert plan.rescale_only
+    assert [(c.resource, c.action) for c in plan.changes] == [("endpoint", "update"), ("scaling-target", "update"), ("scaling-policy", "update")]
+    assert "in place" in plan.changes[0].reason
+
+    recorder = Recorder()
+    result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", min_instances=2, max_instances=3, scale_metric="concurrency",
+                     scale_target=3, reporter=recorder, **same)  # fmt: skip
+    assert result.action == "update" and result.reasons == ["autoscaling changed (now 2-3 instances)"]
+    assert any("in place" in step for step in recorder.steps) and recorder.uploaded_bytes == 0
+    endpoint, config, model = _live(aws, "sm-tgi")
+    assert (config["EndpointConfigName"], model["ModelName"]) == (config_before["EndpointConfigName"], model_before["ModelName"])
+    assert endpoint["EndpointStatus"] == "InService" and "PendingDeploymentSummary" not in endpoint
+    target, (policy,) = _scaling(aws, "sm-tgi")
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (2, 3)
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"].startswith("SageMakerVariantConcurrentRequests")
+    assert tracking["TargetValue"] == 3.0
+    for arn in (config["EndpointConfigArn"], model["ModelArn"]):  # the running version's fingerprint says what runs now
+        tags = res.tag_dict(aws["sagemaker"].list_tags(ResourceArn=arn)["Tags"])
+        assert tags[res.FINGERPRINT_TAGS["digest"]] == result.plan.digest
+    again = _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", min_instances=2, max_instances=3, scale_metric="concurrency", scale_target=3, **same)
+    assert again.action == "unchanged"
+
+    # Autoscaling off: the target and policy go and the count autoscaling had chosen is set back to one.
+    aws["sagemaker"].update_endpoint_weights_and_capacities(
+        EndpointName="sm-tgi", DesiredWeightsAndCapacities=[{"VariantName": res.VARIANT, "DesiredInstanceCount": 3}]
+    )  # what Application Auto Scaling would have done under load
+    off = _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", reporter=(recorder := Recorder()), **same)
+    assert off.reasons == ["autoscaling changed (now 1-1 instances)"] and any("3 -> 1 instance" in s for s in recorder.steps)
+    endpoint, config, _ = _live(aws, "sm-tgi")
+    assert config["EndpointConfigName"] == config_before["EndpointConfigName"]
+    assert endpoint["ProductionVariants"][0]["CurrentInstanceCount"] == 1
+    assert _owned(aws, "sm-tgi")["scaling"] == [] and len(_owned(aws, "sm-tgi")["configs"]) == 1
+    assert _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", **same).action == "unchanged"
 
 
 def test_delete_removes_scaling_and_keeps_artifacts(tgi: dict, aws, home: dict) -> None:

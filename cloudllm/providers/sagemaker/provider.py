@@ -269,6 +269,9 @@ class SageMakerProvider(Provider):
         name = plan.spec.name
         if plan.action == "unchanged":
             return [ResourceChange(resource="endpoint", name=name, action="unchanged", reason="nothing changed")]
+        if plan.rescale_only:
+            changes = [ResourceChange(resource="endpoint", name=name, action="update", reason="autoscaling only, in place: no new model, config or instances")]
+            return changes + self._scaling_changes(plan)
         version = f"{res.name_prefix(name)}{plan.digest[:8]}-<time>"
         old = (plan.existing.details if plan.existing else {}) or {}
         artifacts = str(self._version_uri(plan))
@@ -281,11 +284,6 @@ class SageMakerProvider(Provider):
             ResourceChange(resource="model", name=version, action="create", reason=f"{plan.runtime} on {self._instance(plan.spec)}"),
             ResourceChange(resource="endpoint-config", name=version, action="create"),
         ]
-        scaled = res.autoscaled(plan)
-        had_scaling = False
-        if plan.existing is not None:
-            with self._aws(f"read autoscaling of {name}"):
-                had_scaling = self._scaling_state(name) is not None
         if plan.action == "create":
             changes.append(ResourceChange(resource="endpoint", name=name, action="create"))
         else:
@@ -293,7 +291,16 @@ class SageMakerProvider(Provider):
             for kind, key in (("endpoint-config", "endpoint_config"), ("model", "model_name")):
                 if old.get(key):
                     changes.append(ResourceChange(resource=kind, name=old[key], action="delete", reason="replaced"))
-        if scaled:
+        return changes + self._scaling_changes(plan)
+
+    def _scaling_changes(self, plan: "Plan") -> list[ResourceChange]:
+        name = plan.spec.name
+        changes = []
+        had_scaling = False
+        if plan.existing is not None:
+            with self._aws(f"read autoscaling of {name}"):
+                had_scaling = self._scaling_state(name) is not None
+        if res.autoscaled(plan):
             policy = res.scaling_policy(plan)
             metric = policy["PredefinedMetricSpecification"]["PredefinedMetricType"]
             action = "update" if had_scaling else "create"
@@ -357,6 +364,8 @@ class SageMakerProvider(Provider):
             return self._finish(plan, reporter)
         if existing.state != "InService":
             raise UserError(f"endpoint {name} is {existing.state}", f"wait until it is InService (`cloudllm status {name}`), then deploy again")
+        if plan.rescale_only:
+            return self._rescale(plan, existing, reporter)
         instance = self._instance(plan.spec)
         sizes = res.sizing(plan, instance)
         with self._aws(f"read endpoint {name}"):
@@ -406,6 +415,37 @@ class SageMakerProvider(Provider):
                     self._restore_scaling(saved_scaling)
             raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
+        self._retag_endpoint(plan)
+        return self._require(name)
+
+    def _rescale(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
+        """Only autoscaling changed: set it on the running variant; no new model, config or fleet.
+
+        A blue/green update would stand up a second fleet for minutes to change two numbers.
+        Application Auto Scaling moves the instance count into the new min..max itself; without
+        autoscaling any more, the count is set back with UpdateEndpointWeightsAndCapacities.
+        The fingerprint tags move to the running config last, so a run killed half-way finds
+        the old fingerprint and does the same steps again.
+        """
+        name = plan.spec.name
+        details = existing.details
+        reporter.step(f"only the autoscaling of {name} changed: changing it in place, no new instances")
+        self._apply_scaling(plan, reporter)
+        desired = max(1, plan.spec.min_instances)
+        if not res.autoscaled(plan) and details.get("instances") not in (None, desired):
+            with self._aws(f"set the instance count of {name}"):
+                self._sm.update_endpoint_weights_and_capacities(
+                    EndpointName=name, DesiredWeightsAndCapacities=[{"VariantName": res.VARIANT, "DesiredInstanceCount": desired}]
+                )
+            reporter.step(f"{name}: {details['instances']} -> {desired} instance(s)")
+            self._wait(name, res.sizing(plan, self._instance(plan.spec)).wait_timeout, reporter)
+        fingerprint = res.tag_list({tag: plan.fingerprint[key] for key, tag in res.FINGERPRINT_TAGS.items()})
+        with self._aws(f"tag the model and endpoint config of {name}"):
+            for arn in (
+                self._sm.describe_model(ModelName=details["model_name"])["ModelArn"],
+                self._sm.describe_endpoint_config(EndpointConfigName=details["endpoint_config"])["EndpointConfigArn"],
+            ):
+                self._sm.add_tags(ResourceArn=arn, Tags=fingerprint)
         self._retag_endpoint(plan)
         return self._require(name)
 

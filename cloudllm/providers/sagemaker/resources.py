@@ -37,6 +37,7 @@ FINGERPRINT_TAGS = {
     "weights_digest": TAG + "weights-digest",
     "code_digest": TAG + "code-digest",
     "deploy_digest": TAG + "deploy-digest",
+    "scaling_digest": TAG + "scaling-digest",
     "digest": TAG + "digest",
 }
 MAX_TAGS = 50
