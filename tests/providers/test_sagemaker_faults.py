@@ -272,6 +272,50 @@ def test_an_update_killed_while_waiting_converges_when_run_again(flaky: FaultPro
     assert_gone(aws, name)
 
 
+def _nth(predicate, n: int):
+    """Matches the n-th request `predicate` matches."""
+    seen = {"count": 0}
+
+    def nth(method: str, operation: str) -> bool:
+        if predicate(method, operation):
+            seen["count"] += 1
+            return seen["count"] == n
+        return False
+
+    return nth
+
+
+@pytest.mark.parametrize(
+    "tagging",
+    [
+        pytest.param(1, id="before-the-fingerprint-moves"),  # scaling changed, tags still the old version's
+        pytest.param(3, id="before-the-endpoint-is-marked-finished", marks=pytest.mark.slow),
+    ],
+)
+def test_an_autoscaling_change_killed_half_way_converges_when_run_again(flaky: FaultProxy, sagemaker_emulator, aws, tiny_gpt2: Path, tmp_path: Path, tagging: int) -> None:
+    """The in-place path (no new fleet) killed between its steps: the same deploy again finishes it, nothing new created."""
+    name = f"killed-rescale-{tagging}"
+    env = {"CLOUDLLM_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": flaky.url}
+    first = subprocess.run(_cli_args(sagemaker_emulator, tiny_gpt2, name, "--max-instances", "2"), env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    config = _owned(aws, name)["configs"]
+    rescale = _cli_args(sagemaker_emulator, tiny_gpt2, name, "--max-instances", "3")
+    _kill_at(flaky, rescale, env, _nth(_op("AddTags"), tagging), "drop")
+
+    again = subprocess.run([*rescale, "--json"], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["action"] == "update"
+    assert_exactly_one_version(aws, name, digest=result["endpoint"]["digest"])
+    assert _owned(aws, name)["configs"] == config  # still the first version's: no blue/green for a scaling change
+    target = aws["application-autoscaling"].describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[res.scaling_resource_id(name)])
+    assert target["ScalableTargets"][0]["MaxCapacity"] == 3
+    unchanged = subprocess.run([*rescale, "--json"], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert unchanged.returncode == 0 and json.loads(unchanged.stdout)["action"] == "unchanged", unchanged.stderr
+    assert api.delete(name, provider="sagemaker", purge_artifacts=True) is None
+    assert_gone(aws, name)
+
+
 def test_ctrl_c_during_deploy_says_how_to_resume_or_clean_up(flaky: FaultProxy, sagemaker_emulator, aws, tiny_gpt2: Path, tmp_path: Path) -> None:
     name = "interrupted"
     env = {**os.environ, "CLOUDLLM_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": flaky.url}
