@@ -12,7 +12,8 @@ state. In this process cloudllm deploys through its Python API (what the CLI cal
 - every `time.sleep` of the deploy is recorded: the waits must poll adaptively, so no
   single sleep is long against the work it waits for.
 
-Measured: create, an unchanged re-deploy (must change nothing), and delete.
+Measured: create, invoke, an unchanged re-deploy (must change nothing), an autoscaling-only
+update (in place) beside a serving-setting update (blue/green, a new version), and delete.
 
     python -m benchmarks.bench_deploy
 """
@@ -131,6 +132,13 @@ def round_trip(model: Path, emulator_args: tuple[str, ...], name: str, **deploy_
         steps = [measure("create", lambda: api.deploy(model, name=name, **deploy_kwargs))]
         steps.append(measure("invoke", lambda: api.invoke(name, "Once upon a time", parameters={"max_new_tokens": 8})))
         steps.append(measure("unchanged re-deploy", lambda: api.deploy(model, name=name, **deploy_kwargs)))
+        # The same kind of change two ways: autoscaling alone is made in place; a serving setting
+        # (code/settings.json) needs a new version, a blue/green update with a second fleet.
+        steps.append(measure("autoscaling-only update (in place)", lambda: api.deploy(model, name=name, max_instances=2, **deploy_kwargs)))
+        steps.append(measure(
+            "serving-setting update (blue/green)",
+            lambda: api.deploy(model, name=name, max_instances=2, serving={"max_new_tokens": 512}, **deploy_kwargs),
+        ))  # fmt: skip
         steps.append(measure("delete", lambda: api.delete(name)))
         return steps
 

@@ -8,8 +8,8 @@
 Storage is gcp-storage-emulator, in process. The Vertex fake speaks the v1 REST API the
 real `google.cloud.aiplatform_v1` clients use (JSON of the real proto types, enums as
 integers, long-running operations polled at `GET /ui/{operation}`): models (upload as a
-new model or a new version, get, list, delete), endpoints (create, get, list, update,
-delete, deploy, undeploy), predict, rawPredict and streamRawPredict.
+new model or a new version, get, list, update, delete), endpoints (create, get, list, update,
+delete, deploy, undeploy, mutate a deployed model's scaling), predict, rawPredict and streamRawPredict.
 
 A deployed model really serves. The emulator cannot run GPU engines, so:
 - an image of the Hugging Face PyTorch inference family runs its container command on this
@@ -74,6 +74,11 @@ AUTOSCALING_METRICS = {
     "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle": (1, 100),
     "aiplatform.googleapis.com/prediction/online/request_count": (1, 1_000_000),
 }
+# MutateDeployedModelRequest.deployed_model: what may change in place (aiplatform_v1 endpoint_service.proto).
+MUTABLE_DEPLOYED_MODEL_FIELDS = (
+    "dedicated_resources.min_replica_count", "dedicated_resources.max_replica_count",
+    "dedicated_resources.required_replica_count", "dedicated_resources.autoscaling_metric_specs", "disable_container_logging",
+)  # fmt: skip
 # Images the emulator runs as they are: the HF PyTorch inference DLCs are python + transformers.
 RUNNABLE_IMAGES = re.compile(r"huggingface-pytorch-inference")
 
@@ -495,6 +500,26 @@ class VertexEmulator:
         models = [m for m in models if _matches(m, query.get("filter", [""])[0])]
         return _types().ListModelsResponse(models=models)
 
+    def update_model(self, name: str, body: bytes, query: dict):
+        """UpdateModel: labels, display_name or description of one version (models/ID@VERSION; the default without)."""
+        t = _types()
+        patch = _parse(t.Model, body)
+        paths = [_snake(p) for p in ",".join(query.get("updateMask", query.get("update_mask", [""]))).split(",") if p]
+        if not paths:
+            raise ApiError("INVALID_ARGUMENT", "update_mask must be set.")
+        with self.lock:
+            model = self._model(name)
+            for path in paths:
+                if path == "labels":
+                    _check_labels(patch.labels, "Model")
+                    model.labels = dict(patch.labels)
+                elif path in ("display_name", "description", "version_description"):
+                    setattr(model, path, getattr(patch, path))
+                else:
+                    raise ApiError("INVALID_ARGUMENT", f"Updating {path} is not supported by the emulator.")
+            model.update_time = model.version_update_time = _now()
+            return t.Model(model)
+
     def list_model_versions(self, name: str):
         with self.lock:
             versions = self.state.models.get(_last(name).partition("@")[0])
@@ -666,6 +691,44 @@ class VertexEmulator:
                     self._set_split(live, {deployed.id: 100})
                 live.update_time = _now()
             return t.DeployModelResponse(deployed_model=deployed)
+
+        return self._operation(name, work, metadata)
+
+    def mutate_deployed_model(self, name: str, body: bytes):
+        """MutateDeployedModel: replica counts and autoscaling metrics of a deployed model, in place."""
+        t = _types()
+        request = _parse(t.MutateDeployedModelRequest, body)
+        paths = list(request.update_mask.paths)
+        if not paths:
+            raise ApiError("INVALID_ARGUMENT", "update_mask must be set.")
+        wrong = [p for p in paths if p not in MUTABLE_DEPLOYED_MODEL_FIELDS]
+        if wrong:
+            raise ApiError("INVALID_ARGUMENT", f"Field {wrong[0]} of a DeployedModel cannot be mutated; only {', '.join(MUTABLE_DEPLOYED_MODEL_FIELDS)}.")
+        with self.lock:
+            endpoint = self._endpoint(name)
+            deployed = next((d for d in endpoint.deployed_models if d.id == request.deployed_model.id), None)
+            if deployed is None:
+                raise ApiError("NOT_FOUND", f"Deployed model {request.deployed_model.id} not found on {name}.")
+            mutated = t.DeployedModel(deployed)
+            for path in paths:
+                if path == "disable_container_logging":
+                    mutated.disable_container_logging = request.deployed_model.disable_container_logging
+                else:
+                    field_name = path.rsplit(".", 1)[-1]
+                    setattr(mutated.dedicated_resources, field_name, getattr(request.deployed_model.dedicated_resources, field_name))
+            self._check_resources(mutated)
+        metadata = t.MutateDeployedModelOperationMetadata(generic_metadata=t.GenericOperationMetadata(create_time=_now()))
+
+        def work():
+            with self.lock:
+                live = next((d for d in self._endpoint(name).deployed_models if d.id == mutated.id), None)
+                if live is None:
+                    raise ApiError("NOT_FOUND", f"Deployed model {mutated.id} was undeployed from {name}.")
+                live.dedicated_resources = mutated.dedicated_resources
+                live.disable_container_logging = mutated.disable_container_logging
+                live.status.available_replica_count = mutated.dedicated_resources.min_replica_count or 1
+                live.status.last_update_time = _now()
+                return t.MutateDeployedModelResponse(deployed_model=t.DeployedModel(live))
 
         return self._operation(name, work, metadata)
 
@@ -1202,6 +1265,8 @@ _ROUTE_PATTERNS = [
     ("DELETE", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+)$", "delete_endpoint"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):deployModel$", "deploy_model"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):undeployModel$", "undeploy_model"),
+    ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):mutateDeployedModel$", "mutate_deployed_model"),
+    ("PATCH", rf"^/v1/(?P<name>{_LOC}/models/[^/:]+)$", "update_model"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):predict$", "predict"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):rawPredict$", "raw_predict"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):streamRawPredict$", "stream_raw_predict"),
@@ -1291,6 +1356,10 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
                 self._send_op(e.deploy_model(params["name"], body))
             elif action == "undeploy_model":
                 self._send_op(e.undeploy_model(params["name"], body))
+            elif action == "mutate_deployed_model":
+                self._send_op(e.mutate_deployed_model(params["name"], body))
+            elif action == "update_model":
+                self._send_json(200, _to_json(e.update_model(params["name"], body, query)))
             elif action == "predict":
                 self._send_json(200, e.predict(params["name"], body))
             elif action in ("raw_predict", "stream_raw_predict"):

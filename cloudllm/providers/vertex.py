@@ -239,6 +239,8 @@ class VertexProvider(Provider):
                 ResourceChange(resource="endpoint", name=name, action="create"),
                 ResourceChange(resource="deployed-model", name=name, action="create", reason=_resources_line(plan)),
             ]
+        elif plan.rescale_only:
+            return [ResourceChange(resource="deployed-model", name=name, action="update", reason=f"autoscaling only, in place: {_resources_line(plan)}")]
         else:
             changes += [
                 ResourceChange(resource="model-version", name=name, action="create", reason="; ".join(plan.reasons)),
@@ -330,6 +332,8 @@ class VertexProvider(Provider):
         name = plan.spec.name
         endpoint_name = existing.details["endpoint"]
         endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
+        if plan.rescale_only:
+            return self._rescale(plan, endpoint, reporter)
         old = list(endpoint.deployed_models)
         main = _main_deployment(endpoint)
         before = dict(endpoint.traffic_split)
@@ -362,6 +366,38 @@ class VertexProvider(Provider):
         except BaseException as exc:
             raise _deploy_error(exc, name, after="the new version serves all the traffic, but undeploying the old one failed") from None
         return self._endpoint_or_fail(name)
+
+    def _rescale(self, plan: "Plan", endpoint, reporter: Reporter) -> Endpoint:
+        """Only autoscaling changed: MutateDeployedModel on the serving copy; no new model version or DeployModel.
+
+        Replica counts and autoscaling metrics are the fields Vertex AI changes in place. The model
+        version's digest labels move to this plan last, so a run killed before that finds the old
+        digests and mutates again (the same values: nothing more changes).
+        """
+        try:
+            return self._mutate_scaling(plan, endpoint, reporter)
+        except Exception as exc:
+            raise _deploy_error(exc, plan.spec.name) from None
+
+    def _mutate_scaling(self, plan: "Plan", endpoint, reporter: Reporter) -> Endpoint:
+        from google.cloud import aiplatform_v1 as v1
+        from google.protobuf import field_mask_pb2
+
+        c = self.clients()
+        main = _main_deployment(endpoint)
+        reporter.step(f"only the autoscaling of {plan.spec.name} changed: changing it in place on {main.id}, no new copy")
+        mask = field_mask_pb2.FieldMask(paths=[f"dedicated_resources.{f}" for f in ("min_replica_count", "max_replica_count", "autoscaling_metric_specs")])
+        op = c.endpoints.mutate_deployed_model(
+            endpoint=endpoint.name, deployed_model=v1.DeployedModel(id=main.id, dedicated_resources=self._resources(plan)), update_mask=mask,
+            retry=_retry(),  # setting the same values twice is harmless
+        )  # fmt: skip
+        self._wait(op, f"scaling to {_resources_line(plan)}", _deploy_deadline(plan), reporter)  # new replicas load the model
+        version = f"{main.model}@{main.model_version_id}"
+        labels = {**c.models.get_model(name=version, retry=_retry()).labels}
+        labels.update({label: encode_digest(plan.fingerprint[key]) for key, label in DIGEST_LABELS.items()})
+        c.models.update_model(model=v1.Model(name=version, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=_retry())
+        reporter.step(f"{plan.spec.name}: {_resources_line(plan)}")
+        return self._endpoint_or_fail(plan.spec.name)
 
     def _deployed_version(self, endpoint, existing: Endpoint, digest: str):
         """The deployed model on the endpoint that serves exactly this plan (an earlier run deployed it), or None."""

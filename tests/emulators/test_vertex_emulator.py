@@ -134,6 +134,51 @@ def test_deploy_validates_resources(clients, v1, artifact: str, resources: dict,
         clients["models"].delete_model(name=model.model).result(timeout=30)
 
 
+def test_mutate_changes_scaling_in_place_and_refuses_the_rest(vertex_emulator, clients, v1, artifact: str) -> None:
+    from google.api_core import exceptions
+    from google.protobuf import field_mask_pb2
+
+    endpoints, models = clients["endpoints"], clients["models"]
+    model = models.upload_model(parent=clients["parent"], model=_handler_model(v1, artifact, "mutate")).result(timeout=30)
+    endpoint = endpoints.create_endpoint(parent=clients["parent"], endpoint=v1.Endpoint(display_name="mutate")).result(timeout=30)
+    cpu = "aiplatform.googleapis.com/prediction/online/cpu/utilization"
+    try:
+        deployed = endpoints.deploy_model(
+            endpoint=endpoint.name, deployed_model=v1.DeployedModel(model=model.model, dedicated_resources=_resources(v1)),
+            traffic_split={"0": 100},
+        ).result(timeout=120).deployed_model  # fmt: skip
+        scaling = ["dedicated_resources.min_replica_count", "dedicated_resources.max_replica_count", "dedicated_resources.autoscaling_metric_specs"]
+        wanted = v1.DeployedModel(id=deployed.id, dedicated_resources=_resources(v1, min_replicas=2, max_replicas=5, metrics=[(cpu, 40)]))
+        endpoints.mutate_deployed_model(endpoint=endpoint.name, deployed_model=wanted, update_mask=field_mask_pb2.FieldMask(paths=scaling)).result(timeout=30)
+        (live,) = endpoints.get_endpoint(name=endpoint.name).deployed_models
+        assert live.id == deployed.id and (live.dedicated_resources.min_replica_count, live.dedicated_resources.max_replica_count) == (2, 5)
+        assert [(m.metric_name, m.target) for m in live.dedicated_resources.autoscaling_metric_specs] == [(cpu, 40)]
+        assert live.dedicated_resources.machine_spec.machine_type == "n1-standard-4"
+
+        machine = field_mask_pb2.FieldMask(paths=["dedicated_resources.machine_spec"])
+        with pytest.raises(exceptions.BadRequest, match="cannot be mutated"):
+            endpoints.mutate_deployed_model(endpoint=endpoint.name, deployed_model=wanted, update_mask=machine)
+        backwards = v1.DeployedModel(id=deployed.id, dedicated_resources=_resources(v1, min_replicas=3, max_replicas=2))
+        with pytest.raises(exceptions.BadRequest, match="must be at least min_replica_count"):
+            endpoints.mutate_deployed_model(endpoint=endpoint.name, deployed_model=backwards, update_mask=field_mask_pb2.FieldMask(paths=scaling))
+        with pytest.raises(exceptions.NotFound):
+            endpoints.mutate_deployed_model(
+                endpoint=endpoint.name, deployed_model=v1.DeployedModel(id="404", dedicated_resources=_resources(v1)),
+                update_mask=field_mask_pb2.FieldMask(paths=scaling),
+            )  # fmt: skip
+
+        # UpdateModel of one version's labels; a label Vertex would refuse is refused
+        version = f"{model.model}@{model.model_version_id}"
+        models.update_model(model=v1.Model(name=version, labels={"team": "ml"}), update_mask=field_mask_pb2.FieldMask(paths=["labels"]))
+        assert dict(models.get_model(name=version).labels) == {"team": "ml"}
+        with pytest.raises(exceptions.BadRequest):
+            models.update_model(model=v1.Model(name=version, labels={"Team": "ML"}), update_mask=field_mask_pb2.FieldMask(paths=["labels"]))
+        endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=deployed.id).result(timeout=60)
+    finally:
+        endpoints.delete_endpoint(name=endpoint.name).result(timeout=30)
+        models.delete_model(name=model.model).result(timeout=30)
+
+
 def test_a_deployed_model_serves_predict_raw_and_stream(vertex_emulator, clients, v1, artifact: str) -> None:
     from google.api_core import exceptions
     from google.protobuf import json_format, struct_pb2

@@ -122,6 +122,31 @@ def test_tgi_deploy_uploads_the_container_spec_and_resources(vertex_emulator, cl
     assert not any(s.startswith("uploaded ") for s in reporter.steps)
 
 
+def test_an_autoscaling_change_alone_is_made_in_place(vertex_emulator, clients, tiny_gpt2: Path, no_engine_servers) -> None:
+    """Replica counts or the metric alone: MutateDeployedModel on the serving copy, no new model version or DeployModel."""
+    base = dict(runtime="tgi", instance="g2-standard-24", scale_metric="gpu-duty-cycle")
+    first = _deploy(tiny_gpt2, vertex_emulator, "tgi-rescale", min_instances=1, max_instances=2, scale_target=70, **base)
+    _, deployed, model = _deployed(clients, first)
+    wanted = dict(min_instances=2, max_instances=4, scale_target=50, **base)
+    plan = api.plan(tiny_gpt2, provider="vertex", name="tgi-rescale", bucket=vertex_emulator.bucket, **wanted)
+    assert plan.rescale_only and [(c.resource, c.action) for c in plan.changes] == [("deployed-model", "update")]
+    assert "in place" in plan.changes[0].reason
+
+    reporter = Recorder()
+    result = _deploy(tiny_gpt2, vertex_emulator, "tgi-rescale", reporter, **wanted)
+    assert result.action == "update" and result.reasons == ["autoscaling changed (now 2-4 instances)"]
+    assert any("in place" in s for s in reporter.steps) and not any(s.startswith("uploaded ") for s in reporter.steps)
+    endpoint, now, model_now = _deployed(clients, result)
+    assert (now.id, model_now.version_id) == (deployed.id, model.version_id)  # the same copy, the same version
+    resources = now.dedicated_resources
+    assert (resources.min_replica_count, resources.max_replica_count) == (2, 4)
+    assert [(m.metric_name, m.target) for m in resources.autoscaling_metric_specs] == [(DUTY_CYCLE, 50)]
+    assert decode_digest(model_now.labels["cloudllm-digest"]) == result.plan.digest
+    assert result.endpoint.details["replicas"] == "2..4" and "cloudllm-lock" not in endpoint.labels
+    assert _deploy(tiny_gpt2, vertex_emulator, "tgi-rescale", **wanted).action == "unchanged"
+    api.delete("tgi-rescale", provider="vertex", purge_artifacts=True)
+
+
 def test_vllm_deploy_with_an_accelerator_override_and_delete_to_nothing(vertex_emulator, clients, tiny_gpt2: Path, no_engine_servers) -> None:
     result = _deploy(tiny_gpt2, vertex_emulator, "vllm-demo", runtime="vllm", instance="n1-standard-8", accelerator="NVIDIA_TESLA_T4:2")
     _, deployed, model = _deployed(clients, result)
