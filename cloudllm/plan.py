@@ -37,7 +37,8 @@ _NOT_DEPLOYED = {"name", "model", "rollout", "timeout", "task", "allow_pickle", 
 # Provider options of the same kind: credentials, rollout pacing and safety nets.
 _OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "rollout_wait"}
 # How the fleet scales: digested apart, so a provider can change autoscaling in place
-# (SageMaker: the scalable target and policy) instead of standing up a new fleet for it.
+# (SageMaker: the scalable target and policy; Vertex AI: MutateDeployedModel) instead of
+# standing up a second fleet for it.
 _SCALING = {"min_instances", "max_instances", "scale_metric", "scale_target", "scale_in_cooldown", "scale_out_cooldown"}
 
 

@@ -371,15 +371,9 @@ class VertexProvider(Provider):
         """Only autoscaling changed: MutateDeployedModel on the serving copy; no new model version or DeployModel.
 
         Replica counts and autoscaling metrics are the fields Vertex AI changes in place. The model
-        version's digest labels move to this plan last, so a run killed before that finds the old
+        version's digest labels move to this plan last, so a run stopped before that finds the old
         digests and mutates again (the same values: nothing more changes).
         """
-        try:
-            return self._mutate_scaling(plan, endpoint, reporter)
-        except Exception as exc:
-            raise _deploy_error(exc, plan.spec.name) from None
-
-    def _mutate_scaling(self, plan: "Plan", endpoint, reporter: Reporter) -> Endpoint:
         from google.cloud import aiplatform_v1 as v1
         from google.protobuf import field_mask_pb2
 
@@ -387,15 +381,21 @@ class VertexProvider(Provider):
         main = _main_deployment(endpoint)
         reporter.step(f"only the autoscaling of {plan.spec.name} changed: changing it in place on {main.id}, no new copy")
         mask = field_mask_pb2.FieldMask(paths=[f"dedicated_resources.{f}" for f in ("min_replica_count", "max_replica_count", "autoscaling_metric_specs")])
-        op = c.endpoints.mutate_deployed_model(
-            endpoint=endpoint.name, deployed_model=v1.DeployedModel(id=main.id, dedicated_resources=self._resources(plan)), update_mask=mask,
-            retry=_retry(),  # setting the same values twice is harmless
-        )  # fmt: skip
-        self._wait(op, f"scaling to {_resources_line(plan)}", _deploy_deadline(plan), reporter)  # new replicas load the model
         version = f"{main.model}@{main.model_version_id}"
-        labels = {**c.models.get_model(name=version, retry=_retry()).labels}
-        labels.update({label: encode_digest(plan.fingerprint[key]) for key, label in DIGEST_LABELS.items()})
-        c.models.update_model(model=v1.Model(name=version, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=_retry())
+        try:
+            op = c.endpoints.mutate_deployed_model(
+                endpoint=endpoint.name, deployed_model=v1.DeployedModel(id=main.id, dedicated_resources=self._resources(plan)),
+                update_mask=mask, retry=_retry(),  # setting the same values twice is harmless
+            )  # fmt: skip
+            self._wait(op, f"scaling to {_resources_line(plan)}", _deploy_deadline(plan), reporter)  # new replicas load the model
+            labels = {**c.models.get_model(name=version, retry=_retry()).labels, **self._digest_labels(plan)}
+            c.models.update_model(model=v1.Model(name=version, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=_retry())
+        except _StillRunning as exc:
+            exc.fix = "the old version keeps serving; once the operation has ended, deploy again to finish, or give the deploy a longer --timeout"
+            exc.args = (exc.line(),)
+            raise
+        except Exception as exc:
+            raise _deploy_error(exc, plan.spec.name) from None
         reporter.step(f"{plan.spec.name}: {_resources_line(plan)}")
         return self._endpoint_or_fail(plan.spec.name)
 
@@ -666,8 +666,14 @@ class VertexProvider(Provider):
         labels[RUN_LABEL] = self._run_token()
         if digests:
             labels[RUNTIME_LABEL] = plan.runtime
-            labels.update({label: encode_digest(plan.fingerprint[key]) for key, label in DIGEST_LABELS.items()})
+            labels.update(self._digest_labels(plan))
         return labels
+
+    @staticmethod
+    def _digest_labels(plan: "Plan") -> dict[str, str]:
+        """The plan's fingerprint as model labels: what `get` reads back to compare."""
+        fingerprint = plan.fingerprint
+        return {label: encode_digest(fingerprint[key]) for key, label in DIGEST_LABELS.items()}
 
     # --- waiting ----------------------------------------------------------------------------
     def _wait(self, op, what: str, deadline_s: float, reporter: Reporter, *, fix: str | None = None):

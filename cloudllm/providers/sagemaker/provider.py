@@ -439,7 +439,7 @@ class SageMakerProvider(Provider):
                 )
             reporter.step(f"{name}: {details['instances']} -> {desired} instance(s)")
             self._wait(name, res.sizing(plan, self._instance(plan.spec)).wait_timeout, reporter)
-        fingerprint = res.tag_list({tag: plan.fingerprint[key] for key, tag in res.FINGERPRINT_TAGS.items()})
+        fingerprint = res.tag_list(res.fingerprint_tags(plan))
         with self._aws(f"tag the model and endpoint config of {name}"):
             for arn in (
                 self._sm.describe_model(ModelName=details["model_name"])["ModelArn"],

@@ -315,9 +315,13 @@ def version_tags(plan: "Plan", instance: str, artifact: str) -> dict[str, str]:
         TAG + "instance": instance,
         TAG + "model": source,
     }
-    for key, tag in FINGERPRINT_TAGS.items():
-        tags[tag] = plan.fingerprint[key]
-    return tags
+    return {**tags, **fingerprint_tags(plan)}
+
+
+def fingerprint_tags(plan: "Plan") -> dict[str, str]:
+    """The plan's fingerprint as tags of a version's model and config: what `get` reads back to compare."""
+    fingerprint = plan.fingerprint
+    return {tag: fingerprint[key] for key, tag in FINGERPRINT_TAGS.items()}
 
 
 def check_user_tags(tags: dict[str, str]) -> None:
