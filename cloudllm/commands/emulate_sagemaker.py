@@ -1,4 +1,4 @@
-"""`cloudllm emulate sagemaker`: the offline SageMaker (cloudllm/emulators/sagemaker.py) in the foreground."""
+"""`cloudllm emulate sagemaker`: the offline SageMaker (cloudllm_emulators/sagemaker.py) in the foreground."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def emulate_sagemaker(port: int, host: str, region: str, log_requests: bool) -> 
       cloudllm deploy ./my-model --provider sagemaker --runtime handler --instance ml.m5.xlarge \\
           --bucket s3://cloudllm-emulator/models --role arn:aws:iam::123456789012:role/cloudllm-emulator-sagemaker
     """
-    from cloudllm.emulators.sagemaker import SageMakerEmulator
+    from cloudllm_emulators.sagemaker import SageMakerEmulator
 
     with SageMakerEmulator(port=port, host=host, region=region, log_requests=log_requests) as emulator:
         for key, value in emulator.env().items():

@@ -1,4 +1,4 @@
-"""`cloudllm emulate vertex`: the offline Vertex AI + Cloud Storage (cloudllm/emulators/vertex.py) in the foreground."""
+"""`cloudllm emulate vertex`: the offline Vertex AI + Cloud Storage (cloudllm_emulators/vertex.py) in the foreground."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def emulate_vertex(host: str, port: int, storage_port: int, project: str, bucket
       cloudllm deploy ./my-model --provider vertex --runtime handler --instance n1-standard-4 \\
           --bucket gs://my-bucket/models
     """
-    from cloudllm.emulators.vertex import VertexEmulator
+    from cloudllm_emulators.vertex import VertexEmulator
 
     with VertexEmulator(host=host, port=port, storage_port=storage_port, project=project) as emulator:
         for bucket in buckets:

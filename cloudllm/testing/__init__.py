@@ -46,7 +46,7 @@ def vertex_emulator():
     GOOGLE_CLOUD_PROJECT), so `--provider vertex` deploys go to it; `vertex_emulator.bucket`
     is an empty gs:// location to deploy to.
     """
-    from cloudllm.emulators.vertex import VertexEmulator
+    from cloudllm_emulators.vertex import VertexEmulator
 
     with VertexEmulator() as emulator, pytest.MonkeyPatch.context() as patch:
         for key, value in emulator.env.items():
@@ -64,7 +64,7 @@ def sagemaker_emulator(tmp_path_factory: pytest.TempPathFactory):
     no ~/.aws files or profile), so `--provider sagemaker` deploys and any boto3 client go to it.
     `sagemaker_emulator.bucket` (s3://...) and `.role` (an IAM role ARN) exist.
     """
-    from cloudllm.emulators.sagemaker import SageMakerEmulator
+    from cloudllm_emulators.sagemaker import SageMakerEmulator
 
     nowhere = tmp_path_factory.mktemp("aws") / "none"
     with SageMakerEmulator() as emulator, pytest.MonkeyPatch.context() as patch:

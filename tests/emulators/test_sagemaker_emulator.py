@@ -18,7 +18,7 @@ from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import ClientError
 
 from cloudllm import api
-from cloudllm.emulators.sagemaker import ROLE_ARN
+from cloudllm_emulators.sagemaker import ROLE_ARN
 from tests.conftest import CLOUDLLM
 
 BUCKET = "cloudllm-emulator"

@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from cloudllm import api
 from cloudllm.catalog.sagemaker_images import image_uri
 from cloudllm.console import Reporter
-from cloudllm.emulators.sagemaker import ROLE_ARN
+from cloudllm_emulators.sagemaker import ROLE_ARN
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.sagemaker import resources as res
 from tests.conftest import assert_one_line_error, run_cli

@@ -82,7 +82,7 @@ MUTABLE_DEPLOYED_MODEL_FIELDS = (
 # Images the emulator runs as they are: the HF PyTorch inference DLCs are python + transformers.
 RUNNABLE_IMAGES = re.compile(r"huggingface-pytorch-inference")
 
-log = logging.getLogger("cloudllm.emulators.vertex")
+log = logging.getLogger("cloudllm_emulators.vertex")
 
 
 class ApiError(Exception):
