@@ -33,6 +33,7 @@ One emulator per process: moto keeps its state in module-level backends.
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import json
 import os
@@ -66,8 +67,6 @@ from moto.moto_server.werkzeug_app import (
     create_backend_app,
 )
 
-from cloudllm.providers.sagemaker.resources import known_instance_types, runs_toolkit
-
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account for any access key it does not know
 BUCKET = "cloudllm-emulator"
@@ -76,6 +75,26 @@ ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{ROLE_NAME}"
 DEFAULT_STARTUP_TIMEOUT = 600
 INVOKE_TIMEOUT = 60.0  # SageMaker's limit for a container's answer
 CONTENT_TYPE_EVENTSTREAM = "application/vnd.amazon.eventstream"
+# The Hugging Face PyTorch inference DLCs (CPU/GPU, Inferentia 1 and 2): they serve code/inference.py
+# through the HF inference toolkit. The emulator's own list, not cloudllm's, so it judges cloudllm's.
+TOOLKIT_REPOSITORIES = frozenset(
+    {"huggingface-pytorch-inference", "huggingface-pytorch-inference-neuron", "huggingface-pytorch-inference-neuronx"}
+)
+
+
+@functools.cache
+def known_instance_types() -> frozenset[str]:
+    """Hosting instance types SageMaker accepts: the ProductionVariantInstanceType enum of botocore's service model."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    return frozenset(model.shape_for("ProductionVariantInstanceType").enum)
+
+
+def runs_toolkit(image: str) -> bool:
+    """The image is an HF PyTorch inference DLC (served by the toolkit), not one that runs the artifact's code/serve.py."""
+    repository = image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
+    return repository in TOOLKIT_REPOSITORIES
 
 
 # --- hosting: an endpoint version served by the artifact's generated server ---------------------

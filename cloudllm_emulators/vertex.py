@@ -34,7 +34,8 @@ becomes ready, as a version that fails under traffic) and `corrupt_next_upload` 
 storage emulator receives one upload with a flipped byte).
 
 What Vertex validates and a deploy can get wrong is validated here too: machine types and
-their accelerators (from cloudllm's instance catalog), replica counts, autoscaling metric
+their accelerators (the emulator's own table, accelerator names checked against aiplatform_v1's
+AcceleratorType), replica counts, autoscaling metric
 names and targets, traffic splits summing to 100, undeploying a model that still takes
 traffic, deleting an endpoint with deployed models or a model that is deployed.
 """
@@ -81,6 +82,24 @@ MUTABLE_DEPLOYED_MODEL_FIELDS = (
 )  # fmt: skip
 # Images the emulator runs as they are: the HF PyTorch inference DLCs are python + transformers.
 RUNNABLE_IMAGES = re.compile(r"huggingface-pytorch-inference")
+# Vertex online prediction's machine types and the accelerators each takes (cloud.google.com/vertex-ai/docs/
+# predictions/configure-compute): the emulator's own copy, not cloudllm's catalog, so it judges that catalog.
+_N1_ACCELERATORS = {
+    "n1-standard-4": {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (1, 2, 4, 8)},
+    "n1-standard-8": {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (1, 2, 4, 8)},
+    "n1-standard-16": {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (2, 4, 8)},
+    "n1-standard-32": {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (4, 8)},
+}
+_FIXED_ACCELERATORS = {
+    **{f"a2-highgpu-{n}g": ("NVIDIA_TESLA_A100", n) for n in (1, 2, 4, 8)},
+    **{f"a2-ultragpu-{n}g": ("NVIDIA_A100_80GB", n) for n in (1, 2, 4, 8)},
+    **{f"a3-highgpu-{n}g": ("NVIDIA_H100_80GB", n) for n in (1, 2, 4, 8)},
+    **{f"g2-standard-{cpus}": ("NVIDIA_L4", n) for cpus, n in ((4, 1), (8, 1), (12, 1), (16, 1), (24, 2), (32, 1), (48, 4), (96, 8))},
+}
+MACHINE_ACCELERATORS: dict[str, set[tuple[str | None, int]]] = {
+    **{m: {(None, 0)} | {(a, c) for a, counts in accels.items() for c in counts} for m, accels in _N1_ACCELERATORS.items()},
+    **{m: {fixed} for m, fixed in _FIXED_ACCELERATORS.items()},
+}
 
 log = logging.getLogger("cloudllm_emulators.vertex")
 
@@ -115,6 +134,20 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"code": self.http_status, "message": self.message, "status": self.status}}
+
+
+def _sse_texts(lines) -> Any:
+    """Token texts of TGI-style server-sent events (data: {"token": {"text", "special"}}); an error event raises."""
+    for line in lines:
+        payload = line.strip().removeprefix("data:").strip() if line.strip().startswith("data:") else ""
+        if not payload or payload == "[DONE]":
+            continue
+        event = json.loads(payload)
+        if "error" in event:
+            raise RuntimeError(f"the model server failed mid-stream: {event['error']}")
+        token = event.get("token") or {}
+        if token.get("text") and not token.get("special"):
+            yield token["text"]
 
 
 def _types():
@@ -367,6 +400,18 @@ class VertexEmulator:
         _install_corruption()
         with _CORRUPTION_LOCK:
             _CORRUPTIONS.append(name_matches)
+
+    def _download(self, gs_uri: str, dest: Path) -> Path:
+        """Every object under gs://bucket/prefix into dest, as a serving container copies AIP_STORAGE_URI at start."""
+        bucket, _, prefix = gs_uri.removeprefix("gs://").partition("/")
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        for blob in self.storage_client().list_blobs(bucket, prefix=prefix or None):
+            if blob.name.endswith("/"):
+                continue
+            target = dest / blob.name[len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob.download_to_filename(str(target))
+        return dest
 
     def replica_log(self, deployed_model_id: str) -> str:
         replica = self.state.replicas.get(deployed_model_id)
@@ -733,21 +778,17 @@ class VertexEmulator:
         return self._operation(name, work, metadata)
 
     def _check_resources(self, dm) -> None:
-        from cloudllm.catalog import lookup, offers
-
         t = _types()
         if not dm.dedicated_resources or not dm.dedicated_resources.machine_spec.machine_type:
             raise ApiError("INVALID_ARGUMENT", "deployed_model.dedicated_resources.machine_spec.machine_type must be set.")
         res = dm.dedicated_resources
         spec = res.machine_spec
-        if lookup("vertex", spec.machine_type) is None:
+        valid = MACHINE_ACCELERATORS.get(spec.machine_type)
+        if valid is None:
             raise ApiError("INVALID_ARGUMENT", f"Machine type \"{spec.machine_type}\" is not supported.")
         accel = t.AcceleratorType(spec.accelerator_type).name if spec.accelerator_type else None
-        valid = {(o.name, o.accelerator_type, o.accelerator_count) for o in offers("vertex")}
-        if (spec.machine_type, accel, spec.accelerator_count if accel else 0) not in valid:
-            options = sorted(
-                f"{a} x {c}" if a else "no accelerator" for (n, a, c) in valid if n == spec.machine_type
-            )
+        if (accel, spec.accelerator_count if accel else 0) not in valid:
+            options = sorted(f"{a} x {c}" if a else "no accelerator" for (a, c) in valid)
             raise ApiError(
                 "INVALID_ARGUMENT",
                 f"Accelerator \"{accel or 'ACCELERATOR_TYPE_UNSPECIFIED'}\" x {spec.accelerator_count} is not supported "
@@ -774,8 +815,6 @@ class VertexEmulator:
 
     def _start_replica(self, endpoint, deployed, model) -> None:
         """Run the deployed model's server and wait until its health route answers 200."""
-        from cloudllm.storage.gcs import GcsArtifacts, GcsUri
-
         spec = model.container_spec
         endpoint_id = _last(endpoint.name)
         port = _free_port()
@@ -818,7 +857,7 @@ class VertexEmulator:
         else:
             if not model.artifact_uri:
                 raise ApiError("FAILED_PRECONDITION", f"The emulator cannot run image {spec.image_uri} without an artifact_uri.")
-            artifact = GcsArtifacts(self.storage_client()).download(GcsUri.parse(model.artifact_uri), workdir / "artifact")
+            artifact = self._download(model.artifact_uri, workdir / "artifact")
             entry = artifact / "code" / "serve.py"
             if not entry.is_file():
                 raise ApiError(
@@ -1093,8 +1132,6 @@ class _Engine:
         """The stream's chunks; the handler is asked first, so a refusal is an error answer, not a broken stream."""
         import httpx
 
-        from cloudllm.invocation import iter_sse_tokens
-
         client = httpx.Client(timeout=httpx.Timeout(600, connect=5))
         body = {"inputs": prompt, "parameters": parameters, "stream": True}
         response = client.send(client.build_request("POST", self.replica.url + self.replica.predict_route, json=body), stream=True)
@@ -1105,7 +1142,7 @@ class _Engine:
 
         def frames():
             try:
-                for text in iter_sse_tokens(response.iter_lines()):
+                for text in _sse_texts(response.iter_lines()):
                     frame = {"predictions": [text]}
                     if raw:
                         frame.update(output_token_counts=[1], cumulative_logprobs=[None])
