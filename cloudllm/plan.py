@@ -93,11 +93,11 @@ class Plan:
         """An update of an InService endpoint whose only change is autoscaling (min/max instances,
         metric, target, cooldowns): what runs is the same, so a provider that can may apply it in place."""
         existing = self.existing
-        if self.action != "update" or existing is None or existing.state != "InService" or existing.details.get("unfinished"):
+        if self.action != "update" or existing is None or existing.state != "InService" or existing.unfinished:
             return False
-        had, now = existing.details, self.fingerprint
-        same = all(had.get(key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest"))
-        return same and had.get("scaling_digest") != now["scaling_digest"]
+        had, now = existing.fingerprint, self.fingerprint
+        same = all(getattr(had, key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest"))
+        return same and had.scaling_digest != now["scaling_digest"]
 
     @property
     def shards(self) -> int | None:
@@ -223,9 +223,9 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
         return "unknown", [f"the {plan.quantize_pending} weights are not quantized on this machine yet: deploy quantizes them, then compares"]
     if existing.state.lower() in ("failed", "stopped", "dead"):
         return "update", [f"endpoint is {existing.state}"]
-    if existing.details.get("unfinished"):
+    if existing.unfinished:
         return "update", [f"endpoint is {existing.state}: an earlier deploy has not finished"]
-    had = existing.details
+    had = existing.fingerprint.model_dump()
     now = plan.fingerprint
     reasons = [
         label
@@ -299,7 +299,7 @@ def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provi
     from cloudllm.quantize import OFFLINE_METHODS
 
     settings = serving_settings(spec, model)
-    instance = resolve_instance(spec, getattr(provider, "default_instance", None), provider.accepts_uncatalogued_instance)
+    instance = resolve_instance(spec, provider.default_instance, provider.accepts_uncatalogued_instance)
     bundle = build_bundle(model, settings, build={"runtime": runtime})
     plan = Plan(spec=spec, model=model, settings=settings, bundle=bundle, runtime=runtime)
     plan.instance, plan.fit, plan.cost = instance, plan_fit(spec, model, settings, runtime, instance), plan_cost(spec, instance)

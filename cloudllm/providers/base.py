@@ -11,14 +11,12 @@ third-party plugins register the same way, in the `cloudllm.providers` entry-poi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from enum import Enum
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
-
-from pydantic import BaseModel, Field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from cloudllm.console import Reporter
 from cloudllm.errors import PlanRefused, UserError
+from cloudllm.types import Endpoint, Feature, Fingerprint, ResourceChange  # re-exported: plugins import them from here
 
 if TYPE_CHECKING:
     from cloudllm.model_source import ModelInfo
@@ -26,40 +24,7 @@ if TYPE_CHECKING:
     from cloudllm.spec import DeploySpec
 
 GROUP = "cloudllm.providers"
-
-
-class Feature(str, Enum):
-    """Capabilities a spec may ask for; a provider lists those it lacks in `unsupported`."""
-
-    INSTANCE_TYPES = "choosing an instance type"
-    AUTOSCALING = "autoscaling (max_instances > 1)"
-    SCALE_TO_ZERO = "scale to zero (min_instances = 0)"
-    TRAFFIC_SHIFTING = "canary/linear rollouts"
-    ENGINE_RUNTIMES = "the tgi and vllm runtimes"
-
-
-class Endpoint(BaseModel):
-    """What a provider reports about one endpoint."""
-
-    name: str
-    provider: str
-    state: str = Field(description="InService, Creating, Updating, Failed, ...")
-    url: str | None = None
-    model: str | None = None
-    digest: str | None = Field(None, description="Plan digest of what is deployed; equal digests mean no change.")
-    instance: str | None = None
-    runtime: str | None = None
-    failure_reason: str | None = None
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class ResourceChange(BaseModel):
-    """One line of a plan's diff."""
-
-    resource: str = Field(description="Kind of resource, e.g. model, endpoint-config, endpoint, scaling-policy.")
-    name: str
-    action: Literal["create", "update", "replace", "unchanged", "delete"]
-    reason: str = ""
+__all__ = ["Endpoint", "Feature", "Fingerprint", "Provider", "ResourceChange", "get_provider", "provider_names"]
 
 
 class Provider(ABC):
@@ -67,6 +32,8 @@ class Provider(ABC):
 
     name: ClassVar[str]
     unsupported: ClassVar[dict[Feature, str]] = {}
+    # The instance the planner sizes against when the spec names none (None: the provider has no choice of instance).
+    default_instance: ClassVar[str | None] = None
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         self.region = region

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,10 @@ from cloudllm.home import home_dir
 from cloudllm.http import post_json, stream_tokens
 from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider
+from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
+from cloudllm.providers.kit import Pending
+from cloudllm.providers.kit.server import alive as _alive
+from cloudllm.providers.kit.server import start_server, stop_server as _stop, wait_healthy
 from cloudllm.records import load_record
 
 STATE_FILE = "state.json"
@@ -180,7 +182,8 @@ class LocalProvider(Provider):
             digest=state.get("digest"),
             runtime="handler",
             failure_reason=reason,
-            details={k: state[k] for k in ("pid", "log", "artifact", "weights_digest", "code_digest", "deploy_digest", "scaling_digest") if k in state},
+            fingerprint=Fingerprint(**{k: state.get(k) for k in FINGERPRINT_KEYS}),
+            details={k: state[k] for k in ("pid", "log", "artifact") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
@@ -199,14 +202,10 @@ class LocalProvider(Provider):
         reporter.step(f"artifact laid out in {artifact}")
         log_path = home_dir("logs") / f"{name}-{version}.log"  # beside local/, where every folder is an endpoint
         port_file = version_dir / "port"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, str(artifact / "code" / "serve.py"), "serve",
-                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=artifact, start_new_session=True,  # outlives the CLI and its Ctrl-C
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+        process = start_server(
+            [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+            log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
         state = {
             "version": version,
             "pid": process.pid,
@@ -231,39 +230,35 @@ class LocalProvider(Provider):
         Raises DeployFailed as soon as the server exits or /ping says the model failed to load.
         """
         timeout = plan.spec.timeout or DEFAULT_START_TIMEOUT
-        deadline = time.monotonic() + timeout
-        url = None
-        delay = 0.05
-        # Every raise is inside the with, so a failed start never prints the spinner's "done".
-        with reporter.waiting(f"starting the model server for {plan.spec.name}") as update:
-            while True:
-                code = process.poll()
-                if code is not None:
-                    raise DeployFailed(
-                        f"the model server exited with code {code}: {_last_line(str(log_path)) or 'no output'}",
-                        f"see the full log in {log_path}",
-                    )
-                if url is None and port_file.exists() and port_file.read_text().strip():
-                    url = f"http://127.0.0.1:{int(port_file.read_text())}"
-                    update(f"listening on {url}, loading the model")
-                if url and not wait:
-                    return url
-                if url:
-                    health = _health(url)
-                    if health.get("status") == "ok":
-                        return url
-                    if health.get("status") == "failed":
-                        raise DeployFailed(
-                            _one_line(f"the model failed to load: {health.get('error') or 'no reason given'}"),
-                            f"see the full log in {log_path}",
-                        )
-                if time.monotonic() >= deadline:
-                    raise DeployFailed(
-                        f"the model server did not become healthy within {timeout}s",
-                        f"see its log {log_path}; raise --timeout for large models",
-                    )
-                time.sleep(delay)
-                delay = min(delay * 1.5, 0.5)
+        found: dict[str, str] = {}
+
+        def poll() -> str | Pending:
+            code = process.poll()
+            if code is not None:
+                raise DeployFailed(
+                    f"the model server exited with code {code}: {_last_line(str(log_path)) or 'no output'}",
+                    f"see the full log in {log_path}",
+                )
+            if "url" not in found and port_file.exists() and port_file.read_text().strip():
+                found["url"] = f"http://127.0.0.1:{int(port_file.read_text())}"
+            url = found.get("url")
+            if url is None:
+                return Pending("starting")
+            if not wait:
+                return url
+            health = _health(url)
+            if health.get("status") == "ok":
+                return url
+            if health.get("status") == "failed":
+                raise DeployFailed(
+                    _one_line(f"the model failed to load: {health.get('error') or 'no reason given'}"), f"see the full log in {log_path}"
+                )
+            return Pending(f"listening on {url}, loading the model")
+
+        return wait_healthy(
+            poll, what=f"starting the model server for {plan.spec.name}", deadline=timeout, reporter=reporter,
+            late=lambda _: (f"the model server did not become healthy within {timeout}s", f"see its log {log_path}; raise --timeout for large models"),
+        )  # fmt: skip
 
 
 def _health(url: str) -> dict:
@@ -276,52 +271,6 @@ def _health(url: str) -> dict:
     except (httpx.HTTPError, ValueError):
         return {}
     return body if isinstance(body, dict) else {}
-
-
-def _alive(pid: int | None, artifact: str | None) -> bool:
-    """True when pid is running and is our server (not a recycled pid)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            text = cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-        if not text:  # a zombie: exited, not yet reaped
-            return False
-        return artifact is None or artifact in text
-    return True
-
-
-def _stop(pid: int | None, artifact: str | None, grace: float = 10.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL after `grace` seconds (SageMaker gives 30)."""
-    if not _alive(pid, artifact):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass  # not our child (started by an earlier CLI run)
-        if not _alive(pid, artifact):
-            return
-        time.sleep(0.05)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _one_line(text: str, limit: int = 300) -> str:

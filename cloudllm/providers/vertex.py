@@ -55,7 +55,11 @@ from urllib.parse import quote
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.retries import RETRY_SECONDS_ENV, retry_seconds
-from cloudllm.providers.base import Endpoint, Feature, Provider, ResourceChange
+from cloudllm.providers.base import Endpoint, Feature, Fingerprint, Provider, ResourceChange
+from cloudllm.providers.kit import (
+    DEFAULT_BAKE_SECONDS, Backoff, Ledger, Pending, StillRunning, create_once, delete_unless_gone, pause, rollout_of,
+    undone_on_failure, wait_until,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from cloudllm.plan import Plan
@@ -85,8 +89,7 @@ SCALE_METRICS = {
     "requests": "aiplatform.googleapis.com/prediction/online/request_count",
 }
 DEFAULT_SCALE_TARGET = 60
-DEFAULT_ROLLOUT_WAIT = 300  # seconds a canary bakes before the rest of the traffic moves (SageMaker's default too)
-MAX_ROLLOUT_WAIT = 3600
+DEFAULT_ROLLOUT_WAIT = DEFAULT_BAKE_SECONDS  # seconds a canary bakes before the rest of the traffic moves
 CANARY_SAMPLES_MAX = 200  # sample requests a canary check sends at most, looking for one the new version serves
 # TGI-form generation parameters -> the Model Garden vLLM server's (vllm SamplingParams keyword arguments).
 VLLM_PARAMETERS = {
@@ -250,13 +253,13 @@ class VertexProvider(Provider):
 
     # --- deploy / update ------------------------------------------------------------------
     def deploy(self, plan: "Plan", reporter: Reporter) -> Endpoint:
-        created = _Created()
-        with self._undone_on_failure(created, plan, reporter):
-            artifact_uri = self._upload(plan, reporter, created)
+        ledger = Ledger()
+        with self._undone_on_failure(ledger, plan, reporter, update=False):
+            artifact_uri = self._upload(plan, reporter, ledger)
             model, version = self._upload_model(plan, artifact_uri, None, reporter)
-            created.model = model
+            ledger.add("model", model, lambda: self._wait_unless_gone(self.clients().models.delete_model, Reporter(), name=model))
             endpoint = self._create_endpoint(plan, reporter)
-            created.endpoint = endpoint
+            ledger.add("endpoint", endpoint, lambda: self._delete_endpoint_hard(endpoint, reporter))
             if self._find_endpoint(plan.spec.name).name != endpoint:
                 # Another deploy created an endpoint of this name at the same time; the older one stays.
                 raise DeployFailed(
@@ -337,25 +340,31 @@ class VertexProvider(Provider):
         old = list(endpoint.deployed_models)
         main = _main_deployment(endpoint)
         before = dict(endpoint.traffic_split)
-        kind, _, pct = plan.spec.rollout.partition(":")
-        created = _Created(update=True)
-        with self._undone_on_failure(created, plan, reporter):
+        rollout = rollout_of(plan.spec, plan.spec.options.get("rollout_wait"))
+        ledger = Ledger()
+        with self._undone_on_failure(ledger, plan, reporter, update=True):
             ready = self._deployed_version(endpoint, existing, plan.digest)
             if ready is not None:
                 new_id = ready.id
                 reporter.step(f"the new version is already deployed ({new_id}); an earlier deploy stopped before it finished")
             else:
                 parent_model = main.model if main else existing.details.get("model")
-                artifact_uri = self._upload(plan, reporter, created)
+                artifact_uri = self._upload(plan, reporter, ledger)
                 model, version = self._upload_model(plan, artifact_uri, parent_model, reporter)
-                created.model, created.version = model, (version if parent_model else None)
+                models = self.clients().models
+                if parent_model:  # the model was there before: only this version is ours
+                    ledger.add("model version", f"{model}@{version}", lambda: self._wait_unless_gone(models.delete_model_version, Reporter(), name=f"{model}@{version}"))
+                else:
+                    ledger.add("model", model, lambda: self._wait_unless_gone(models.delete_model, Reporter(), name=model))
                 # Beside the old version, without traffic: until we move it, the old one serves everything,
                 # also when this deploy stops (a timeout, Ctrl-C) while Vertex AI goes on deploying.
                 first = {"0": 0, **before} if before else {"0": 100}
                 new_id = self._deploy_model(plan, endpoint_name, f"{model}@{version}", first, reporter)
-            created.deployed, created.on_endpoint, created.traffic_before = new_id, endpoint_name, before
-            if kind == "canary" and main is not None and main.id != new_id and before.get(main.id):
-                self._canary(plan, endpoint_name, new_id, main.id, int(pct), reporter)
+            ledger.add(
+                "deployed model", f"{new_id} (traffic back to the old version)", lambda: self._roll_back(endpoint_name, new_id, before)
+            )
+            if rollout.kind == "canary" and main is not None and main.id != new_id and before.get(main.id):
+                self._canary(plan, endpoint_name, new_id, main.id, rollout.percent, reporter)
             if before != {new_id: 100}:
                 self._set_traffic(endpoint_name, {new_id: 100})
                 reporter.step(f"all traffic on the new version ({new_id})")
@@ -390,7 +399,7 @@ class VertexProvider(Provider):
             self._wait(op, f"scaling to {_resources_line(plan)}", _deploy_deadline(plan), reporter)  # new replicas load the model
             labels = {**c.models.get_model(name=version, retry=_retry()).labels, **self._digest_labels(plan)}
             c.models.update_model(model=v1.Model(name=version, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=_retry())
-        except _StillRunning as exc:
+        except StillRunning as exc:
             exc.fix = "the old version keeps serving; once the operation has ended, deploy again to finish, or give the deploy a longer --timeout"
             exc.args = (exc.line(),)
             raise
@@ -404,7 +413,7 @@ class VertexProvider(Provider):
         main = _main_deployment(endpoint)
         for deployed in endpoint.deployed_models:
             if main is not None and deployed.id == main.id:
-                found = existing.details.get("digest")
+                found = existing.fingerprint.digest
             else:
                 labels = self.clients().models.get_model(name=f"{deployed.model}@{deployed.model_version_id}").labels
                 found = decode_digest(labels[DIGEST_LABELS["digest"]]) if DIGEST_LABELS["digest"] in labels else None
@@ -418,11 +427,7 @@ class VertexProvider(Provider):
         wait = _rollout_wait(plan)
         reporter.step(f"canary: {pct}% of the traffic on the new version ({new_id}), {100 - pct}% on {old_id}; baking {wait}s")
         if wait:
-            start = time.monotonic()
-            with reporter.waiting(f"canary: {pct}% on the new version") as update:
-                while (left := wait - (time.monotonic() - start)) > 0:
-                    update(f"{left:.0f}s left")
-                    time.sleep(min(5.0, left))
+            pause(wait, what=f"canary: {pct}% on the new version", reporter=reporter)
         problem = self._canary_problem(plan, endpoint, new_id, pct)
         if problem:
             raise DeployFailed(
@@ -461,28 +466,23 @@ class VertexProvider(Provider):
             return f"none of {attempts} sample requests reached the new version ({elsewhere} went to the old one)"
         return None
 
-    @contextmanager
-    def _undone_on_failure(self, created: "_Created", plan: "Plan", reporter: Reporter) -> Iterator[None]:
+    def _undone_on_failure(self, ledger: Ledger, plan: "Plan", reporter: Reporter, *, update: bool):
         """On any failure (Ctrl-C included) remove what this deploy created, then raise one line.
 
         Except when our deadline passed while a Vertex AI operation still runs: Vertex refuses to
         delete what an operation is changing (and the artifacts are what it is copying), so
         everything is left as it is and the error says how to follow it and remove it later.
         """
-        try:
-            yield
-        except _StillRunning as exc:
-            exc.fix = self._still_running_advice(plan, created)
-            exc.args = (exc.line(),)
-            raise
-        except BaseException as exc:
-            self._clean_up(created, reporter)
-            raise _with_leftovers(_deploy_error(exc, plan.spec.name), created) from None
+        return undone_on_failure(
+            ledger, reporter,
+            still_running_fix=lambda: self._still_running_advice(plan, update),
+            translate=lambda exc: _deploy_error(exc, plan.spec.name),
+        )  # fmt: skip
 
-    def _still_running_advice(self, plan: "Plan", created: "_Created") -> str:
+    def _still_running_advice(self, plan: "Plan", update: bool) -> str:
         name = plan.spec.name
         where = f" --provider vertex --region {self.region} --project {self.project}"
-        if created.update:
+        if update:
             return (
                 "nothing was removed and the old version keeps all the traffic; once the operation has ended, "
                 f"deploy again to move the traffic to the new version (`cloudllm status {name}{where}` shows the endpoint), "
@@ -493,17 +493,17 @@ class VertexProvider(Provider):
             f"`cloudllm delete {name}{where} --purge-artifacts` removes it all; or give the deploy a longer --timeout"
         )
 
-    def _upload(self, plan: "Plan", reporter: Reporter, created: "_Created") -> str:
+    def _upload(self, plan: "Plan", reporter: Reporter, ledger: Ledger) -> str:
         from cloudllm.storage.gcs import GcsArtifacts, GcsUri
 
         store = GcsArtifacts(project=self.project)
         dest = _version_prefix(plan)
-        created.store, created.artifacts = store, dest
+        ledger.add("artifacts", str(dest), lambda: store.delete(dest))  # before the upload: a half-done one is removed too
         result = store.upload(
             plan.bundle, dest, reporter, reuse_from=GcsUri.parse(plan.spec.bucket).child(plan.spec.name), kms_key=self.options.get("kms_key")
         )
         if result.kept:
-            created.artifacts = None  # an earlier run made this version: not ours to remove
+            ledger.drop("artifacts")  # an earlier run made this version: not ours to remove
         reporter.step(result.summary())
         return str(dest)
 
@@ -566,7 +566,7 @@ class VertexProvider(Provider):
         what = f"deploying on {_resources_line(plan)}"
         fix = "see the model server's log in Cloud Logging (linked from the endpoint in the Vertex AI console), then deploy again"
         try:
-            op = _send_once(lambda: self.clients().endpoints.deploy_model(endpoint=endpoint, deployed_model=deployed, traffic_split=split), find=None)
+            op = _send_once(lambda: self.clients().endpoints.deploy_model(endpoint=endpoint, deployed_model=deployed, traffic_split=split), find=lambda: None)
         except exceptions.Conflict:  # 409 ALREADY_EXISTS: our id, so our earlier attempt is deploying it
             if not plan.wait:
                 return ""
@@ -686,18 +686,10 @@ class VertexProvider(Provider):
         """
         from google.api_core import exceptions
 
-        start = time.monotonic()
-        delay = 0.1
-        with reporter.waiting(what) as update:
-            while not op.done(retry=_retry()):
-                elapsed = time.monotonic() - start
-                if elapsed > deadline_s:
-                    raise _StillRunning(f"{what} did not finish within {deadline_s:.0f}s (operation {op.operation.name}); it goes on in Vertex AI")
-                update("running")
-                time.sleep(min(delay, max(0.0, deadline_s - elapsed)))
-                # Never sleep much past the operation's end: at most a tenth of the time waited so far
-                # (0.5 s early on), 15 s at most: short waits stay snappy, long ones cheap.
-                delay = min(delay * 1.6, max(0.5, elapsed / 10), 15.0)
+        wait_until(
+            lambda: True if op.done(retry=_retry()) else Pending("running"), what=what, deadline=deadline_s, reporter=reporter,
+            late=lambda _: (f"{what} did not finish within {deadline_s:.0f}s (operation {op.operation.name}); it goes on in Vertex AI", ""),
+        )  # fmt: skip
         try:
             return op.result(timeout=0)
         except exceptions.GoogleAPICallError as exc:
@@ -741,16 +733,11 @@ class VertexProvider(Provider):
 
     def _wait_listed(self, endpoint: str, deployed_id: str, what: str, deadline_s: float, reporter: Reporter) -> None:
         """Wait for a deployment whose operation we lost (its DeployModel answer was dropped): poll the endpoint."""
-        start = time.monotonic()
-        delay = 0.5
-        with reporter.waiting(what) as update:
-            while deployed_id not in {d.id for d in self.clients().endpoints.get_endpoint(name=endpoint).deployed_models}:
-                elapsed = time.monotonic() - start
-                if elapsed > deadline_s:
-                    raise _StillRunning(f"{what} did not finish within {deadline_s:.0f}s (deployed model {deployed_id}); it may go on in Vertex AI")
-                update(f"{elapsed:.0f}s")
-                time.sleep(delay)
-                delay = min(delay * 1.6, 15.0)
+        wait_until(
+            lambda: True if deployed_id in {d.id for d in self.clients().endpoints.get_endpoint(name=endpoint).deployed_models} else Pending("deploying"),
+            what=what, deadline=deadline_s, reporter=reporter, backoff=Backoff(first=0.5),
+            late=lambda _: (f"{what} did not finish within {deadline_s:.0f}s (deployed model {deployed_id}); it may go on in Vertex AI", ""),
+        )  # fmt: skip
 
     # --- reading ------------------------------------------------------------------------
     @contextmanager
@@ -821,9 +808,7 @@ class VertexProvider(Provider):
             image=model.container_spec.image_uri,
             replicas=f"{res.min_replica_count}..{res.max_replica_count or res.min_replica_count}",
         )
-        for key, label in DIGEST_LABELS.items():
-            if label in model.labels:
-                details[key] = decode_digest(model.labels[label])
+        fingerprint = Fingerprint(**{key: decode_digest(model.labels[label]) for key, label in DIGEST_LABELS.items() if label in model.labels})
         state, reason = ("InService" if endpoint.traffic_split.get(main.id) else "Updating"), None
         idle = [d.id for d in endpoint.deployed_models if d.id != main.id and not endpoint.traffic_split.get(d.id)]
         if idle:
@@ -838,9 +823,10 @@ class VertexProvider(Provider):
             state=state,
             url=_predict_url(self.api_base, endpoint.name),
             model=model.description or model.display_name,
-            digest=details.get("digest"),
+            digest=fingerprint.digest,
             instance=instance,
             runtime=model.labels.get(RUNTIME_LABEL),
+            fingerprint=fingerprint,
             details=details,
         )
 
@@ -920,43 +906,17 @@ class VertexProvider(Provider):
                 roots.add(GcsUri(uri.bucket, uri.prefix.rsplit("/", 1)[0] if "/" in uri.prefix else ""))
         return roots
 
-    def _clean_up(self, created: "_Created", reporter: Reporter) -> None:
-        """Remove what a failed deploy created, newest first; say what could not be removed."""
-        c = self.clients()
-        left = []
-        steps = []
-        if created.deployed and not created.endpoint:
-            steps.append((f"deployed model {created.deployed} (traffic back to the old version)", lambda: self._roll_back(created)))
-        if created.endpoint:
-            steps.append(("endpoint " + created.endpoint, lambda: self._delete_endpoint_hard(created.endpoint, reporter)))
-        quiet = Reporter()
-        if created.model:
-            if created.version:
-                name = f"{created.model}@{created.version}"
-                steps.append((f"model version {name}", lambda: self._wait_unless_gone(c.models.delete_model_version, quiet, name=name)))
-            else:
-                steps.append((f"model {created.model}", lambda: self._wait_unless_gone(c.models.delete_model, quiet, name=created.model)))
-        if created.artifacts and created.store:
-            steps.append((f"artifacts {created.artifacts}", lambda: created.store.delete(created.artifacts)))
-        for what, step in steps:
-            try:
-                step()
-                reporter.step(f"cleaned up {what}")
-            except Exception as exc:  # keep cleaning; report what is left
-                left.append(f"{what} ({str(exc).splitlines()[0][:120]})")
-        created.left = left
-
-    def _roll_back(self, created: "_Created") -> None:
+    def _roll_back(self, endpoint_name: str, deployed_id: str, traffic_before: dict[str, int]) -> None:
         """The traffic as it was before the update, and the update's deployed model undeployed (one call)."""
-        endpoint = self.clients().endpoints.get_endpoint(name=created.on_endpoint)
-        if created.deployed not in {d.id for d in endpoint.deployed_models}:
+        endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
+        if deployed_id not in {d.id for d in endpoint.deployed_models}:
             return
-        others = [d.id for d in endpoint.deployed_models if d.id != created.deployed]
-        split = {k: v for k, v in (created.traffic_before or {}).items() if k in others and v}
+        others = [d.id for d in endpoint.deployed_models if d.id != deployed_id]
+        split = {k: v for k, v in (traffic_before or {}).items() if k in others and v}
         if others and sum(split.values()) != 100:
             split = _give_all_to_first({k: 0 for k in (split or others)})
         self._wait_unless_gone(
-            self.clients().endpoints.undeploy_model, Reporter(), endpoint=endpoint.name, deployed_model_id=created.deployed, traffic_split=split
+            self.clients().endpoints.undeploy_model, Reporter(), endpoint=endpoint.name, deployed_model_id=deployed_id, traffic_split=split
         )
 
     def _delete_endpoint_hard(self, endpoint: str, reporter: Reporter) -> None:
@@ -1077,26 +1037,6 @@ class _Clients:
             ) from None
 
 
-@dataclass
-class _Created:
-    """What one deploy created, so a failure can remove exactly that."""
-
-    store: Any = None
-    artifacts: Any = None
-    model: str | None = None
-    version: str | None = None  # set when the model existed and only this version is ours
-    endpoint: str | None = None
-    deployed: str | None = None  # an update's new deployed model, its endpoint, and the traffic split before it
-    on_endpoint: str | None = None
-    traffic_before: dict[str, int] | None = None
-    update: bool = False
-    left: list[str] | None = None
-
-
-class _StillRunning(DeployFailed):
-    """Our deadline passed while a Vertex AI operation still runs (it cannot be cancelled or cleaned up now)."""
-
-
 def _lock_time(label: str) -> float:
     stamp = label.rsplit("-", 1)[-1]
     return float(stamp) if stamp.isdigit() else 0.0
@@ -1131,29 +1071,17 @@ def _send_once(send, *, find):
     """A non-idempotent call (a create), retried on transient faults without doing it twice.
 
     Before sending again, find() looks for what an earlier attempt made (its answer lost on the
-    way back) and returns it instead; with find=None the service itself refuses the repeat
-    (ALREADY_EXISTS for a client-chosen id), which the caller handles.
+    way back) and returns it instead; a find that finds nothing leaves it to the service to refuse
+    the repeat (ALREADY_EXISTS for a client-chosen id), which the caller handles.
     """
-    tried = False
-
-    def attempt():
-        nonlocal tried
-        if tried and find is not None and (found := find()) is not None:
-            return found
-        tried = True
-        return send()
-
-    return _retry()(attempt)()
+    return create_once(send, find=find, retry=_retry())
 
 
 def _unless_gone(call, **kwargs):
     """A delete or undeploy, retried; NOT_FOUND means done (an earlier attempt did it). Returns its operation, or None."""
     from google.api_core import exceptions
 
-    try:
-        return call(**kwargs, retry=_retry())
-    except exceptions.NotFound:
-        return None
+    return delete_unless_gone(lambda: call(**kwargs, retry=_retry()), gone=lambda exc: isinstance(exc, exceptions.NotFound))
 
 
 class _Retrying:
@@ -1399,14 +1327,7 @@ def _rollout_line(plan: "Plan") -> str:
 
 def _rollout_wait(plan: "Plan") -> int:
     """--option rollout_wait: seconds a canary bakes before the rest of the traffic moves."""
-    value = plan.spec.options.get("rollout_wait")
-    if value is None:
-        return DEFAULT_ROLLOUT_WAIT
-    if not str(value).isdigit() or int(value) > MAX_ROLLOUT_WAIT:
-        raise UserError(
-            f"--option rollout_wait={value} is not a number of seconds in 0..{MAX_ROLLOUT_WAIT}", "pass e.g. --option rollout_wait=300"
-        )
-    return int(value)
+    return rollout_of(plan.spec, plan.spec.options.get("rollout_wait"), watched=True).bake_s
 
 
 def _check_quantized_image(plan: "Plan") -> None:
@@ -1427,14 +1348,6 @@ def _message(exc: BaseException, limit: int) -> str:
     """An API error's first line, without the "POST http://...: " the REST transport puts before it."""
     text = str(getattr(exc, "message", None) or exc).splitlines()[0]
     return re.sub(r"^(GET|POST|PATCH|PUT|DELETE) \S+: ", "", text)[:limit]
-
-
-def _with_leftovers(exc: BaseException, created: _Created) -> BaseException:
-    """Name what the clean-up could not remove in the error's fix."""
-    if created.left and isinstance(exc, UserError):
-        exc.fix = f"{exc.fix}; not cleaned up: {'; '.join(created.left)}"
-        exc.args = (exc.line(),)
-    return exc
 
 
 def _invoke_error(name: str, exc) -> UserError:

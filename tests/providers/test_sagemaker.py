@@ -18,6 +18,7 @@ from cloudllm.catalog.sagemaker_images import image_uri
 from cloudllm.console import Reporter
 from cloudllm_emulators.sagemaker import ROLE_ARN
 from cloudllm.errors import DeployFailed, UserError
+from cloudllm.providers.kit import Rollout
 from cloudllm.providers.sagemaker import resources as res
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -169,7 +170,7 @@ def test_status_list_and_logs(handler: dict, home: dict) -> None:
     found = json.loads(status.stdout)
     assert found["state"] == "InService" and found["instance"] == "ml.m5.xlarge" and found["runtime"] == "handler"
     assert found["digest"] == handler["digest"]
-    assert {"weights_digest", "code_digest", "deploy_digest"} <= set(found["details"])
+    assert found["fingerprint"]["digest"] == handler["digest"] and found["fingerprint"]["weights_digest"]
 
     listed = run_cli("list", "--provider", "sagemaker", "--json", env=home)
     assert "sm-handler" in [ep["name"] for ep in json.loads(listed.stdout)]
@@ -256,7 +257,7 @@ def test_failed_create_removes_what_it_created(aws, sagemaker_emulator, broken: 
     line = result.stderr.strip().splitlines()[-1]  # after the progress lines
     assert line.startswith("error: endpoint sm-broken failed: ") and "production variant AllTraffic" in line
     assert "/aws/sagemaker/Endpoints/sm-broken" in line  # where to look, beside SageMaker's FailureReason
-    assert "removed what this deploy created: endpoint sm-broken" in result.stderr
+    assert "cleaned up endpoint sm-broken" in result.stderr
     _gone(aws, "sm-broken")
     assert _objects(aws, "models/sm-broken/")  # the upload stays for the retry; `delete --purge-artifacts` removes it
 
@@ -659,15 +660,15 @@ def test_image_uris_are_the_sdks() -> None:
 
 
 def test_rollouts_become_blue_green_deployment_configs() -> None:
-    assert res.deployment_config("all-at-once", []) == {
+    assert res.deployment_config(Rollout("all-at-once", 100, 0), []) == {
         "BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}, "TerminationWaitInSeconds": 0}
     }
-    canary = res.deployment_config("canary:10", ["p99-latency"])
+    canary = res.deployment_config(Rollout("canary", 10, 300), ["p99-latency"])
     assert canary["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
         "Type": "CANARY", "WaitIntervalInSeconds": 300, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10},
     }  # fmt: skip
     assert canary["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "p99-latency"}]}
-    linear = res.deployment_config("linear:25", [], wait_seconds=60)
+    linear = res.deployment_config(Rollout("linear", 25, 60), [])
     assert linear["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["LinearStepSize"]["Value"] == 25
     assert res.rollout_seconds(linear) == 240
 

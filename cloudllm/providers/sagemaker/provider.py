@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 from cloudllm import __version__
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
-from cloudllm.providers.base import Endpoint, Feature, Provider, ResourceChange
+from cloudllm.providers.base import Endpoint, Feature, Fingerprint, Provider, ResourceChange
+from cloudllm.providers.kit import (
+    SYSTEM_CLOCK, Backoff, Ledger, Pending, Rollout, create_once, delete_unless_gone, rollout_of, undone_on_failure, wait_until,
+)  # fmt: skip
 from cloudllm.providers.sagemaker import resources as res
 from cloudllm.storage.s3 import S3Artifacts, S3Uri
 
@@ -37,16 +39,12 @@ if TYPE_CHECKING:
     from cloudllm.spec import DeploySpec
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@/\-]{1,512}$")
-MAX_POLL_SECONDS = 15.0
+FOLLOW_BACKOFF = Backoff(first=1.0, growth=1.5, floor=1.0, most=10.0)  # `logs --follow`: new lines within seconds
 DELETE_TIMEOUT = 900
 ABANDONED_UPLOAD_SECONDS = 3600  # an artifact version no model uses, untouched this long, is a killed deploy's
 UNFINISHED = ("Creating", "Updating", "SystemUpdating")  # SageMaker is still working on the endpoint
 _NOT_FOUND = ("Could not find", "does not exist", "not found", "No scaling policy found")
 _DENIED = ("AccessDenied", "AccessDeniedException", "UnrecognizedClientException", "InvalidClientTokenId", "ExpiredTokenException")
-
-
-class StillWaiting(DeployFailed):
-    """The endpoint did not settle within the deadline: it may still come up, so nothing is deleted."""
 
 
 class SageMakerProvider(Provider):
@@ -192,7 +190,7 @@ class SageMakerProvider(Provider):
         if res.autoscaled(plan):
             res.scaling_policy(plan)
         res.sizing(plan, instance)
-        _rollout_wait(plan)
+        self._rollout(plan)
         if spec.bucket:
             root = self._artifact_root(plan)
             if len(str(root)) > 200:
@@ -316,17 +314,18 @@ class SageMakerProvider(Provider):
         self._refuse_no_wait_scaling(plan)
         instance = self._instance(plan.spec)
         sizes = res.sizing(plan, instance)
-        created: list[tuple[str, str]] = []
-        try:
+        ledger = Ledger()
+        with self._undone_on_failure(name, ledger, reporter):
             version = self._upload(plan, reporter)
-            config_name = self._create_version(plan, instance, sizes, version, created)
+            config_name = self._create_version(plan, instance, sizes, version, ledger)
             with self._aws(f"create endpoint {name}"):
                 fresh = self._create_once(
-                    "endpoint", name, lambda: self._sm.create_endpoint(
+                    lambda: self._sm.create_endpoint(
                         EndpointName=name,
                         EndpointConfigName=config_name,
                         Tags=res.tag_list(res.endpoint_tags(plan, str(self._artifact_root(plan)))),
                     ),
+                    # Someone else's endpoint of this name is no error of ours to raise: we say so below.
                     ours=lambda: self._endpoint_targets(name, config_name),
                 )  # fmt: skip
             if not fresh:
@@ -334,18 +333,12 @@ class SageMakerProvider(Provider):
                     f"endpoint {name} was created by another deploy while this one ran",
                     "run the same deploy again: it will update that endpoint once it is InService",
                 )
-            created.append(("endpoint", name))
+            ledger.add("endpoint", name, lambda: self._delete_endpoint(name, Reporter()))  # _delete_endpoint reads as one line itself
             reporter.step(f"endpoint {name} is being created on {plan.spec.min_instances or 1}x {instance} ({plan.runtime})")
             if not plan.wait:
                 return self._require(name)
             self._wait(name, sizes.wait_timeout, reporter)
             self._apply_scaling(plan, reporter)
-        except StillWaiting:
-            raise
-        except (Exception, KeyboardInterrupt) as exc:
-            if not isinstance(exc, KeyboardInterrupt):  # on Ctrl-C, leave it: the same deploy resumes
-                self._remove_created(name, created, reporter)
-            raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
         self._retag_endpoint(plan)
         return self._require(name)
@@ -360,7 +353,7 @@ class SageMakerProvider(Provider):
             reporter.step(f"endpoint {name} is Failed ({existing.failure_reason or 'no reason given'}): replacing it")
             self._delete_endpoint(name, reporter)
             return self.deploy(plan, reporter)
-        if existing.state in UNFINISHED or existing.details.get("unfinished_digest") == plan.digest:
+        if existing.state in UNFINISHED or existing.unfinished_digest == plan.digest:
             return self._finish(plan, reporter)
         if existing.state != "InService":
             raise UserError(f"endpoint {name} is {existing.state}", f"wait until it is InService (`cloudllm status {name}`), then deploy again")
@@ -371,17 +364,19 @@ class SageMakerProvider(Provider):
         with self._aws(f"read endpoint {name}"):
             old_instance = existing.instance
             saved_scaling = self._scaling_state(name)
-        created: list[tuple[str, str]] = []
+        ledger = Ledger()
         removed_scaling = False
-        deployment = res.deployment_config(plan.spec.rollout, list(plan.spec.options.get("rollback_alarms") or []), _rollout_wait(plan))
-        try:
+        deployment = res.deployment_config(self._rollout(plan), self._alarms(plan))
+        with self._undone_on_failure(name, ledger, reporter):
             version = self._upload(plan, reporter)
-            config_name = self._create_version(plan, instance, sizes, version, created)
+            config_name = self._create_version(plan, instance, sizes, version, ledger)
             if saved_scaling and (instance != old_instance or not res.autoscaled(plan)):
                 # Application Auto Scaling refuses an update that changes a scaled variant's instance type.
                 with self._aws(f"remove autoscaling of {name}"):
                     self._remove_scaling(name)
                 removed_scaling = True
+                # Undone first (added last): a failed update leaves the old fleet autoscaled as it was.
+                ledger.add("autoscaling", f"of {name} (put back as it was)", lambda: self._restore_scaling(saved_scaling))
             with self._aws(f"update endpoint {name}"):
                 try:
                     self._sm.update_endpoint(
@@ -406,14 +401,6 @@ class SageMakerProvider(Provider):
                 return self._require(name)
             self._wait(name, sizes.wait_timeout + res.rollout_seconds(deployment), reporter, target_config=config_name)
             self._apply_scaling(plan, reporter)
-        except StillWaiting:
-            raise
-        except (Exception, KeyboardInterrupt) as exc:
-            if not isinstance(exc, KeyboardInterrupt):
-                self._remove_created(name, created, reporter)
-                if removed_scaling:
-                    self._restore_scaling(saved_scaling)
-            raise
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
         self._retag_endpoint(plan)
         return self._require(name)
@@ -503,6 +490,14 @@ class SageMakerProvider(Provider):
                 "drop --no-wait, or deploy without the scaling flags",
             )
 
+    @staticmethod
+    def _alarms(plan: "Plan") -> list[str]:
+        return list(plan.spec.options.get("rollback_alarms") or [])
+
+    def _rollout(self, plan: "Plan") -> Rollout:
+        """The spec's rollout; rollback alarms watch a bake time even for all-at-once."""
+        return rollout_of(plan.spec, plan.spec.options.get("rollout_wait"), watched=bool(self._alarms(plan)))
+
     def _upload(self, plan: "Plan", reporter: Reporter) -> S3Uri:
         # The endpoint's local record keeps the provider options: `delete --purge-artifacts` then finds
         # the artifacts even once the endpoint (and its tag naming them) is gone.
@@ -515,7 +510,7 @@ class SageMakerProvider(Provider):
         reporter.step(result.summary())
         return version
 
-    def _create_version(self, plan: "Plan", instance: str, sizes: res.Sizing, version: S3Uri, created: list) -> str:
+    def _create_version(self, plan: "Plan", instance: str, sizes: res.Sizing, version: S3Uri, ledger: Ledger) -> str:
         """CreateModel + CreateEndpointConfig for one version; returns their (shared) name."""
         spec = plan.spec
         name = res.version_names(spec.name, plan.digest)
@@ -535,8 +530,8 @@ class SageMakerProvider(Provider):
         if spec.options.get("vpc_subnets"):
             model["VpcConfig"] = {"Subnets": list(spec.options["vpc_subnets"]), "SecurityGroupIds": list(spec.options["vpc_security_groups"])}
         with self._aws(f"create model {name}"):
-            self._create_once("model", name, lambda: self._sm.create_model(**model), ours=lambda: self._same_version(name, tags))
-        created.append(("model", name))
+            self._create_once(lambda: self._sm.create_model(**model), ours=lambda: self._same_version(name, tags) or None)
+        ledger.add("model", name, lambda: self._removing(f"model {name}", lambda: self._sm.delete_model(ModelName=name)))
         variant: dict[str, Any] = {
             "VariantName": res.VARIANT,
             "ModelName": name,
@@ -552,34 +547,33 @@ class SageMakerProvider(Provider):
             config["KmsKeyId"] = spec.options["kms_key"]  # instance-store volumes are encrypted by the hardware
         with self._aws(f"create endpoint config {name}"):
             self._create_once(
-                "endpoint-config", name, lambda: self._sm.create_endpoint_config(**config), ours=lambda: self._same_version(name, tags, config=True)
+                lambda: self._sm.create_endpoint_config(**config), ours=lambda: self._same_version(name, tags, config=True) or None
             )
-        created.append(("endpoint-config", name))
+        ledger.add(
+            "endpoint-config", name, lambda: self._removing(f"endpoint config {name}", lambda: self._sm.delete_endpoint_config(EndpointConfigName=name))
+        )
         return name
 
-    def _create_once(self, kind: str, name: str, create, *, ours) -> bool:
-        """Run a Create* call; True when it created the resource, False when it already existed.
+    @staticmethod
+    def _create_once(create, *, ours) -> Any:
+        """Run a Create* call: its answer, or ours() when the resource already exists (None: the original error).
 
         botocore retries throttling, 5xx and dropped connections. When a create went through but
         its answer was lost, the retry meets "already exists". So does a re-run, within the same
         second, of a deploy that was killed after this create (version names end in the second).
         Either way it is ours when `ours()` confirms the resource is exactly the one we ask for
-        (same endpoint, artifact version and digest). Anything else (the name taken by someone
-        else) raises the original error.
+        (same endpoint, artifact version and digest).
         """
-        from botocore.exceptions import ClientError
+        return create_once(create, find=ours, exists=_already_exists)
 
-        try:
-            create()
-            return True
-        except ClientError as exc:
-            if not _already_exists(exc):
-                raise
-            if ours():
-                return True
-            if kind == "endpoint":
-                return False
-            raise
+    def _removing(self, what: str, delete) -> None:
+        with self._aws(f"delete {what}"):
+            self._delete_unless_gone(delete)
+
+    @staticmethod
+    def _delete_unless_gone(delete) -> None:
+        """Run a Delete* call; done when the resource is already gone (a retried delete whose first attempt went through)."""
+        delete_unless_gone(delete, gone=_gone_already)
 
     def _same_version(self, name: str, tags: list[dict[str, str]], *, config: bool = False) -> bool:
         """The model (or endpoint config) called name carries exactly the version tags we create it with."""
@@ -596,29 +590,28 @@ class SageMakerProvider(Provider):
     # --- waiting --------------------------------------------------------------------------------
     def _wait(self, name: str, timeout: int, reporter: Reporter, *, target_config: str | None = None) -> dict:
         """Poll until InService (on target_config), quickly at first, then every 15 s at most."""
-        start = time.monotonic()
-        with reporter.waiting(f"waiting for endpoint {name}") as update:
-            while True:
-                with self._aws(f"read endpoint {name}"):
-                    desc = self._describe_endpoint(name)
-                if desc is None:
-                    raise DeployFailed(f"endpoint {name} disappeared while deploying", "someone deleted it; deploy again")
-                status = desc["EndpointStatus"]
-                elapsed = time.monotonic() - start
-                update(status)
-                if status == "InService":
-                    if target_config is None or desc.get("EndpointConfigName") == target_config:
-                        return desc
-                    raise self._failure(name, desc, "update was rolled back")
-                if status in ("Failed", "UpdateRollbackFailed", "OutOfService"):
-                    raise self._failure(name, desc, "failed" if status == "Failed" else status)
-                if elapsed >= timeout:
-                    raise StillWaiting(
-                        f"endpoint {name} is still {status} after {timeout}s",
-                        f"it may still come up: watch `cloudllm status {name}` and `cloudllm logs {name}`; raise --timeout for large models",
-                    )
-                # Poll at a tenth of the time waited so far: every 0.5 s at first, every 15 s after 2.5 minutes.
-                time.sleep(min(max(0.5, elapsed / 10), MAX_POLL_SECONDS, timeout - elapsed + 0.1))
+
+        def poll() -> dict | Pending:
+            with self._aws(f"read endpoint {name}"):
+                desc = self._describe_endpoint(name)
+            if desc is None:
+                raise DeployFailed(f"endpoint {name} disappeared while deploying", "someone deleted it; deploy again")
+            status = desc["EndpointStatus"]
+            if status == "InService":
+                if target_config is None or desc.get("EndpointConfigName") == target_config:
+                    return desc
+                raise self._failure(name, desc, "update was rolled back")
+            if status in ("Failed", "UpdateRollbackFailed", "OutOfService"):
+                raise self._failure(name, desc, "failed" if status == "Failed" else status)
+            return Pending(status)
+
+        return wait_until(
+            poll, what=f"waiting for endpoint {name}", deadline=timeout, reporter=reporter,
+            late=lambda last: (
+                f"endpoint {name} is still {last.status} after {timeout}s",
+                f"it may still come up: watch `cloudllm status {name}` and `cloudllm logs {name}`; raise --timeout for large models",
+            ),
+        )  # fmt: skip
 
     def _failure(self, name: str, desc: dict, what: str) -> DeployFailed:
         return DeployFailed(
@@ -677,7 +670,7 @@ class SageMakerProvider(Provider):
         if state is None:
             return False
         for policy in state["policies"]:
-            _unless_gone(lambda: self._scaling.delete_scaling_policy(
+            self._delete_unless_gone(lambda: self._scaling.delete_scaling_policy(
                 PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker",
                 ResourceId=policy["ResourceId"], ScalableDimension=policy["ScalableDimension"],
             ))  # fmt: skip
@@ -701,38 +694,30 @@ class SageMakerProvider(Provider):
                 self._scaling.put_scaling_policy(PolicyName=policy["PolicyName"], PolicyType=policy["PolicyType"], **keys, **config)
 
     # --- clean-up -------------------------------------------------------------------------
-    def _remove_created(self, endpoint: str, created: list[tuple[str, str]], reporter: Reporter) -> None:
-        """Delete, newest first, what a failed deploy created (artifacts stay for the retry).
+    def _undone_on_failure(self, endpoint: str, ledger: Ledger, reporter: Reporter):
+        """On failure remove, newest first, what this deploy created (artifacts stay for the retry).
 
-        What the endpoint runs or is moving to is never removed: with two deploys of one version
-        racing, the config both named alike may be the one the other deploy put in service.
+        Ctrl-C and a deadline passed leave it all: the same deploy, run again, resumes. What the
+        endpoint runs or is moving to is never removed: with two deploys of one version racing,
+        the config both named alike may be the one the other deploy put in service.
         """
-        removed = []
-        in_use: set[str] = set()
-        if ("endpoint", endpoint) not in created:
-            try:
-                with self._aws(f"read endpoint {endpoint}"):
-                    in_use = self._in_use(endpoint)
-            except UserError as exc:
-                reporter.step(f"could not read endpoint {endpoint}: {exc.problem}; removing nothing")
-                return
-        for kind, name in reversed(created):
-            if name in in_use and kind != "endpoint":
-                reporter.step(f"kept {kind} {name}: endpoint {endpoint} uses it")
-                continue
-            try:
-                with self._aws(f"delete {kind} {name}"):
-                    if kind == "endpoint":
-                        self._delete_endpoint(name, reporter)
-                    elif kind == "endpoint-config":
-                        _unless_gone(lambda: self._sm.delete_endpoint_config(EndpointConfigName=name))
-                    else:
-                        _unless_gone(lambda: self._sm.delete_model(ModelName=name))
-                removed.append(f"{kind} {name}")
-            except UserError as exc:
-                reporter.step(f"could not remove {kind} {name}: {exc.problem}")
-        if removed:
-            reporter.step(f"removed what this deploy created: {', '.join(removed)}")
+
+        def keep(entry) -> str | None:
+            if entry.kind in ("endpoint", "autoscaling") or ledger.has("endpoint", endpoint):
+                return None
+            if "in_use" not in seen:
+                try:
+                    with self._aws(f"read endpoint {endpoint}"):
+                        seen["in_use"] = self._in_use(endpoint)
+                except UserError as exc:
+                    seen["in_use"] = None
+                    seen["unread"] = f"could not read endpoint {endpoint}: {exc.problem}"
+            if seen["in_use"] is None:
+                return seen["unread"]
+            return f"endpoint {endpoint} uses it" if entry.name in seen["in_use"] else None
+
+        seen: dict[str, Any] = {}
+        return undone_on_failure(ledger, reporter, keep_on_interrupt=True, keep=keep)
 
     def _in_use(self, endpoint: str) -> set[str]:
         """Names of the configs and models the endpoint runs or is moving to."""
@@ -778,7 +763,7 @@ class SageMakerProvider(Provider):
                             if tags.get(res.VERSION_TAG):
                                 kept_versions.add(tags[res.VERSION_TAG])
                             continue
-                        _unless_gone(lambda: deleter(**{arg: resource}))
+                        self._delete_unless_gone(lambda: deleter(**{arg: resource}))
                         removed.append(f"{kind} {resource}")
             if keep_version is not None:
                 artifacts = self._artifacts()
@@ -797,16 +782,12 @@ class SageMakerProvider(Provider):
     def _delete_endpoint(self, name: str, reporter: Reporter) -> None:
         """DeleteEndpoint, then wait until it is gone (a name in Deleting cannot be reused)."""
         with self._aws(f"delete endpoint {name}"):
-            _unless_gone(lambda: self._sm.delete_endpoint(EndpointName=name))
-            start = time.monotonic()
-            delay = 0.25
-            with reporter.waiting(f"deleting endpoint {name}") as update:
-                while (desc := self._describe_endpoint(name)) is not None:
-                    update(desc["EndpointStatus"])
-                    if time.monotonic() - start > DELETE_TIMEOUT:
-                        raise DeployFailed(f"endpoint {name} is still {desc['EndpointStatus']} after {DELETE_TIMEOUT}s", "check it in the SageMaker console")
-                    time.sleep(delay)
-                    delay = min(delay * 1.5, MAX_POLL_SECONDS)
+            self._delete_unless_gone(lambda: self._sm.delete_endpoint(EndpointName=name))
+            wait_until(
+                lambda: Pending(desc["EndpointStatus"]) if (desc := self._describe_endpoint(name)) is not None else None,
+                what=f"deleting endpoint {name}", deadline=DELETE_TIMEOUT, reporter=reporter,
+                late=lambda last: (f"endpoint {name} is still {last.status} after {DELETE_TIMEOUT}s", "check it in the SageMaker console"),
+            )  # fmt: skip
 
     # --- reading --------------------------------------------------------------------------
     def _describe_endpoint(self, name: str) -> dict | None:
@@ -849,8 +830,9 @@ class SageMakerProvider(Provider):
                 pass  # the config was deleted under the endpoint: nothing to compare with
         variant = (config.get("ProductionVariants") or [{}])[0]
         live = (desc.get("ProductionVariants") or [{}])[0]
-        details: dict[str, Any] = {key: tags[tag] for key, tag in res.FINGERPRINT_TAGS.items() if key != "digest" and tag in tags}
-        details.update(
+        fingerprint = Fingerprint(**{key: tags.get(tag) for key, tag in res.FINGERPRINT_TAGS.items()})
+        unfinished, unfinished_digest = False, None
+        details: dict[str, Any] = dict(
             region=self.region,
             endpoint_config=desc.get("EndpointConfigName"),
             model_name=variant.get("ModelName"),
@@ -860,23 +842,26 @@ class SageMakerProvider(Provider):
             tags={k: v for k, v in tags.items() if not k.startswith(res.TAG)},
         )
         if desc["EndpointStatus"] in UNFINISHED:
-            details["unfinished"] = True  # the next deploy waits for it (or refuses, if another version is coming)
+            unfinished = True  # the next deploy waits for it (or refuses, if another version is coming)
         elif desc["EndpointStatus"] == "InService" and tags.get(res.FINGERPRINT_TAGS["digest"]):
             with self._aws(f"read endpoint {name}"):
                 finished = self._tags(desc["EndpointArn"]).get(res.FINISHED_TAG)
             if finished != tags[res.FINGERPRINT_TAGS["digest"]]:
                 # Killed (or --no-wait) after the endpoint came up: autoscaling, tags or the sweep may be missing.
-                details.update(unfinished=True, unfinished_digest=tags[res.FINGERPRINT_TAGS["digest"]])
+                unfinished, unfinished_digest = True, fingerprint.digest
         return Endpoint(
             name=name,
             provider=self.name,
             state=desc["EndpointStatus"],
             url=f"{self._client('sagemaker-runtime').meta.endpoint_url}/endpoints/{name}/invocations",
             model=tags.get(res.TAG + "model"),
-            digest=tags.get(res.FINGERPRINT_TAGS["digest"]),
+            digest=fingerprint.digest,
             instance=variant.get("InstanceType"),
             runtime=tags.get(res.TAG + "runtime"),
             failure_reason=desc.get("FailureReason"),
+            fingerprint=fingerprint,
+            unfinished=unfinished,
+            unfinished_digest=unfinished_digest,
             details={k: v for k, v in details.items() if v is not None},
         )
 
@@ -1033,7 +1018,7 @@ class SageMakerProvider(Provider):
         client = self._client("logs")
         start = int((since or 0) * 1000)
         seen: set[str] = set()
-        delay = 1.0
+        quiet = FOLLOW_BACKOFF.delays()
         while True:
             new = []
             with self._aws(f"read the logs of {name}"):
@@ -1050,21 +1035,13 @@ class SageMakerProvider(Provider):
                 yield event["message"].rstrip("\n")
             if not follow:
                 return
-            delay = 1.0 if new else min(delay * 1.5, 10.0)
-            time.sleep(delay)
+            if new:  # lines are coming: poll quickly again
+                quiet = FOLLOW_BACKOFF.delays()
+            SYSTEM_CLOCK.sleep(next(quiet))
 
 
 def log_group(name: str) -> str:
     return f"/aws/sagemaker/Endpoints/{name}"
-
-
-def _rollout_wait(plan: "Plan") -> int | None:
-    value = plan.spec.options.get("rollout_wait")
-    if value is None:
-        return None
-    if not str(value).isdigit() or int(value) > 3600:
-        raise UserError(f"--option rollout_wait={value} is not a number of seconds in 0..3600", "pass e.g. --option rollout_wait=300")
-    return int(value)
 
 
 def check_region(region: str) -> None:
@@ -1138,14 +1115,3 @@ def _gone_already(exc) -> bool:
     """A delete whose earlier attempt went through: SageMaker says the resource does not exist."""
     code, message = _error(exc)
     return code in ("ValidationException", "ObjectNotFoundException") and any(s in message for s in _NOT_FOUND)
-
-
-def _unless_gone(delete) -> None:
-    """Run a Delete* call; done when the resource is already gone (a retried delete whose first attempt went through)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        delete()
-    except ClientError as exc:
-        if not _gone_already(exc):
-            raise

@@ -16,6 +16,7 @@ from cloudllm.errors import UserError
 
 if TYPE_CHECKING:
     from cloudllm.plan import Plan
+    from cloudllm.providers.kit.rollout import Rollout
 
 VARIANT = "AllTraffic"  # the SDK's variant name; an update keeps it (UpdateEndpoint requires the same name)
 MODEL_DIR = "/opt/ml/model"
@@ -233,16 +234,14 @@ def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> di
 
 
 # --- rollout and scaling -----------------------------------------------------------------------
-def deployment_config(rollout: str, alarms: list[str], wait_seconds: int | None = None) -> dict[str, Any]:
-    """UpdateEndpoint's blue/green DeploymentConfig for all-at-once, canary:PCT or linear:PCT."""
-    kind, _, pct = rollout.partition(":")
-    if wait_seconds is None:
-        wait_seconds = 300 if kind != "all-at-once" or alarms else 0  # bake time, watched by the alarms
+def deployment_config(rollout: "Rollout", alarms: list[str]) -> dict[str, Any]:
+    """UpdateEndpoint's blue/green DeploymentConfig for all-at-once, canary:PCT or linear:PCT (bake time watched by the alarms)."""
+    wait_seconds = rollout.bake_s
     routing: dict[str, Any] = {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": wait_seconds}
-    if kind == "canary":
-        routing = {"Type": "CANARY", "WaitIntervalInSeconds": wait_seconds, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": int(pct)}}
-    elif kind == "linear":
-        routing = {"Type": "LINEAR", "WaitIntervalInSeconds": wait_seconds, "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": int(pct)}}
+    if rollout.kind == "canary":
+        routing = {"Type": "CANARY", "WaitIntervalInSeconds": wait_seconds, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": rollout.percent}}
+    elif rollout.kind == "linear":
+        routing = {"Type": "LINEAR", "WaitIntervalInSeconds": wait_seconds, "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": rollout.percent}}
     config: dict[str, Any] = {"BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": routing, "TerminationWaitInSeconds": 0}}
     if alarms:
         config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": name} for name in alarms]}
