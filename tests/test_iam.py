@@ -288,8 +288,11 @@ def test_vertex_roles_and_gcloud_commands() -> None:
     }
 
 
+VERTEX_SOURCES = sorted((PACKAGE / "providers" / "vertex").glob("*.py"))  # the Vertex provider package's modules
+
+
 def test_vertex_roles_cover_the_google_services_the_tool_uses() -> None:
-    sources = [p for p in (PACKAGE / "providers" / "vertex.py", PACKAGE / "storage" / "gcs.py") if p.exists()]
+    sources = [p for p in (*VERTEX_SOURCES, PACKAGE / "storage" / "gcs.py") if p.exists()]
     if not sources:
         pytest.skip("no Vertex provider yet")
     text = "\n".join(p.read_text() for p in sources)
@@ -310,7 +313,7 @@ BUCKET_GET_CALLS = re.compile(r"\.(lookup_bucket|get_bucket|get_iam_policy|test_
 
 def test_the_vertex_storage_calls_need_only_what_object_admin_grants(vertex_emulator) -> None:
     """The user's side of gcs.py and vertex.py (not the emulator, which plays the service) lists, writes and deletes objects only."""
-    for path in (PACKAGE / "storage" / "gcs.py", PACKAGE / "providers" / "vertex.py"):
+    for path in (PACKAGE / "storage" / "gcs.py", *VERTEX_SOURCES):
         calls = BUCKET_GET_CALLS.findall(path.read_text())
         assert not calls, f"{path.name} calls {calls}: storage.buckets.get is not in roles/storage.objectAdmin"
     from cloudllm.storage.gcs import GcsArtifacts, GcsUri

@@ -386,7 +386,7 @@ def test_a_deploy_killed_mid_multipart_upload_leaves_no_parts_after_a_purge(flak
 
 def test_the_sweep_aborts_the_upload_of_an_abandoned_version(flaky: FaultProxy, sagemaker_emulator, aws, gpt2_7mb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed mid upload, then another version deployed: the killed version's parts go with it."""
-    from cloudllm.providers.sagemaker import provider
+    from cloudllm.providers.sagemaker import cleanup as provider  # where the sweep reads ABANDONED_UPLOAD_SECONDS
 
     name = "killed-then-changed"
     env = {"CLOUDLLM_HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": flaky.url}

@@ -46,14 +46,6 @@ MAX_TAGS = 50
 _TOOLKIT_REPOSITORIES = frozenset({"huggingface-pytorch-inference", "huggingface-pytorch-inference-neuron", "huggingface-pytorch-inference-neuronx"})
 _TAG_TEXT = re.compile(r"^[\w\s.:/=+\-@]*$")
 
-# Text-only model types of TGI's ModelType enum (server/text_generation_server/models/__init__.py):
-# these get the TGI container by default; anything else gets the generated handler.
-TGI_MODEL_TYPES = frozenset(
-    "baichuan bloom cohere dbrx deepseek_v2 deepseek_v3 falcon gemma gemma2 gemma3_text gpt2 gpt_bigcode "
-    "gpt_neox gptj granite llama mistral mixtral mpt opt phi phi3 phimoe qwen2 qwen2_moe qwen3 qwen3_moe "
-    "RefinedWeb RefinedWebModel santacoder starcoder2".split()
-)
-
 # Instance families with local NVMe storage: SageMaker mounts that instead of an EBS volume
 # and refuses VolumeSizeInGB (and a volume KmsKeyId) for them.
 _NVME_FAMILIES = {

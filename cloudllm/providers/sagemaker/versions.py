@@ -1,0 +1,107 @@
+"""One version on SageMaker: its artifacts, model and endpoint config, each created once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cloudllm.console import Reporter
+from cloudllm.providers.kit import Ledger, create_once, delete_unless_gone
+import cloudllm.providers.sagemaker.resources as res
+from cloudllm.providers.sagemaker.session import already_exists, gone_already
+from cloudllm.storage.s3 import S3Uri
+
+if TYPE_CHECKING:
+    from cloudllm.plan import Plan
+
+
+class SageMakerVersions:
+    """Upload, CreateModel and CreateEndpointConfig; a create whose answer was lost is recognised as ours."""
+
+    def _upload(self, plan: "Plan", reporter: Reporter) -> S3Uri:
+        # The endpoint's local record keeps the provider options: `delete --purge-artifacts` then finds
+        # the artifacts even once the endpoint (and its tag naming them) is gone.
+        self.options["bucket"] = plan.spec.bucket
+        version = self._version_uri(plan)
+        with self._aws(f"upload the artifacts to {version}"):
+            result = self._artifacts().upload(
+                plan.bundle, version, reporter, reuse_from=self._artifact_root(plan), kms_key=plan.spec.options.get("kms_key")
+            )
+        reporter.step(result.summary())
+        return version
+
+    def _create_version(self, plan: "Plan", instance: str, sizes: res.Sizing, version: S3Uri, ledger: Ledger) -> str:
+        """CreateModel + CreateEndpointConfig for one version; returns their (shared) name."""
+        spec = plan.spec
+        name = res.version_names(spec.name, plan.digest)
+        tags = res.tag_list(res.version_tags(plan, instance, str(version)))
+        container = {
+            "Image": self._image(plan, instance),
+            "Environment": res.container_env(plan, instance, sizes, self.region),
+            "ModelDataSource": {"S3DataSource": {"S3Uri": str(version), "S3DataType": "S3Prefix", "CompressionType": "None"}},
+        }
+        model: dict[str, Any] = {
+            "ModelName": name,
+            "ExecutionRoleArn": spec.options["role"],
+            "PrimaryContainer": container,
+            "Tags": tags,
+            "EnableNetworkIsolation": bool(spec.options.get("network_isolation")),
+        }
+        if spec.options.get("vpc_subnets"):
+            model["VpcConfig"] = {"Subnets": list(spec.options["vpc_subnets"]), "SecurityGroupIds": list(spec.options["vpc_security_groups"])}
+        with self._aws(f"create model {name}"):
+            self._create_once(lambda: self._sm.create_model(**model), ours=lambda: self._same_version(name, tags) or None)
+        ledger.add("model", name, lambda: self._removing(f"model {name}", lambda: self._sm.delete_model(ModelName=name)))
+        variant: dict[str, Any] = {
+            "VariantName": res.VARIANT,
+            "ModelName": name,
+            "InstanceType": instance,
+            "InitialInstanceCount": max(1, spec.min_instances),
+            "ModelDataDownloadTimeoutInSeconds": sizes.download_timeout,
+            "ContainerStartupHealthCheckTimeoutInSeconds": sizes.startup_timeout,
+        }
+        if sizes.volume_gb is not None:
+            variant["VolumeSizeInGB"] = sizes.volume_gb
+        config: dict[str, Any] = {"EndpointConfigName": name, "ProductionVariants": [variant], "Tags": tags}
+        if spec.options.get("kms_key") and not res.has_local_storage(instance):
+            config["KmsKeyId"] = spec.options["kms_key"]  # instance-store volumes are encrypted by the hardware
+        with self._aws(f"create endpoint config {name}"):
+            self._create_once(
+                lambda: self._sm.create_endpoint_config(**config), ours=lambda: self._same_version(name, tags, config=True) or None
+            )
+        ledger.add(
+            "endpoint-config", name, lambda: self._removing(f"endpoint config {name}", lambda: self._sm.delete_endpoint_config(EndpointConfigName=name))
+        )
+        return name
+
+    @staticmethod
+    def _create_once(create, *, ours) -> Any:
+        """Run a Create* call: its answer, or ours() when the resource already exists (None: the original error).
+
+        botocore retries throttling, 5xx and dropped connections. When a create went through but
+        its answer was lost, the retry meets "already exists". So does a re-run, within the same
+        second, of a deploy that was killed after this create (version names end in the second).
+        Either way it is ours when `ours()` confirms the resource is exactly the one we ask for
+        (same endpoint, artifact version and digest).
+        """
+        return create_once(create, find=ours, exists=already_exists)
+
+    def _removing(self, what: str, delete) -> None:
+        with self._aws(f"delete {what}"):
+            self._delete_unless_gone(delete)
+
+    @staticmethod
+    def _delete_unless_gone(delete) -> None:
+        """Run a Delete* call; done when the resource is already gone (a retried delete whose first attempt went through)."""
+        delete_unless_gone(delete, gone=gone_already)
+
+    def _same_version(self, name: str, tags: list[dict[str, str]], *, config: bool = False) -> bool:
+        """The model (or endpoint config) called name carries exactly the version tags we create it with."""
+        describe = self._sm.describe_endpoint_config(EndpointConfigName=name) if config else self._sm.describe_model(ModelName=name)
+        found = self._tags(describe["EndpointConfigArn" if config else "ModelArn"])
+        return all(found.get(t["Key"]) == t["Value"] for t in tags)
+
+    def _endpoint_targets(self, name: str, config_name: str) -> bool:
+        """The endpoint runs, or is moving to, config_name."""
+        desc = self._describe_endpoint(name) or {}
+        pending = (desc.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+        return config_name in (desc.get("EndpointConfigName"), pending)

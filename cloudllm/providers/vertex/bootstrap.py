@@ -1,0 +1,39 @@
+"""The handler's entry point in the Vertex AI container: copy AIP_STORAGE_URI into a fresh folder, then become code/serve.py.
+
+Vertex runs it as `python3 -c <this source>` in the HF PyTorch inference DLC, which has python3 and
+google-cloud-storage but not cloudllm: it imports nothing else, and cloudllm never imports it.
+"""
+
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+
+def main() -> None:
+    from google.cloud import storage
+
+    bucket, _, prefix = os.environ["AIP_STORAGE_URI"][len("gs://") :].partition("/")
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    dest = tempfile.mkdtemp(prefix="cloudllm-artifact-")
+    client = storage.Client()
+    blobs = [b for b in client.list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
+
+    def fetch(blob) -> None:
+        path = os.path.abspath(os.path.join(dest, blob.name[len(prefix) :]))
+        if not path.startswith(dest + os.sep):
+            return  # an object name with ".." must not write outside the artifact folder
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        blob.download_to_filename(path)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fetch, blobs))
+    print(f"cloudllm: copied {len(blobs)} files from {os.environ['AIP_STORAGE_URI']} to {dest}", flush=True)
+    os.chdir(dest)
+    host = os.environ.get("CLOUDLLM_SERVE_HOST", "0.0.0.0")
+    port = os.environ.get("AIP_HTTP_PORT", "8080")
+    os.execv(sys.executable, [sys.executable, os.path.join(dest, "code", "serve.py"), "serve", "--host", host, "--port", port])
+
+
+if __name__ == "__main__":
+    main()

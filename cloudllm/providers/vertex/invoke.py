@@ -1,0 +1,206 @@
+"""Requests to a Vertex AI endpoint in each runtime's dialect (predict, streamRawPredict), and where its logs are."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any, Iterator
+from urllib.parse import quote
+
+from cloudllm.errors import DeployFailed, UserError
+from cloudllm.providers.base import Endpoint
+from cloudllm.providers.vertex.labels import deployed_model_id
+from cloudllm.providers.vertex.session import API_ENDPOINT_ENV, invoke_error, transient_retry
+
+# TGI-form generation parameters -> the Model Garden vLLM server's (vllm SamplingParams keyword arguments).
+VLLM_PARAMETERS = {
+    "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+    "repetition_penalty": "repetition_penalty", "stop": "stop", "stop_sequences": "stop",
+}  # fmt: skip
+
+
+def logging_filter(endpoint_id: str, region: str, since: float | None = None) -> str:
+    """The Cloud Logging filter for one Vertex AI endpoint's container logs."""
+    parts = [
+        'resource.type="aiplatform.googleapis.com/Endpoint"',
+        f'resource.labels.endpoint_id="{endpoint_id}"',
+        f'resource.labels.location="{region}"',
+    ]
+    if since is not None:
+        stamp = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        parts.append(f'timestamp>="{stamp}"')
+    return " AND ".join(parts)
+
+
+def predict_url(api_base: str, endpoint: str) -> str:
+    return f"{api_base}/v1/{endpoint}:predict"
+
+
+def vertex_request(body: dict, runtime: str) -> dict:
+    """The predict body for a runtime from our TGI-form body; a body with "instances" goes as is.
+
+    handler: {"instances": [prompt], "parameters": {...}}; tgi (its Vertex route, which reads
+    only max_new_tokens and seed, and samples): {"instances": [{"inputs", "parameters"}]}; vllm
+    (the Model Garden server): {"instances": [{"prompt", "max_tokens", ..., "raw_response": true}]}:
+    without raw_response it answers "Prompt:\n<prompt>\nOutput:\n<text>".
+    """
+    if "instances" in body:
+        return {k: v for k, v in body.items() if k in ("instances", "parameters")}
+    inputs = body.get("inputs")
+    prompts = inputs if isinstance(inputs, list) else [inputs]
+    parameters = dict(body.get("parameters") or {})
+    if runtime == "tgi":
+        return {"instances": [{"inputs": p, **({"parameters": parameters} if parameters else {})} for p in prompts]}
+    if runtime == "vllm":
+        sampling = vllm_parameters(parameters)
+        return {"instances": [{"prompt": p, **sampling, "raw_response": True} for p in prompts]}
+    request: dict[str, Any] = {"instances": prompts}
+    if parameters:
+        request["parameters"] = parameters
+    return request
+
+
+def vllm_stream_request(body: dict) -> dict:
+    """The Model Garden vLLM server's streaming body: one instance with "stream": true (it streams one prompt at a time)."""
+    request = vertex_request(body, "vllm")
+    instances = request.get("instances")
+    if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
+        raise UserError("the vllm runtime streams one prompt at a time", "send one prompt, or invoke without --stream")
+    return {"instances": [{**instances[0], "stream": True}]}
+
+
+def vllm_parameters(parameters: dict) -> dict:
+    """TGI-form generation parameters as vLLM sampling parameters: greedy unless asked to sample, as TGI and the handler."""
+    params = {k: v for k, v in parameters.items() if v is not None}  # null means "not set", as the handler reads it
+    sampling = params.pop("do_sample", None)
+    unknown = sorted(set(params) - set(VLLM_PARAMETERS))
+    if unknown:
+        raise UserError(
+            f"the vllm runtime takes no parameter {unknown[0]!r}", f"use {', '.join(sorted({*VLLM_PARAMETERS, 'do_sample'}))}"
+        )
+    if sampling is None:
+        sampling = params.get("temperature", 1.0) != 1.0 or params.get("top_p", 1.0) < 1.0 or params.get("top_k", 0) > 0
+    out = {VLLM_PARAMETERS[k]: v for k, v in params.items()}
+    if not sampling:
+        out["temperature"] = 0.0  # vLLM samples at temperature 1.0 unless told otherwise
+        out.pop("top_p", None)
+        out.pop("top_k", None)
+    return out
+
+
+def vllm_stream(name: str, url: str, body: dict, headers: dict) -> Iterator[str]:
+    """The Model Garden vLLM server's stream: JSON objects {"predictions": [text since the last one]}, each ended by NUL."""
+    import json
+
+    import httpx
+
+    from cloudllm.http import TIMEOUT, endpoint_error
+
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=TIMEOUT) as response:
+        if response.status_code >= 400:
+            response.read()
+            raise endpoint_error(name, response.status_code, response.text)
+        buffer = b""
+        for chunk in response.iter_bytes():
+            buffer += chunk
+            *frames, buffer = buffer.split(b"\0")
+            for frame in frames:
+                if frame.strip():
+                    yield from vllm_pieces(name, json.loads(frame))
+        if buffer.strip():
+            yield from vllm_pieces(name, json.loads(buffer))
+
+
+def vllm_pieces(name: str, frame: Any) -> Iterator[str]:
+    pieces = frame.get("predictions") if isinstance(frame, dict) else None
+    if not isinstance(pieces, list):
+        raise DeployFailed(f"endpoint {name} streamed something that is not vLLM's: {str(frame)[:200]}", f"check its logs: cloudllm logs {name}")
+    for piece in pieces[:1]:  # one prompt, one sequence
+        if isinstance(piece, str) and piece:
+            yield piece
+
+
+def predict_kwargs(endpoint: str, request: dict) -> dict[str, Any]:
+    """PredictionService.predict's arguments for a {"instances", "parameters"} body."""
+    from google.protobuf import json_format, struct_pb2
+
+    kwargs: dict[str, Any] = {"endpoint": endpoint, "instances": [json_format.ParseDict(i, struct_pb2.Value()) for i in request["instances"]]}
+    if "parameters" in request:
+        kwargs["parameters"] = json_format.ParseDict(request["parameters"], struct_pb2.Value())
+    return kwargs
+
+
+class VertexInvoke:
+    """invoke, invoke_stream and logs of a VertexProvider."""
+
+    # --- invoke ---------------------------------------------------------------------------
+    def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
+        """Where the endpoint's logs are: the Cloud Logging filter, its console link and the gcloud command.
+
+        Reading them here would need google-cloud-logging (and its gRPC stack) for one command;
+        the filter is exact, so gcloud or the console show the same lines.
+        """
+        endpoint = self._find_endpoint(name)
+        if endpoint is None:
+            raise UserError(f"no Vertex AI endpoint named {name!r} in {self.parent}", "see `cloudllm list --provider vertex`")
+        query = logging_filter(endpoint.name.rsplit("/", 1)[-1], self.region, since)
+        yield f"Vertex AI keeps endpoint {name}'s model server log in Cloud Logging. Filter:"
+        yield query
+        yield "console: https://console.cloud.google.com/logs/query;query=" + quote(query, safe="") + f"?project={self.project}"
+        if follow:
+            yield f"follow: gcloud beta logging tail '{query}' --project {self.project}"
+        else:
+            yield f"read: gcloud logging read '{query}' --project {self.project} --order asc"
+
+    def invoke(self, name: str, body: dict) -> Any:
+        from google.api_core import exceptions
+        from google.protobuf import json_format
+
+        endpoint = self._serving_endpoint(name)
+        kwargs = predict_kwargs(endpoint.details["endpoint"], vertex_request(body, endpoint.runtime or "handler"))
+        try:
+            response = self.clients().predictions.predict(**kwargs, retry=transient_retry(refused_only=True))
+        except exceptions.GoogleAPICallError as exc:
+            raise invoke_error(name, exc) from None
+        result = json_format.MessageToDict(type(response).pb(response))
+        return {"predictions": result.get("predictions", []), "deployed_model_id": response.deployed_model_id}
+
+    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+        """streamRawPredict with our own HTTP client (the SDK's raw_predict hard-codes Google's host), in the body each engine takes."""
+        import httpx
+
+        endpoint = self._serving_endpoint(name)
+        runtime = endpoint.runtime or "handler"
+        if runtime == "tgi":
+            raise UserError(
+                f"endpoint {name} runs TGI, whose Vertex AI route answers whole predictions only and cannot stream",
+                "invoke without --stream, or deploy with --runtime vllm or --runtime handler to stream",
+            )
+        url = f"{self.api_base}/v1/{endpoint.details['endpoint']}:streamRawPredict"
+        try:
+            if runtime == "vllm":
+                yield from vllm_stream(name, url, vllm_stream_request(body), self._auth_headers())
+            else:
+                from cloudllm.http import stream_tokens
+
+                yield from stream_tokens(name, url, {**body, "stream": True}, headers=self._auth_headers())
+        except httpx.TransportError as exc:
+            raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
+
+    def _serving_endpoint(self, name: str) -> Endpoint:
+        endpoint = self.get(name)
+        if endpoint is None:
+            raise UserError(f"no Vertex AI endpoint named {name!r} in {self.parent}", "see `cloudllm list --provider vertex`")
+        if "deployed_model_id" not in endpoint.details:
+            raise DeployFailed(f"endpoint {name} has no deployed model", "deploy it again with `cloudllm deploy` or delete it")
+        return endpoint
+
+    def _auth_headers(self) -> dict[str, str]:
+        if os.environ.get(API_ENDPOINT_ENV):
+            return {}
+        import google.auth
+        import google.auth.transport.requests
+
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        credentials.refresh(google.auth.transport.requests.Request())
+        return {"Authorization": f"Bearer {credentials.token}"}
