@@ -243,8 +243,7 @@ def workload_for_model(model: str, *, runtime: str | None = None, **spec_kwargs)
     the handler, which is also the only runtime serving shipped int8/int4 weights.
     """
     from cloudllm.model_source import inspect_model
-    from cloudllm.plan import serving_settings
-    from cloudllm.spec import spec_from_kwargs
+    from cloudllm.spec import serving_settings, spec_from_kwargs
 
     spec = spec_from_kwargs(model, **spec_kwargs)
     info = inspect_model(spec.model, task=spec.task, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)

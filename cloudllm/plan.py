@@ -18,8 +18,8 @@ from cloudllm.errors import PlanRefused, UserError
 from cloudllm.fit import CostEstimate, FitReport
 from cloudllm.hashing import sha256_bytes
 from cloudllm.model_source import ModelInfo
-from cloudllm.providers.base import Endpoint, Feature, ResourceChange
-from cloudllm.spec import DeploySpec
+from cloudllm.types import Endpoint, Feature, ResourceChange
+from cloudllm.spec import DeploySpec, serving_settings  # serving_settings: also read from here
 from cloudllm_runtime.settings import ServingSettings
 
 if TYPE_CHECKING:
@@ -191,27 +191,6 @@ def required_features(spec: DeploySpec, runtime: str) -> set[Feature]:
     if runtime in ("tgi", "vllm"):
         features.add(Feature.ENGINE_RUNTIMES)
     return features
-
-
-def serving_settings(spec: DeploySpec, model: ModelInfo) -> ServingSettings:
-    """The generated server's settings: the model's limits, then the spec's overrides."""
-    config = model.config
-    positions = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_seq_len")
-    max_total = min(int(positions), 4096) if isinstance(positions, int) and positions > 1 else 2048
-    settings = ServingSettings(
-        task=model.task,
-        architecture=model.architecture,
-        model_type=model.model_type,
-        max_total_tokens=max_total,
-        max_input_tokens=max(1, max_total // 2),
-        max_new_tokens=max(1, min(1024, max_total - 1)),
-        trust_remote_code=model.trust_remote_code,
-        quantization=model.quantization,
-    )
-    for key, value in spec.serving.model_dump(exclude_none=True).items():
-        setattr(settings, key, value)
-    settings.default_max_new_tokens = min(settings.default_max_new_tokens, settings.max_new_tokens)
-    return settings
 
 
 def compare(plan: Plan) -> tuple[Action, list[str]]:

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from cloudllm.model_source import ModelInfo
+    from cloudllm_runtime.settings import ServingSettings
 
 # The strictest of the providers' rules (SageMaker endpoint names), so one name works everywhere.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -143,3 +147,26 @@ def describe_validation_error(exc) -> tuple[str, str]:
     if err["type"] == "extra_forbidden":
         return f"unknown setting {field!r}", "remove it or check its spelling (`cloudllm schema` lists every setting)"
     return f"invalid {field}: {message}", "fix that setting (`cloudllm schema` describes every setting)"
+
+
+def serving_settings(spec: DeploySpec, model: ModelInfo) -> ServingSettings:
+    """The generated server's settings: the model's limits, then the spec's overrides."""
+    from cloudllm_runtime.settings import ServingSettings
+
+    config = model.config
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_seq_len")
+    max_total = min(int(positions), 4096) if isinstance(positions, int) and positions > 1 else 2048
+    settings = ServingSettings(
+        task=model.task,
+        architecture=model.architecture,
+        model_type=model.model_type,
+        max_total_tokens=max_total,
+        max_input_tokens=max(1, max_total // 2),
+        max_new_tokens=max(1, min(1024, max_total - 1)),
+        trust_remote_code=model.trust_remote_code,
+        quantization=model.quantization,
+    )
+    for key, value in spec.serving.model_dump(exclude_none=True).items():
+        setattr(settings, key, value)
+    settings.default_max_new_tokens = min(settings.default_max_new_tokens, settings.max_new_tokens)
+    return settings

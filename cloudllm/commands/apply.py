@@ -11,7 +11,7 @@ import click
 
 
 def register(group: click.Group) -> None:
-    from cloudllm.cli import _print_json, _reporter
+    from cloudllm.commands.flags import print_json as _print_json, reporter as _reporter
 
     @group.command("apply")
     @click.option("-f", "--file", "path", default="cloudllm.yaml", show_default=True, type=click.Path(), help="The cloudllm.yaml to apply.")

@@ -12,7 +12,7 @@ import click
 
 
 def register(group: click.Group) -> None:
-    from cloudllm.cli import _deploy_flags, _model_flags, _print_json, _spec_kwargs
+    from cloudllm.commands.flags import deploy_flags as _deploy_flags, model_flags as _model_flags, print_json as _print_json, spec_kwargs as _spec_kwargs
 
     @group.command("plan")
     @click.argument("model", type=click.Path())

@@ -31,7 +31,7 @@ def quantize(model: str, out: str, method: str, overwrite: bool, force: bool, mi
       cloudllm quantize ./my-model -o ./my-model-int8 --method int8
       cloudllm deploy ./my-model-int8 --provider local --name demo
     """
-    from cloudllm.cli import _print_json, _reporter
+    from cloudllm.commands.flags import print_json as _print_json, reporter as _reporter
     from cloudllm.quantize import quantize_model
 
     report = quantize_model(
