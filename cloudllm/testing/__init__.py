@@ -83,3 +83,20 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cloudllm.testing.tiny_models import build_tiny_gpt2
 
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+def eventually(check, *, what: str = "the condition", within: float = 120.0):
+    """Poll check() until it returns something true, and return that; AssertionError after `within` seconds.
+
+    For tests waiting on a condition (a server gone, an endpoint InService): a bound, never a fixed sleep.
+    """
+    from cloudllm.providers.kit import Backoff, Pending, StillRunning, wait_until
+
+    def poll():
+        found = check()
+        return found if found else Pending()
+
+    try:
+        return wait_until(poll, what=what, deadline=within, backoff=Backoff(first=0.05, floor=0.05, most=0.25))
+    except StillRunning:
+        raise AssertionError(f"{what} never became true within {within:.0f}s") from None

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import socket
+import subprocess
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,6 +118,27 @@ class FaultProxy:
     def release(self) -> None:
         self._held = None
         self._hold_gate.set()
+
+    def race(self, runs: list[tuple[list[str], dict]], predicate: Callable[[str, str], bool]) -> list[subprocess.CompletedProcess]:
+        """Start the commands (args, extra env) at once; park their calls matching predicate until each has
+        made one, then let them all through together: two pipelines deploying one endpoint at the same moment."""
+        self.hold(predicate, then="pass")
+        processes = [subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, env in runs]
+        try:
+            for _ in range(2400):  # a bound, not a duration: each turn waits for the next parked call
+                if self.held_count >= len(runs) or any(p.poll() is not None for p in processes):
+                    break
+                self.held.wait(timeout=0.1)
+                self.held.clear()
+            assert self.held_count == len(runs), [(p.poll(), p.stderr.read() if p.poll() is not None else "") for p in processes]
+            self.release()
+            outputs = [p.communicate(timeout=300) for p in processes]
+        finally:
+            self.release()
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
 
     def configure(self, *, rate: float, seed: int = 0) -> None:
         """Fail `rate` of the requests from now on, drawn from a fresh RNG seeded with `seed`."""
@@ -265,3 +288,14 @@ def _handler_for(proxy: FaultProxy):
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _handle
 
     return Handler
+
+
+def one_wins(results: list[subprocess.CompletedProcess], loser_says: str) -> tuple[int, int]:
+    """Of two raced CLI runs, one succeeded and the other failed with one clear line saying loser_says: (winner, loser)."""
+    assert sorted(r.returncode for r in results) == [0, 1], [(r.returncode, r.stderr[-2000:]) for r in results]
+    winner = next(i for i, r in enumerate(results) if r.returncode == 0)
+    loser = results[1 - winner]
+    assert "Traceback" not in loser.stderr
+    last = loser.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and loser_says in last, last
+    return winner, 1 - winner

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import boto3
@@ -18,6 +17,7 @@ from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import ClientError
 
 from cloudllm import api
+from cloudllm.testing import eventually
 from cloudllm_emulators.sagemaker import ROLE_ARN
 from tests.conftest import CLOUDLLM
 
@@ -43,12 +43,10 @@ def _model(sm, name: str, prefix: str, image: str = TOOLKIT_IMAGE) -> None:
 
 
 def _settle(sm, name: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        endpoint = sm.describe_endpoint(EndpointName=name)
-        if endpoint["EndpointStatus"] not in ("Creating", "Updating") or time.monotonic() > deadline:
-            return endpoint
-        time.sleep(0.25)
+    return eventually(
+        lambda: (found := sm.describe_endpoint(EndpointName=name))["EndpointStatus"] not in ("Creating", "Updating") and found,
+        what=f"endpoint {name} settled", within=timeout,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from cloudllm.providers.kit.server import alive
+from cloudllm.testing import eventually
 from tests.conftest import CLOUDLLM, assert_one_line_error, run_cli
 
 
@@ -36,6 +37,13 @@ def demo(home: dict, tiny_gpt2: Path) -> dict:
     result = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", "--json", env=home)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def _pings(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _state(home: dict, name: str) -> dict:
@@ -135,7 +143,7 @@ def test_died_server_is_reported_then_redeploy_recovers(home: dict, tiny_gpt2: P
     assert deployed.returncode == 0, deployed.stderr
     pid = _state(home, "fragile")["pid"]
     os.killpg(pid, signal.SIGKILL)
-    time.sleep(0.2)
+    eventually(lambda: not alive(pid), what=f"server {pid} gone")
     assert_one_line_error(run_cli("invoke", "fragile", "hi", env=home), code=1, contains="is not running")
     assert "Failed" in run_cli("status", "fragile", env=home).stdout
     redeployed = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "fragile", "--json", env=home)
@@ -187,14 +195,7 @@ def test_serve_runs_the_artifact_like_a_container(tiny_gpt2: Path, tmp_path: Pat
     server = subprocess.Popen([CLOUDLLM, "serve", str(artifact), "--port", str(port), "--host", "127.0.0.1"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        eventually(lambda: _pings(port), what=f"the server on port {port} answering /ping")
         answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
         assert answer.status_code == 200 and "generated_text" in answer.json()[0]
 
@@ -312,11 +313,10 @@ def test_no_wait_create_of_a_model_that_fails_to_load_reports_failed(home: dict,
     root = Path(home["CLOUDLLM_HOME"])
     created = run_cli("deploy", str(broken_gpt2), "--provider", "local", "--name", "doomed", "--no-wait", env=home)
     assert created.returncode == 0, created.stderr  # --no-wait on a create returns once the server has a port
-    for _ in range(300):  # until the server has tried to load its model
-        endpoint = json.loads(run_cli("status", "doomed", "--json", env=home).stdout)
-        if endpoint["state"] != "Loading":
-            break
-        time.sleep(0.2)
+    endpoint = eventually(  # until the server has tried to load its model
+        lambda: (found := json.loads(run_cli("status", "doomed", "--json", env=home).stdout))["state"] != "Loading" and found,
+        what="the server trying to load its model",
+    )
     assert endpoint["state"] == "Failed" and "the model failed to load" in endpoint["failure_reason"], endpoint
     assert run_cli("delete", "doomed", env=home).returncode == 0
     assert _servers_under(root / "local" / "doomed") == [] and not (root / "local" / "doomed").exists()

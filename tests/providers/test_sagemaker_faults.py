@@ -18,7 +18,7 @@ import pytest
 
 from cloudllm import api
 from cloudllm.providers.sagemaker import resources as res
-from cloudllm.testing.faults import FAULT_KINDS, FaultProxy
+from cloudllm.testing.faults import FAULT_KINDS, FaultProxy, one_wins
 from tests.conftest import CLOUDLLM
 
 BUCKET = "cloudllm-emulator"
@@ -403,38 +403,6 @@ def test_the_sweep_aborts_the_upload_of_an_abandoned_version(flaky: FaultProxy, 
 
 
 # --- two pipelines deploy one endpoint at once ------------------------------------------------------
-def _race(flaky: FaultProxy, runs: list[tuple[list[str], dict]], operation: str) -> list[subprocess.CompletedProcess]:
-    """Start the deploys; park their `operation` calls until both are there, then let both through at once."""
-    flaky.hold(_op(operation), then="pass")
-    processes = [subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, env in runs]
-    try:
-        for _ in range(2400):
-            if flaky.held_count >= len(runs) or any(p.poll() is not None for p in processes):
-                break
-            flaky.held.wait(timeout=0.1)
-            flaky.held.clear()
-        assert flaky.held_count == len(runs), [p.poll() for p in processes]
-        flaky.release()
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-        flaky.release()
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
-
-
-def _one_wins(results: list[subprocess.CompletedProcess], loser_says: str) -> tuple[int, int]:
-    codes = sorted(r.returncode for r in results)
-    assert codes == [0, 1], [(r.returncode, r.stderr[-2000:]) for r in results]
-    winner = next(i for i, r in enumerate(results) if r.returncode == 0)
-    loser = results[1 - winner]
-    assert "Traceback" not in loser.stderr
-    last = loser.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and loser_says in last, last
-    return winner, 1 - winner
-
-
 def test_two_pipelines_creating_one_endpoint_one_wins_and_the_other_fails_clearly(flaky: FaultProxy, sagemaker_emulator, aws, tiny_gpt2: Path, tmp_path: Path) -> None:
     name = "raced"
     runs = [
@@ -442,8 +410,8 @@ def test_two_pipelines_creating_one_endpoint_one_wins_and_the_other_fails_clearl
          {"CLOUDLLM_HOME": str(tmp_path / f"ci-{tokens}"), "AWS_ENDPOINT_URL": flaky.url})
         for tokens in (8, 16)
     ]  # fmt: skip
-    results = _race(flaky, runs, "CreateEndpoint")
-    winner, _ = _one_wins(results, "was created by another deploy")
+    results = flaky.race(runs, _op("CreateEndpoint"))
+    winner, _ = one_wins(results, "was created by another deploy")
     won = json.loads(results[winner].stdout)
     # The loser removed its model and config; its upload stays for its retry (nothing points at it).
     assert_exactly_one_version(aws, name, digest=won["endpoint"]["digest"], unused_uploads=1)
@@ -454,8 +422,8 @@ def test_two_pipelines_creating_one_endpoint_one_wins_and_the_other_fails_clearl
          {"CLOUDLLM_HOME": str(tmp_path / f"ci-{tokens}"), "AWS_ENDPOINT_URL": flaky.url})
         for tokens in (24, 32)
     ]  # fmt: skip
-    results = _race(flaky, runs, "UpdateEndpoint")
-    winner, _ = _one_wins(results, "is being changed by another deploy")
+    results = flaky.race(runs, _op("UpdateEndpoint"))
+    winner, _ = one_wins(results, "is being changed by another deploy")
     won = json.loads(results[winner].stdout)
     assert_exactly_one_version(aws, name, digest=won["endpoint"]["digest"], unused_uploads=2)
 

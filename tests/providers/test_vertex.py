@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.vertex import decode_digest, deployment_timeout
 from cloudllm.spec import spec_from_kwargs
+from cloudllm.testing import eventually
 from tests.conftest import assert_one_line_error, run_cli
 
 DUTY_CYCLE = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
@@ -52,15 +52,6 @@ def _deployed(clients, result):
     deployed = endpoint.deployed_models[0]
     model = models.get_model(name=f"{deployed.model}@{deployed.model_version_id}")
     return endpoint, deployed, model
-
-
-def _eventually(check, *, tries: int = 1200) -> None:
-    """Poll until check() is true (a condition, not a duration: tries is only a bound)."""
-    for _ in range(tries):
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition never became true")
 
 
 def _deploy(tiny_gpt2: Path, emulator, name: str, reporter: Reporter | None = None, **kwargs):
@@ -362,7 +353,7 @@ def test_a_deploy_past_its_timeout_leaves_the_operation_running_and_says_how_to_
         assert vertex_emulator.objects("cloudllm-test", "models/slow/")
     finally:
         vertex_emulator.replica_gate.set()
-    _eventually(lambda: api.status("slow", provider="vertex").state == "InService")
+    eventually(lambda: api.status("slow", provider="vertex").state == "InService")
 
     # an update past its timeout: the old version keeps all the traffic; the next deploy moves it to the new one
     old_id = api.status("slow", provider="vertex").details["deployed_model_id"]
@@ -374,7 +365,7 @@ def test_a_deploy_past_its_timeout_leaves_the_operation_running_and_says_how_to_
         assert dict(api.status("slow", provider="vertex").details["traffic_split"]) == {old_id: 100}
     finally:
         vertex_emulator.replica_gate.set()
-    _eventually(lambda: len(api.status("slow", provider="vertex").details["deployed_models"]) == 2)  # it arrives without traffic
+    eventually(lambda: len(api.status("slow", provider="vertex").details["deployed_models"]) == 2)  # it arrives without traffic
     reporter = Recorder()
     again = api.deploy(spec=spec(None, serving={"max_new_tokens": 16}), reporter=reporter)
     assert again.action == "update" and any(s.startswith("the new version is already deployed") for s in reporter.steps)
@@ -399,7 +390,7 @@ def test_no_wait_returns_while_it_deploys_and_image_is_honoured(vertex_emulator,
         assert list(endpoint.deployed_models) == []  # still deploying when deploy returned
     finally:
         vertex_emulator.replica_gate.set()
-    _eventually(lambda: api.status("no-wait", provider="vertex").state == "InService")
+    eventually(lambda: api.status("no-wait", provider="vertex").state == "InService")
     _, deployed, model = _deployed(clients, api.deploy(tiny_gpt2, provider="vertex", name="no-wait", runtime="handler",
                                                        instance="n1-standard-4", bucket=vertex_emulator.bucket, image=image))  # fmt: skip
     assert model.container_spec.image_uri == image

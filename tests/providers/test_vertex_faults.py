@@ -13,7 +13,7 @@ import pytest
 
 from cloudllm import api
 from cloudllm.providers.vertex import API_ENDPOINT_ENV, decode_digest
-from cloudllm.testing.faults import FAULT_KINDS, FaultProxy
+from cloudllm.testing.faults import FAULT_KINDS, FaultProxy, one_wins
 from tests.conftest import CLOUDLLM
 
 v1 = pytest.importorskip("google.cloud.aiplatform_v1")
@@ -201,37 +201,6 @@ def test_a_deploy_killed_anywhere_converges_when_run_again(flaky, vertex_emulato
 
 
 # --- two pipelines deploy one endpoint at once ------------------------------------------------------
-def _race(proxy: FaultProxy, runs: list[tuple[list[str], dict]], predicate) -> list[subprocess.CompletedProcess]:
-    """Start the deploys; park the calls matching predicate until each has made one, then let all through at once."""
-    proxy.hold(predicate, then="pass")
-    processes = [subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, env in runs]
-    try:
-        for _ in range(2400):
-            if proxy.held_count >= len(runs) or any(p.poll() is not None for p in processes):
-                break
-            proxy.held.wait(timeout=0.1)
-            proxy.held.clear()
-        assert proxy.held_count == len(runs), [(p.poll(), p.stderr.read() if p.poll() is not None else "") for p in processes]
-        proxy.release()
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-        proxy.release()
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
-
-
-def _one_wins(results: list[subprocess.CompletedProcess], loser_says: str) -> int:
-    assert sorted(r.returncode for r in results) == [0, 1], [(r.returncode, r.stderr[-2000:]) for r in results]
-    winner = next(i for i, r in enumerate(results) if r.returncode == 0)
-    loser = results[1 - winner]
-    assert "Traceback" not in loser.stderr
-    last = loser.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and loser_says in last, last
-    return winner
-
-
 @pytest.mark.slow  # the SageMaker twin runs by default
 def test_two_pipelines_deploying_one_endpoint_one_wins_and_the_other_fails_clearly(flaky, vertex_emulator, tiny_gpt2: Path, tmp_path: Path) -> None:
     api_proxy, _ = flaky
@@ -245,14 +214,14 @@ def test_two_pipelines_deploying_one_endpoint_one_wins_and_the_other_fails_clear
         ]  # fmt: skip
 
     # Both create it: both CreateEndpoint calls go through; the older endpoint stays, the other deploy removes its own.
-    results = _race(api_proxy, runs(8, 16), lambda m, path: m == "POST" and path.split("?")[0].endswith("/endpoints"))
-    winner = _one_wins(results, "was created by another deploy")
+    results = api_proxy.race(runs(8, 16), lambda m, path: m == "POST" and path.split("?")[0].endswith("/endpoints"))
+    winner, _ = one_wins(results, "was created by another deploy")
     won = json.loads(results[winner].stdout)
     assert_serving_exactly(vertex_emulator, name, won["endpoint"]["digest"])
 
     # Both update it: both read the endpoint, both try to take its lock with that etag; one gets it.
-    results = _race(api_proxy, runs(24, 32), lambda m, path: m == "PATCH" and "/endpoints/" in path and "labels" in path)
-    winner = _one_wins(results, "is being changed by another deploy")
+    results = api_proxy.race(runs(24, 32), lambda m, path: m == "PATCH" and "/endpoints/" in path and "labels" in path)
+    winner, _ = one_wins(results, "is being changed by another deploy")
     won = json.loads(results[winner].stdout)
     assert_serving_exactly(vertex_emulator, name, won["endpoint"]["digest"])
     endpoints, _ = _state(vertex_emulator, name)
