@@ -8,7 +8,10 @@ from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.base import Endpoint, Feature, Fingerprint, Provider
 from cloudllm.providers.kit import Ledger, StillRunning, rollout_of
-from cloudllm.providers.vertex.checks import DEFAULT_MACHINE, VertexChecks, accelerator_name, deploy_deadline, give_all_to_first, main_deployment, pending_endpoint, resources_line
+from cloudllm.providers.vertex.checks import (
+    DEFAULT_MACHINE, VertexChecks, accelerator_name, deploy_deadline, give_all_to_first, main_deployment, pending_endpoint,
+    resources_line,
+)
 from cloudllm.providers.vertex.cleanup import VertexCleanup
 from cloudllm.providers.vertex.invoke import VertexInvoke, predict_url
 from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_BY, RUNTIME_LABEL, decode_digest

@@ -10,8 +10,14 @@ from typing import TYPE_CHECKING
 from cloudllm.console import Reporter
 from cloudllm.providers.base import Endpoint
 from cloudllm.providers.kit import Ledger
-from cloudllm.providers.vertex.checks import HEALTH_ROUTE, PREDICT_ROUTE, SERVING_PORT, deploy_deadline, deployment_timeout, machine_of, main_deployment, resources_line, scale_metric, short_deadline, version_prefix
-from cloudllm.providers.vertex.labels import DIGEST_LABELS, MANAGED_BY, NAME_LABEL, RUNTIME_LABEL, RUN_LABEL, decode_digest, deployed_model_id, encode_digest, label_value
+from cloudllm.providers.vertex.checks import (
+    HEALTH_ROUTE, PREDICT_ROUTE, SERVING_PORT, deploy_deadline, deployment_timeout, machine_of, main_deployment,
+    resources_line, scale_metric, short_deadline, version_prefix,
+)
+from cloudllm.providers.vertex.labels import (
+    DIGEST_LABELS, MANAGED_BY, NAME_LABEL, RUNTIME_LABEL, RUN_LABEL, decode_digest, deployed_model_id, encode_digest,
+    label_value,
+)
 from cloudllm.providers.vertex.session import send_once, unless_gone
 
 if TYPE_CHECKING:
