@@ -33,7 +33,6 @@ import contextlib
 import functools
 import json
 import os
-import sys
 import threading
 import time
 import traceback
@@ -50,6 +49,7 @@ from starlette.routing import Route
 
 from .batching import Batcher
 from .engine import Engine, Prediction, Token, load_engine
+from .log import log_event
 from .protocol import (
     GENERATION_TASKS,
     OUTPUT_KEYS,
@@ -71,21 +71,6 @@ DEFAULT_VERTEX_HEALTH_ROUTE = "/health"
 # Bodies past the limit are read and dropped (up to this much more) so the client sees the 413
 # instead of a connection reset in the middle of its upload.
 DRAIN_LIMIT = 64 * 1024 * 1024
-
-
-def log_event(event: str, **fields: Any) -> None:
-    """One JSON line on stderr: what the container platforms collect as the model's log."""
-    record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z", "event": event}
-    record.update(fields)
-    try:
-        line = json.dumps(record, ensure_ascii=False, default=str)
-        try:
-            sys.stderr.write(line + "\n")
-        except UnicodeError:  # a lone surrogate from a request: escaped, the line still gets written
-            sys.stderr.write(json.dumps(record, default=str) + "\n")
-        sys.stderr.flush()
-    except (ValueError, OSError, UnicodeError):
-        pass  # a log line must never fail a request
 
 
 class Metrics:

@@ -32,11 +32,12 @@ import functools
 import inspect
 import os
 import queue
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+from . import quantized
+from .placement import dtype_keyword, resolve_dtype, resolve_placement
 from .protocol import GENERATION_TASKS, OUTPUT_KEYS, RequestError, normalize_task, validation_error
 
 DEFAULT_AGGREGATION = "simple"
@@ -72,7 +73,7 @@ class Token:
 def load_engine(model_dir: str, settings: Any) -> "Engine":
     """Load the model and tokenizer in model_dir for settings.task, placed per settings.device/dtype."""
     task = normalize_task(settings.task)
-    engine_cls = _ENGINES[task]
+    engine_cls = ENGINES[task]
     tokenizer = _load_tokenizer(model_dir, settings)
     _require_vocabulary(tokenizer, model_dir)
     model = _load_model(engine_cls.auto_class, model_dir, settings)
@@ -103,12 +104,10 @@ def _require_vocabulary(tokenizer: Any, model_dir: str) -> None:
 def _load_model(auto_class: str, model_dir: str, settings: Any) -> Any:
     import transformers
 
-    from . import quantized
-
     if quantized.is_quantized(model_dir):  # int8/int4 weights written by `cloudllm quantize`
         return quantized.load_quantized_model(model_dir, getattr(transformers, auto_class), settings)
     device, device_map = resolve_placement(settings.device)
-    kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, _dtype_keyword(): resolve_dtype(settings.dtype, device)}
+    kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, dtype_keyword(): resolve_dtype(settings.dtype, device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = getattr(transformers, auto_class).from_pretrained(model_dir, **kwargs)
@@ -116,55 +115,6 @@ def _load_model(auto_class: str, model_dir: str, settings: Any) -> Any:
         model.to(device)
     model.eval()
     return model
-
-
-def _dtype_keyword() -> str:
-    # from_pretrained's torch_dtype became dtype in transformers 4.56 (the old name is gone in 5);
-    # older 4.x silently files an unknown dtype= under the config, so ask the version, not try/except.
-    import transformers
-
-    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def resolve_placement(device: str) -> tuple[Any, str | None]:
-    """(torch device, device_map): "auto" is cuda when present, sharded by accelerate over several GPUs."""
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        if torch.cuda.device_count() > 1:
-            if _accelerate_available():
-                return torch.device("cuda:0"), "auto"
-            from cloudllm_runtime.app import log_event  # here: app imports this module
-
-            log_event("one_gpu_only", level="warning", gpus=torch.cuda.device_count(),
-                      reason="accelerate is not installed, so the model is not spread over the GPUs")  # fmt: skip
-        return torch.device("cuda:0"), None
-    if device in ("auto", "cuda"):
-        return torch.device("cpu"), None
-    return torch.device(device), None
-
-
-def _accelerate_available() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_dtype(dtype: str, device: Any) -> Any:
-    """The checkpoint's own dtype on GPU for "auto"; float32 on CPU, where half-precision matmuls crawl."""
-    import torch
-
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(dtype, dtype)
-    if name == "auto":
-        return "auto" if device.type == "cuda" else torch.float32
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r} in settings; use auto, float32, float16 or bfloat16")
-    return value
 
 
 # --- engines --------------------------------------------------------------------------------
@@ -616,7 +566,8 @@ class FeatureExtractionEngine(Engine):
         return [Prediction(v.tolist()) for v in vectors]
 
 
-_ENGINES: dict[str, type[Engine]] = {
+# The engine class serving each task (cloudllm quantize reads auto_class from it).
+ENGINES: dict[str, type[Engine]] = {
     "text-generation": GenerationEngine,
     "text2text-generation": Seq2SeqEngine,
     "summarization": Seq2SeqEngine,
@@ -626,7 +577,10 @@ _ENGINES: dict[str, type[Engine]] = {
     "question-answering": QuestionAnsweringEngine,
     "feature-extraction": FeatureExtractionEngine,
 }
-assert set(_ENGINES) >= set(GENERATION_TASKS)
+assert set(ENGINES) >= set(GENERATION_TASKS)
+# The names cloudllm/quantize.py imported before they were public; kept until it moves to the public ones.
+_ENGINES = ENGINES
+_dtype_keyword = dtype_keyword
 
 
 # --- transformers-facing helpers ---------------------------------------------------------------
@@ -796,11 +750,13 @@ def model_files_present(model_dir: str) -> bool:
 
 
 __all__ = [
+    "ENGINES",
     "Engine",
     "GenerationEngine",
     "Prediction",
     "RequestError",
     "Token",
+    "dtype_keyword",
     "load_engine",
     "model_files_present",
     "resolve_dtype",
