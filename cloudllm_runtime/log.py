@@ -19,11 +19,8 @@ def log_event(event: str, **fields: Any) -> None:
     record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z", "event": event}
     record.update(fields)
     try:
-        line = json.dumps(record, ensure_ascii=False, default=str)
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a request: escape it rather than write invalid UTF-8
-            line = json.dumps(record, default=str)
+        # A lone surrogate from a request has no UTF-8 form: it becomes "?" (only ever inside a string).
+        line = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "replace").decode("utf-8")
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (ValueError, OSError, UnicodeError, RecursionError):

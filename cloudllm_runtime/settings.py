@@ -33,6 +33,7 @@ class ServingSettings:
     max_concurrent_requests: int = 128  # beyond this the server answers 429
     max_inputs_per_request: int = 64  # a list of inputs is that many generations: bound the work one request buys
     max_body_bytes: int = 6 * 1024 * 1024  # SageMaker's real-time payload limit
+    max_body_seconds: float = 60.0  # a body still arriving after this is refused (408): slow senders hold no slot
     trust_remote_code: bool = False
     log_payloads: bool = False
     quantization: str | None = None

@@ -7,6 +7,7 @@ and the failure modes run the same app under uvicorn in this process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import re
@@ -388,36 +389,41 @@ def test_health_is_503_when_loading_failed(tmp_path: Path) -> None:
         assert_error(post(url + "/invocations", {"inputs": "hi"}), 503, "failed to load")
 
 
-def test_too_many_requests_in_flight_is_429(tiny_gpt2: Path, gpt2_engine: GenerationEngine) -> None:
+def test_too_many_requests_being_served_is_429(tiny_gpt2: Path, gpt2_engine: GenerationEngine) -> None:
+    held = _like(HeldEngine, gpt2_engine)
+    HeldEngine.release.clear()
     settings = ServingSettings(**{**GEN_SETTINGS, "max_concurrent_requests": 1})
-    app = create_app(str(tiny_gpt2), settings, engine_loader=lambda d, s: gpt2_engine)
-    with serve_in_thread(app) as url:
-        port = int(url.rsplit(":", 1)[1])
-        body = b'{"inputs": "held open", "parameters": {"max_new_tokens": 2}}'
-        with socket.create_connection(("127.0.0.1", port)) as held:
-            # The first request's body is still uploading: it is in flight until it completes.
-            held.sendall(b"POST /invocations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
-            for _ in range(600):
-                if "cloudllm_requests_in_flight 1.0" in httpx.get(url + "/metrics").text:
-                    break
-                time.sleep(0.05)
-            response = post(url + "/invocations", {"inputs": "second"})
-            assert_error(response, 429, "too many requests")
-            assert response.headers["retry-after"] == "1"
-            held.sendall(body[10:])
-            reply = held.recv(65536).decode()
-            assert reply.startswith("HTTP/1.1 200")
+    app = create_app(str(tiny_gpt2), settings, engine_loader=lambda d, s: held)
+    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, url + "/invocations", {"inputs": "held", "parameters": {"max_new_tokens": 2}})
+        assert HeldEngine.entered.wait(60)  # the first request is in the model: it is being served
+        response = post(url + "/invocations", {"inputs": "second"})
+        assert_error(response, 429, "too many requests")
+        assert response.headers["retry-after"] == "1"
+        HeldEngine.release.set()
+        assert first.result().status_code == 200
         assert post(url + "/invocations", {"inputs": "third", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+class HeldEngine(GenerationEngine):
+    """The real engine, holding every model call until the test lets go."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def run(self, inputs, parameters, cancels=None):
+        self.entered.set()
+        self.release.wait(120)
+        return super().run(inputs, parameters, cancels)
 
 
 class FaultyEngine(GenerationEngine):
     """The real engine, except one magic input hits a bug."""
 
-    def run(self, inputs, parameters):
+    def run(self, inputs, parameters, cancels=None):
         if "trigger-a-bug" in inputs:
             raise ZeroDivisionError("a bug in the model code")
-        return super().run(inputs, parameters)
+        return super().run(inputs, parameters, cancels)
 
 
 class GatedEngine(GenerationEngine):

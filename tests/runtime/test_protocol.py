@@ -164,7 +164,7 @@ def test_valid_generation_parameters(parameters: dict) -> None:
         ({"top_k": -1}, "at least 0"),
         ({"do_sample": 1}, "true or false"),
         ({"do_sample": "true"}, "true or false"),
-        ({"repetition_penalty": 0}, "greater than 0"),
+        ({"repetition_penalty": 0}, "at least 1e-06"),
         ({"stop": [1]}, "list of strings"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
         ({"stop": [""]}, "empty"),
