@@ -256,6 +256,16 @@ def test_one_json_log_line_per_request_without_prompts(servers: dict[str, Server
     assert "Traceback" not in server.log()
 
 
+def test_odd_field_names_are_a_422_and_the_log_stays_json(servers: dict[str, ServerProcess]) -> None:
+    """`cloudllm logs --json` parses every line: a lone surrogate or control character a client sent cannot break one."""
+    server = servers["sagemaker"]
+    for raw in (b'{"inputs": "hi", "\\ud800": 1}', b'{"inputs": "hi", "parameters": {"\\udc80\\n\\u0000": 1}}'):
+        assert_error(post(server.url + "/invocations", raw=raw, headers={"x-request-id": "odd-name"}), 422, "unknown")
+    server.wait_for_records(lambda r: r.get("request_id") == "odd-name", count=2)
+    lines = server.log_path.read_bytes().decode("utf-8").splitlines()  # strict UTF-8
+    assert [json.loads(line) for line in lines if line.strip()]  # every line is JSON
+
+
 def test_log_payloads_flag_puts_the_prompt_in_the_request_line(tiny_gpt2: Path, artifact_factory: Callable[..., Path]) -> None:
     """Off by default (the test above); `serve --log-payloads` (or serving.log_payloads) turns it on."""
     server = ServerProcess(artifact_factory(tiny_gpt2, **GEN_SETTINGS), args=["serve", "--host", "127.0.0.1", "--port", "0", "--log-payloads"])
