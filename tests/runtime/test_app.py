@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -361,6 +362,27 @@ def test_port_comes_from_the_platform_variables() -> None:
         patch.delenv("AIP_HTTP_PORT")
         patch.delenv("SAGEMAKER_BIND_TO_PORT")
         assert resolve_port(None) == 8080
+
+
+@pytest.mark.parametrize("variable", ["AIP_HTTP_PORT", "SAGEMAKER_BIND_TO_PORT"])
+def test_cloudllm_serve_takes_the_platform_port(tiny_gpt2: Path, tmp_path: Path, variable: str) -> None:
+    """`cloudllm serve` without --port listens where the container would."""
+    from tests.conftest import CLOUDLLM, run_cli
+
+    artifact = tmp_path / "artifact"
+    packaged = run_cli("package", str(tiny_gpt2), "-o", str(artifact))
+    assert packaged.returncode == 0, packaged.stderr
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("AIP_HTTP_PORT", "SAGEMAKER_BIND_TO_PORT")}
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen([CLOUDLLM, "serve", str(artifact), "--host", "127.0.0.1"], env={**env, variable: str(port)},
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", alive=lambda: None if process.poll() is None else (tmp_path / "serve.log").read_text())
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0
+        log.close()
 
 
 # --- the app in-process: loading states, limits, internal errors -------------------------------------
