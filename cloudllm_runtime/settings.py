@@ -28,6 +28,8 @@ class ServingSettings:
     default_max_new_tokens: int = 64
     max_new_tokens: int = 1024  # the cap a request may ask for
     # Dynamic batching: requests arriving within max_batch_wait_ms run as one forward pass.
+    # max_batch_size sequences of max_total_tokens is a batch's token budget (the KV cache GPU
+    # plans size); shorter sequences share it, so more of them than max_batch_size run at once.
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
     max_concurrent_requests: int = 128  # beyond this the server answers 429

@@ -24,15 +24,10 @@ from cloudllm_runtime.engine import GenerationEngine, load_engine
 from cloudllm_runtime.settings import ServingSettings
 
 from .conftest import serve_in_thread
+from .test_app import GEN_SETTINGS
 
-SETTINGS = dict(
-    task="text-generation",
-    max_new_tokens=100,
-    default_max_new_tokens=8,
-    max_input_tokens=64,
-    max_total_tokens=128,
-    max_body_bytes=8 * 1024 * 1024,
-)
+# The app tests' settings, with room for a long generation and a 6.6 MB body.
+SETTINGS = {**GEN_SETTINGS, "max_new_tokens": 100, "max_body_bytes": 8 * 1024 * 1024}
 
 
 @pytest.fixture(scope="module")
