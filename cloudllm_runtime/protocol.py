@@ -393,9 +393,11 @@ def batch_key(parameters: Mapping[str, Any]) -> str | None:
     """Requests with equal keys can share one model call; None means "run alone".
 
     A seeded request runs alone so its sampled output depends only on its own prompt
-    and seed, not on which other requests happened to share its batch.
+    and seed, not on which other requests happened to share its batch. So does one with a
+    repetition penalty: transformers penalizes every token in a row, the left padding a
+    longer neighbour forces on it included.
     """
-    if "seed" in parameters:
+    if "seed" in parameters or parameters.get("repetition_penalty", 1.0) != 1.0:
         return None
     return json.dumps(parameters, sort_keys=True, separators=(",", ":"))
 

@@ -238,6 +238,8 @@ def test_batch_key_groups_equal_parameters_and_isolates_seeds() -> None:
     assert batch_key({"a": 1, "b": [1]}) == batch_key({"b": [1], "a": 1})
     assert batch_key({"max_new_tokens": 3}) != batch_key({"max_new_tokens": 4})
     assert batch_key({"seed": 1}) is None
+    assert batch_key({"repetition_penalty": 1.3}) is None  # it would also penalize a neighbour's padding
+    assert batch_key({"repetition_penalty": 1.0}) is not None
 
 
 def test_normalize_task_aliases() -> None:
