@@ -316,7 +316,7 @@ async def _predict(state: ServerState, request: Request, *, mode: str) -> Respon
     engine = state.require_engine()
     if mode in ("generate", "stream") and state.task not in GENERATION_TASKS:
         raise RequestError(404, f"{request.url.path} serves text generation; this model serves {state.task}: use /invocations", "not_found")
-    body = await _read_body(request, settings.max_body_bytes, getattr(settings, "max_body_seconds", None))
+    body = await _read_body(request, settings.max_body_bytes, settings.max_body_seconds)
     state.admit(request)
     req: InferenceRequest = await run_in_threadpool(
         parse_request, body, settings, content_type=request.headers.get("content-type")
