@@ -215,8 +215,11 @@ def logs(
     return _provider_for_name(name, provider, region, options).logs(name, follow=follow, since=since)
 
 
-def serve(artifact: str | Path, *, port: int = 8080, host: str = "0.0.0.0", log_payloads: bool = False) -> None:
-    """Run an artifact's model server in the foreground, exactly as its container does (never returns)."""
+def serve(artifact: str | Path, *, port: int | None = None, host: str = "0.0.0.0", log_payloads: bool = False) -> None:
+    """Run an artifact's model server in the foreground, exactly as its container does (never returns).
+
+    Without a port, the server takes the container's: $AIP_HTTP_PORT, else $SAGEMAKER_BIND_TO_PORT, else 8080.
+    """
     import sys
 
     from cloudllm.bundle import read_manifest
@@ -228,7 +231,7 @@ def serve(artifact: str | Path, *, port: int = 8080, host: str = "0.0.0.0", log_
     entry = artifact / "code" / "serve.py"
     if not entry.is_file():
         raise UserError(f"{artifact} has no code/serve.py", "rebuild the artifact with `cloudllm package`")
-    argv = [sys.executable, str(entry), "serve", "--host", host, "--port", str(port)]
+    argv = [sys.executable, str(entry), "serve", "--host", host] + ([] if port is None else ["--port", str(port)])
     os.execv(sys.executable, argv + (["--log-payloads"] if log_payloads else []))
 
 

@@ -285,10 +285,10 @@ def delete(name: str, purge_artifacts: bool, bucket: str | None, where: dict, js
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
+@click.option("--port", type=int, default=None, help="Port to listen on [default: $AIP_HTTP_PORT, else $SAGEMAKER_BIND_TO_PORT, else 8080].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option("--log-payloads", is_flag=True, help="Log prompt text in the request log (off by default: prompts can hold secrets).")
-def serve(artifact: str, port: int, host: str, log_payloads: bool) -> None:
+def serve(artifact: str, port: int | None, host: str, log_payloads: bool) -> None:
     """Run an artifact's model server in the foreground, as its container does.
 
     \b

@@ -20,7 +20,12 @@ Streams use TGI's event format, one event per token as it is produced::
 
 and the last token's event carries ``generated_text`` (and ``details`` when asked for). Errors
 are ``{"error": ..., "error_type": ...}`` with a 4xx for the client's mistakes, 429 beyond
-max_concurrent_requests in flight, 503 while not ready, and 500 (the server stays up) for bugs.
+max_concurrent_requests being served, 503 while not ready, and 500 (the server stays up) for bugs.
+
+Hostile clients: a request counts toward max_concurrent_requests only once its body has
+arrived, and a body must arrive within settings.max_body_seconds (else 408), so slow senders
+hold no slot; a prompt is refused by its length before it is tokenized; a client that hangs
+up has its generation stopped at the next token (logged with status 499).
 Each request writes one JSON line to stderr (health checks and /metrics scrapes excepted); prompt
 text only when settings.log_payloads.
 """
@@ -33,7 +38,6 @@ import contextlib
 import functools
 import json
 import os
-import sys
 import threading
 import time
 import traceback
@@ -44,12 +48,13 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .batching import Batcher
 from .engine import Engine, Prediction, Token, load_engine
+from .log import log_event
 from .protocol import (
     GENERATION_TASKS,
     OUTPUT_KEYS,
@@ -71,21 +76,8 @@ DEFAULT_VERTEX_HEALTH_ROUTE = "/health"
 # Bodies past the limit are read and dropped (up to this much more) so the client sees the 413
 # instead of a connection reset in the middle of its upload.
 DRAIN_LIMIT = 64 * 1024 * 1024
-
-
-def log_event(event: str, **fields: Any) -> None:
-    """One JSON line on stderr: what the container platforms collect as the model's log."""
-    record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z", "event": event}
-    record.update(fields)
-    try:
-        line = json.dumps(record, ensure_ascii=False, default=str)
-        try:
-            sys.stderr.write(line + "\n")
-        except UnicodeError:  # a lone surrogate from a request: escaped, the line still gets written
-            sys.stderr.write(json.dumps(record, default=str) + "\n")
-        sys.stderr.flush()
-    except (ValueError, OSError, UnicodeError):
-        pass  # a log line must never fail a request
+# nginx's status for "the client closed the connection before the answer": only ever logged.
+CLIENT_GONE = 499
 
 
 class Metrics:
@@ -148,12 +140,15 @@ class ServerState:
         self.engine: Engine | None = None
         self.status = "loading"
         self.error: str | None = None
-        self.in_flight = 0
+        self.in_flight = 0  # requests being served: body read, not yet answered
         self.metrics = Metrics(lambda: self.batcher.queue_depth, lambda: self.in_flight)
         self.batcher = Batcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_batch_wait_ms,
+            # The KV cache GPU plans size: max_batch_size sequences of max_total_tokens. Shorter
+            # sequences share it, so more of them than max_batch_size run together.
+            max_batch_tokens=settings.max_batch_size * settings.max_total_tokens,
             key=batch_key,
             on_batch=self.metrics.observe_batch,
         )
@@ -174,13 +169,23 @@ class ServerState:
             self.status = "failed"
             log_event("model_load_failed", level="error", error=self.error, traceback=traceback.format_exc())
             return
+        engine.on_tokens = self.metrics.add_tokens
         self.engine = engine
         self.status = "ready"
         log_event("model_loaded", task=self.task, seconds=round(time.monotonic() - started, 3), device=str(getattr(engine, "device", "")))
 
-    def _run_batch(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
+    def _run_batch(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
         assert self.engine is not None
-        return self.engine.run(inputs, parameters)
+        return self.engine.run(inputs, parameters, cancels)
+
+    def admit(self, request: Request) -> None:
+        """Count request as being served from now on (the middleware uncounts it), or 429 past the limit."""
+        if self.in_flight >= self.settings.max_concurrent_requests:
+            raise RequestError(
+                429, f"too many requests in flight (limit {self.settings.max_concurrent_requests}); retry shortly", "overloaded"
+            )
+        self.in_flight += 1
+        _note(request, admitted=True)
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -217,7 +222,6 @@ def create_app(model_dir: str, settings: Any, engine_loader: EngineLoader = load
     add("/generate_stream", functools.partial(_predict, state, mode="stream"), ["POST"])
     add("/info", functools.partial(_info, state), ["GET"])
     add("/metrics", functools.partial(_metrics, state), ["GET"])
-    predict_paths = {SAGEMAKER_PREDICT_ROUTE, vertex_predict, "/generate", "/generate_stream"}
     quiet_paths = {*HEALTH_ROUTES, vertex_health, "/metrics"}
 
     @contextlib.asynccontextmanager
@@ -235,7 +239,7 @@ def create_app(model_dir: str, settings: Any, engine_loader: EngineLoader = load
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception},
         middleware=[
-            Middleware(_RequestLog, state=state, known=known, predict_paths=predict_paths, quiet_paths=quiet_paths)
+            Middleware(_RequestLog, state=state, known=known, quiet_paths=quiet_paths)
         ],
     )
     app.state.cloudllm = state
@@ -310,13 +314,10 @@ async def _metrics(state: ServerState, request: Request) -> Response:
 async def _predict(state: ServerState, request: Request, *, mode: str) -> Response:
     settings = state.settings
     engine = state.require_engine()
-    if state.in_flight > settings.max_concurrent_requests:
-        raise RequestError(
-            429, f"too many requests in flight (limit {settings.max_concurrent_requests}); retry shortly", "overloaded"
-        )
     if mode in ("generate", "stream") and state.task not in GENERATION_TASKS:
         raise RequestError(404, f"{request.url.path} serves text generation; this model serves {state.task}: use /invocations", "not_found")
-    body = await _read_body(request, settings.max_body_bytes)
+    body = await _read_body(request, settings.max_body_bytes, settings.max_body_seconds)
+    state.admit(request)
     req: InferenceRequest = await run_in_threadpool(
         parse_request, body, settings, content_type=request.headers.get("content-type")
     )
@@ -329,17 +330,18 @@ async def _predict(state: ServerState, request: Request, *, mode: str) -> Respon
     info = _note(request, inputs=len(req.inputs))
     if settings.log_payloads:
         info["payload"] = {"inputs": req.inputs, "parameters": req.parameters}
-    await run_in_threadpool(engine.validate, req.inputs, req.parameters)
+    sizes = await run_in_threadpool(engine.validate, req.inputs, req.parameters)
     if req.stream:
         return StreamingResponse(
             _events(state, engine, req, info),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    predictions: list[Prediction] = await state.batcher.submit(req.inputs, req.parameters)
-    tokens = sum(p.generated_tokens for p in predictions)
-    info["tokens"] = tokens
-    state.metrics.add_tokens(tokens)
+    predictions = await _unless_client_leaves(request, state.batcher, req, sizes)
+    if predictions is None:
+        info["error"] = "the client closed the connection; its generation was stopped"
+        return Response(status_code=CLIENT_GONE)
+    info["tokens"] = sum(p.generated_tokens for p in predictions)
     outputs = [p.output for p in predictions]
     if mode == "generate" and req.form == "hf" and req.single:
         return _json(outputs[0])
@@ -392,13 +394,33 @@ async def _events(state: ServerState, engine: Engine, req: InferenceRequest, inf
             yield _sse({"error": f"generation failed ({type(exc).__name__})", "error_type": "generation"})
             return
         info["tokens"] = prediction.generated_tokens
-        state.metrics.add_tokens(prediction.generated_tokens)
         output = prediction.output
         index += 1
         yield _event(index, last, output.get(OUTPUT_KEYS[state.task]), output.get("details"))
     finally:
         cancel.set()  # the client went away or we are done: stop generating either way
         job.cancel()  # and if it is still queued behind other streams, never start it
+
+
+async def _unless_client_leaves(request: Request, batcher: Batcher, req: InferenceRequest, sizes: list[int]) -> list[Prediction] | None:
+    """The request's predictions, or None once its client hung up (its work is cancelled then)."""
+    cancel = threading.Event()
+    work = asyncio.ensure_future(batcher.submit(req.inputs, req.parameters, sizes=sizes, cancel=cancel))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # the client left (or this handler was cancelled): stop the rows at the next token
+            cancel.set()
+            work.cancel()
+    return work.result() if not work.cancelled() else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed its connection (the body is read by now, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _event(index: int, token: Token | None, generated_text: str | None = None, details: Any = None) -> bytes:
@@ -412,22 +434,33 @@ def _event(index: int, token: Token | None, generated_text: str | None = None, d
 
 
 def _sse(body: Any) -> bytes:
-    return b"data:" + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    return b"data:" + _dumps(body) + b"\n\n"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 once it passes limit (read to the end first, so the client gets the answer)."""
+async def _read_body(request: Request, limit: int, seconds: float | None = None) -> bytes:
+    """The body, 413 once it passes limit (read to the end first, so the client gets the answer),
+    or 408 when it has not all arrived within seconds (a slow sender must not hold the server)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + DRAIN_LIMIT:
         raise RequestError(413, f"the request body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > limit + DRAIN_LIMIT:
-            break
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > limit + DRAIN_LIMIT:
+                break
+
+    try:
+        await asyncio.wait_for(read(), seconds)
+    except ClientDisconnect:
+        raise RequestError(CLIENT_GONE, "the client closed the connection before its body arrived", "client_gone") from None
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {seconds:g} s; send it at once", "timeout") from None
     if size > limit:
         raise RequestError(413, f"the request body is over the limit of {limit} bytes")
     return b"".join(chunks)
@@ -450,8 +483,16 @@ def _error_response(exc: RequestError) -> Response:
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(_dumps(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def _dumps(content: Any) -> bytes:
+    """Compact UTF-8 JSON; a lone surrogate a client sent (a key echoed in an error) is escaped, not a 500."""
+    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def _note(request: Request, **fields: Any) -> dict[str, Any]:
@@ -471,11 +512,10 @@ class _RequestLog:
     duration, and whatever escapes the routes still becomes a JSON 500.
     """
 
-    def __init__(self, app: Any, *, state: ServerState, known: set[str], predict_paths: set[str], quiet_paths: set[str]) -> None:
+    def __init__(self, app: Any, *, state: ServerState, known: set[str], quiet_paths: set[str]) -> None:
         self.app = app
         self.state = state
         self.known = known
-        self.predict_paths = predict_paths
         self.quiet_paths = quiet_paths
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -489,7 +529,6 @@ class _RequestLog:
         info["request_id"] = request_id
         path = scope.get("path", "")
         route = path if path in self.known else "other"
-        counted = scope.get("method") == "POST" and path in self.predict_paths
         response = {"status": 500, "started": False}
 
         async def send_wrapper(message: dict) -> None:
@@ -500,8 +539,6 @@ class _RequestLog:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
-        if counted:
-            self.state.in_flight += 1
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
@@ -514,7 +551,7 @@ class _RequestLog:
                 await send({"type": "http.response.body", "body": body})
             # A response already under way (a stream) cannot change its status; the client sees it cut.
         finally:
-            if counted:
+            if info.pop("admitted", False):
                 self.state.in_flight -= 1
             seconds = time.monotonic() - started
             status = response["status"]

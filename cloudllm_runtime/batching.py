@@ -1,11 +1,19 @@
 """Dynamic batching: requests that arrive close together share one model call.
 
 A single worker task takes the oldest waiting request, then gathers later requests with
-the same batch key (equal parameters) for up to ``max_wait_ms`` or until
-``max_batch_size`` inputs are gathered, and runs them as one call in a dedicated thread,
-so the event loop keeps answering health checks while the model works. Requests with
-other keys wait their turn in arrival order. Each caller gets its own outputs; an error
-fails only the callers of the batch it happened in.
+the same batch key (equal parameters) for up to ``max_wait_ms`` or until the batch is full,
+and runs them as one call in a dedicated thread, so the event loop keeps answering health
+checks while the model works. Requests with other keys wait their turn in arrival order.
+Each caller gets its own outputs; an error fails only the callers of the batch it happened in.
+
+How full is full: by default ``max_batch_size`` inputs. With ``max_batch_tokens`` the batch
+is sized from the workload instead: a padded batch holds rows x its longest row tokens (what
+its KV cache takes), and inputs join while that stays within max_batch_tokens, so many short
+requests run together in the memory a few long ones would take. Each input's size comes with
+its submission (prompt plus new tokens, from the engine's validation).
+
+A caller that goes away sets its cancel event: waiting, it is skipped; running, the
+run_batch(inputs, parameters, cancels) call is told through cancels[i] to stop its rows.
 
 ``max_batch_size=1`` turns batching off: every input runs alone, in arrival order.
 """
@@ -15,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 from .protocol import RequestError
 
-RunBatch = Callable[[list[Any], dict[str, Any]], Sequence[Any]]
+RunBatch = Callable[[list[Any], dict[str, Any], list["threading.Event | None"]], Sequence[Any]]
 
 
 @dataclass
@@ -29,6 +38,12 @@ class _Pending:
     parameters: dict[str, Any]
     key: Hashable | None
     future: asyncio.Future = field(repr=False)
+    sizes: list[int] = field(default_factory=list)
+    cancel: threading.Event | None = None
+
+    @property
+    def gone(self) -> bool:
+        return self.future.done() or (self.cancel is not None and self.cancel.is_set())
 
 
 class Batcher:
@@ -44,6 +59,7 @@ class Batcher:
         *,
         max_batch_size: int = 8,
         max_wait_ms: float = 5.0,
+        max_batch_tokens: int | None = None,
         key: Callable[[dict[str, Any]], Hashable | None] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
@@ -51,6 +67,7 @@ class Batcher:
             raise ValueError("max_batch_size must be at least 1")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens if max_batch_size > 1 else None
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self._key = key or _parameters_key
         self._on_batch = on_batch
@@ -87,11 +104,19 @@ class Batcher:
         self._pending.clear()
         self._executor.shutdown(wait=False)
 
-    async def submit(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> list[Any]:
-        """Queue one request's inputs; returns one result per input, in order."""
+    async def submit(
+        self,
+        inputs: Sequence[Any],
+        parameters: dict[str, Any],
+        *,
+        sizes: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[Any]:
+        """Queue one request's inputs (sizes: each one's tokens); returns one result per input, in order."""
         self.start()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(list(inputs), dict(parameters), self._key(parameters), future))
+        sizes = list(sizes) if sizes is not None else [1] * len(inputs)
+        self._pending.append(_Pending(list(inputs), dict(parameters), self._key(parameters), future, sizes, cancel))
         assert self._arrived is not None
         self._arrived.set()
         return await future
@@ -109,18 +134,18 @@ class Batcher:
         """The oldest waiting request plus later ones with its key, within the wait window."""
         assert self._arrived is not None
         first = self._pending.pop(0)
-        batch, size = [first], len(first.inputs)
+        batch, sizes = [first], list(first.sizes)
         if first.key is None or self.max_batch_size == 1:
             return batch
         deadline = asyncio.get_running_loop().time() + self.max_wait
-        while size < self.max_batch_size:
+        while not self._full(sizes):
             for item in list(self._pending):
-                if item.key == first.key and size + len(item.inputs) <= self.max_batch_size:
+                if item.key == first.key and self._fits(sizes + item.sizes):
                     self._pending.remove(item)
                     batch.append(item)
-                    size += len(item.inputs)
+                    sizes += item.sizes
             remaining = deadline - asyncio.get_running_loop().time()
-            if size >= self.max_batch_size or remaining <= 0:
+            if self._full(sizes) or remaining <= 0:
                 break
             self._arrived.clear()
             try:
@@ -131,12 +156,29 @@ class Batcher:
             self._arrived.set()  # those left behind are served next without waiting for a new arrival
         return batch
 
+    def _fits(self, sizes: list[int]) -> bool:
+        """Whether inputs of these sizes may run as one call."""
+        if self.max_batch_tokens is None:
+            return len(sizes) <= self.max_batch_size
+        return len(sizes) * max(sizes) <= self.max_batch_tokens
+
+    def _full(self, sizes: list[int]) -> bool:
+        """Whether no input, not even the smallest there is, could still join."""
+        if self.max_batch_tokens is None:
+            return len(sizes) >= self.max_batch_size
+        return (len(sizes) + 1) * max(sizes) > self.max_batch_tokens
+
     async def _execute(self, batch: list[_Pending]) -> None:
-        live = [item for item in batch if not item.future.done()]  # callers that went away are skipped
+        live = [item for item in batch if not item.gone]  # callers that went away are skipped
         if not live:
             return
         try:
-            results = await self._call([x for item in live for x in item.inputs], live[0].parameters)
+            results = await self._call(
+                [x for item in live for x in item.inputs],
+                live[0].parameters,
+                [size for item in live for size in item.sizes],
+                [item.cancel for item in live for _ in item.inputs],
+            )
         except RequestError as exc:
             if len(live) == 1:
                 _fail(live[0], exc)
@@ -156,17 +198,23 @@ class Batcher:
                 item.future.set_result(list(results[offset : offset + count]))
             offset += count
 
-    async def _call(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        """Run inputs in chunks of max_batch_size (one request may carry more inputs than that)."""
+    async def _call(self, inputs: list[Any], parameters: dict[str, Any], sizes: list[int], cancels: list[Any]) -> list[Any]:
+        """Run inputs in chunks that fit (one request may carry more inputs than one batch takes)."""
         loop = asyncio.get_running_loop()
         results: list[Any] = []
-        for start in range(0, len(inputs), self.max_batch_size):
-            chunk = inputs[start : start + self.max_batch_size]
+        start = 0
+        while start < len(inputs):
+            end = start + 1
+            while end < len(inputs) and self._fits(sizes[start : end + 1]):
+                end += 1
+            chunk = inputs[start:end]
             self._record(len(chunk))
-            out = await loop.run_in_executor(self._executor, functools.partial(self._run_batch, chunk, parameters))
+            call = functools.partial(self._run_batch, chunk, parameters, cancels[start:end])
+            out = await loop.run_in_executor(self._executor, call)
             if len(out) != len(chunk):
                 raise RuntimeError(f"run_batch returned {len(out)} results for {len(chunk)} inputs")
             results.extend(out)
+            start = end
         return results
 
     def _record(self, size: int) -> None:

@@ -5,8 +5,9 @@
 - ``predict(inputs, parameters) -> list`` answers one JSON-ready output per input,
 - ``run(inputs, parameters) -> list[Prediction]`` is the same plus the number of
   generated tokens per input (what the server's metrics and logs count),
-- ``validate(inputs, parameters)`` only tokenizes, raising ``RequestError(422)`` for an
-  input over the limits, so one bad request never fails a batch it would have joined,
+- ``validate(inputs, parameters) -> list[int]`` only tokenizes, raising ``RequestError(422)``
+  for an input over the limits, so one bad request never fails a batch it would have joined,
+  and answers each input's size in tokens (prompt plus new tokens: what it takes of the KV cache),
 - for generation tasks, ``stream(input, parameters) -> Iterator[str]`` yields the text of
   each token as it is produced, and ``generate_stream`` reports :class:`Token` objects
   (id, text, special) to a callback and returns the final :class:`Prediction`.
@@ -21,26 +22,38 @@ Outputs per input, by task:
 - question-answering: ``{"answer": str, "score": float, "start": int, "end": int}``
 - feature-extraction: ``[float, ...]`` (``[[float, ...], ...]`` per token with pooling "none")
 
+A generation's rows each stop at their own budget, and a row whose cancel event is set (its
+client hung up) stops at the next token, so a request's answer does not depend on who it was
+batched with and nobody's work is done for a caller who left. ``on_tokens(n)`` is told of
+every decoding step's new tokens as they are made.
+
 torch and transformers are imported inside functions, so importing this module is cheap,
 and only APIs present in both transformers 4.4x and 5.x are used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import os
 import queue
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+from . import quantized
+from .placement import dtype_keyword, resolve_dtype, resolve_placement
 from .protocol import GENERATION_TASKS, OUTPUT_KEYS, RequestError, normalize_task, validation_error
 
 DEFAULT_AGGREGATION = "simple"
 DEFAULT_MAX_ANSWER_LEN = 15
+# Below this temperature sampling is greedy decoding (the limit as it goes to 0, vLLM's rule):
+# logits divided by a tinier one overflow float32 and the probabilities turn to NaN.
+GREEDY_TEMPERATURE = 1e-5
+
+Cancels = Sequence["threading.Event | None"]
 
 
 @dataclass
@@ -72,7 +85,7 @@ class Token:
 def load_engine(model_dir: str, settings: Any) -> "Engine":
     """Load the model and tokenizer in model_dir for settings.task, placed per settings.device/dtype."""
     task = normalize_task(settings.task)
-    engine_cls = _ENGINES[task]
+    engine_cls = ENGINES[task]
     tokenizer = _load_tokenizer(model_dir, settings)
     _require_vocabulary(tokenizer, model_dir)
     model = _load_model(engine_cls.auto_class, model_dir, settings)
@@ -103,12 +116,10 @@ def _require_vocabulary(tokenizer: Any, model_dir: str) -> None:
 def _load_model(auto_class: str, model_dir: str, settings: Any) -> Any:
     import transformers
 
-    from . import quantized
-
     if quantized.is_quantized(model_dir):  # int8/int4 weights written by `cloudllm quantize`
         return quantized.load_quantized_model(model_dir, getattr(transformers, auto_class), settings)
     device, device_map = resolve_placement(settings.device)
-    kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, _dtype_keyword(): resolve_dtype(settings.dtype, device)}
+    kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, dtype_keyword(): resolve_dtype(settings.dtype, device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = getattr(transformers, auto_class).from_pretrained(model_dir, **kwargs)
@@ -116,55 +127,6 @@ def _load_model(auto_class: str, model_dir: str, settings: Any) -> Any:
         model.to(device)
     model.eval()
     return model
-
-
-def _dtype_keyword() -> str:
-    # from_pretrained's torch_dtype became dtype in transformers 4.56 (the old name is gone in 5);
-    # older 4.x silently files an unknown dtype= under the config, so ask the version, not try/except.
-    import transformers
-
-    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def resolve_placement(device: str) -> tuple[Any, str | None]:
-    """(torch device, device_map): "auto" is cuda when present, sharded by accelerate over several GPUs."""
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        if torch.cuda.device_count() > 1:
-            if _accelerate_available():
-                return torch.device("cuda:0"), "auto"
-            from cloudllm_runtime.app import log_event  # here: app imports this module
-
-            log_event("one_gpu_only", level="warning", gpus=torch.cuda.device_count(),
-                      reason="accelerate is not installed, so the model is not spread over the GPUs")  # fmt: skip
-        return torch.device("cuda:0"), None
-    if device in ("auto", "cuda"):
-        return torch.device("cpu"), None
-    return torch.device(device), None
-
-
-def _accelerate_available() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_dtype(dtype: str, device: Any) -> Any:
-    """The checkpoint's own dtype on GPU for "auto"; float32 on CPU, where half-precision matmuls crawl."""
-    import torch
-
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(dtype, dtype)
-    if name == "auto":
-        return "auto" if device.type == "cuda" else torch.float32
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r} in settings; use auto, float32, float16 or bfloat16")
-    return value
 
 
 # --- engines --------------------------------------------------------------------------------
@@ -192,33 +154,42 @@ class Engine:
         self.pad_token_id = _pad_token_id(tokenizer, model.config)
         self._forward_args = _forward_arguments(model)
         self.max_input_tokens = self._input_limit()
+        # Tokenizing is linear in the text and holds the tokenizer's lock: text too long to fit
+        # in max_input_tokens whatever it says is refused by its length before the tokenizer sees it.
+        self.max_input_chars = self.max_input_tokens * _longest_token(tokenizer)
+        self.on_tokens: Callable[[int], None] | None = None  # told of each decoding step's new tokens
         self._encode("warm up")  # settles the tokenizer's padding/truncation state before threads share it
 
     # Subclasses override these two.
-    def _run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
+    def _run(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
         raise NotImplementedError
 
-    def _input_length(self, item: Any) -> int:
+    def _input_length(self, item: Any, index: int = 0, count: int = 1) -> int:
+        self._check_size(item, index, count)
         return len(self._encode(item)["input_ids"])
 
     # Public API.
-    def validate(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> None:
-        """Raise RequestError(422) when an input is too long; touches the tokenizer only, never the model."""
+    def validate(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> list[int]:
+        """Each input's size in tokens, or RequestError(422) when one is too long; never touches the model."""
+        sizes = []
         for index, item in enumerate(inputs):
-            self._check_length(self._input_length(item), index, len(inputs))
+            length = self._input_length(item, index, len(inputs))
+            self._check_length(length, index, len(inputs))
+            sizes.append(length)
+        return sizes
 
-    def run(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> list[Prediction]:
-        """One Prediction per input, from one model call (a batch)."""
+    def run(self, inputs: Sequence[Any], parameters: dict[str, Any], cancels: Cancels | None = None) -> list[Prediction]:
+        """One Prediction per input, from one model call (a batch); cancels[i] set stops input i's work."""
         if not inputs:
             return []
         import torch
 
         with self.lock, torch.inference_mode():
-            return self._run(list(inputs), dict(parameters))
+            return self._run(list(inputs), dict(parameters), list(cancels or [None] * len(inputs)))
 
-    def predict(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> list[Any]:
+    def predict(self, inputs: Sequence[Any], parameters: dict[str, Any], cancels: Cancels | None = None) -> list[Any]:
         """One JSON-ready output per input."""
-        return [p.output for p in self.run(inputs, parameters)]
+        return [p.output for p in self.run(inputs, parameters, cancels)]
 
     # Helpers for subclasses.
     def _input_limit(self) -> int:
@@ -230,8 +201,16 @@ class Engine:
             limits.append(declared)
         return min(limit for limit in limits if limit)
 
+    def _check_size(self, text: str, index: int, count: int) -> None:
+        """422 for a text longer than any max_input_tokens tokens can spell (before tokenizing it)."""
+        if len(text) > self.max_input_chars:
+            raise validation_error(
+                f"{_which(index, count)} is {len(text)} characters long; this endpoint accepts at most "
+                f"{self.max_input_tokens} input tokens, which no text over {self.max_input_chars} characters fits in"
+            )
+
     def _check_length(self, length: int, index: int, count: int) -> None:
-        which = "the input" if count == 1 else f"input {index}"
+        which = _which(index, count)
         if length == 0:
             # A tokenizer that strips what it cannot read (whitespace, control characters) can
             # leave nothing, and a model cannot run on no tokens.
@@ -296,15 +275,19 @@ class GenerationEngine(Engine):
         positions = _position_limit(self.config)
         return min(self.settings.max_input_tokens, positions - 1) if positions else self.settings.max_input_tokens
 
-    def _token_ids(self, text: str) -> list[int]:
+    def _token_ids(self, text: str, index: int = 0, count: int = 1) -> list[int]:
+        self._check_size(self.prefix + text, index, count)
         return list(self._encode(self.prefix + text)["input_ids"])
 
-    def _input_length(self, item: Any) -> int:
-        return len(self._token_ids(item))
+    def _input_length(self, item: Any, index: int = 0, count: int = 1) -> int:
+        return len(self._token_ids(item, index, count))
 
-    def validate(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> None:
+    def validate(self, inputs: Sequence[Any], parameters: dict[str, Any]) -> list[int]:
+        sizes = []
         for index, item in enumerate(inputs):
-            self._budget(self._input_length(item), parameters, index, len(inputs))
+            length = self._input_length(item, index, len(inputs))
+            sizes.append(length + self._budget(length, parameters, index, len(inputs)))
+        return sizes
 
     def _budget(self, length: int, parameters: dict[str, Any], index: int = 0, count: int = 1) -> int:
         """max_new_tokens for an input of length tokens: the request's, else the default clipped to what fits."""
@@ -320,19 +303,22 @@ class GenerationEngine(Engine):
             )
         return requested
 
-    def _run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
-        ids = [self._token_ids(text) for text in inputs]
-        max_new = min(self._budget(len(row), parameters, i, len(ids)) for i, row in enumerate(ids))
+    def _run(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
+        ids = [self._token_ids(text, i, len(inputs)) for i, text in enumerate(inputs)]
+        # Each row its own budget (the default one is clipped to the room its own prompt leaves),
+        # so a row's answer is the same whoever shares its batch.
+        budgets = [self._budget(len(row), parameters, i, len(ids)) for i, row in enumerate(ids)]
         batch = self._collate([{"input_ids": row} for row in ids], left=not self.seq2seq)
         prompt_width = batch["input_ids"].shape[1]
         start = 1 if self.seq2seq else prompt_width  # seq2seq outputs begin with the decoder start token
-        criteria = self._stopping_criteria(parameters, start)
+        criteria = self._stopping_criteria(parameters, start, budgets, cancels)
         self._seed(parameters)
-        out = self.model.generate(
-            **batch, generation_config=self._generation_config(parameters, max_new), stopping_criteria=criteria
-        )
+        with _model_arithmetic(parameters):
+            out = self.model.generate(
+                **batch, generation_config=self._generation_config(parameters, max(budgets)), stopping_criteria=criteria
+            )
         rows = out[:, start:].tolist()
-        return [self._finish(text, row, parameters) for text, row in zip(inputs, rows)]
+        return [self._finish(text, row[:budget], parameters) for text, row, budget in zip(inputs, rows, budgets)]
 
     def generate_stream(
         self,
@@ -362,9 +348,9 @@ class GenerationEngine(Engine):
             return bool(stops) and _first_stop(self._decode(generated[-window:]), stops) is not None
 
         streamer = _token_streamer_class()(self.tokenizer, on_token, self.special_ids, ends_here)
-        criteria = self._stopping_criteria(parameters, start, cancel)
+        criteria = self._stopping_criteria(parameters, start, [max_new], [cancel])
         config = self._generation_config(parameters, max_new, stream=True)
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), _model_arithmetic(parameters):
             self._seed(parameters)
             out = self.model.generate(**batch, generation_config=config, stopping_criteria=criteria, streamer=streamer)
         streamer.flush()
@@ -417,6 +403,8 @@ class GenerationEngine(Engine):
                 or parameters.get("top_p", 1.0) < 1.0
                 or parameters.get("top_k", 0) > 0
             )
+        if sampling and parameters.get("temperature", 1.0) < GREEDY_TEMPERATURE:
+            sampling = False
         config.do_sample = bool(sampling)
         if sampling:
             config.temperature = parameters.get("temperature", 1.0)
@@ -438,15 +426,13 @@ class GenerationEngine(Engine):
             config.eos_token_id = sorted(self.eos_token_ids)
         return config
 
-    def _stopping_criteria(self, parameters: dict[str, Any], start: int, cancel: threading.Event | None = None) -> Any:
+    def _stopping_criteria(self, parameters: dict[str, Any], start: int, budgets: list[int], cancels: list[Any]) -> Any:
         from transformers import StoppingCriteriaList
 
-        stop_on_text, stop_on_cancel = _criteria_classes()
-        criteria = StoppingCriteriaList()
+        stop_on_text, row_limits = _criteria_classes()
+        criteria = StoppingCriteriaList([row_limits(start, budgets, cancels, self.eos_token_ids, self.on_tokens)])
         if parameters.get("stop"):
             criteria.append(stop_on_text(self.tokenizer, parameters["stop"], start))
-        if cancel is not None:
-            criteria.append(stop_on_cancel(cancel))
         return criteria
 
     def _finish(self, prompt: str, row: list[int], parameters: dict[str, Any]) -> Prediction:
@@ -488,7 +474,7 @@ class ClassificationEngine(Engine):
 
     auto_class = "AutoModelForSequenceClassification"
 
-    def _run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
+    def _run(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
         import torch
 
         batch = self._collate([self._encode(text) for text in inputs])
@@ -539,7 +525,7 @@ class TokenClassificationEngine(Engine):
         placement = {} if getattr(self.model, "hf_device_map", None) else {"device": self.device}
         self.pipeline = pipeline("token-classification", model=self.model, tokenizer=own_tokenizer, **placement)
 
-    def _run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
+    def _run(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
         strategy = parameters.get("aggregation_strategy") or DEFAULT_AGGREGATION
         # Without batch_size the pipeline runs one forward pass per input, whatever the batcher gathered.
         batch_size = len(inputs) if self.batchable else 1
@@ -552,10 +538,11 @@ class QuestionAnsweringEngine(Engine):
 
     auto_class = "AutoModelForQuestionAnswering"
 
-    def _input_length(self, item: Any) -> int:
+    def _input_length(self, item: Any, index: int = 0, count: int = 1) -> int:
+        self._check_size(item["question"] + item["context"], index, count)
         return len(self._encode(item["question"], item["context"])["input_ids"])
 
-    def _run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
+    def _run(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
         import torch
 
         max_len = parameters.get("max_answer_len", DEFAULT_MAX_ANSWER_LEN)
@@ -594,7 +581,7 @@ class FeatureExtractionEngine(Engine):
 
     auto_class = "AutoModel"
 
-    def _run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Prediction]:
+    def _run(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
         import torch
 
         batch = self._collate([self._encode(text) for text in inputs])
@@ -616,7 +603,8 @@ class FeatureExtractionEngine(Engine):
         return [Prediction(v.tolist()) for v in vectors]
 
 
-_ENGINES: dict[str, type[Engine]] = {
+# The engine class serving each task (cloudllm quantize reads auto_class from it).
+ENGINES: dict[str, type[Engine]] = {
     "text-generation": GenerationEngine,
     "text2text-generation": Seq2SeqEngine,
     "summarization": Seq2SeqEngine,
@@ -626,7 +614,10 @@ _ENGINES: dict[str, type[Engine]] = {
     "question-answering": QuestionAnsweringEngine,
     "feature-extraction": FeatureExtractionEngine,
 }
-assert set(_ENGINES) >= set(GENERATION_TASKS)
+assert set(ENGINES) >= set(GENERATION_TASKS)
+# The names cloudllm/quantize.py imported before they were public; kept until it moves to the public ones.
+_ENGINES = ENGINES
+_dtype_keyword = dtype_keyword
 
 
 # --- transformers-facing helpers ---------------------------------------------------------------
@@ -653,16 +644,38 @@ def _criteria_classes() -> tuple[type, type]:
             done = [any(stop in text for stop in self.stops) for text in texts]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    class StopOnCancel(StoppingCriteria):
-        """Stops everything once the event is set (a streaming client went away)."""
+    class RowLimits(StoppingCriteria):
+        """Per row: stop at its own budget, at end of sequence, or once its cancel event is set.
 
-        def __init__(self, event: threading.Event) -> None:
-            self.event = event
+        Also counts the tokens each decoding step made for rows still running (on_tokens).
+        Beam search hands over num_beams rows per input; each input's limits apply to its beams.
+        """
+
+        def __init__(self, start: int, budgets: list[int], cancels: list[Any], eos: set[int], on_tokens: Any) -> None:
+            self.start = start
+            self.budgets = budgets
+            self.cancels = cancels
+            self.eos = sorted(eos)
+            self.on_tokens = on_tokens
+            self.done: Any = None
 
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+            rows, device = input_ids.shape[0], input_ids.device
+            beams = max(1, rows // len(self.budgets))
+            if self.done is None:
+                self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+            if self.on_tokens is not None:
+                self.on_tokens(int((~self.done).sum()) // beams)
+            generated = input_ids.shape[1] - self.start
+            budgets = torch.tensor(self.budgets, device=device).repeat_interleave(beams)
+            cancelled = torch.tensor([c is not None and c.is_set() for c in self.cancels], device=device).repeat_interleave(beams)
+            stop = (budgets <= generated) | cancelled
+            if self.eos:
+                stop |= torch.isin(input_ids[:, -1], torch.tensor(self.eos, device=device))
+            self.done = self.done | stop
+            return self.done.clone()
 
-    return StopOnText, StopOnCancel
+    return StopOnText, RowLimits
 
 
 @functools.lru_cache(maxsize=None)
@@ -727,9 +740,42 @@ def _token_streamer_class() -> type:
     return TokenStreamer
 
 
+def _which(index: int, count: int) -> str:
+    return "the input" if count == 1 else f"input {index}"
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """The most characters one token can stand for (its vocabulary spelling; byte-level ones spell each byte as a character)."""
+    try:
+        longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    except (AttributeError, NotImplementedError, TypeError):
+        longest = 64
+    # Twice over: slack for normalizers that drop characters (runs of spaces, control characters).
+    return 2 * max(longest, 4)
+
+
 def _stop_window(stops: Sequence[str]) -> int:
     """How many trailing tokens can hold a stop sequence: a character is at most 4 byte-level tokens, plus slack."""
     return 4 * max((len(s) for s in stops), default=0) + 4
+
+
+@contextlib.contextmanager
+def _model_arithmetic(parameters: dict[str, Any]) -> Iterator[None]:
+    """422 for parameters the validation passed but the model's arithmetic cannot take.
+
+    A tiny repetition_penalty divides a seen token's logit into infinity, and sampling from
+    an infinite logit gives NaN probabilities, which torch.multinomial refuses.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if "probability tensor contains" not in str(exc):
+            raise
+        chosen = ", ".join(f"{name} {parameters[name]:g}" for name in ("temperature", "repetition_penalty", "top_p") if name in parameters)
+        raise validation_error(
+            f"the sampling parameters ({chosen or 'defaults'}) overflow this model's probabilities; "
+            "use a repetition_penalty and temperature nearer 1"
+        ) from None
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -796,11 +842,13 @@ def model_files_present(model_dir: str) -> bool:
 
 
 __all__ = [
+    "ENGINES",
     "Engine",
     "GenerationEngine",
     "Prediction",
     "RequestError",
     "Token",
+    "dtype_keyword",
     "load_engine",
     "model_files_present",
     "resolve_dtype",

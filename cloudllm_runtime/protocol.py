@@ -346,7 +346,8 @@ _GENERATION_PARAMETERS: dict[str, Check] = {
     "top_p": _number(gt=0.0, le=1.0),
     "top_k": _number(integer=True, ge=0),
     "do_sample": _bool,
-    "repetition_penalty": _number(gt=0.0),
+    # Smaller penalties divide a logit past float32's range: NaN probabilities (a CUDA assert on a GPU).
+    "repetition_penalty": _number(ge=1e-6),
     "stop": _stop,
     "seed": _number(integer=True, ge=0, le=2**63 - 1),
     "details": _bool,
@@ -379,11 +380,11 @@ def validate_parameters(parameters: Any, task: str, settings: Any) -> dict[str, 
         name = PARAMETER_ALIASES.get(raw_name, raw_name) if raw_name not in checks else raw_name
         if name not in checks:
             known = ", ".join(sorted(checks))
-            raise validation_error(f"unknown parameter \"{raw_name}\" for {task}; accepted: {known}")
+            raise validation_error(f"unknown parameter {quote_name(raw_name)} for {task}; accepted: {known}")
         if value is None:
             continue
         if name in out:
-            raise validation_error(f"parameter \"{name}\" is given twice (as \"{raw_name}\" too)")
+            raise validation_error(f"parameter \"{name}\" is given twice (as {quote_name(raw_name)} too)")
         out[name] = checks[name](raw_name, value, settings)
     return out
 
@@ -392,9 +393,11 @@ def batch_key(parameters: Mapping[str, Any]) -> str | None:
     """Requests with equal keys can share one model call; None means "run alone".
 
     A seeded request runs alone so its sampled output depends only on its own prompt
-    and seed, not on which other requests happened to share its batch.
+    and seed, not on which other requests happened to share its batch. So does one with a
+    repetition penalty: transformers penalizes every token in a row, the left padding a
+    longer neighbour forces on it included.
     """
-    if "seed" in parameters:
+    if "seed" in parameters or parameters.get("repetition_penalty", 1.0) != 1.0:
         return None
     return json.dumps(parameters, sort_keys=True, separators=(",", ":"))
 
@@ -440,7 +443,13 @@ def error_body(status: int, message: str, error_type: str | None = None) -> dict
 def _reject_unknown(data: Mapping[str, Any], allowed: set[str], what: str) -> None:
     for key in data:
         if key not in allowed:
-            raise validation_error(f"unknown {what} \"{key}\"; accepted: {', '.join(sorted(allowed))}")
+            raise validation_error(f"unknown {what} {quote_name(key)}; accepted: {', '.join(sorted(allowed))}")
+
+
+def quote_name(name: str, limit: int = 64) -> str:
+    """A client's field name for a message: quoted, control characters and lone surrogates escaped, cut short."""
+    shown = json.dumps(name[:limit])
+    return shown if len(name) <= limit else shown[:-1] + '..."'
 
 
 def _json_type(value: Any) -> str:

@@ -24,6 +24,8 @@ import json
 import os
 from typing import Any, Iterator
 
+from . import placement
+
 MARKER = "quantization.json"
 FORMAT = "cloudllm-quanto"
 FORMAT_VERSION = 1
@@ -124,9 +126,7 @@ def empty_parameters() -> Iterator[None]:
 
 def resolve_device(requested: str | None) -> str:
     """One device for the whole model ("auto": the first GPU, else the CPU); quantized models are not sharded."""
-    from .engine import resolve_placement
-
-    return str(resolve_placement(requested or "auto")[0])
+    return str(placement.resolve_placement(requested or "auto")[0])
 
 
 def resolve_dtype(requested: str | None, device: str) -> Any:
@@ -141,10 +141,8 @@ def resolve_dtype(requested: str | None, device: str) -> Any:
     """
     import torch
 
-    from .engine import resolve_dtype as resolve_setting
-
     if requested not in (None, "", "auto"):
-        return resolve_setting(requested, torch.device(device))
+        return placement.resolve_dtype(requested, torch.device(device))
     if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
@@ -176,15 +174,13 @@ def load_quantized_model(model_dir: str, auto_class: Any, settings: Any = None, 
     import torch
     from transformers import AutoConfig
 
-    from .engine import _dtype_keyword
-
     if trust_remote_code is None:
         trust_remote_code = bool(getattr(settings, "trust_remote_code", False))
     device = resolve_device(device or getattr(settings, "device", None))
     compute_dtype = resolve_dtype(dtype or getattr(settings, "dtype", None), device)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with empty_parameters():
-        model = auto_class.from_config(config, trust_remote_code=trust_remote_code, **{_dtype_keyword(): compute_dtype})
+        model = auto_class.from_config(config, trust_remote_code=trust_remote_code, **{placement.dtype_keyword(): compute_dtype})
     convert_conv1d_to_linear(model, marker.get("conv1d_to_linear") or [])
 
     state = _read_weights(model_dir, marker["weight_files"], device, compute_dtype)

@@ -19,6 +19,7 @@ import socket
 import sys
 from typing import Any, NoReturn, Sequence
 
+from .log import log_event
 from .protocol import normalize_task
 from .settings import SETTINGS_FILE, ServingSettings
 
@@ -80,7 +81,7 @@ def _serve(argv: list[str]) -> None:
 
     import uvicorn
 
-    from .app import create_app, log_event
+    from .app import create_app
 
     app = create_app(model_dir, settings)
     config = uvicorn.Config(
@@ -198,8 +199,6 @@ def download_gcs(uri: str, destination: str) -> str:
         from google.cloud import storage
     except ImportError:
         raise StartupError("AIP_STORAGE_URI is set but google-cloud-storage is not installed in this image") from None
-    from .app import log_event
-
     bucket_name, _, prefix = uri[len("gs://") :].partition("/")
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     count = 0

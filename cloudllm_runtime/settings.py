@@ -28,11 +28,14 @@ class ServingSettings:
     default_max_new_tokens: int = 64
     max_new_tokens: int = 1024  # the cap a request may ask for
     # Dynamic batching: requests arriving within max_batch_wait_ms run as one forward pass.
+    # max_batch_size sequences of max_total_tokens is a batch's token budget (the KV cache GPU
+    # plans size); shorter sequences share it, so more of them than max_batch_size run at once.
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
     max_concurrent_requests: int = 128  # beyond this the server answers 429
     max_inputs_per_request: int = 64  # a list of inputs is that many generations: bound the work one request buys
     max_body_bytes: int = 6 * 1024 * 1024  # SageMaker's real-time payload limit
+    max_body_seconds: float = 60.0  # a body still arriving after this is refused (408): slow senders hold no slot
     trust_remote_code: bool = False
     log_payloads: bool = False
     quantization: str | None = None

@@ -490,3 +490,19 @@ def test_secrets_in_flags_and_files_never_reach_the_output(tmp_path: Path, tiny_
         assert code == 0, (argv, err)
         assert not [s for s in (HF_TOKEN, AWS_SECRET, AWS_KEY_ID) if s in out + err], argv
     assert not list(cloudllm_home.glob("endpoints/*")) and not list(cloudllm_home.glob("local/*/state.json"))
+
+
+# --- request bodies from hostile clients: names and values the model server must still answer with a 4xx ---
+HOSTILE_REQUEST_CASES = [
+    RequestCase("field-name-lone-surrogate", 422, "unknown body field", body=b'{"inputs": "a", "\\ud800": 1}'),
+    RequestCase("parameter-name-control-characters", 422, "unknown parameter", body=b'{"inputs": "a", "parameters": {"\\u0000\\n\\udfff": 1}}'),
+    RequestCase("field-name-100-kb", 422, "unknown body field", body=b'{"inputs": "a", "' + b"k" * 100_000 + b'": 1}'),
+    RequestCase("repetition-penalty-tiny", 422, "repetition_penalty",
+                json_body={"inputs": "a", "parameters": {"repetition_penalty": 1e-300, "do_sample": True}}),  # fmt: skip
+    RequestCase("prompt-of-megabytes", 422, "characters long", json_body={"inputs": "x" * 5_000_000}),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_REQUEST_CASES, ids=[c.id for c in HOSTILE_REQUEST_CASES])
+def test_hostile_request_body(case: RequestCase, server) -> None:
+    test_bad_request_body(case, server)

@@ -7,8 +7,10 @@ and the failure modes run the same app under uvicorn in this process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -255,6 +257,16 @@ def test_one_json_log_line_per_request_without_prompts(servers: dict[str, Server
     assert "Traceback" not in server.log()
 
 
+def test_odd_field_names_are_a_422_and_the_log_stays_json(servers: dict[str, ServerProcess]) -> None:
+    """`cloudllm logs --json` parses every line: a lone surrogate or control character a client sent cannot break one."""
+    server = servers["sagemaker"]
+    for raw in (b'{"inputs": "hi", "\\ud800": 1}', b'{"inputs": "hi", "parameters": {"\\udc80\\n\\u0000": 1}}'):
+        assert_error(post(server.url + "/invocations", raw=raw, headers={"x-request-id": "odd-name"}), 422, "unknown")
+    server.wait_for_records(lambda r: r.get("request_id") == "odd-name", count=2)
+    lines = server.log_path.read_bytes().decode("utf-8").splitlines()  # strict UTF-8
+    assert [json.loads(line) for line in lines if line.strip()]  # every line is JSON
+
+
 def test_log_payloads_flag_puts_the_prompt_in_the_request_line(tiny_gpt2: Path, artifact_factory: Callable[..., Path]) -> None:
     """Off by default (the test above); `serve --log-payloads` (or serving.log_payloads) turns it on."""
     server = ServerProcess(artifact_factory(tiny_gpt2, **GEN_SETTINGS), args=["serve", "--host", "127.0.0.1", "--port", "0", "--log-payloads"])
@@ -352,6 +364,27 @@ def test_port_comes_from_the_platform_variables() -> None:
         assert resolve_port(None) == 8080
 
 
+@pytest.mark.parametrize("variable", ["AIP_HTTP_PORT", "SAGEMAKER_BIND_TO_PORT"])
+def test_cloudllm_serve_takes_the_platform_port(tiny_gpt2: Path, tmp_path: Path, variable: str) -> None:
+    """`cloudllm serve` without --port listens where the container would."""
+    from tests.conftest import CLOUDLLM, run_cli
+
+    artifact = tmp_path / "artifact"
+    packaged = run_cli("package", str(tiny_gpt2), "-o", str(artifact))
+    assert packaged.returncode == 0, packaged.stderr
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("AIP_HTTP_PORT", "SAGEMAKER_BIND_TO_PORT")}
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen([CLOUDLLM, "serve", str(artifact), "--host", "127.0.0.1"], env={**env, variable: str(port)},
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", alive=lambda: None if process.poll() is None else (tmp_path / "serve.log").read_text())
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0
+        log.close()
+
+
 # --- the app in-process: loading states, limits, internal errors -------------------------------------
 
 
@@ -388,36 +421,41 @@ def test_health_is_503_when_loading_failed(tmp_path: Path) -> None:
         assert_error(post(url + "/invocations", {"inputs": "hi"}), 503, "failed to load")
 
 
-def test_too_many_requests_in_flight_is_429(tiny_gpt2: Path, gpt2_engine: GenerationEngine) -> None:
+def test_too_many_requests_being_served_is_429(tiny_gpt2: Path, gpt2_engine: GenerationEngine) -> None:
+    held = _like(HeldEngine, gpt2_engine)
+    HeldEngine.release.clear()
     settings = ServingSettings(**{**GEN_SETTINGS, "max_concurrent_requests": 1})
-    app = create_app(str(tiny_gpt2), settings, engine_loader=lambda d, s: gpt2_engine)
-    with serve_in_thread(app) as url:
-        port = int(url.rsplit(":", 1)[1])
-        body = b'{"inputs": "held open", "parameters": {"max_new_tokens": 2}}'
-        with socket.create_connection(("127.0.0.1", port)) as held:
-            # The first request's body is still uploading: it is in flight until it completes.
-            held.sendall(b"POST /invocations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
-            for _ in range(600):
-                if "cloudllm_requests_in_flight 1.0" in httpx.get(url + "/metrics").text:
-                    break
-                time.sleep(0.05)
-            response = post(url + "/invocations", {"inputs": "second"})
-            assert_error(response, 429, "too many requests")
-            assert response.headers["retry-after"] == "1"
-            held.sendall(body[10:])
-            reply = held.recv(65536).decode()
-            assert reply.startswith("HTTP/1.1 200")
+    app = create_app(str(tiny_gpt2), settings, engine_loader=lambda d, s: held)
+    with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, url + "/invocations", {"inputs": "held", "parameters": {"max_new_tokens": 2}})
+        assert HeldEngine.entered.wait(60)  # the first request is in the model: it is being served
+        response = post(url + "/invocations", {"inputs": "second"})
+        assert_error(response, 429, "too many requests")
+        assert response.headers["retry-after"] == "1"
+        HeldEngine.release.set()
+        assert first.result().status_code == 200
         assert post(url + "/invocations", {"inputs": "third", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+class HeldEngine(GenerationEngine):
+    """The real engine, holding every model call until the test lets go."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def run(self, inputs, parameters, cancels=None):
+        self.entered.set()
+        self.release.wait(120)
+        return super().run(inputs, parameters, cancels)
 
 
 class FaultyEngine(GenerationEngine):
     """The real engine, except one magic input hits a bug."""
 
-    def run(self, inputs, parameters):
+    def run(self, inputs, parameters, cancels=None):
         if "trigger-a-bug" in inputs:
             raise ZeroDivisionError("a bug in the model code")
-        return super().run(inputs, parameters)
+        return super().run(inputs, parameters, cancels)
 
 
 class GatedEngine(GenerationEngine):

@@ -45,10 +45,10 @@ class Recorder:
         self.calls: list[tuple[list[Any], dict]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, inputs: list[Any], parameters: dict) -> list[Any]:
+    def __call__(self, inputs: list[Any], parameters: dict, cancels: list | None = None) -> list[Any]:
         with self.lock:
             self.calls.append((list(inputs), dict(parameters)))
-        return self.engine.predict(inputs, parameters)
+        return self.engine.predict(inputs, parameters, cancels)
 
 
 async def submit_all(batcher: Batcher, requests: list[tuple[list[Any], dict]]) -> list[Any]:
@@ -118,7 +118,7 @@ def test_a_bad_input_fails_only_its_caller(engine) -> None:
 
 
 def test_a_failing_call_fails_only_its_own_batch(engine) -> None:
-    def run_batch(inputs: list[Any], parameters: dict) -> list[Any]:
+    def run_batch(inputs: list[Any], parameters: dict, cancels: list) -> list[Any]:
         if parameters.get("max_new_tokens") == 3:
             raise RuntimeError("device fell over")
         return engine.predict(inputs, parameters)
@@ -149,6 +149,65 @@ def test_http_concurrency_matches_sequential_answers(engine, sequential, tiny_gp
     count = float(re.search(r"^cloudllm_batch_size_count (\S+)$", metrics, re.M).group(1))
     total = float(re.search(r"^cloudllm_batch_size_sum (\S+)$", metrics, re.M).group(1))
     assert total == 32 and count < total  # some model call served more than one request
+
+
+# --- a request's answer does not depend on who shares its batch -----------------------------------
+
+ROOMY = dict(task="text-generation", max_input_tokens=64, max_total_tokens=80, default_max_new_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def roomy_engine(engine: GenerationEngine) -> GenerationEngine:
+    """The same model with max_total_tokens 80: a 50-token prompt leaves room for only 30 new tokens."""
+    return GenerationEngine(task=engine.task, model=engine.model, tokenizer=engine.tokenizer, settings=ServingSettings(**ROOMY))
+
+
+def test_default_length_is_the_same_batched_next_to_a_long_prompt(roomy_engine: GenerationEngine) -> None:
+    short, long = "Once upon a time", "x" * 50
+    assert roomy_engine.validate([long], {}) == [80]  # the long prompt's default budget is clipped to its room
+    alone = roomy_engine.run([short], {"details": True})[0]
+    assert alone.generated_tokens > 30  # more than the long prompt's room: a shared budget would have cut it
+    batcher = Batcher(roomy_engine.run, max_batch_size=8, max_batch_tokens=8 * 80, max_wait_ms=100, key=batch_key)
+    sizes = [roomy_engine.validate([text], {"details": True}) for text in (short, long)]
+    results = asyncio.run(submit_all_sized(batcher, [([short], sizes[0]), ([long], sizes[1])], {"details": True}))
+    assert batcher.batch_sizes == [2]  # they did share one call
+    assert results[0][0].output == alone.output
+    assert results[1][0].output == roomy_engine.run([long], {"details": True})[0].output
+
+
+async def submit_all_sized(batcher: Batcher, requests: list[tuple[list[Any], list[int]]], params: dict) -> list[Any]:
+    try:
+        return await asyncio.gather(*(batcher.submit(inputs, params, sizes=sizes) for inputs, sizes in requests))
+    finally:
+        await batcher.stop()
+
+
+def test_the_batch_is_sized_from_the_tokens_it_holds(engine, sequential) -> None:
+    """max_batch_size sequences of max_total_tokens is the budget: short requests fill it many at a time."""
+    batcher = Batcher(Recorder(engine), max_batch_size=2, max_batch_tokens=2 * 256, max_wait_ms=100, key=batch_key)
+    short = [([p], engine.validate([p], PARAMS)) for p in PROMPTS]
+    assert max(size for _, sizes in short for size in sizes) * 8 <= 2 * 256
+    answers = asyncio.run(submit_all_sized(batcher, short, PARAMS))
+    assert max(batcher.batch_sizes) > 2  # more rows than max_batch_size, in the same tokens
+    assert answers == [[s] for s in sequential]
+
+    batcher = Batcher(Recorder(engine), max_batch_size=2, max_batch_tokens=2 * 256, max_wait_ms=100, key=batch_key)
+    asyncio.run(submit_all_sized(batcher, [([p], [200]) for p in PROMPTS[:6]], PARAMS))
+    assert max(batcher.batch_sizes) == 2  # long sequences: no more than the budget holds
+
+
+def test_a_cancelled_row_stops_and_the_others_finish(engine) -> None:
+    made: list[int] = []
+    counting = GenerationEngine(task=engine.task, model=engine.model, tokenizer=engine.tokenizer, settings=engine.settings)
+    counting.on_tokens = made.append
+    gone = threading.Event()
+    gone.set()
+    prompts = ["Once upon a time", "The quick brown fox"]
+    alone = counting.run([prompts[1]], {"max_new_tokens": 40})[0]
+    made.clear()
+    results = counting.run(prompts, {"max_new_tokens": 40}, [gone, None])
+    assert results[1].output == alone.output  # the other row is untouched
+    assert sum(made) == 1 + alone.generated_tokens  # the cancelled row made its first token only (counted as made)
 
 
 # --- encoders: a shared call is one forward pass, and each caller's answer is its answer alone --------

@@ -164,7 +164,7 @@ def test_valid_generation_parameters(parameters: dict) -> None:
         ({"top_k": -1}, "at least 0"),
         ({"do_sample": 1}, "true or false"),
         ({"do_sample": "true"}, "true or false"),
-        ({"repetition_penalty": 0}, "greater than 0"),
+        ({"repetition_penalty": 0}, "at least 1e-06"),
         ({"stop": [1]}, "list of strings"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
         ({"stop": [""]}, "empty"),
@@ -238,6 +238,8 @@ def test_batch_key_groups_equal_parameters_and_isolates_seeds() -> None:
     assert batch_key({"a": 1, "b": [1]}) == batch_key({"b": [1], "a": 1})
     assert batch_key({"max_new_tokens": 3}) != batch_key({"max_new_tokens": 4})
     assert batch_key({"seed": 1}) is None
+    assert batch_key({"repetition_penalty": 1.3}) is None  # it would also penalize a neighbour's padding
+    assert batch_key({"repetition_penalty": 1.0}) is not None
 
 
 def test_normalize_task_aliases() -> None:
