@@ -56,6 +56,7 @@ from .protocol import (
     InferenceRequest,
     RequestError,
     batch_key,
+    decode_payload,
     format_response,
     normalize_task,
     parse_request,
@@ -217,7 +218,10 @@ def create_app(model_dir: str, settings: Any, engine_loader: EngineLoader = load
     add("/generate_stream", functools.partial(_predict, state, mode="stream"), ["POST"])
     add("/info", functools.partial(_info, state), ["GET"])
     add("/metrics", functools.partial(_metrics, state), ["GET"])
-    predict_paths = {SAGEMAKER_PREDICT_ROUTE, vertex_predict, "/generate", "/generate_stream"}
+    from . import openai_api  # here, not at the top: it imports this module
+
+    openai_paths = openai_api.register(add, state)
+    predict_paths = {SAGEMAKER_PREDICT_ROUTE, vertex_predict, "/generate", "/generate_stream", *openai_paths}
     quiet_paths = {*HEALTH_ROUTES, vertex_health, "/metrics"}
 
     @contextlib.asynccontextmanager
@@ -317,6 +321,15 @@ async def _predict(state: ServerState, request: Request, *, mode: str) -> Respon
     if mode in ("generate", "stream") and state.task not in GENERATION_TASKS:
         raise RequestError(404, f"{request.url.path} serves text generation; this model serves {state.task}: use /invocations", "not_found")
     body = await _read_body(request, settings.max_body_bytes)
+    if mode == "auto" and (b'"messages"' in body or b'"@requestFormat"' in body):
+        # A chat request (TGI/LMI's messages, Vertex vLLM's chatCompletions instances) answers as /v1/chat/completions.
+        from . import openai_api
+
+        data = decode_payload(body, request.headers.get("content-type"), settings.max_body_bytes)
+        if openai_api.is_chat_body(data):
+            return await openai_api.answer_platform_chat(state, request, data)
+        if isinstance(data, dict):
+            body = data
     req: InferenceRequest = await run_in_threadpool(
         parse_request, body, settings, content_type=request.headers.get("content-type")
     )
