@@ -228,9 +228,16 @@ def create_app(model_dir: str, settings: Any, engine_loader: EngineLoader = load
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.batcher.start()
         state.start_loading()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from . import grpc_service
+
+            grpc_server = grpc_service.start(state, asyncio.get_running_loop(), settings.extra.get("grpc_host", "0.0.0.0"), settings.grpc_port)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                grpc_service.stop(grpc_server)
             await state.batcher.stop()
             state.stream_executor.shutdown(wait=False)
 

@@ -77,9 +77,9 @@ _DEFAULTS_ONLY = {
     "suffix": ("",),
     "modalities": (["text"],),
 }
-_SAMPLING = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "top_k", "repetition_penalty"}
-CHAT_FIELDS = _IGNORED | set(_DEFAULTS_ONLY) | _SAMPLING | {"messages", "response_format"}
-COMPLETION_FIELDS = _IGNORED | set(_DEFAULTS_ONLY) | _SAMPLING | {"prompt", "echo"}
+SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "top_k", "repetition_penalty"}
+CHAT_FIELDS = _IGNORED | set(_DEFAULTS_ONLY) | SAMPLING_FIELDS | {"messages", "response_format"}
+COMPLETION_FIELDS = _IGNORED | set(_DEFAULTS_ONLY) | SAMPLING_FIELDS | {"prompt", "echo"}
 
 _temperature = _number(ge=0.0, le=2.0)
 _top_p = _number(gt=0.0, le=1.0)
@@ -165,7 +165,7 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
     data = await _read_json(state, request)
     _check_fields(data, COMPLETION_FIELDS)
     prompts = _prompts(data.get("prompt"))
-    parameters, n, stream = _sampling(data, state.settings)
+    parameters, n, stream = sampling_parameters(data, state.settings)
     if data.get("echo") not in (None, False, True):
         raise validation_error(f"\"echo\" must be true or false, not {_json_type(data['echo'])}")
     echo = bool(data.get("echo"))
@@ -173,7 +173,7 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
         await run_in_threadpool(engine.validate, [prompt], parameters)
     _note(request, inputs=len(prompts) * n)
     _log_payload(state, request, prompts, parameters)
-    completion = Completion("cmpl", "text_completion", _model_id(state))
+    completion = Completion("cmpl", "text_completion", model_id(state))
     if stream:
         if len(prompts) * n != 1:
             raise validation_error("streaming takes one prompt and n = 1")
@@ -182,7 +182,7 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
     predictions = await _run(state, request, [p for p in prompts for _ in range(n)], parameters)
     choices = []
     for index, prediction in enumerate(predictions):
-        text, reason = _text_and_reason(state, prediction, parameters)
+        text, reason = text_and_reason(state, prediction, parameters)
         prompt = prompts[index // n]
         choices.append({"index": index, "text": (prompt + text) if echo else text, "logprobs": None, "finish_reason": reason})
     prompt_tokens = sum([await run_in_threadpool(_prompt_tokens, engine, p) for p in prompts])
@@ -190,7 +190,7 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
 
 
 async def _models_route(state: ServerState, request: Request) -> Response:
-    return _json({"object": "list", "data": [{"id": _model_id(state), "object": "model", "created": state.openai_created, "owned_by": "cloudllm"}]})  # type: ignore[attr-defined]
+    return _json({"object": "list", "data": [{"id": model_id(state), "object": "model", "created": state.openai_created, "owned_by": "cloudllm"}]})  # type: ignore[attr-defined]
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -204,12 +204,12 @@ async def _chat(state: ServerState, request: Request, data: Any, *, as_dict: boo
     _check_fields(data, CHAT_FIELDS)
     _check_response_format(data.get("response_format"))
     messages = _messages(data.get("messages"))
-    parameters, n, stream = _sampling(data, state.settings)
+    parameters, n, stream = sampling_parameters(data, state.settings)
     prompt = await run_in_threadpool(render_chat, state, engine, messages)
     await run_in_threadpool(engine.validate, [prompt], parameters)
     _note(request, inputs=n)
     _log_payload(state, request, messages, parameters)
-    completion = Completion("chatcmpl", "chat.completion", _model_id(state))
+    completion = Completion("chatcmpl", "chat.completion", model_id(state))
     if stream:
         if as_dict:
             raise validation_error("streaming takes one chatCompletions instance")
@@ -219,7 +219,7 @@ async def _chat(state: ServerState, request: Request, data: Any, *, as_dict: boo
     predictions = await _run(state, request, [prompt] * n, parameters)
     choices = []
     for index, prediction in enumerate(predictions):
-        text, reason = _text_and_reason(state, prediction, parameters)
+        text, reason = text_and_reason(state, prediction, parameters)
         choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason})
     body = completion.body(choices, _usage(await run_in_threadpool(_prompt_tokens, engine, prompt), predictions))
     return body if as_dict else _json(body)
@@ -380,7 +380,7 @@ def _check_fields(data: Mapping[str, Any], accepted: set[str]) -> None:
             raise validation_error(f"\"{key}\" is not supported by this endpoint's engine; leave it out")
 
 
-def _sampling(data: Mapping[str, Any], settings: Any) -> tuple[dict[str, Any], int, bool]:
+def sampling_parameters(data: Mapping[str, Any], settings: Any) -> tuple[dict[str, Any], int, bool]:
     """The engine's parameters from OpenAI's, plus n and stream."""
     checks = PARAMETERS["text-generation"]
     parameters: dict[str, Any] = {"details": True}
@@ -439,7 +439,7 @@ async def _run(state: ServerState, request: Request, prompts: list[str], paramet
     return predictions
 
 
-def _text_and_reason(state: ServerState, prediction: Prediction, parameters: dict[str, Any]) -> tuple[str, str]:
+def text_and_reason(state: ServerState, prediction: Prediction, parameters: dict[str, Any]) -> tuple[str, str]:
     """The answer's text and OpenAI's finish_reason; OpenAI leaves the stop sequence out, where TGI keeps it."""
     output = prediction.output
     text = output[OUTPUT_KEYS[state.task]]
@@ -459,7 +459,7 @@ def _usage(prompt_tokens: int, predictions: list[Prediction]) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _model_id(state: ServerState) -> str:
+def model_id(state: ServerState) -> str:
     extra = getattr(state.settings, "extra", None) or {}
     return str(extra.get("served_model_name") or os.path.basename(os.path.normpath(state.model_dir)) or "model")
 
@@ -531,7 +531,7 @@ async def generated_pieces(state: ServerState, engine: Engine, prompt: str, para
                 yield text[sent:safe]
                 sent = safe
         prediction: Prediction = job.result()
-        final = _text_and_reason(state, prediction, parameters)[0]
+        final = text_and_reason(state, prediction, parameters)[0]
         if len(final) > sent:
             yield final[sent:]
         yield prediction
@@ -549,7 +549,7 @@ async def _stream_chat(state, request, engine, prompt, parameters, completion: C
         if isinstance(event, str):
             yield chunk({"content": event})
         elif isinstance(event, Prediction):
-            yield chunk({}, _text_and_reason(state, event, parameters)[1])
+            yield chunk({}, text_and_reason(state, event, parameters)[1])
             if usage:
                 yield _sse(completion.body([], _usage(await run_in_threadpool(_prompt_tokens, engine, prompt), [event]), chunk=True))
         else:
@@ -567,7 +567,7 @@ async def _stream_completion(state, request, engine, prompt, parameters, complet
         if isinstance(event, str):
             yield chunk(event)
         elif isinstance(event, Prediction):
-            yield chunk("", _text_and_reason(state, event, parameters)[1])
+            yield chunk("", text_and_reason(state, event, parameters)[1])
             if usage:
                 yield _sse(completion.body([], _usage(await run_in_threadpool(_prompt_tokens, engine, prompt), [event]), chunk=True))
         else:

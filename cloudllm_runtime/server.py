@@ -81,6 +81,7 @@ def _serve(argv: list[str]) -> None:
         settings.chat_template = read_chat_template(args.chat_template)
     if args.grpc_port is not None:
         settings.grpc_port = args.grpc_port
+    settings.extra = {**settings.extra, "grpc_host": args.host}
     sock = bind_socket(args.host, port)
     bound_port = sock.getsockname()[1]
 
