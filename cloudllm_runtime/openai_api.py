@@ -16,6 +16,9 @@ Sampling follows OpenAI, not TGI: a request samples at temperature 1 unless it s
 other than 0) are refused with a 400 naming them, never dropped. Errors use OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``; the client's mistakes are 400 (413, 429, 503
 keep their status), never a 5xx.
+
+The parsing, rendering and answer bodies need only the stdlib and the engine, so the HF inference
+toolkit's hooks (toolkit.py) answer a chat body too; the routes import starlette when they run.
 """
 
 from __future__ import annotations
@@ -28,13 +31,8 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-
-from .app import ServerState, _json, _note, _read_body, log_event
 from .engine import Engine, Prediction, Token
 from .protocol import (
     GENERATION_TASKS,
@@ -47,6 +45,12 @@ from .protocol import (
     decode_body,
     validation_error,
 )
+
+if TYPE_CHECKING:  # the HF toolkit's container has no starlette: the HTTP pieces import it when they run
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from .app import ServerState
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -86,7 +90,19 @@ _top_p = _number(gt=0.0, le=1.0)
 _n = _number(integer=True, ge=1)
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[["Request"], Awaitable["Response"]]
+
+
+def _app() -> Any:
+    from . import app
+
+    return app
+
+
+async def run_in_threadpool(function: Callable[..., Any], *args: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool as run
+
+    return await run(function, *args)
 
 
 def register(add: Callable[[str, Endpoint, list[str]], None], state: ServerState) -> set[str]:
@@ -117,10 +133,12 @@ async def answer_platform_chat(state: ServerState, request: Request, data: Mappi
     try:
         if "instances" not in data:
             return await _chat(state, request, data)
-        extra = sorted(set(data) - {"instances", "parameters"})
+        extra = sorted(set(data) - {"instances", "parameters", "stream"})
         if extra:
             raise validation_error(f"unknown body field \"{extra[0]}\" beside chatCompletions instances")
         instances = [{k: v for k, v in i.items() if k != "@requestFormat"} for i in data["instances"]]
+        if data.get("stream") is True and len(instances) == 1:  # streamRawPredict callers may mark the body, not the instance
+            instances[0]["stream"] = True
         if len(instances) == 1 and instances[0].get("stream"):
             return await _chat(state, request, instances[0])  # streamRawPredict passes the events through
         if any(i.get("stream") for i in instances):
@@ -129,7 +147,7 @@ async def answer_platform_chat(state: ServerState, request: Request, data: Mappi
         body: dict[str, Any] = {"predictions": list(answers)}
         if state.deployed_model_id:
             body["deployedModelId"] = state.deployed_model_id
-        return _json(body)
+        return _app()._json(body)
     except RequestError as exc:
         return _error_response(request, exc)
 
@@ -146,11 +164,11 @@ def _openai_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callab
         except RequestError as exc:
             return _error_response(request, exc)
         except Exception as exc:
-            info = _note(request, error=f"{type(exc).__name__}: {exc}")
-            log_event("internal_error", level="error", request_id=info.get("request_id"), error=info["error"],
+            info = _app()._note(request, error=f"{type(exc).__name__}: {exc}")
+            _app().log_event("internal_error", level="error", request_id=info.get("request_id"), error=info["error"],
                       traceback=traceback.format_exc())  # fmt: skip
             message = f"internal server error ({type(exc).__name__}); see the server log for request {info.get('request_id')}"
-            return _json(error_body(500, message), 500)
+            return _app()._json(error_body(500, message), 500)
 
     return guarded
 
@@ -171,7 +189,7 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
     echo = bool(data.get("echo"))
     for prompt in prompts:
         await run_in_threadpool(engine.validate, [prompt], parameters)
-    _note(request, inputs=len(prompts) * n)
+    _app()._note(request, inputs=len(prompts) * n)
     _log_payload(state, request, prompts, parameters)
     completion = Completion("cmpl", "text_completion", model_id(state))
     if stream:
@@ -186,11 +204,11 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
         prompt = prompts[index // n]
         choices.append({"index": index, "text": (prompt + text) if echo else text, "logprobs": None, "finish_reason": reason})
     prompt_tokens = sum([await run_in_threadpool(_prompt_tokens, engine, p) for p in prompts])
-    return _json(completion.body(choices, _usage(prompt_tokens, predictions)))
+    return _app()._json(completion.body(choices, _usage(prompt_tokens, predictions)))
 
 
 async def _models_route(state: ServerState, request: Request) -> Response:
-    return _json({"object": "list", "data": [{"id": model_id(state), "object": "model", "created": state.openai_created, "owned_by": "cloudllm"}]})  # type: ignore[attr-defined]
+    return _app()._json({"object": "list", "data": [{"id": model_id(state), "object": "model", "created": state.openai_created, "owned_by": "cloudllm"}]})  # type: ignore[attr-defined]
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -199,35 +217,68 @@ async def _models_route(state: ServerState, request: Request) -> Response:
 async def _chat(state: ServerState, request: Request, data: Any, *, as_dict: bool = False) -> Any:
     """One chat request: a Response, or (as_dict) the completion body for a Vertex prediction."""
     engine = _generation_engine(state)
+    chat = await run_in_threadpool(parse_chat, engine, data)
+    _app()._note(request, inputs=chat.n)
+    _log_payload(state, request, chat.messages, chat.parameters)
+    completion = Completion("chatcmpl", "chat.completion", model_id(state))
+    if chat.stream:
+        if as_dict:
+            raise validation_error("streaming takes one chatCompletions instance")
+        return _sse_response(_stream_chat(state, request, engine, chat.prompt, chat.parameters, completion, _usage_wanted(data)))
+    predictions = await _run(state, request, [chat.prompt] * chat.n, chat.parameters)
+    body = await run_in_threadpool(chat_answer, engine, completion, chat, predictions)
+    return body if as_dict else _app()._json(body)
+
+
+class ChatRequest:
+    """A checked chat request: the messages, the prompt they render to, the engine's parameters, n and stream."""
+
+    def __init__(self, messages: list[dict[str, str]], prompt: str, parameters: dict[str, Any], n: int, stream: bool) -> None:
+        self.messages, self.prompt, self.parameters, self.n, self.stream = messages, prompt, parameters, n, stream
+
+
+def parse_chat(engine: Engine, data: Any) -> ChatRequest:
+    """Check an OpenAI chat body, render its messages and check the prompt fits (RequestError otherwise)."""
     if not isinstance(data, Mapping):
         raise validation_error(f"the request body must be a JSON object with \"messages\", not {_json_type(data)}")
     _check_fields(data, CHAT_FIELDS)
     _check_response_format(data.get("response_format"))
     messages = _messages(data.get("messages"))
-    parameters, n, stream = sampling_parameters(data, state.settings)
-    prompt = await run_in_threadpool(render_chat, state, engine, messages)
-    await run_in_threadpool(engine.validate, [prompt], parameters)
-    _note(request, inputs=n)
-    _log_payload(state, request, messages, parameters)
-    completion = Completion("chatcmpl", "chat.completion", model_id(state))
-    if stream:
-        if as_dict:
-            raise validation_error("streaming takes one chatCompletions instance")
-        if n != 1:
-            raise validation_error("streaming takes n = 1")
-        return _sse_response(_stream_chat(state, request, engine, prompt, parameters, completion, _usage_wanted(data)))
-    predictions = await _run(state, request, [prompt] * n, parameters)
+    parameters, n, stream = sampling_parameters(data, engine.settings)
+    if stream and n != 1:
+        raise validation_error("streaming takes n = 1")
+    prompt = render_chat(engine, messages)
+    engine.validate([prompt], parameters)
+    return ChatRequest(messages, prompt, parameters, n, stream)
+
+
+def chat_answer(engine: Engine, completion: "Completion", chat: ChatRequest, predictions: list[Prediction]) -> dict[str, Any]:
+    """The chat.completion body for the predictions (one per choice)."""
     choices = []
     for index, prediction in enumerate(predictions):
-        text, reason = text_and_reason(state, prediction, parameters)
+        text, reason = text_and_reason(engine, prediction, chat.parameters)
         choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason})
-    body = completion.body(choices, _usage(await run_in_threadpool(_prompt_tokens, engine, prompt), predictions))
-    return body if as_dict else _json(body)
+    return completion.body(choices, _usage(_prompt_tokens(engine, chat.prompt), predictions))
 
 
-def render_chat(state: ServerState, engine: Engine, messages: list[dict[str, str]]) -> str:
+def answer_chat_sync(engine: Engine, data: Mapping[str, Any]) -> Any:
+    """A chat body (OpenAI's, or Vertex's chatCompletions instances) answered without the server: the HF toolkit's path."""
+    if "instances" not in data:
+        return _chat_sync(engine, data)
+    return {"predictions": [_chat_sync(engine, {k: v for k, v in i.items() if k != "@requestFormat"}) for i in data["instances"]]}
+
+
+def _chat_sync(engine: Engine, data: Any) -> dict[str, Any]:
+    chat = parse_chat(engine, data)
+    if chat.stream:
+        raise validation_error("streaming is not available through the Hugging Face inference toolkit; send \"stream\": false")
+    predictions = engine.run([chat.prompt] * chat.n, chat.parameters)
+    return chat_answer(engine, Completion("chatcmpl", "chat.completion", model_id(engine)), chat, predictions)
+
+
+def render_chat(engine: Engine, messages: list[dict[str, str]]) -> str:
     """The prompt text for messages, from the model's chat template (400 when it has none or refuses them)."""
-    template = chat_template(state)
+    template = chat_template(engine)
     if template is None:
         raise RequestError(400, f"this model has no chat template, so it cannot take \"messages\"; {NO_TEMPLATE_FIX}")
     from jinja2 import TemplateError
@@ -243,11 +294,11 @@ def render_chat(state: ServerState, engine: Engine, messages: list[dict[str, str
     return prompt
 
 
-def chat_template(state: ServerState) -> str | None:
+def chat_template(engine: Engine) -> str | None:
     """The chat template, looked up once: settings, else the files transformers saves it in."""
-    if not hasattr(state, "chat_template"):
-        state.chat_template = load_chat_template(state.model_dir, state.settings)  # type: ignore[attr-defined]
-    return state.chat_template  # type: ignore[attr-defined]
+    if not hasattr(engine, "chat_template"):
+        engine.chat_template = load_chat_template(engine.model_dir, engine.settings)  # type: ignore[attr-defined]
+    return engine.chat_template  # type: ignore[attr-defined]
 
 
 def load_chat_template(model_dir: str, settings: Any) -> str | None:
@@ -424,7 +475,7 @@ def _generation_engine(state: ServerState) -> Engine:
 
 
 async def _read_json(state: ServerState, request: Request) -> Any:
-    body = await _read_body(request, state.settings.max_body_bytes)
+    body = await _app()._read_body(request, state.settings.max_body_bytes)
     data = decode_body(body)
     if not isinstance(data, Mapping):
         raise validation_error(f"the request body must be a JSON object, not {_json_type(data)}")
@@ -434,7 +485,7 @@ async def _read_json(state: ServerState, request: Request) -> Any:
 async def _run(state: ServerState, request: Request, prompts: list[str], parameters: dict[str, Any]) -> list[Prediction]:
     predictions: list[Prediction] = await state.batcher.submit(prompts, parameters)
     tokens = sum(p.generated_tokens for p in predictions)
-    _note(request, tokens=tokens)
+    _app()._note(request, tokens=tokens)
     state.metrics.add_tokens(tokens)
     return predictions
 
@@ -466,7 +517,7 @@ def model_id(state: ServerState) -> str:
 
 def _log_payload(state: ServerState, request: Request, inputs: Any, parameters: dict[str, Any]) -> None:
     if state.settings.log_payloads:
-        _note(request, payload={"inputs": inputs, "parameters": parameters})
+        _app()._note(request, payload={"inputs": inputs, "parameters": parameters})
 
 
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
@@ -479,17 +530,19 @@ def error_body(status: int, message: str, code: str | None = None) -> dict[str, 
 
 
 def _error_response(request: Request, exc: RequestError) -> Response:
-    _note(request, error=exc.message)
+    _app()._note(request, error=exc.message)
     status = 400 if exc.status == 422 else exc.status  # OpenAI answers 400 for every invalid request
     code = "context_length_exceeded" if "input tokens" in exc.message else exc.error_type
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return _json(error_body(status, exc.message, code), status, headers=headers)
+    return _app()._json(error_body(status, exc.message, code), status, headers=headers)
 
 
 # --- streams ------------------------------------------------------------------------------------
 
 
-def _sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+def _sse_response(events: AsyncIterator[bytes]) -> Response:
+    from starlette.responses import StreamingResponse
+
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -580,13 +633,13 @@ async def _streamed(state, request, engine, prompt, parameters) -> AsyncIterator
     try:
         async for event in generated_pieces(state, engine, prompt, parameters):
             if isinstance(event, Prediction):
-                _note(request, tokens=event.generated_tokens)
+                _app()._note(request, tokens=event.generated_tokens)
                 state.metrics.add_tokens(event.generated_tokens)
             yield event
     except RequestError as exc:
         yield _sse(error_body(400 if exc.status == 422 else exc.status, exc.message, exc.error_type))
     except Exception as exc:
-        info = _note(request, error=f"{type(exc).__name__}: {exc}")
-        log_event("internal_error", level="error", request_id=info.get("request_id"), error=info["error"],
+        info = _app()._note(request, error=f"{type(exc).__name__}: {exc}")
+        _app().log_event("internal_error", level="error", request_id=info.get("request_id"), error=info["error"],
                   traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))  # fmt: skip
         yield _sse(error_body(500, f"generation failed ({type(exc).__name__})"))

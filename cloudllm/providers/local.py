@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -180,7 +181,7 @@ class LocalProvider(Provider):
             digest=state.get("digest"),
             runtime="handler",
             failure_reason=reason,
-            details={k: state[k] for k in ("pid", "log", "artifact", "weights_digest", "code_digest", "deploy_digest", "scaling_digest") if k in state},
+            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port", "weights_digest", "code_digest", "deploy_digest", "scaling_digest") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
@@ -199,10 +200,11 @@ class LocalProvider(Provider):
         reporter.step(f"artifact laid out in {artifact}")
         log_path = home_dir("logs") / f"{name}-{version}.log"  # beside local/, where every folder is an endpoint
         port_file = version_dir / "port"
+        grpc_port = _free_port()  # gRPC beside HTTP, for `cloudllm invoke --grpc`
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, str(artifact / "code" / "serve.py"), "serve",
-                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--grpc-port", str(grpc_port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=artifact, start_new_session=True,  # outlives the CLI and its Ctrl-C
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -214,6 +216,7 @@ class LocalProvider(Provider):
             "log": str(log_path),
             "model": plan.model.path,
             "url": None,
+            "grpc_port": grpc_port,
             **plan.fingerprint,
         }
         try:
@@ -264,6 +267,12 @@ class LocalProvider(Provider):
                     )
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _health(url: str) -> dict:

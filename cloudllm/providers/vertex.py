@@ -136,6 +136,7 @@ class VertexProvider(Provider):
     name = "vertex"
     unsupported = {
         Feature.SCALE_TO_ZERO: "Vertex AI's scale to zero is a v1beta1 preview; use min_instances 1",
+        Feature.GRPC: "cloudllm does not declare the container's grpcPorts on Vertex AI yet; invoke without --grpc",
     }
     default_instance = "g2-standard-8"
 

@@ -249,3 +249,23 @@ def test_chat_on_transformers_4_renders_as_on_5(chat_model: Path, client: openai
             model="tiny", messages=HELLO, max_tokens=6, temperature=0).choices[0].message.content  # fmt: skip
     finally:
         process.stop()
+
+
+def test_chat_through_the_hf_toolkit_hooks(chat_model: Path, artifact_factory: Callable[..., Path], client: openai.OpenAI) -> None:
+    """SageMaker's CPU handler endpoints run the HF inference toolkit: a messages body answers there too."""
+    from cloudllm_runtime import toolkit
+
+    model = toolkit.model_fn(str(artifact_factory(chat_model, **SETTINGS)))
+    request = {"messages": HELLO, "max_tokens": 6, "temperature": 0}
+
+    def hooks(body: dict) -> dict:
+        return json.loads(toolkit.output_fn(toolkit.predict_fn(toolkit.input_fn(json.dumps(body), "application/json"), model)))
+
+    expected = client.chat.completions.create(model="tiny", **request).choices[0].message.content
+    assert hooks(request)["choices"][0]["message"]["content"] == expected
+    vertex = hooks({"instances": [{"@requestFormat": "chatCompletions", **request}]})
+    assert vertex["predictions"][0]["choices"][0]["message"]["content"] == expected
+    from cloudllm_runtime.protocol import RequestError
+
+    with pytest.raises(RequestError, match="toolkit"):
+        hooks({**request, "stream": True})

@@ -53,6 +53,7 @@ class SageMakerProvider(Provider):
     name = "sagemaker"
     unsupported = {
         Feature.SCALE_TO_ZERO: "it needs inference components, which cloudllm does not create yet; use --min-instances 1",
+        Feature.GRPC: "SageMaker real-time endpoints take HTTPS only (InvokeEndpoint); invoke without --grpc",
     }
 
     default_instance = res.DEFAULT_INSTANCE  # what the planner sizes against when --instance is not given
