@@ -11,6 +11,7 @@ they arrive. Errors answer in OpenAI's shape: 400 for what the endpoint refused,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -33,7 +34,12 @@ def create_proxy_app(name: str, provider: Any, *, upstream: str | None = None) -
         Route("/v1/completions", proxy.completions, methods=["POST"]),
         Route("/v1/models", proxy.models, methods=["GET"]),
     ]
-    return Starlette(routes=routes, on_shutdown=[proxy.close])
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await proxy.close()
+
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 def serve_proxy(name: str, provider: Any, *, port: int = DEFAULT_PORT, host: str = LOOPBACK, ready: Any = None) -> None:
