@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from cloudllm import api
+from cloudllm.errors import UserError
 from cloudllm.providers.base import get_provider
 from cloudllm.proxy import create_proxy_app
 from tests.runtime.test_openai import HELLO, add_chat_template
@@ -164,3 +165,21 @@ def test_chat_command_keeps_the_history(local_endpoint: Any, module_home: Path) 
 def test_grpc_is_refused_on_sagemaker_with_the_reason(module_home: Path) -> None:
     refused = run_cli("invoke", "nowhere", "hi", "--grpc", "--provider", "sagemaker", "--region", "us-east-1", env={"CLOUDLLM_HOME": str(module_home)})
     assert refused.returncode == 3 and "HTTPS only" in refused.stderr
+
+
+@pytest.mark.slow  # ~40 s: two engine deploys to the Vertex AI emulator
+def test_managed_engines_on_vertex_take_chat_in_their_own_form(vertex_emulator, chat_model: Path, local_endpoint: Any, tmp_path_factory) -> None:
+    """TGI's Vertex route takes the chat request as an instance, Model Garden's vLLM a chatCompletions instance."""
+    reference = exercise(local_endpoint.url + "/v1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLOUDLLM_HOME", str(tmp_path_factory.mktemp("home")))
+        for runtime in ("tgi", "vllm"):
+            name = f"chat-{runtime}"
+            api.deploy(chat_model, provider="vertex", name=name, runtime=runtime, instance="g2-standard-8", bucket=vertex_emulator.bucket)
+            answer = api.chat(name, HELLO, parameters={"max_new_tokens": 6})
+            assert answer["choices"][0]["message"]["content"] == reference
+        # TGI's route would drop temperature without a word: cloudllm refuses it with the reason.
+        with pytest.raises(UserError, match="always samples"):
+            api.invoke("chat-tgi", "Once upon a time", parameters={"max_new_tokens": 4, "temperature": 0.5})
+        for runtime in ("tgi", "vllm"):
+            api.delete(f"chat-{runtime}", provider="vertex", purge_artifacts=True)
