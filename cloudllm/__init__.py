@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 _API = ("deploy", "delete", "inspect", "invoke", "invoke_stream", "list_endpoints", "logs", "package", "plan", "serve", "status")
+_API += ("chat", "chat_stream", "invoke_grpc")
 
 
 def __getattr__(name: str):

@@ -156,6 +156,78 @@ def invoke_stream(
     return _provider_for_name(name, provider, region, options).invoke_stream(name, body)
 
 
+def invoke_grpc(
+    name: str,
+    inputs: str,
+    *,
+    parameters: dict | None = None,
+    stream: bool = False,
+    provider: str | None = None,
+    region: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """Generated text over the endpoint's gRPC port (Open Inference Protocol v2): whole, or pieces with stream."""
+    from cloudllm.invocation import grpc_generate
+    from cloudllm.providers.base import Feature
+
+    if inputs is None:
+        raise UserError("nothing to send", "give a prompt: cloudllm invoke NAME \"text\" --grpc")
+    holder = _provider_for_name(name, provider, region, options)
+    holder.require({Feature.GRPC})
+    endpoint = holder.get(name)
+    port = (endpoint.details if endpoint else {}).get("grpc_port")
+    if not port:
+        raise UserError(f"endpoint {name} has no gRPC port (it was started before cloudllm served gRPC)", f"redeploy it: cloudllm deploy ... --name {name}")
+    return grpc_generate(name, f"127.0.0.1:{port}", inputs, parameters, stream=stream)
+
+
+def chat(
+    name: str,
+    prompt: str | list[dict],
+    *,
+    system: str | None = None,
+    parameters: dict | None = None,
+    provider: str | None = None,
+    region: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict:
+    """One chat turn: prompt is the user's text or a whole history of OpenAI messages; returns OpenAI's chat completion.
+
+    Parameters take invoke's (TGI) names; the answer is greedy unless they ask for sampling.
+    """
+    from cloudllm.invocation import chat_body, chat_completion, chat_messages, platform_chat_body
+
+    holder = _provider_for_name(name, provider, region, options)
+    body = chat_body(chat_messages(prompt, system), parameters)
+    return chat_completion(holder.invoke(name, platform_chat_body(holder.name, _runtime_for_chat(holder, name), body)))
+
+
+def chat_stream(
+    name: str,
+    prompt: str | list[dict],
+    *,
+    system: str | None = None,
+    parameters: dict | None = None,
+    provider: str | None = None,
+    region: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """One chat turn, streamed: the reply's text pieces as the endpoint produces them."""
+    from cloudllm.invocation import chat_body, chat_messages, platform_chat_body
+
+    holder = _provider_for_name(name, provider, region, options)
+    body = chat_body(chat_messages(prompt, system), parameters, stream=True)
+    return holder.invoke_stream(name, platform_chat_body(holder.name, _runtime_for_chat(holder, name), body))
+
+
+def _runtime_for_chat(holder: Provider, name: str) -> str | None:
+    """Vertex AI's chat body depends on the engine behind the endpoint; elsewhere the body is the same."""
+    if holder.name != "vertex":
+        return None
+    endpoint = holder.get(name)
+    return endpoint.runtime if endpoint else None
+
+
 def status(name: str, *, provider: str | None = None, region: str | None = None, options: dict[str, Any] | None = None) -> Endpoint:
     endpoint = _provider_for_name(name, provider, region, options).get(name)
     if endpoint is None:

@@ -163,9 +163,12 @@ def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: b
 @click.option("--max-new-tokens", type=int, help="Generation length for this request.")
 @click.option("--param", "params", multiple=True, help="KEY=VALUE generation parameter (value parsed as JSON).")
 @click.option("--raw", is_flag=True, help="Print the endpoint's JSON response as is.")
+@click.option("--chat", "chat_text", metavar="TEXT", help="Send TEXT as a chat message (OpenAI's format, rendered with the model's chat template).")
+@click.option("--system", help="With --chat: a system message before it.")
+@click.option("--grpc", "use_grpc", is_flag=True, help="Send PROMPT over the endpoint's gRPC port (Open Inference Protocol v2).")
 @_where_flags
 def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, max_new_tokens: int | None,
-           params: tuple[str, ...], raw: bool, where: dict) -> None:  # fmt: skip
+           params: tuple[str, ...], raw: bool, chat_text: str | None, system: str | None, use_grpc: bool, where: dict) -> None:  # fmt: skip
     """Send PROMPT (or a --json body) to endpoint NAME and print the answer.
 
     \b
@@ -173,6 +176,8 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
       cloudllm invoke demo "Once upon a time"
       cloudllm invoke demo "Once upon a time" --stream
       cloudllm invoke demo --json '{"inputs": "Hi", "parameters": {"max_new_tokens": 20}}'
+      cloudllm invoke demo --chat "Summarise this contract" --system "Be brief." --stream
+      cloudllm invoke demo "Once upon a time" --grpc
     """
     from cloudllm import api
     from cloudllm.invocation import response_text
@@ -185,6 +190,9 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
             parameters[key] = value
     if max_new_tokens is not None:
         parameters["max_new_tokens"] = max_new_tokens
+    if chat_text is not None or system is not None or use_grpc:
+        _invoke_other_protocol(name, prompt, json_body, chat_text, system, use_grpc, stream, raw, parameters, where)
+        return
     if stream:
         for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, **where):
             click.echo(piece, nl=False)
@@ -194,6 +202,36 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
     result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, **where)
     text = None if raw else response_text(result)
     click.echo(text if text is not None else json.dumps(result, indent=2, ensure_ascii=False))
+
+
+def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None, chat_text: str | None, system: str | None,
+                           use_grpc: bool, stream: bool, raw: bool, parameters: dict, where: dict) -> None:  # fmt: skip
+    """invoke --chat/--system (OpenAI's chat format) or --grpc."""
+    from cloudllm import api
+    from cloudllm.invocation import openai_choice_text
+
+    if json_body is not None:
+        raise UserError("--json cannot go with --chat, --system or --grpc", "send the body alone with --json, or a prompt with the flag")
+    if use_grpc:
+        if chat_text is not None or system is not None:
+            raise UserError("--grpc sends a plain prompt; it cannot go with --chat or --system", "drop --grpc to chat")
+        pieces = api.invoke_grpc(name, prompt, parameters=parameters or None, stream=stream, **where)
+    else:
+        if chat_text is None:
+            raise UserError("--system goes with --chat", "add --chat \"your message\"")
+        if prompt is not None:
+            raise UserError("give the message either as PROMPT or as --chat, not both", "use --chat \"your message\"")
+        if not stream:
+            result = api.chat(name, chat_text, system=system, parameters=parameters or None, **where)
+            choices = result.get("choices") if isinstance(result, dict) else None
+            text = None if raw or not choices else openai_choice_text(choices[0])
+            click.echo(text if text is not None else json.dumps(result, indent=2, ensure_ascii=False))
+            return
+        pieces = api.chat_stream(name, chat_text, system=system, parameters=parameters or None, **where)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
 
 
 @cli.command("list")
@@ -348,6 +386,8 @@ def _add_command_modules() -> None:
     from cloudllm.commands.emulate import emulate
     from cloudllm.commands.emulate_sagemaker import emulate_sagemaker
     from cloudllm.commands.emulate_vertex import emulate_vertex
+    from cloudllm.commands.chat import chat
+    from cloudllm.commands.proxy import proxy
     from cloudllm.commands.quantize import quantize
 
     plan_commands.register(cli)
@@ -356,6 +396,8 @@ def _add_command_modules() -> None:
     emulate.add_command(emulate_vertex)
     cli.add_command(emulate)
     cli.add_command(quantize)
+    cli.add_command(chat)
+    cli.add_command(proxy)
 
 
 _add_command_modules()

@@ -44,6 +44,8 @@ def response_text(result: Any) -> str | None:
         return result
     if isinstance(result, list) and result and isinstance(result[0], dict) and len(result[0]) == 1 and "generated_text" in result[0]:
         result = result[0]
+    if isinstance(result, dict) and isinstance(result.get("choices"), list) and result["choices"]:
+        return openai_choice_text(result["choices"][0])
     if isinstance(result, dict):
         for key in ("generated_text", "summary_text", "translation_text"):
             if isinstance(result.get(key), str):
@@ -62,7 +64,14 @@ def iter_sse_tokens(lines: Iterable[str]) -> Iterator[str]:
             continue
         event = json.loads(payload)
         if "error" in event:
-            raise UserError(f"the endpoint failed mid-stream: {event['error']}", "check the endpoint's logs (cloudllm logs NAME)")
+            error = event["error"]
+            message = error.get("message") if isinstance(error, dict) else error  # OpenAI's shape, or TGI's
+            raise UserError(f"the endpoint failed mid-stream: {message}", "check the endpoint's logs (cloudllm logs NAME)")
+        if isinstance(event.get("choices"), list):  # OpenAI's chunks, chat or completions
+            text = openai_choice_text(event["choices"][0]) if event["choices"] else None
+            if text:
+                yield text
+            continue
         token = event.get("token") or {}
         if token.get("special"):
             continue
@@ -81,3 +90,118 @@ def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
             yield line.decode("utf-8", errors="replace")
     if buffer:
         yield buffer.decode("utf-8", errors="replace")
+
+
+# --- OpenAI's chat format -------------------------------------------------------------------------
+
+
+def chat_messages(prompt: str | list, system: str | None = None) -> list[dict]:
+    """OpenAI messages from a prompt (or a history already in that form) and an optional system line."""
+    messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *[m for m in messages if m.get("role") != "system"]]
+    return messages
+
+
+def chat_body(messages: list[dict], parameters: dict | None = None, *, stream: bool = False) -> dict:
+    """An OpenAI chat request from messages and TGI-named parameters (what `invoke --param` takes).
+
+    Greedy unless the caller asks for sampling, as a plain invoke is: OpenAI's default is temperature 1.
+    """
+    params = {k: v for k, v in (parameters or {}).items() if v is not None}
+    body: dict[str, Any] = {"messages": messages}
+    if "max_new_tokens" in params:
+        body["max_tokens"] = params.pop("max_new_tokens")
+    sampling = params.pop("do_sample", None)
+    if sampling is False or (sampling is None and "temperature" not in params and "top_p" not in params and "top_k" not in params):
+        params["temperature"] = 0
+    if "stop_sequences" in params:
+        params["stop"] = params.pop("stop_sequences")
+    body.update(params)
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def openai_choice_text(choice: Any) -> str | None:
+    """The text of one OpenAI choice: a chat message, a chat chunk's delta or a completion's text."""
+    if not isinstance(choice, dict):
+        return None
+    for holder in (choice.get("message"), choice.get("delta")):
+        if isinstance(holder, dict):
+            return holder.get("content")
+    text = choice.get("text")
+    return text if isinstance(text, str) else None
+
+
+def platform_chat_body(provider: str, runtime: str | None, body: dict) -> dict:
+    """A chat request in the form the endpoint's platform and engine take.
+
+    SageMaker's /invocations takes OpenAI's body as is (the generated server, TGI's Messages API and
+    LMI's chat schema all read "messages"); Vertex AI's predict takes instances: Model Garden vLLM's
+    and the generated server's {"@requestFormat": "chatCompletions", ...}, TGI's route the chat request itself.
+    """
+    if provider != "vertex":
+        return body
+    instance = {k: v for k, v in body.items() if k != "stream"}
+    if runtime != "tgi":
+        instance = {"@requestFormat": "chatCompletions", **instance}
+    if body.get("stream"):
+        instance["stream"] = True
+    return {"instances": [instance]}
+
+
+def chat_completion(result: Any) -> Any:
+    """The chat completion in a platform's answer ({"predictions": [completion]} on Vertex AI)."""
+    if isinstance(result, dict) and isinstance(result.get("predictions"), list) and len(result["predictions"]) == 1:
+        return result["predictions"][0]
+    return result
+
+
+# --- gRPC (the Open Inference Protocol v2 the model server speaks beside HTTP) --------------------
+
+
+def grpc_generate(name: str, target: str, prompt: str, parameters: dict | None = None, *, stream: bool = False) -> Iterator[str]:
+    """Text from endpoint NAME's gRPC port (target "host:port"): the whole answer, or pieces as they come."""
+    import grpc
+
+    from cloudllm.errors import DeployFailed
+    from cloudllm_runtime.grpc_service import INPUT_TENSOR, OUTPUT_TENSOR, SERVICE, build_descriptors, decode_bytes_tensor, encode_bytes_tensor
+
+    _, m = build_descriptors()
+    request = m["ModelInferRequest"]()
+    request.inputs.add(name=INPUT_TENSOR, datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes_tensor([prompt.encode("utf-8")]))
+    sampling = chat_body([], parameters)
+    sampling.pop("messages")
+    for key, value in {**sampling, **({"stream": True} if stream else {})}.items():
+        field = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}.get(type(value))
+        if field is None:
+            raise UserError(f"parameter {key!r} cannot go over gRPC as {type(value).__name__}", "give a number, a string or true/false")
+        setattr(request.parameters[key], field, value)
+
+    def texts(response: Any) -> Iterator[str]:
+        for index, tensor in enumerate(response.outputs):
+            if tensor.name == OUTPUT_TENSOR and index < len(response.raw_output_contents):
+                for item in decode_bytes_tensor(response.raw_output_contents[index]):
+                    yield item.decode("utf-8", errors="replace")
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            if not stream:
+                call = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=m["ModelInferRequest"].SerializeToString,
+                                           response_deserializer=m["ModelInferResponse"].FromString)  # fmt: skip
+                yield from texts(call(request, timeout=300))
+                return
+            call = channel.stream_stream(f"/{SERVICE}/ModelStreamInfer", request_serializer=m["ModelInferRequest"].SerializeToString,
+                                         response_deserializer=m["ModelStreamInferResponse"].FromString)  # fmt: skip
+            for answer in call(iter([request]), timeout=300):
+                if answer.error_message:
+                    raise UserError(f"endpoint {name} rejected the request: {answer.error_message}", "fix the prompt or parameters")
+                yield from texts(answer.infer_response)
+        except grpc.RpcError as exc:
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise UserError(f"endpoint {name} rejected the request: {detail}", "fix the prompt or parameters") from None
+            raise DeployFailed(f"endpoint {name}'s gRPC port {target} failed ({exc.code().name}): {detail}",
+                               f"check its logs: cloudllm logs {name}") from None  # fmt: skip

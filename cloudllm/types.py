@@ -20,6 +20,7 @@ class Feature(str, Enum):
     SCALE_TO_ZERO = "scale to zero (min_instances = 0)"
     TRAFFIC_SHIFTING = "canary/linear rollouts"
     ENGINE_RUNTIMES = "the tgi and vllm runtimes"
+    GRPC = "gRPC (the Open Inference Protocol v2)"
 
 
 class Fingerprint(BaseModel):

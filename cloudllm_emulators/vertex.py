@@ -1088,7 +1088,8 @@ class _Engine:
         predictions = []
         for i, instance in enumerate(body["instances"]):
             if isinstance(instance, dict) and "messages" in instance and "inputs" not in instance:
-                raise ApiError("UNIMPLEMENTED", "The emulator's TGI stand-in serves {\"inputs\"} instances, not chat requests.")
+                predictions.append(self._chat(instance))  # TGI's VertexInstance::Chat: a ChatRequest, answered by its chat route
+                continue
             parameters = instance.get("parameters") if isinstance(instance, dict) else None
             if not isinstance(instance, dict) or not isinstance(instance.get("inputs"), str) or not isinstance(parameters, (dict, type(None))):
                 raise refuse(f"instances[{i}]: data did not match any variant of untagged enum VertexInstance")
@@ -1107,7 +1108,10 @@ class _Engine:
         for item in items:
             item = dict(item)
             if item.pop("@requestFormat", "") == "chatCompletions":
-                raise ApiError("UNIMPLEMENTED", "The emulator's vLLM stand-in serves {\"prompt\"} instances, not chatCompletions.")
+                if item.get("stream"):
+                    raise ApiError("UNIMPLEMENTED", "The emulator's vLLM stand-in answers chatCompletions whole, not streamed.")
+                answers.append({"predictions": [self._chat(item)]})
+                continue
             if "prompt" not in item:
                 raise _container_error(500, "Internal Server Error")  # KeyError: 'prompt'
             prompt = item.pop("prompt")
@@ -1152,6 +1156,18 @@ class _Engine:
                 client.close()
 
         return frames()
+
+    # --- chat (issue 16): both engines answer OpenAI's chat request with their own chat route ---
+    def _chat(self, request: dict) -> Any:
+        """A chat request as the engine's OpenAI route answers it (the generated handler's /v1/chat/completions)."""
+        import httpx
+
+        response = httpx.post(self.replica.url + "/v1/chat/completions", json=request, timeout=httpx.Timeout(600, connect=5))
+        if response.status_code != 200:
+            raise _container_error(response.status_code, response.text)
+        return response.json()
+
+    # --- end of chat ---
 
     def _generate(self, prompt: Any, parameters: dict) -> tuple[str, int | None]:
         """The handler's generated text for one prompt, and how many tokens it generated."""

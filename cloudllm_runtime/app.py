@@ -54,13 +54,16 @@ from starlette.routing import Route
 
 from .batching import Batcher
 from .engine import Engine, Prediction, Token, load_engine
+from .http_io import CLIENT_GONE, DRAIN_LIMIT, _dumps, _json, _note, _read_body
 from .log import log_event
+from . import openai_api
 from .protocol import (
     GENERATION_TASKS,
     OUTPUT_KEYS,
     InferenceRequest,
     RequestError,
     batch_key,
+    decode_payload,
     format_response,
     normalize_task,
     parse_request,
@@ -73,11 +76,6 @@ HEALTH_ROUTES = ("/ping", "/health")
 SAGEMAKER_PREDICT_ROUTE = "/invocations"
 DEFAULT_VERTEX_PREDICT_ROUTE = "/predict"
 DEFAULT_VERTEX_HEALTH_ROUTE = "/health"
-# Bodies past the limit are read and dropped (up to this much more) so the client sees the 413
-# instead of a connection reset in the middle of its upload.
-DRAIN_LIMIT = 64 * 1024 * 1024
-# nginx's status for "the client closed the connection before the answer": only ever logged.
-CLIENT_GONE = 499
 
 
 class Metrics:
@@ -222,15 +220,23 @@ def create_app(model_dir: str, settings: Any, engine_loader: EngineLoader = load
     add("/generate_stream", functools.partial(_predict, state, mode="stream"), ["POST"])
     add("/info", functools.partial(_info, state), ["GET"])
     add("/metrics", functools.partial(_metrics, state), ["GET"])
+    openai_api.register(add, state)
     quiet_paths = {*HEALTH_ROUTES, vertex_health, "/metrics"}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.batcher.start()
         state.start_loading()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from . import grpc_service
+
+            grpc_server = grpc_service.start(state, asyncio.get_running_loop(), settings.extra.get("grpc_host", "0.0.0.0"), settings.grpc_port)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                grpc_service.stop(grpc_server)
             await state.batcher.stop()
             state.stream_executor.shutdown(wait=False)
 
@@ -318,6 +324,13 @@ async def _predict(state: ServerState, request: Request, *, mode: str) -> Respon
         raise RequestError(404, f"{request.url.path} serves text generation; this model serves {state.task}: use /invocations", "not_found")
     body = await _read_body(request, settings.max_body_bytes, settings.max_body_seconds)
     state.admit(request)
+    if mode == "auto" and (b'"messages"' in body or b'"@requestFormat"' in body):
+        # A chat request (TGI/LMI's messages, Vertex vLLM's chatCompletions instances) answers as /v1/chat/completions.
+        data = decode_payload(body, request.headers.get("content-type"), settings.max_body_bytes)
+        if openai_api.is_chat_body(data):
+            return await openai_api.answer_platform_chat(state, request, data)
+        if isinstance(data, dict):
+            body = data
     req: InferenceRequest = await run_in_threadpool(
         parse_request, body, settings, content_type=request.headers.get("content-type")
     )
@@ -437,34 +450,6 @@ def _sse(body: Any) -> bytes:
     return b"data:" + _dumps(body) + b"\n\n"
 
 
-async def _read_body(request: Request, limit: int, seconds: float | None = None) -> bytes:
-    """The body, 413 once it passes limit (read to the end first, so the client gets the answer),
-    or 408 when it has not all arrived within seconds (a slow sender must not hold the server)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + DRAIN_LIMIT:
-        raise RequestError(413, f"the request body is {declared} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-
-    async def read() -> None:
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > limit + DRAIN_LIMIT:
-                break
-
-    try:
-        await asyncio.wait_for(read(), seconds)
-    except ClientDisconnect:
-        raise RequestError(CLIENT_GONE, "the client closed the connection before its body arrived", "client_gone") from None
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"the request body did not arrive within {seconds:g} s; send it at once", "timeout") from None
-    if size > limit:
-        raise RequestError(413, f"the request body is over the limit of {limit} bytes")
-    return b"".join(chunks)
-
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
@@ -482,24 +467,7 @@ def _error_response(exc: RequestError) -> Response:
     return _json(exc.to_dict(), exc.status, headers=headers)
 
 
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_dumps(content), status_code=status, media_type="application/json", headers=headers)
 
-
-def _dumps(content: Any) -> bytes:
-    """Compact UTF-8 JSON; a lone surrogate a client sent (a key echoed in an error) is escaped, not a 500."""
-    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def _note(request: Request, **fields: Any) -> dict[str, Any]:
-    """Fields for this request's log line (the middleware writes it when the response ends)."""
-    info = request.scope.setdefault("cloudllm", {})
-    info.update(fields)
-    return info
 
 
 # --- per-request log, metrics and concurrency count -------------------------------------------

@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model-dir", default=None, help="the model folder (default: the artifact this code is in)")
     parser.add_argument("--settings", default=None, help=f"the {SETTINGS_FILE} to use (default: the one in code/)")
     parser.add_argument("--log-payloads", action="store_true", help="log prompt text in the request log (off by default)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template for /v1/chat/completions (default: the model's)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="also serve the Open Inference Protocol v2 over gRPC on this port (0 picks one)")
     return parser.parse_args(argv)
 
 
@@ -76,6 +78,11 @@ def _serve(argv: list[str]) -> None:
     settings = load_settings(model_dir, args.settings)
     if args.log_payloads:
         settings.log_payloads = True
+    if args.chat_template:
+        settings.chat_template = read_chat_template(args.chat_template)
+    if args.grpc_port is not None:
+        settings.grpc_port = args.grpc_port
+    settings.extra = {**settings.extra, "grpc_host": args.host}
     sock = bind_socket(args.host, port)
     bound_port = sock.getsockname()[1]
 
@@ -99,6 +106,18 @@ def _serve(argv: list[str]) -> None:
     _quiet_after_shutdown()
     server.run(sockets=[sock])
     log_event("stopped")
+
+
+def read_chat_template(path: str) -> str:
+    """The text of a --chat-template file, or StartupError naming what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"cannot read --chat-template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not text.strip():
+        raise StartupError(f"--chat-template {path} is empty; give a Jinja template such as tokenizer_config.json's \"chat_template\"")
+    return text
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

@@ -39,6 +39,10 @@ class ServingSettings:
     trust_remote_code: bool = False
     log_payloads: bool = False
     quantization: str | None = None
+    # Jinja text rendering OpenAI "messages" (--chat-template FILE); None: the model folder's own.
+    chat_template: str | None = None
+    # The Open Inference Protocol v2 gRPC port beside HTTP (--grpc-port; 0 picks a free one); None: off.
+    grpc_port: int | None = None
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

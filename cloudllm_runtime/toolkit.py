@@ -43,6 +43,10 @@ def input_fn(input_data: Any, content_type: str | None = None, context: Any = No
 
 def predict_fn(data: Any, model: Any, context: Any = None) -> Any:
     """Validate and run the request; answers the pipeline-shaped response body (a JSON-ready value)."""
+    from . import openai_api
+
+    if not isinstance(data, InferenceRequest) and openai_api.is_chat_body(data):
+        return openai_api.answer_chat_sync(model, data)  # OpenAI's messages, as TGI and LMI take them on /invocations
     request = data if isinstance(data, InferenceRequest) else parse_request(data, model.settings)
     if request.stream:
         raise validation_error(

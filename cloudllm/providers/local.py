@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -183,7 +184,7 @@ class LocalProvider(Provider):
             runtime="handler",
             failure_reason=reason,
             fingerprint=Fingerprint(**{k: state.get(k) for k in FINGERPRINT_KEYS}),
-            details={k: state[k] for k in ("pid", "log", "artifact") if k in state},
+            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
@@ -202,8 +203,10 @@ class LocalProvider(Provider):
         reporter.step(f"artifact laid out in {artifact}")
         log_path = home_dir("logs") / f"{name}-{version}.log"  # beside local/, where every folder is an endpoint
         port_file = version_dir / "port"
+        grpc_port = _free_port()  # gRPC beside HTTP, for `cloudllm invoke --grpc`
         process = start_server(
-            [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+            [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+             "--grpc-port", str(grpc_port)],
             log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         state = {
@@ -213,6 +216,7 @@ class LocalProvider(Provider):
             "log": str(log_path),
             "model": plan.model.path,
             "url": None,
+            "grpc_port": grpc_port,
             **plan.fingerprint,
         }
         try:
@@ -259,6 +263,12 @@ class LocalProvider(Provider):
             poll, what=f"starting the model server for {plan.spec.name}", deadline=timeout, reporter=reporter,
             late=lambda _: (f"the model server did not become healthy within {timeout}s", f"see its log {log_path}; raise --timeout for large models"),
         )  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _health(url: str) -> dict:

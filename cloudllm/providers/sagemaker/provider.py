@@ -47,6 +47,7 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
     name = "sagemaker"
     unsupported = {
         Feature.SCALE_TO_ZERO: "it needs inference components, which cloudllm does not create yet; use --min-instances 1",
+        Feature.GRPC: "SageMaker real-time endpoints take HTTPS only (InvokeEndpoint); invoke without --grpc",
     }
     default_instance = res.DEFAULT_INSTANCE  # what the planner sizes against when --instance is not given
 

@@ -36,6 +36,9 @@ def predict_url(api_base: str, endpoint: str) -> str:
     return f"{api_base}/v1/{endpoint}:predict"
 
 
+_TGI_VERTEX_PARAMETERS = ("max_new_tokens", "seed")  # router/src/vertex.rs: the rest of an instance's parameters is dropped
+
+
 def vertex_request(body: dict, runtime: str) -> dict:
     """The predict body for a runtime from our TGI-form body; a body with "instances" goes as is.
 
@@ -50,6 +53,12 @@ def vertex_request(body: dict, runtime: str) -> dict:
     prompts = inputs if isinstance(inputs, list) else [inputs]
     parameters = dict(body.get("parameters") or {})
     if runtime == "tgi":
+        ignored = sorted(k for k, v in parameters.items() if v is not None and k not in _TGI_VERTEX_PARAMETERS)
+        if ignored:  # TGI's Vertex route would drop them without a word
+            raise UserError(
+                f"TGI's Vertex AI route ignores {', '.join(ignored)}: it always samples, reading only max_new_tokens and seed",
+                "drop them, chat with --chat (TGI reads a chat request's parameters), or deploy with --runtime vllm or handler",
+            )
         return {"instances": [{"inputs": p, **({"parameters": parameters} if parameters else {})} for p in prompts]}
     if runtime == "vllm":
         sampling = vllm_parameters(parameters)

@@ -1,0 +1,69 @@
+"""`cloudllm chat NAME`: a conversation with an endpoint in the terminal, streamed."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("chat")
+@click.argument("name")
+@click.option("--system", help="A system message that opens the conversation.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Reply length per turn.")
+@click.option("--no-stream", is_flag=True, help="Print each reply whole instead of token by token.")
+@click.option("--provider", help="Provider of an endpoint deployed from another machine.")
+@click.option("--region", help="Region of the endpoint (default: the record's).")
+@click.option("--profile", help="AWS profile (SageMaker).")
+@click.option("--project", help="Google Cloud project (Vertex AI).")
+def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: bool, provider: str | None,
+         region: str | None, profile: str | None, project: str | None) -> None:  # fmt: skip
+    """Talk to endpoint NAME: each line you type is a turn; the history stays for the session.
+
+    Ctrl-C during a reply ends that reply (what came so far stays in the history); Ctrl-C at the
+    prompt, Ctrl-D or /exit ends the chat. /reset forgets the history.
+
+    \b
+    Examples:
+      cloudllm chat demo
+      cloudllm chat demo --system "Answer in one sentence."
+    """
+    from cloudllm import api
+    from cloudllm.invocation import openai_choice_text
+
+    where = {"provider": provider, "region": region,
+             "options": {k: v for k, v in (("profile", profile), ("project", project)) if v} or None}  # fmt: skip
+    parameters = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            if no_stream:
+                reply = openai_choice_text(api.chat(name, history, parameters=parameters, **where)["choices"][0]) or ""
+                click.echo(reply, nl=False)
+            else:
+                for piece in api.chat_stream(name, history, parameters=parameters, **where):
+                    reply += piece
+                    click.echo(piece, nl=False)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo(" [interrupted]", nl=False)
+        except Exception:
+            history.pop()  # the turn failed: it does not stay in the history
+            raise
+        click.echo()
+        history.append({"role": "assistant", "content": reply})

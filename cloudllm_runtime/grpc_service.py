@@ -1,0 +1,515 @@
+"""The Open Inference Protocol v2 over gRPC, beside the HTTP routes (``--grpc-port``).
+
+KServe's and Triton's ``inference.GRPCInferenceService``: ServerLive, ServerReady, ModelReady,
+ServerMetadata, ModelMetadata, ModelInfer and ModelStreamInfer, with the tensors Triton's LLM
+backends (vLLM, TensorRT-LLM) use: a BYTES ``text_input`` in, a BYTES ``text_output`` out, and
+optional ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` tensors or a JSON
+``sampling_parameters`` (the vLLM backend's), or the same names as request parameters. Sampling
+follows the OpenAI routes (temperature 1 unless 0). ModelStreamInfer with ``stream`` true answers
+one response per piece of text and a last empty one marked ``triton_final_response``.
+Also ``grpc.health.v1.Health`` (SERVING once the model is loaded) and server reflection.
+
+The messages are built here from a table (field numbers as in KServe's grpc_predict_v2.proto and
+Triton's grpc_service.proto) into a descriptor pool of our own, so the runtime needs only grpcio
+and protobuf, both optional: without them the server runs HTTP alone and says so in one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import struct
+import threading
+import time
+from concurrent import futures
+from typing import Any, Iterator
+
+PACKAGE = "inference"
+SERVICE = f"{PACKAGE}.GRPCInferenceService"
+PROTO_FILE = "cloudllm_grpc_predict_v2.proto"
+INPUT_TENSOR = "text_input"
+OUTPUT_TENSOR = "text_output"
+FINAL_RESPONSE = "triton_final_response"
+PROTOCOL_VERSION = "2"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SAMPLING_TENSORS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty")
+
+# name -> [(field, number, type, label, message type)]; type names are descriptor_pb2's TYPE_*.
+_P = "ParametersEntry"
+MESSAGES: dict[str, list[tuple]] = {
+    "ServerLiveRequest": [],
+    "ServerLiveResponse": [("live", 1, "BOOL")],
+    "ServerReadyRequest": [],
+    "ServerReadyResponse": [("ready", 1, "BOOL")],
+    "ModelReadyRequest": [("name", 1, "STRING"), ("version", 2, "STRING")],
+    "ModelReadyResponse": [("ready", 1, "BOOL")],
+    "ServerMetadataRequest": [],
+    "ServerMetadataResponse": [("name", 1, "STRING"), ("version", 2, "STRING"), ("extensions", 3, "STRING", "REPEATED")],
+    "ModelMetadataRequest": [("name", 1, "STRING"), ("version", 2, "STRING")],
+    "ModelMetadataResponse": [
+        ("name", 1, "STRING"), ("versions", 2, "STRING", "REPEATED"), ("platform", 3, "STRING"),
+        ("inputs", 4, "MESSAGE", "REPEATED", "ModelMetadataResponse.TensorMetadata"),
+        ("outputs", 5, "MESSAGE", "REPEATED", "ModelMetadataResponse.TensorMetadata"),
+    ],
+    "ModelMetadataResponse.TensorMetadata": [("name", 1, "STRING"), ("datatype", 2, "STRING"), ("shape", 3, "INT64", "REPEATED")],
+    "ModelInferRequest": [
+        ("model_name", 1, "STRING"), ("model_version", 2, "STRING"), ("id", 3, "STRING"),
+        ("parameters", 4, "MESSAGE", "REPEATED", "ModelInferRequest." + _P),
+        ("inputs", 5, "MESSAGE", "REPEATED", "ModelInferRequest.InferInputTensor"),
+        ("outputs", 6, "MESSAGE", "REPEATED", "ModelInferRequest.InferRequestedOutputTensor"),
+        ("raw_input_contents", 7, "BYTES", "REPEATED"),
+    ],
+    "ModelInferRequest.InferInputTensor": [
+        ("name", 1, "STRING"), ("datatype", 2, "STRING"), ("shape", 3, "INT64", "REPEATED"),
+        ("parameters", 4, "MESSAGE", "REPEATED", "ModelInferRequest.InferInputTensor." + _P),
+        ("contents", 5, "MESSAGE", "OPTIONAL", "InferTensorContents"),
+    ],
+    "ModelInferRequest.InferRequestedOutputTensor": [
+        ("name", 1, "STRING"), ("parameters", 2, "MESSAGE", "REPEATED", "ModelInferRequest.InferRequestedOutputTensor." + _P),
+    ],
+    "ModelInferResponse": [
+        ("model_name", 1, "STRING"), ("model_version", 2, "STRING"), ("id", 3, "STRING"),
+        ("parameters", 4, "MESSAGE", "REPEATED", "ModelInferResponse." + _P),
+        ("outputs", 5, "MESSAGE", "REPEATED", "ModelInferResponse.InferOutputTensor"),
+        ("raw_output_contents", 6, "BYTES", "REPEATED"),
+    ],
+    "ModelInferResponse.InferOutputTensor": [
+        ("name", 1, "STRING"), ("datatype", 2, "STRING"), ("shape", 3, "INT64", "REPEATED"),
+        ("parameters", 4, "MESSAGE", "REPEATED", "ModelInferResponse.InferOutputTensor." + _P),
+        ("contents", 5, "MESSAGE", "OPTIONAL", "InferTensorContents"),
+    ],
+    "ModelStreamInferResponse": [("error_message", 1, "STRING"), ("infer_response", 2, "MESSAGE", "OPTIONAL", "ModelInferResponse")],
+    "InferParameter": [
+        ("bool_param", 1, "BOOL"), ("int64_param", 2, "INT64"), ("string_param", 3, "STRING"),
+        ("double_param", 4, "DOUBLE"), ("uint64_param", 5, "UINT64"),
+    ],
+    "InferTensorContents": [
+        ("bool_contents", 1, "BOOL", "REPEATED"), ("int_contents", 2, "INT32", "REPEATED"), ("int64_contents", 3, "INT64", "REPEATED"),
+        ("uint_contents", 4, "UINT32", "REPEATED"), ("uint64_contents", 5, "UINT64", "REPEATED"), ("fp32_contents", 6, "FLOAT", "REPEATED"),
+        ("fp64_contents", 7, "DOUBLE", "REPEATED"), ("bytes_contents", 8, "BYTES", "REPEATED"),
+    ],
+}  # fmt: skip
+MAP_OWNERS = [
+    "ModelInferRequest", "ModelInferRequest.InferInputTensor", "ModelInferRequest.InferRequestedOutputTensor",
+    "ModelInferResponse", "ModelInferResponse.InferOutputTensor",
+]  # fmt: skip
+METHODS = {  # name -> (request, response, client streams, server streams)
+    "ServerLive": ("ServerLiveRequest", "ServerLiveResponse", False, False),
+    "ServerReady": ("ServerReadyRequest", "ServerReadyResponse", False, False),
+    "ModelReady": ("ModelReadyRequest", "ModelReadyResponse", False, False),
+    "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse", False, False),
+    "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse", False, False),
+    "ModelInfer": ("ModelInferRequest", "ModelInferResponse", False, False),
+    "ModelStreamInfer": ("ModelInferRequest", "ModelStreamInferResponse", True, True),
+}
+# Raw little-endian layouts of the numeric tensors a client may send (struct format letters).
+RAW_FORMATS = {"BOOL": "?", "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "UINT8": "B", "UINT16": "H",
+               "UINT32": "I", "UINT64": "Q", "FP32": "f", "FP64": "d"}  # fmt: skip
+CONTENT_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+                  "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}  # fmt: skip
+
+
+def build_descriptors() -> tuple[Any, dict[str, type]]:
+    """A descriptor pool holding the service, and the message classes by name."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    proto = descriptor_pb2.FileDescriptorProto(name=PROTO_FILE, package=PACKAGE, syntax="proto3")
+    made: dict[str, Any] = {}
+    for full in sorted(MESSAGES, key=lambda n: n.count(".")):
+        parent, _, short = full.rpartition(".")
+        owner = made[parent].nested_type if parent else proto.message_type
+        made[full] = owner.add(name=short)
+    for owner in MAP_OWNERS:
+        entry = made[owner].nested_type.add(name=_P)
+        entry.options.map_entry = True
+        _field(entry, "key", 1, "STRING", "OPTIONAL", None)
+        _field(entry, "value", 2, "MESSAGE", "OPTIONAL", "InferParameter")
+    for full, fields in MESSAGES.items():
+        for spec in fields:
+            name, number, kind = spec[:3]
+            _field(made[full], name, number, kind, spec[3] if len(spec) > 3 else "OPTIONAL", spec[4] if len(spec) > 4 else None)
+    choice = made["InferParameter"]  # its fields are one oneof
+    choice.oneof_decl.add(name="parameter_choice")
+    for field in choice.field:
+        field.oneof_index = 0
+    service = proto.service.add(name=SERVICE.rsplit(".", 1)[1])
+    for name, (request, response, client_streams, server_streams) in METHODS.items():
+        service.method.add(name=name, input_type=f".{PACKAGE}.{request}", output_type=f".{PACKAGE}.{response}",
+                           client_streaming=client_streams, server_streaming=server_streams)  # fmt: skip
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    classes = {name: _message_class(pool.FindMessageTypeByName(f"{PACKAGE}.{name}")) for name in MESSAGES if "." not in name}
+    return pool, classes
+
+
+def _field(message: Any, name: str, number: int, kind: str, label: str, type_name: str | None) -> None:
+    from google.protobuf import descriptor_pb2
+
+    F = descriptor_pb2.FieldDescriptorProto
+    field = message.field.add(name=name, number=number, type=getattr(F, f"TYPE_{kind}"), label=getattr(F, f"LABEL_{label}"))
+    if type_name:
+        field.type_name = f".{PACKAGE}.{type_name}"
+
+
+def _message_class(descriptor: Any) -> type:
+    from google.protobuf import message_factory
+
+    if hasattr(message_factory, "GetMessageClass"):
+        return message_factory.GetMessageClass(descriptor)
+    return message_factory.MessageFactory().GetPrototype(descriptor)  # protobuf < 4.21
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+def encode_bytes_tensor(items: list[bytes]) -> bytes:
+    """Triton's raw BYTES layout: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def decode_bytes_tensor(raw: bytes) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ValueError("a BYTES element is cut short (its 4-byte length is incomplete)")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise ValueError(f"a BYTES element claims {size} bytes past the end of the tensor")
+        items.append(raw[offset : offset + size])
+        offset += size
+    return items
+
+
+def tensor_values(request: Any, index: int) -> list[Any]:
+    """The values of request.inputs[index], from raw_input_contents or its typed contents."""
+    tensor = request.inputs[index]
+    datatype = tensor.datatype.upper()
+    if request.raw_input_contents:
+        if index >= len(request.raw_input_contents):
+            raise ValueError(f"input {tensor.name!r} has no raw contents (raw_input_contents has {len(request.raw_input_contents)})")
+        raw = request.raw_input_contents[index]
+        if datatype == "BYTES":
+            return decode_bytes_tensor(raw)
+        if datatype not in RAW_FORMATS:
+            raise ValueError(f"input {tensor.name!r} has datatype {datatype}, which this server does not read")
+        size = struct.calcsize(RAW_FORMATS[datatype])
+        if len(raw) % size:
+            raise ValueError(f"input {tensor.name!r}: {len(raw)} bytes is not a whole number of {datatype} values")
+        return list(struct.unpack(f"<{len(raw) // size}{RAW_FORMATS[datatype]}", raw))
+    if datatype not in CONTENT_FIELDS:
+        raise ValueError(f"input {tensor.name!r} has datatype {datatype}, which this server does not read")
+    return list(getattr(tensor.contents, CONTENT_FIELDS[datatype]))
+
+
+def parameter_value(parameter: Any) -> Any:
+    which = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, which) if which else None
+
+
+# --- the service --------------------------------------------------------------------------------
+
+
+class InferenceService:
+    """The handlers, over the HTTP app's ServerState; generation goes through the same batcher."""
+
+    def __init__(self, state: Any, loop: asyncio.AbstractEventLoop, classes: dict[str, type]) -> None:
+        self.state = state
+        self.loop = loop
+        self.m = classes
+        self.model_name = _model_name(state)
+
+    # Health and metadata.
+    def ServerLive(self, request: Any, context: Any) -> Any:
+        return self.m["ServerLiveResponse"](live=True)
+
+    def ServerReady(self, request: Any, context: Any) -> Any:
+        return self.m["ServerReadyResponse"](ready=self.state.status == "ready")
+
+    def ModelReady(self, request: Any, context: Any) -> Any:
+        self._check_model(request.name, context)
+        return self.m["ModelReadyResponse"](ready=self.state.status == "ready")
+
+    def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return self.m["ServerMetadataResponse"](name="cloudllm", version=PROTOCOL_VERSION, extensions=[])
+
+    def ModelMetadata(self, request: Any, context: Any) -> Any:
+        self._check_model(request.name, context)
+        tensor = self.m["ModelMetadataResponse"].TensorMetadata
+        return self.m["ModelMetadataResponse"](
+            name=self.model_name,
+            versions=["1"],
+            platform="cloudllm_transformers",
+            inputs=[tensor(name=INPUT_TENSOR, datatype="BYTES", shape=[-1]),
+                    *(tensor(name=n, datatype=_SAMPLING_TYPES[n], shape=[1]) for n in (*SAMPLING_TENSORS, "stream"))],
+            outputs=[tensor(name=OUTPUT_TENSOR, datatype="BYTES", shape=[-1])],
+        )  # fmt: skip
+
+    # Inference.
+    def ModelInfer(self, request: Any, context: Any) -> Any:
+        prompts, parameters, _ = self._parse(request, context)
+        engine = self._engine(context)
+        self._validate(engine, prompts, parameters, context)
+        future = asyncio.run_coroutine_threadsafe(self.state.batcher.submit(prompts, parameters), self.loop)
+        predictions = self._result(future, context)
+        self.state.metrics.add_tokens(sum(p.generated_tokens for p in predictions))
+        return self._response(request, [_text(self.state, p, parameters) for p in predictions])
+
+    def ModelStreamInfer(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        for request in requests:
+            try:
+                yield from self._stream_one(request, context)
+            except _Refused as refused:  # a stream carries many requests: one's refusal is an error message, not the end
+                yield self.m["ModelStreamInferResponse"](error_message=refused.message)
+
+    def _stream_one(self, request: Any, context: Any) -> Iterator[Any]:
+        prompts, parameters, stream = self._parse(request, context, streaming=True)
+        engine = self._engine(context, streaming=True)
+        self._validate(engine, prompts, parameters, context, streaming=True)
+        wrap = self.m["ModelStreamInferResponse"]
+        if not stream:
+            future = asyncio.run_coroutine_threadsafe(self.state.batcher.submit(prompts, parameters), self.loop)
+            predictions = self._result(future, context, streaming=True)
+            yield wrap(infer_response=self._response(request, [_text(self.state, p, parameters) for p in predictions]))
+            return
+        if len(prompts) != 1:
+            raise _Refused(f"streaming takes one {INPUT_TENSOR} element, got {len(prompts)}")
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        cancel = threading.Event()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                prediction = engine.generate_stream(prompts[0], parameters, lambda t: t.special or pieces.put(t.text), cancel)
+                self.state.metrics.add_tokens(prediction.generated_tokens)
+            except BaseException as exc:  # reported to the client below
+                failure.append(exc)
+            finally:
+                pieces.put(done)
+
+        self.state.stream_executor.submit(work)
+        try:
+            while (piece := pieces.get()) is not done:
+                if piece:
+                    yield wrap(infer_response=self._response(request, [piece]))
+        finally:
+            cancel.set()
+        if failure:
+            raise _Refused(f"generation failed: {failure[0]}")
+        flag = request.parameters.get("triton_enable_empty_final_response")
+        if flag is not None and parameter_value(flag):
+            yield wrap(infer_response=self._response(request, [], final=True))
+
+    # Pieces.
+    def _check_model(self, name: str, context: Any) -> None:
+        import grpc
+
+        if name and name != self.model_name:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no model {name!r} here; this server serves {self.model_name!r}")
+
+    def _engine(self, context: Any, streaming: bool = False) -> Any:
+        import grpc
+
+        from .protocol import GENERATION_TASKS
+
+        if self.state.status != "ready":
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, f"the model is {self.state.status}; retry when ServerReady is true", streaming)
+        if self.state.task not in GENERATION_TASKS:
+            self._abort(context, grpc.StatusCode.UNIMPLEMENTED, f"this model serves {self.state.task}; gRPC serves text generation", streaming)
+        return self.state.engine
+
+    def _parse(self, request: Any, context: Any, streaming: bool = False) -> tuple[list[str], dict[str, Any], bool]:
+        """Prompts, the engine's parameters and whether to stream; triton_* request parameters are the client's, not sampling."""
+        import grpc
+
+        from .openai_api import SAMPLING_FIELDS, sampling_parameters
+        from .protocol import RequestError
+
+        self._check_model(request.model_name, context)
+        try:
+            fields: dict[str, Any] = {k: parameter_value(v) for k, v in request.parameters.items() if not k.startswith("triton_")}
+            prompts: list[str] | None = None
+            for index, tensor in enumerate(request.inputs):
+                values = tensor_values(request, index)
+                if tensor.name == INPUT_TENSOR:
+                    prompts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+                elif tensor.name == "sampling_parameters":  # Triton's vLLM backend: one JSON object
+                    loaded = json.loads(values[0]) if values else {}
+                    if not isinstance(loaded, dict):
+                        raise ValueError("sampling_parameters must hold a JSON object")
+                    fields.update(loaded)
+                elif tensor.name in (*SAMPLING_TENSORS, "stream", "exclude_input_in_output"):
+                    if len(values) != 1:
+                        raise ValueError(f"input {tensor.name!r} takes one value, got {len(values)}")
+                    value = values[0].decode("utf-8") if isinstance(values[0], bytes) else values[0]
+                    fields[tensor.name] = float(value) if tensor.datatype.upper() in ("FP32", "FP64") else value
+                else:
+                    raise ValueError(f"unknown input {tensor.name!r}; this model takes {INPUT_TENSOR} and {', '.join(SAMPLING_TENSORS)}, stream")
+            if not prompts:
+                raise ValueError(f"the request has no {INPUT_TENSOR} (a BYTES tensor of prompts)")
+            fields.pop("exclude_input_in_output", None)  # the output never repeats the prompt
+            unknown = sorted(set(fields) - SAMPLING_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown parameter {unknown[0]!r}; accepted: {', '.join(sorted(SAMPLING_FIELDS))}")
+            for key in [k for k, v in fields.items() if isinstance(v, float) and k in ("max_tokens", "top_k", "seed") and v.is_integer()]:
+                fields[key] = int(fields[key])
+            parameters, n, stream = sampling_parameters(fields, self.state.settings)
+            if n != 1:
+                raise ValueError("n must be 1 over gRPC (send the prompt several times instead)")
+            return prompts, parameters, stream
+        except (ValueError, UnicodeDecodeError, RequestError) as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, getattr(exc, "message", None) or str(exc), streaming)
+            raise  # not reached: abort raises
+
+    def _validate(self, engine: Any, prompts: list[str], parameters: dict[str, Any], context: Any, streaming: bool = False) -> None:
+        import grpc
+
+        from .protocol import RequestError
+
+        try:
+            engine.validate(prompts, parameters)
+        except RequestError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, streaming)
+
+    def _result(self, future: Any, context: Any, streaming: bool = False) -> Any:
+        import grpc
+
+        from .protocol import RequestError
+
+        try:
+            return future.result()
+        except RequestError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, streaming)
+
+    @staticmethod
+    def _abort(context: Any, code: Any, message: str, streaming: bool) -> None:
+        if streaming:
+            raise _Refused(message)
+        context.abort(code, message)
+
+    def _response(self, request: Any, texts: list[str], *, final: bool = False) -> Any:
+        response = self.m["ModelInferResponse"](model_name=self.model_name, model_version="1", id=request.id)
+        if final:
+            response.parameters[FINAL_RESPONSE].bool_param = True
+            return response
+        response.outputs.add(name=OUTPUT_TENSOR, datatype="BYTES", shape=[len(texts)])
+        response.raw_output_contents.append(encode_bytes_tensor([t.encode("utf-8") for t in texts]))
+        return response
+
+
+class _Refused(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+_SAMPLING_TYPES = {"max_tokens": "INT32", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "seed": "UINT64",
+                   "stop": "BYTES", "repetition_penalty": "FP32", "stream": "BOOL"}  # fmt: skip
+
+
+def _text(state: Any, prediction: Any, parameters: dict[str, Any]) -> str:
+    from .openai_api import text_and_reason
+
+    return text_and_reason(state, prediction, parameters)[0]
+
+
+def _model_name(state: Any) -> str:
+    from .openai_api import model_id
+
+    return model_id(state)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+def start(state: Any, loop: asyncio.AbstractEventLoop, host: str, port: int) -> Any:
+    """Start the gRPC server on host:port (0 picks a port); None, with one log line, without grpcio."""
+    from .log import log_event
+
+    try:
+        import grpc
+        from google.protobuf import descriptor_pb2  # noqa: F401
+    except ImportError as exc:
+        log_event("grpc_off", level="warning", reason=f"{exc.name or exc} is not installed in this container; serving HTTP only")
+        return None
+    pool, classes = build_descriptors()
+    service = InferenceService(state, loop, classes)
+    handlers = {}
+    for name, (request, response, client_streams, server_streams) in METHODS.items():
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(client_streams, server_streams)]
+        handlers[name] = make(getattr(service, name), request_deserializer=classes[request].FromString,
+                              response_serializer=classes[response].SerializeToString)  # fmt: skip
+    workers = max(8, min(64, int(state.settings.max_concurrent_requests)))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudllm-grpc"),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    names = [SERVICE, *_add_health(server, state, pool), *_add_reflection(server, pool)]
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(target)
+    if not bound:
+        log_event("grpc_off", level="error", reason=f"cannot listen on {target} for gRPC; serving HTTP only")
+        return None
+    server.start()
+    server.cloudllm_port = bound
+    log_event("grpc_listening", host=host, port=bound, services=names)
+    return server
+
+
+def _add_health(server: Any, state: Any, pool: Any) -> list[str]:
+    """grpc.health.v1: NOT_SERVING while the model loads, SERVING once it has (for the server and the service)."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except ImportError:
+        return []
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    _copy_file(pool, health_pb2.DESCRIPTOR)
+
+    def follow() -> None:
+        while state.status == "loading":
+            time.sleep(0.05)
+        status = health_pb2.HealthCheckResponse.SERVING if state.status == "ready" else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            servicer.set(name, status)
+
+    for name in ("", SERVICE):
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    threading.Thread(target=follow, name="cloudllm-grpc-health", daemon=True).start()
+    return [health.SERVICE_NAME]
+
+
+def _add_reflection(server: Any, pool: Any) -> list[str]:
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError:
+        return []
+    names = [SERVICE, reflection.SERVICE_NAME]
+    try:
+        from grpc_health.v1 import health
+
+        names.append(health.SERVICE_NAME)
+    except ImportError:
+        pass
+    reflection.enable_server_reflection(names, server, pool=pool)
+    return [reflection.SERVICE_NAME]
+
+
+def _copy_file(pool: Any, file_descriptor: Any) -> None:
+    from google.protobuf import descriptor_pb2
+
+    proto = descriptor_pb2.FileDescriptorProto()
+    file_descriptor.CopyToProto(proto)
+    pool.Add(proto)
+
+
+def stop(server: Any, grace: float = 5.0) -> None:
+    if server is not None:
+        server.stop(grace).wait(grace + 1)
