@@ -24,8 +24,8 @@ from pydantic import BaseModel
 import cloudllm_runtime
 from cloudllm import __version__
 from cloudllm.errors import UserError
-from cloudllm.hashing import sha256_bytes, sha256_file
-from cloudllm.model_source import ModelInfo
+from cloudllm.hashing import cached_sha256, identity, is_identity, sha256_bytes, sha256_file
+from cloudllm.model_source import PICKLE_SUFFIXES, ModelInfo
 from cloudllm_runtime.settings import SETTINGS_FILE, ServingSettings
 
 MANIFEST_NAME = "cloudllm.json"
@@ -100,6 +100,11 @@ class Bundle:
     @property
     def digest(self) -> str:
         return self.manifest.digest
+
+    @property
+    def exact(self) -> bool:
+        """Every file named by its sha256 (False: some weights by identity only, see build_bundle)."""
+        return not any(is_identity(f.sha256) for f in self.files)
 
     @property
     def manifest_bytes(self) -> bytes:
@@ -192,6 +197,9 @@ def portable_tokenizer_config(raw: bytes) -> bytes | None:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
 def _hash_all(paths: list[Path]) -> dict[Path, str]:
     """sha256 of every file (cached ones at once), the rest hashed in parallel: hashlib
     releases the GIL, so shards hash on every core instead of one after the other."""
@@ -202,11 +210,24 @@ def _hash_all(paths: list[Path]) -> dict[Path, str]:
         return dict(zip(paths, pool.map(sha256_file, paths)))
 
 
-def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | None = None) -> Bundle:
-    """Describe the artifact for `model` served with `settings`; hashes are cached, nothing is written."""
+def _known_or_identity(path: Path) -> str:
+    """A weight file's cached sha256, else its identity (size, mtime, header): no weight byte read."""
+    return cached_sha256(path) or identity(path)
+
+
+def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | None = None, exact: bool = True) -> Bundle:
+    """Describe the artifact for `model` served with `settings`; hashes are cached, nothing is written.
+
+    exact=False (`cloudllm plan`): a weight file never hashed on this machine is named by its
+    identity instead of its sha256 (Bundle.exact says whether any is), so planning a 140 GB
+    model costs its headers, not its bytes. Small files are always hashed.
+    """
     files: list[BundleFile] = []
     skipped = list(model.skipped)
-    digests = _hash_all([Path(f.path) for f in model.files if f.name != MANIFEST_NAME])
+    paths = [Path(f.path) for f in model.files if f.name != MANIFEST_NAME]
+    cheap = [] if exact else [p for p in paths if p.suffix in WEIGHT_SUFFIXES]
+    digests = {p: _known_or_identity(p) for p in cheap}
+    digests.update(_hash_all([p for p in paths if p not in digests]))
     for f in model.files:
         if f.name == MANIFEST_NAME:
             skipped.append(f"{f.name}: name reserved for cloudllm's manifest")

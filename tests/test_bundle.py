@@ -108,10 +108,30 @@ def test_hash_cache_serves_unchanged_files(tiny_gpt2: Path, tmp_path: Path) -> N
     path.write_bytes(b"a" * 1000)
     first = hashing.sha256_file(path)
     assert first == hashlib.sha256(b"a" * 1000).hexdigest()
-    cache = json.loads((Path(os.environ["CLOUDLLM_HOME"]) / "cache" / "sha256.json").read_text())
-    assert first in cache.values()
+    lines = (Path(os.environ["CLOUDLLM_HOME"]) / "cache" / "sha256.json").read_text().splitlines()
+    assert first in json.loads(lines[-1]).values()
     path.write_bytes(b"b" * 1000)  # new mtime: rehashed
     assert hashing.sha256_file(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_hash_cache_appends_one_line_per_file_and_survives_damage(tmp_path: Path, monkeypatch) -> None:
+    """Linear, not quadratic: each hashed file appends one line (the whole cache was rewritten per file);
+    a torn or hand-edited line costs that entry only."""
+    from cloudllm import hashing
+
+    cache_file = Path(os.environ["CLOUDLLM_HOME"]) / "cache" / "sha256.json"
+    files = []
+    for n in range(300):
+        path = tmp_path / f"f{n}"
+        path.write_bytes(str(n).encode())
+        files.append(path)
+    digests = [hashing.sha256_file(p) for p in files]
+    assert len(cache_file.read_text().splitlines()) == 300
+    with cache_file.open("a") as fh:
+        fh.write('{"torn": "ab\n["not a dict"]\n{"k": "not-a-hash"}\n')
+    monkeypatch.setattr(hashing, "_cache", None)  # a new process reads the file back
+    assert [hashing.cached_sha256(p) for p in files] == digests
+    assert "k" not in hashing._load()
 
 
 def test_read_manifest_errors(tmp_path: Path) -> None:
