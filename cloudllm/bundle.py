@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import jinja2
@@ -26,11 +27,13 @@ from cloudllm import __version__
 from cloudllm.errors import UserError
 from cloudllm.hashing import cached_sha256, identity, is_identity, sha256_bytes, sha256_file
 from cloudllm.model_source import PICKLE_SUFFIXES, ModelInfo
-from cloudllm_runtime.settings import SETTINGS_FILE, ServingSettings
+from cloudllm_runtime.settings import SETTINGS_ENV, SETTINGS_FILE, ServingSettings
 
 MANIFEST_NAME = "cloudllm.json"
 CODE_DIR = "code"
 TEMPLATES = ("inference.py", "serve.py", "requirements.txt")
+SETTINGS_PATH = f"{CODE_DIR}/{SETTINGS_FILE}"
+ENV_VALUE_LIMIT = 1024  # SageMaker's cap on one environment value (CreateModel EnvironmentMap)
 
 
 class ManifestEntry(BaseModel):
@@ -107,6 +110,27 @@ class Bundle:
         return not any(is_identity(f.sha256) for f in self.files)
 
     @property
+    def settings_env(self) -> dict[str, str]:
+        """The serving settings as the container's environment ($CLOUDLLM_SETTINGS), for a cloud
+        deploy; empty when they are too long for one environment value (then code/settings.json
+        carries them, as in a local artifact)."""
+        value = ServingSettings.from_dict(self.manifest.settings).to_env()
+        return {SETTINGS_ENV: value} if len(value) <= ENV_VALUE_LIMIT else {}
+
+    @cached_property
+    def stored(self) -> "Bundle":
+        """What a cloud store holds: this bundle less its serving settings, which travel in the
+        environment (settings_env). Its digest names the version prefix, so a change of settings
+        alone finds every file already there: nothing uploaded, nothing copied."""
+        if not self.settings_env:
+            return self
+        files = [f for f in self.files if f.name != SETTINGS_PATH]
+        manifest = self.manifest.model_copy(
+            update={"settings": {}, "files": {n: e for n, e in self.manifest.files.items() if n != SETTINGS_PATH}}
+        )
+        return Bundle(files=files, manifest=manifest, skipped=self.skipped)
+
+    @property
     def manifest_bytes(self) -> bytes:
         return self.manifest.to_json().encode()
 
@@ -172,7 +196,7 @@ def render_code(model: ModelInfo, settings: ServingSettings) -> dict[str, bytes]
         "quantization": settings.quantization,
     }
     code = {f"{CODE_DIR}/{name}": env.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
-    code[f"{CODE_DIR}/{SETTINGS_FILE}"] = settings.to_json().encode()
+    code[SETTINGS_PATH] = settings.to_json().encode()
     runtime_dir = Path(cloudllm_runtime.__file__).parent
     for path in sorted(runtime_dir.glob("*.py")):
         code[f"{CODE_DIR}/cloudllm_runtime/{path.name}"] = path.read_bytes()

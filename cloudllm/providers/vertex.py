@@ -500,7 +500,7 @@ class VertexProvider(Provider):
         dest = _version_prefix(plan)
         created.store, created.artifacts = store, dest
         result = store.upload(
-            plan.bundle, dest, reporter, reuse_from=GcsUri.parse(plan.spec.bucket).child(plan.spec.name), kms_key=self.options.get("kms_key")
+            plan.bundle.stored, dest, reporter, reuse_from=GcsUri.parse(plan.spec.bucket).child(plan.spec.name), kms_key=self.options.get("kms_key")
         )
         if result.kept:
             created.artifacts = None  # an earlier run made this version: not ours to remove
@@ -606,7 +606,7 @@ class VertexProvider(Provider):
         gpus = plan.shard_count(machine.gpu_count) if machine.gpu_count else 0
         settings = plan.settings
         image = plan.spec.image or image_for(plan.runtime, gpu=bool(machine.gpu_count)).uri
-        env: dict[str, str] = {"HF_HUB_OFFLINE": "1"}
+        env: dict[str, str] = {"HF_HUB_OFFLINE": "1", **plan.bundle.settings_env}  # the artifact (bundle.stored) leaves them out
         command: list[str] = []
         args: list[str] = []
         predict, health, shm = PREDICT_ROUTE, HEALTH_ROUTE, 0
@@ -1210,7 +1210,7 @@ def _short_deadline(plan: "Plan") -> float:
 def _version_prefix(plan: "Plan") -> "GcsUri":
     from cloudllm.storage.gcs import GcsUri
 
-    return GcsUri.parse(plan.spec.bucket).child(plan.spec.name, plan.bundle.digest[:16])
+    return GcsUri.parse(plan.spec.bucket).child(plan.spec.name, plan.bundle.stored.digest[:16])
 
 
 def _resources_line(plan: "Plan") -> str:

@@ -262,8 +262,8 @@ class SageMakerProvider(Provider):
 
     def _version_uri(self, plan: "Plan") -> S3Uri | str:
         if not plan.spec.bucket:  # `cloudllm plan` without --bucket
-            return f"s3://<--bucket>/{plan.spec.name}/{plan.bundle.digest[:16]}/"
-        return self._artifact_root(plan).child(plan.bundle.digest[:16])
+            return f"s3://<--bucket>/{plan.spec.name}/{plan.bundle.stored.digest[:16]}/"
+        return self._artifact_root(plan).child(plan.bundle.stored.digest[:16])
 
     def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
         name = plan.spec.name
@@ -510,7 +510,7 @@ class SageMakerProvider(Provider):
         version = self._version_uri(plan)
         with self._aws(f"upload the artifacts to {version}"):
             result = self._artifacts().upload(
-                plan.bundle, version, reporter, reuse_from=self._artifact_root(plan), kms_key=plan.spec.options.get("kms_key")
+                plan.bundle.stored, version, reporter, reuse_from=self._artifact_root(plan), kms_key=plan.spec.options.get("kms_key")
             )
         reporter.step(result.summary())
         return version
