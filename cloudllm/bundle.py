@@ -1,7 +1,7 @@
 """Bundle: the artifact a provider ships, described in memory before a byte is written.
 
     artifact/
-      config.json, tokenizer files, *.safetensors     (hard links to the model's files)
+      config.json, tokenizer files, *.safetensors     (reflinks or copies of the model's files)
       code/                                           (rendered from templates/ + the runtime package)
       cloudllm.json                                   (ArtifactManifest: every file's size and sha256)
 
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 import cloudllm_runtime
 from cloudllm import __version__
 from cloudllm.errors import UserError
-from cloudllm.hashing import cached_sha256, identity, is_identity, sha256_bytes, sha256_file
+from cloudllm.hashing import cached_sha256, identity, is_identity, remember, sha256_bytes, sha256_file
 from cloudllm.model_source import PICKLE_SUFFIXES, ModelInfo
 from cloudllm_runtime.settings import SETTINGS_ENV, SETTINGS_FILE, ServingSettings
 
@@ -99,6 +99,7 @@ class Bundle:
     files: list[BundleFile]
     manifest: ArtifactManifest
     skipped: list[str] = field(default_factory=list)
+    model_dir: Path | None = None
 
     @property
     def digest(self) -> str:
@@ -139,39 +140,79 @@ class Bundle:
         return sum(f.size for f in self.files)
 
     def write(self, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Lay the artifact out in `out`: weights hard-linked when on the same disk, else copied.
+        """Lay the artifact out in `out`, its weights cloned (reflink) where the filesystem can, else copied.
 
-        Written to a sibling temporary folder then renamed, so a failure leaves nothing behind.
+        Never hard links: a live local server maps the artifact's weights, and re-saving the model
+        folder truncates the same inode (SIGBUS in the server, and the deployed bytes no longer
+        those the manifest hashes). Written to a sibling temporary folder, then renamed; a failure
+        (full disk, read-only folder) leaves nothing behind and the previous artifact as it was.
+        With overwrite, only a previous cloudllm artifact is replaced, never a folder we did not make.
         """
         out = Path(out).expanduser().resolve()
-        if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-            raise UserError(f"output folder {out} already exists", "choose another -o or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        self._refuse_overlap(out)
+        if out.exists() and (out.is_file() or any(out.iterdir())):
+            if not overwrite:
+                raise UserError(f"output folder {out} already exists", "choose another -o or pass --overwrite")
+            if out.is_file() or not (out / MANIFEST_NAME).is_file():
+                raise UserError(
+                    f"{out} is not a cloudllm artifact (no {MANIFEST_NAME}): --overwrite replaces only an artifact cloudllm wrote",
+                    "choose another -o, or empty or remove that folder yourself",
+                )
         staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
             for f in self.files:
                 dest = staging / f.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if f.content is not None:
                     dest.write_bytes(f.content)
                 else:
-                    _link_or_copy(f.source, dest)
+                    copy_file(f.source, dest)
+                    if not is_identity(f.sha256):
+                        remember(dest, f.sha256)  # whoever reads the artifact back need not hash the copy again
             (staging / MANIFEST_NAME).write_bytes(self.manifest_bytes)
             if out.exists():
-                shutil.rmtree(out)
+                out.rename(retired)  # kept until the new artifact is in place
             staging.rename(out)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if retired.exists() and not out.exists():
+                retired.rename(out)
+            raise UserError(f"cannot write the artifact to {out}: {exc.strerror or exc}", "free space or pick a writable -o folder") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        shutil.rmtree(retired, ignore_errors=True)
         return out
 
+    def _refuse_overlap(self, out: Path) -> None:
+        """The output may neither hold nor sit inside the model folder, nor hold any file the artifact is made from."""
+        folders = {f.source.resolve().parent for f in self.files if f.source is not None}
+        model_dir = self.model_dir.resolve() if self.model_dir else None
+        if model_dir:
+            folders.add(model_dir)
+        if any(d.is_relative_to(out) for d in folders) or (model_dir and out.is_relative_to(model_dir)):
+            raise UserError(f"output folder {out} overlaps the model folder", "write the artifact to a separate folder")
 
-def _link_or_copy(source: Path, dest: Path) -> None:
-    try:
-        os.link(source, dest)
-    except OSError:  # another filesystem, or links not allowed: copy instead
-        shutil.copyfile(source, dest)
+
+def copy_file(source: Path, dest: Path) -> None:
+    """dest as a copy of source that shares no mutable bytes with it: a reflink (FICLONE: btrfs, XFS,
+    bcachefs; copy-on-write, instant) where the filesystem has one, else a copy (copy_file_range/sendfile
+    in the kernel)."""
+    import fcntl
+
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return
+        except OSError:
+            pass  # not the same filesystem, or one without reflinks
+    shutil.copyfile(source, dest)
+
+
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def templates_dir() -> Path:
@@ -273,7 +314,7 @@ def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | N
         build=build or {},
         files={f.name: ManifestEntry(size=f.size, sha256=f.sha256) for f in files},
     )
-    return Bundle(files=files, manifest=manifest, skipped=skipped)
+    return Bundle(files=files, manifest=manifest, skipped=skipped, model_dir=Path(model.path))
 
 
 def read_manifest(artifact: str | Path) -> ArtifactManifest:

@@ -278,10 +278,11 @@ def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None
     )
     runtime = spec.runtime or required_runtime(spec, source) or provider.default_runtime(spec, source)
     provider.require(required_features(spec, runtime))
-    plan = _assemble(spec, prepare_model(spec, source, runtime, reporter, run=False), runtime, provider, exact=mode != "plan")
+    model = prepare_model(spec, source, runtime, reporter, run=False)
+    plan = _assemble(spec, model, runtime, provider, exact=False)
     provider.validate(plan)
     if mode != "plan":
-        provider.preflight(plan)
+        plan.bundle = _hashed_during(lambda: provider.preflight(plan), model, plan.settings, runtime)
     if plan.quantize_pending and mode == "deploy":
         refuse_unless_fits(plan)
         plan = _assemble(spec, prepare_model(spec, source, runtime, reporter), runtime, provider)
@@ -296,6 +297,32 @@ def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None
     plan.action, plan.reasons = compare(plan)
     plan.changes = provider.describe_changes(plan) if plan.action != "unknown" else []
     return plan
+
+
+def _hashed_during(checks, model: ModelInfo, settings: ServingSettings, runtime: str) -> "Bundle":
+    """The exact bundle (every file's sha256), hashed while `checks` (the account's round trips) run.
+
+    A daemon thread: a failed check ends the command without waiting for a 140 GB hash.
+    """
+    import threading
+
+    from cloudllm.bundle import build_bundle
+
+    done: dict = {}
+
+    def hash_all() -> None:
+        try:
+            done["bundle"] = build_bundle(model, settings, build={"runtime": runtime})
+        except BaseException as exc:  # re-raised in the caller's thread
+            done["error"] = exc
+
+    worker = threading.Thread(target=hash_all, name="cloudllm-hash-bundle", daemon=True)
+    worker.start()
+    checks()
+    worker.join()
+    if "error" in done:
+        raise done["error"]
+    return done["bundle"]
 
 
 def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provider", *, exact: bool = True) -> Plan:

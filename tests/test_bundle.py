@@ -1,4 +1,4 @@
-"""The artifact: hard-linked weights, rendered code/, a manifest that hashes every file, byte-identical rebuilds."""
+"""The artifact: weights cloned or copied (never sharing an inode with the model), rendered code/, a manifest that hashes every file, byte-identical rebuilds."""
 
 from __future__ import annotations
 
@@ -40,10 +40,64 @@ def test_layout_and_manifest(tiny_gpt2: Path, tmp_path: Path) -> None:
     assert bundle.digest == manifest.digest
 
 
-def test_weights_are_hard_linked_not_copied(tiny_gpt2: Path, tmp_path: Path) -> None:
+def test_resaving_the_model_leaves_the_artifact_as_its_manifest_says(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """save_pretrained / safetensors' save_file truncate and rewrite the same inode: through a hard
+    link that changed the deployed bytes (and killed a live server with SIGBUS). A clone or copy does not."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    out = tmp_path / "artifact"
+    api.package(model, out)
+    assert os.stat(out / "model.safetensors").st_ino != os.stat(model / "model.safetensors").st_ino
+    with open(model / "model.safetensors", "r+b") as fh:  # in place, as save_file does
+        fh.truncate(0)
+        fh.write(b"re-saved")
+    data = (out / "model.safetensors").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == read_manifest(out).files["model.safetensors"].sha256
+
+
+@pytest.mark.parametrize("where", ["model", "parent"])
+def test_package_into_the_model_folder_or_its_parent_is_refused_and_deletes_nothing(tiny_gpt2: Path, tmp_path: Path, where: str) -> None:
+    work = tmp_path / "work"
+    model = work / "model"
+    shutil.copytree(tiny_gpt2, model)
+    (work / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    out = model if where == "model" else model.parent
+    with pytest.raises(UserError, match="overlaps the model folder"):
+        api.package(model, out, overwrite=True)
+    with pytest.raises(UserError, match="overlaps the model folder"):
+        api.package(model, model / "artifact", overwrite=True)
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+
+
+def test_overwrite_replaces_only_an_artifact_cloudllm_wrote(tiny_gpt2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(UserError, match="not a cloudllm artifact"):
+        api.package(tiny_gpt2, out, overwrite=True)
+    assert (out / "cat.jpg").read_bytes() == b"meow"
+
+
+def test_unwritable_output_is_one_line_and_leaves_nothing(tiny_gpt2: Path, tmp_path: Path, monkeypatch) -> None:
+    tmp_path = tmp_path / "w"
+    tmp_path.mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write the artifact"):
+        api.package(tiny_gpt2, blocker / "artifact")
     out = tmp_path / "artifact"
     api.package(tiny_gpt2, out)
-    assert os.stat(out / "model.safetensors").st_ino == os.stat(tiny_gpt2 / "model.safetensors").st_ino
+    before = read_manifest(out).digest
+
+    def full_disk(source, dest):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("cloudllm.bundle.copy_file", full_disk)
+    with pytest.raises(UserError, match="No space left on device"):
+        api.package(tiny_gpt2, out, overwrite=True, serving={"max_new_tokens": 3})
+    assert read_manifest(out).digest == before  # the previous artifact, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "artifact"]
 
 
 def test_deterministic(tiny_gpt2: Path, tmp_path: Path) -> None:
@@ -70,7 +124,7 @@ def test_tokenizer_config_made_loadable_by_transformers_4(tiny_gpt2: Path, tmp_p
     api.package(tiny_gpt2, out)
     fixed = json.loads((out / "tokenizer_config.json").read_text())
     assert fixed["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in fixed
-    # Rewritten, never edited in place through the hard link: the source is untouched.
+    # Rewritten, never edited in place: the source is untouched.
     assert json.loads((tiny_gpt2 / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -95,7 +149,7 @@ def test_existing_output_needs_overwrite_and_failure_leaves_nothing(tiny_gpt2: P
 
     bundle.files[0] = replace(bundle.files[0], source=src, content=None)
     src.unlink()
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write the artifact"):
         bundle.write(broken)
     assert not broken.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".broken")]
