@@ -160,6 +160,7 @@ class Bundle:
                 )
         staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
         retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        blobs = _blob_store(out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
@@ -168,6 +169,8 @@ class Bundle:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if f.content is not None:
                     dest.write_bytes(f.content)
+                elif blobs is not None and not is_identity(f.sha256):
+                    _link_blob(blobs, f, dest)
                 else:
                     copy_file(f.source, dest)
                     if not is_identity(f.sha256):
@@ -185,6 +188,8 @@ class Bundle:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         shutil.rmtree(retired, ignore_errors=True)
+        if blobs is not None:
+            _drop_unlinked(blobs)
         return out
 
     def _refuse_overlap(self, out: Path) -> None:
@@ -213,6 +218,61 @@ def copy_file(source: Path, dest: Path) -> None:
 
 
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+# --- artifacts cloudllm keeps itself (local endpoints' versions) --------------------------------
+# An artifact inside $CLOUDLLM_HOME is ours alone: its weights are hard links to one verified copy
+# per content in $CLOUDLLM_HOME/blobs/<sha256>, so every version of every local endpoint costs one
+# copy of each distinct file (a settings change copies nothing), and none shares an inode with the
+# user's folder. An artifact written anywhere else (`package -o`) gets its own copies: the user may
+# edit it. A blob no artifact links to any more (link count 1) is removed after each write.
+def _blob_store(out: Path) -> Path | None:
+    from cloudllm.home import home
+
+    try:
+        root = home().resolve()
+    except OSError:  # an unusable CLOUDLLM_HOME: then out is not in it either
+        return None
+    return root / "blobs" if out.is_relative_to(root) else None
+
+
+def _link_blob(blobs: Path, f: BundleFile, dest: Path) -> None:
+    blob = blobs / f.sha256
+    if not blob.is_file():
+        blobs.mkdir(parents=True, exist_ok=True)
+        tmp = blobs / f".{f.sha256}.{os.getpid()}.tmp"
+        try:
+            if _copy_hashing(f.source, tmp) != f.sha256:
+                raise UserError(f"{f.name} changed while it was being copied", "run the command again once the model folder is saved")
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, blob)
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        os.link(blob, dest)
+    except FileNotFoundError:  # removed meanwhile by another run's clean-up: a copy of our own then
+        copy_file(f.source, dest)
+
+
+def _copy_hashing(source: Path, dest: Path) -> str:
+    """Copy source to dest and return the sha256 of the bytes written: one read, and the copy is proven."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+        while chunk := src.read(8 * 1024 * 1024):
+            digest.update(chunk)
+            dst.write(chunk)
+    return digest.hexdigest()
+
+
+def _drop_unlinked(blobs: Path) -> None:
+    for blob in blobs.glob("[0-9a-f]*"):
+        try:
+            if blob.stat().st_nlink == 1:
+                blob.unlink()
+        except OSError:
+            pass
 
 
 def templates_dir() -> Path:

@@ -204,3 +204,29 @@ def test_package_log_payloads_flag_reaches_the_servers_settings(tiny_gpt2: Path,
         result = run_cli("package", str(tiny_gpt2), "-o", str(out), *flags)
         assert result.returncode == 0, result.stderr
         assert json.loads((out / "code" / "settings.json").read_text())["log_payloads"] is expected
+
+
+def test_versions_in_cloudllm_home_share_one_verified_copy_per_content(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """Local endpoints' artifacts live in CLOUDLLM_HOME: a settings change copies no weights again,
+    no version shares an inode with the model folder, and a blob nothing links to is removed."""
+    home = Path(os.environ["CLOUDLLM_HOME"])
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    first = api.package(model, home / "local" / "demo" / "v1")
+    api.package(model, home / "local" / "demo" / "v2", serving={"max_new_tokens": 5})
+    a, b = (os.stat(home / "local" / "demo" / v / "model.safetensors") for v in ("v1", "v2"))
+    assert a.st_ino == b.st_ino != os.stat(model / "model.safetensors").st_ino
+    blob = home / "blobs" / first.manifest.files["model.safetensors"].sha256
+    assert blob.is_file() and blob.stat().st_ino == a.st_ino
+    shutil.rmtree(home / "local" / "demo")
+    api.package(model, home / "local" / "other", serving={"max_new_tokens": 6})  # its own link keeps the blob
+    assert blob.is_file()
+    shutil.rmtree(home / "local" / "other")
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())  # same bytes, new inode
+    api.package(tiny_gpt2, tmp_path / "elsewhere")  # written outside CLOUDLLM_HOME: copies, and the clean-up runs only for home
+    api.package(model, home / "local" / "third")
+    shutil.rmtree(home / "local" / "third")
+    api.package(tiny_gpt2, home / "local" / "fourth", serving={"max_new_tokens": 9})
+    assert sorted(p.name for p in (home / "blobs").iterdir()) == sorted(
+        {e.sha256 for n, e in read_manifest(home / "local" / "fourth").files.items() if not n.startswith("code/") and n != "tokenizer_config.json"}
+    )
