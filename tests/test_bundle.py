@@ -230,3 +230,21 @@ def test_versions_in_cloudllm_home_share_one_verified_copy_per_content(tiny_gpt2
     assert sorted(p.name for p in (home / "blobs").iterdir()) == sorted(
         {e.sha256 for n, e in read_manifest(home / "local" / "fourth").files.items() if not n.startswith("code/") and n != "tokenizer_config.json"}
     )
+
+
+def test_the_store_bundle_leaves_settings_to_the_environment_the_runtime_reads(tiny_gpt2: Path, tmp_path: Path, monkeypatch) -> None:
+    from cloudllm_runtime import toolkit
+    from cloudllm_runtime.server import StartupError, load_settings
+
+    base, capped = _bundle(tiny_gpt2), _bundle(tiny_gpt2, serving={"max_new_tokens": 7})
+    assert base.digest != capped.digest and base.stored.digest == capped.stored.digest
+    assert "code/settings.json" not in {f.name for f in capped.stored.files} | set(capped.stored.manifest.files)
+    env = capped.settings_env
+    monkeypatch.setenv("CLOUDLLM_SETTINGS", env["CLOUDLLM_SETTINGS"])
+    out = tmp_path / "artifact"
+    api.package(tiny_gpt2, out)  # its code/settings.json says the default; the environment wins
+    assert load_settings(str(out)).max_new_tokens == 7
+    assert toolkit.load_settings(str(out)).max_new_tokens == 7
+    monkeypatch.setenv("CLOUDLLM_SETTINGS", "[1")
+    with pytest.raises(StartupError, match="CLOUDLLM_SETTINGS"):
+        load_settings(str(out))
