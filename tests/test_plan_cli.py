@@ -256,7 +256,8 @@ def test_diff_against_the_sagemaker_emulator(tiny_gpt2: Path, sagemaker_emulator
         assert diff()["action"] == "unchanged"
         code = diff("--max-new-tokens", "9")
         assert code["reasons"] == ["code or serving settings changed"]
-        assert changes(code)["artifacts"] == "create" and changes(code)["scaling-target"] == "update"
+        # Settings ride in the model's environment: the artifacts under the prefix stay as they are.
+        assert changes(code)["artifacts"] == "unchanged" and changes(code)["scaling-target"] == "update"
         moved = diff("--instance", "ml.m5.2xlarge")
         assert moved["reasons"] == ["instance ml.m5.xlarge -> ml.m5.2xlarge"]
         assert changes(moved)["artifacts"] == "unchanged"  # the same bundle: nothing to upload
