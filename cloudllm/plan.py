@@ -244,7 +244,7 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
         spec = plan.spec
         reasons.append(f"autoscaling changed (now {spec.min_instances}-{spec.max_instances} instances)")
     if weights_unknown:
-        unhashed = "the weights are not hashed on this machine yet: deploy hashes them as it uploads and compares (`cloudllm package` hashes them now)"
+        unhashed = "the weights are not hashed on this machine yet: deploy hashes them (while it checks the account) and compares (`cloudllm package` hashes them now)"
         return ("update", [*reasons, unhashed]) if reasons else ("unknown", [unhashed])
     return ("update", reasons) if reasons else ("unchanged", ["nothing changed"])
 
