@@ -11,12 +11,12 @@ this process's interpreter. In the same run, for each store:
   (b) the raw limit: the library's own parallel transfer (boto3's transfer manager with
       tuned concurrency / google-cloud-storage's transfer_manager) of the same files, run
       before and after (c) and averaged, as the emulators slow down as they fill;
-  (c) cloudllm's stage from cold: inspect, hash (empty hash cache), lay out the artifact
-      with hard links (`cloudllm package`), upload the bundle;
+  (c) cloudllm's stage from cold, as deploy does it: inspect, hash (empty hash cache),
+      render code, upload the store's bundle (Bundle.stored) from the model folder;
   (d) a re-deploy with nothing changed: read the hash cache from disk as a new process
       would, rebuild the bundle, find everything already under the version prefix;
-  (e) a re-deploy with only the serving settings changed (new version prefix): weights are
-      copied inside the store, zero weight bytes leave the machine.
+  (e) a re-deploy with only the serving settings changed: the settings go in the
+      container's environment, the version prefix is the same, nothing is uploaded or copied.
 
 Goals (issue 7): c/b <= 1.3, a/c >= 3, (d) uploads zero weight bytes and takes < 2 s.
 
@@ -184,10 +184,18 @@ def sdk_tarball(model: Path, work: Path) -> Path:
 
 
 def cloudllm_bundle(model: Path, out: Path, **settings):
-    """`cloudllm package`: inspect, hash (through the cache), render code, hard-link the artifact."""
-    from cloudllm import api
+    """What deploy stages: inspect, hash (through the cache), render code; the store's copy of the
+    bundle (Bundle.stored: the serving settings go in the container's environment). Nothing is
+    written locally: a cloud deploy uploads straight from the model folder."""
+    from cloudllm.bundle import build_bundle
+    from cloudllm.model_source import inspect_model
+    from cloudllm.plan import serving_settings
+    from cloudllm.spec import spec_from_kwargs
 
-    return api.package(model, out, overwrite=True, runtime="handler", **settings)
+    del out
+    info = inspect_model(model)
+    spec = spec_from_kwargs(model, runtime="handler", **settings)
+    return build_bundle(info, serving_settings(spec, info), build={"runtime": "handler"}).stored
 
 
 def reset_hash_memory() -> None:
@@ -303,7 +311,7 @@ def main() -> dict:
             rows = [
                 ("(a) tar + gzip -9 + upload", figures["a_seconds"], f"gzip {gzip_seconds:.1f}s + upload {figures['a_upload_seconds']:.1f}s"),
                 ("(b) raw parallel upload", figures["b_seconds"], "mean of runs before and after (c): " + ", ".join(f"{x:.1f}s" for x in figures["b_runs_seconds"])),
-                ("(c) cloudllm package + upload (cold hash)", figures["c_seconds"], f"package (hash, link) {figures['c_package_seconds']:.1f}s; {figures['c_uploaded_bytes'] / 1e6:.0f} MB uploaded"),
+                ("(c) cloudllm bundle + upload (cold hash)", figures["c_seconds"], f"bundle (inspect, hash) {figures['c_package_seconds']:.1f}s; {figures['c_uploaded_bytes'] / 1e6:.0f} MB uploaded"),
                 ("(d) re-stage, nothing changed", figures["d_seconds"], f"{figures['d_uploaded_bytes']} bytes uploaded"),
                 ("(e) re-stage, settings changed", figures["e_seconds"], f"{figures['e_uploaded_bytes']} bytes uploaded, {figures['e_uploaded_weight_files']} weight files"),
             ]

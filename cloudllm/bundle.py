@@ -1,7 +1,7 @@
 """Bundle: the artifact a provider ships, described in memory before a byte is written.
 
     artifact/
-      config.json, tokenizer files, *.safetensors     (hard links to the model's files)
+      config.json, tokenizer files, *.safetensors     (reflinks or copies of the model's files)
       code/                                           (rendered from templates/ + the runtime package)
       cloudllm.json                                   (ArtifactManifest: every file's size and sha256)
 
@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import jinja2
@@ -24,13 +25,15 @@ from pydantic import BaseModel
 import cloudllm_runtime
 from cloudllm import __version__
 from cloudllm.errors import UserError
-from cloudllm.hashing import sha256_bytes, sha256_file
-from cloudllm.model_source import ModelInfo
-from cloudllm_runtime.settings import SETTINGS_FILE, ServingSettings
+from cloudllm.hashing import cached_sha256, identity, is_identity, remember, sha256_bytes, sha256_file
+from cloudllm.model_source import PICKLE_SUFFIXES, ModelInfo
+from cloudllm_runtime.settings import SETTINGS_ENV, SETTINGS_FILE, ServingSettings
 
 MANIFEST_NAME = "cloudllm.json"
 CODE_DIR = "code"
 TEMPLATES = ("inference.py", "serve.py", "requirements.txt")
+SETTINGS_PATH = f"{CODE_DIR}/{SETTINGS_FILE}"
+ENV_VALUE_LIMIT = 1024  # SageMaker's cap on one environment value (CreateModel EnvironmentMap)
 
 
 class ManifestEntry(BaseModel):
@@ -96,10 +99,37 @@ class Bundle:
     files: list[BundleFile]
     manifest: ArtifactManifest
     skipped: list[str] = field(default_factory=list)
+    model_dir: Path | None = None
 
     @property
     def digest(self) -> str:
         return self.manifest.digest
+
+    @property
+    def exact(self) -> bool:
+        """Every file named by its sha256 (False: some weights by identity only, see build_bundle)."""
+        return not any(is_identity(f.sha256) for f in self.files)
+
+    @property
+    def settings_env(self) -> dict[str, str]:
+        """The serving settings as the container's environment ($CLOUDLLM_SETTINGS), for a cloud
+        deploy; empty when they are too long for one environment value (then code/settings.json
+        carries them, as in a local artifact)."""
+        value = ServingSettings.from_dict(self.manifest.settings).to_env()
+        return {SETTINGS_ENV: value} if len(value) <= ENV_VALUE_LIMIT else {}
+
+    @cached_property
+    def stored(self) -> "Bundle":
+        """What a cloud store holds: this bundle less its serving settings, which travel in the
+        environment (settings_env). Its digest names the version prefix, so a change of settings
+        alone finds every file already there: nothing uploaded, nothing copied."""
+        if not self.settings_env:
+            return self
+        files = [f for f in self.files if f.name != SETTINGS_PATH]
+        manifest = self.manifest.model_copy(
+            update={"settings": {}, "files": {n: e for n, e in self.manifest.files.items() if n != SETTINGS_PATH}}
+        )
+        return Bundle(files=files, manifest=manifest, skipped=self.skipped)
 
     @property
     def manifest_bytes(self) -> bytes:
@@ -110,39 +140,139 @@ class Bundle:
         return sum(f.size for f in self.files)
 
     def write(self, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Lay the artifact out in `out`: weights hard-linked when on the same disk, else copied.
+        """Lay the artifact out in `out`, its weights cloned (reflink) where the filesystem can, else copied.
 
-        Written to a sibling temporary folder then renamed, so a failure leaves nothing behind.
+        Never hard links: a live local server maps the artifact's weights, and re-saving the model
+        folder truncates the same inode (SIGBUS in the server, and the deployed bytes no longer
+        those the manifest hashes). Written to a sibling temporary folder, then renamed; a failure
+        (full disk, read-only folder) leaves nothing behind and the previous artifact as it was.
+        With overwrite, only a previous cloudllm artifact is replaced, never a folder we did not make.
         """
         out = Path(out).expanduser().resolve()
-        if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-            raise UserError(f"output folder {out} already exists", "choose another -o or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        self._refuse_overlap(out)
+        if out.exists() and (out.is_file() or any(out.iterdir())):
+            if not overwrite:
+                raise UserError(f"output folder {out} already exists", "choose another -o or pass --overwrite")
+            if out.is_file() or not (out / MANIFEST_NAME).is_file():
+                raise UserError(
+                    f"{out} is not a cloudllm artifact (no {MANIFEST_NAME}): --overwrite replaces only an artifact cloudllm wrote",
+                    "choose another -o, or empty or remove that folder yourself",
+                )
         staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        blobs = _blob_store(out)
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
             for f in self.files:
                 dest = staging / f.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if f.content is not None:
                     dest.write_bytes(f.content)
+                elif blobs is not None and not is_identity(f.sha256):
+                    _link_blob(blobs, f, dest)
                 else:
-                    _link_or_copy(f.source, dest)
+                    copy_file(f.source, dest)
+                    if not is_identity(f.sha256):
+                        remember(dest, f.sha256)  # whoever reads the artifact back need not hash the copy again
             (staging / MANIFEST_NAME).write_bytes(self.manifest_bytes)
             if out.exists():
-                shutil.rmtree(out)
+                out.rename(retired)  # kept until the new artifact is in place
             staging.rename(out)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if retired.exists() and not out.exists():
+                retired.rename(out)
+            raise UserError(f"cannot write the artifact to {out}: {exc.strerror or exc}", "free space or pick a writable -o folder") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        shutil.rmtree(retired, ignore_errors=True)
+        if blobs is not None:
+            _drop_unlinked(blobs)
         return out
 
+    def _refuse_overlap(self, out: Path) -> None:
+        """The output may neither hold nor sit inside the model folder, nor hold any file the artifact is made from."""
+        folders = {f.source.resolve().parent for f in self.files if f.source is not None}
+        model_dir = self.model_dir.resolve() if self.model_dir else None
+        if model_dir:
+            folders.add(model_dir)
+        if any(d.is_relative_to(out) for d in folders) or (model_dir and out.is_relative_to(model_dir)):
+            raise UserError(f"output folder {out} overlaps the model folder", "write the artifact to a separate folder")
 
-def _link_or_copy(source: Path, dest: Path) -> None:
+
+def copy_file(source: Path, dest: Path) -> None:
+    """dest as a copy of source that shares no mutable bytes with it: a reflink (FICLONE: btrfs, XFS,
+    bcachefs; copy-on-write, instant) where the filesystem has one, else a copy (copy_file_range/sendfile
+    in the kernel)."""
+    import fcntl
+
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return
+        except OSError:
+            pass  # not the same filesystem, or one without reflinks
+    shutil.copyfile(source, dest)
+
+
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+# --- artifacts cloudllm keeps itself (local endpoints' versions) --------------------------------
+# An artifact inside $CLOUDLLM_HOME is ours alone: its weights are hard links to one verified copy
+# per content in $CLOUDLLM_HOME/blobs/<sha256>, so every version of every local endpoint costs one
+# copy of each distinct file (a settings change copies nothing), and none shares an inode with the
+# user's folder. An artifact written anywhere else (`package -o`) gets its own copies: the user may
+# edit it. A blob no artifact links to any more (link count 1) is removed after each write.
+def _blob_store(out: Path) -> Path | None:
+    from cloudllm.home import home
+
     try:
-        os.link(source, dest)
-    except OSError:  # another filesystem, or links not allowed: copy instead
-        shutil.copyfile(source, dest)
+        root = home().resolve()
+    except OSError:  # an unusable CLOUDLLM_HOME: then out is not in it either
+        return None
+    return root / "blobs" if out.is_relative_to(root) else None
+
+
+def _link_blob(blobs: Path, f: BundleFile, dest: Path) -> None:
+    blob = blobs / f.sha256
+    if not blob.is_file():
+        blobs.mkdir(parents=True, exist_ok=True)
+        tmp = blobs / f".{f.sha256}.{os.getpid()}.tmp"
+        try:
+            if _copy_hashing(f.source, tmp) != f.sha256:
+                raise UserError(f"{f.name} changed while it was being copied", "run the command again once the model folder is saved")
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, blob)
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        os.link(blob, dest)
+    except FileNotFoundError:  # removed meanwhile by another run's clean-up: a copy of our own then
+        copy_file(f.source, dest)
+
+
+def _copy_hashing(source: Path, dest: Path) -> str:
+    """Copy source to dest and return the sha256 of the bytes written: one read, and the copy is proven."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+        while chunk := src.read(8 * 1024 * 1024):
+            digest.update(chunk)
+            dst.write(chunk)
+    return digest.hexdigest()
+
+
+def _drop_unlinked(blobs: Path) -> None:
+    for blob in blobs.glob("[0-9a-f]*"):
+        try:
+            if blob.stat().st_nlink == 1:
+                blob.unlink()
+        except OSError:
+            pass
 
 
 def templates_dir() -> Path:
@@ -167,7 +297,7 @@ def render_code(model: ModelInfo, settings: ServingSettings) -> dict[str, bytes]
         "quantization": settings.quantization,
     }
     code = {f"{CODE_DIR}/{name}": env.get_template(f"{name}.j2").render(**values).encode() for name in TEMPLATES}
-    code[f"{CODE_DIR}/{SETTINGS_FILE}"] = settings.to_json().encode()
+    code[SETTINGS_PATH] = settings.to_json().encode()
     runtime_dir = Path(cloudllm_runtime.__file__).parent
     for path in sorted(runtime_dir.glob("*.py")):
         code[f"{CODE_DIR}/cloudllm_runtime/{path.name}"] = path.read_bytes()
@@ -192,6 +322,9 @@ def portable_tokenizer_config(raw: bytes) -> bytes | None:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
 def _hash_all(paths: list[Path]) -> dict[Path, str]:
     """sha256 of every file (cached ones at once), the rest hashed in parallel: hashlib
     releases the GIL, so shards hash on every core instead of one after the other."""
@@ -202,11 +335,24 @@ def _hash_all(paths: list[Path]) -> dict[Path, str]:
         return dict(zip(paths, pool.map(sha256_file, paths)))
 
 
-def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | None = None) -> Bundle:
-    """Describe the artifact for `model` served with `settings`; hashes are cached, nothing is written."""
+def _known_or_identity(path: Path) -> str:
+    """A weight file's cached sha256, else its identity (size, mtime, header): no weight byte read."""
+    return cached_sha256(path) or identity(path)
+
+
+def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | None = None, exact: bool = True) -> Bundle:
+    """Describe the artifact for `model` served with `settings`; hashes are cached, nothing is written.
+
+    exact=False (`cloudllm plan`): a weight file never hashed on this machine is named by its
+    identity instead of its sha256 (Bundle.exact says whether any is), so planning a 140 GB
+    model costs its headers, not its bytes. Small files are always hashed.
+    """
     files: list[BundleFile] = []
     skipped = list(model.skipped)
-    digests = _hash_all([Path(f.path) for f in model.files if f.name != MANIFEST_NAME])
+    paths = [Path(f.path) for f in model.files if f.name != MANIFEST_NAME]
+    cheap = [] if exact else [p for p in paths if p.suffix in WEIGHT_SUFFIXES]
+    digests = {p: _known_or_identity(p) for p in cheap}
+    digests.update(_hash_all([p for p in paths if p not in digests]))
     for f in model.files:
         if f.name == MANIFEST_NAME:
             skipped.append(f"{f.name}: name reserved for cloudllm's manifest")
@@ -228,7 +374,7 @@ def build_bundle(model: ModelInfo, settings: ServingSettings, *, build: dict | N
         build=build or {},
         files={f.name: ManifestEntry(size=f.size, sha256=f.sha256) for f in files},
     )
-    return Bundle(files=files, manifest=manifest, skipped=skipped)
+    return Bundle(files=files, manifest=manifest, skipped=skipped, model_dir=Path(model.path))
 
 
 def read_manifest(artifact: str | Path) -> ArtifactManifest:

@@ -214,11 +214,17 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
         )
         if had.get(key) != now[key]
     ]
+    weights_unknown = "weights changed" in reasons and not plan.bundle.exact
+    if weights_unknown:  # identities, not hashes: they cannot match a deployed digest
+        reasons.remove("weights changed")
     if had.get("deploy_digest") != now["deploy_digest"]:
         reasons += _deployment_changes(plan, existing) or ["deployment settings changed"]
     if had.get("scaling_digest") != now["scaling_digest"]:
         spec = plan.spec
         reasons.append(f"autoscaling changed (now {spec.min_instances}-{spec.max_instances} instances)")
+    if weights_unknown:
+        unhashed = "the weights are not hashed on this machine yet: deploy hashes them (while it checks the account) and compares (`cloudllm package` hashes them now)"
+        return ("update", [*reasons, unhashed]) if reasons else ("unknown", [unhashed])
     return ("update", reasons) if reasons else ("unchanged", ["nothing changed"])
 
 
@@ -251,10 +257,11 @@ def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None
     )
     runtime = spec.runtime or required_runtime(spec, source) or provider.default_runtime(spec, source)
     provider.require(required_features(spec, runtime))
-    plan = _assemble(spec, prepare_model(spec, source, runtime, reporter, run=False), runtime, provider)
+    model = prepare_model(spec, source, runtime, reporter, run=False)
+    plan = _assemble(spec, model, runtime, provider, exact=False)
     provider.validate(plan)
     if mode != "plan":
-        provider.preflight(plan)
+        plan.bundle = _hashed_during(lambda: provider.preflight(plan), model, plan.settings, runtime)
     if plan.quantize_pending and mode == "deploy":
         refuse_unless_fits(plan)
         plan = _assemble(spec, prepare_model(spec, source, runtime, reporter), runtime, provider)
@@ -271,15 +278,41 @@ def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None
     return plan
 
 
-def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provider") -> Plan:
-    """Settings, instance, fit, cost and bundle of `model` served by `runtime`."""
+def _hashed_during(checks, model: ModelInfo, settings: ServingSettings, runtime: str) -> "Bundle":
+    """The exact bundle (every file's sha256), hashed while `checks` (the account's round trips) run.
+
+    A daemon thread: a failed check ends the command without waiting for a 140 GB hash.
+    """
+    import threading
+
+    from cloudllm.bundle import build_bundle
+
+    done: dict = {}
+
+    def hash_all() -> None:
+        try:
+            done["bundle"] = build_bundle(model, settings, build={"runtime": runtime})
+        except BaseException as exc:  # re-raised in the caller's thread
+            done["error"] = exc
+
+    worker = threading.Thread(target=hash_all, name="cloudllm-hash-bundle", daemon=True)
+    worker.start()
+    checks()
+    worker.join()
+    if "error" in done:
+        raise done["error"]
+    return done["bundle"]
+
+
+def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provider", *, exact: bool = True) -> Plan:
+    """Settings, instance, fit, cost and bundle of `model` served by `runtime` (exact: see build_bundle)."""
     from cloudllm.bundle import build_bundle
     from cloudllm.fit import plan_cost, plan_fit, resolve_instance
     from cloudllm.quantize import OFFLINE_METHODS
 
     settings = serving_settings(spec, model)
     instance = resolve_instance(spec, provider.default_instance, provider.accepts_uncatalogued_instance)
-    bundle = build_bundle(model, settings, build={"runtime": runtime})
+    bundle = build_bundle(model, settings, build={"runtime": runtime}, exact=exact)
     plan = Plan(spec=spec, model=model, settings=settings, bundle=bundle, runtime=runtime)
     plan.instance, plan.fit, plan.cost = instance, plan_fit(spec, model, settings, runtime, instance), plan_cost(spec, instance)
     if spec.quantize in OFFLINE_METHODS and model.quantization != spec.quantize:

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from cloudllm.bundle import _link_or_copy
+from cloudllm.bundle import copy_file
 from cloudllm.console import Reporter
 from cloudllm.errors import UserError
 from cloudllm.model_source import ModelInfo, inspect_model
@@ -433,7 +433,7 @@ def _quantize_into(info: ModelInfo, staging: Path, method: str, exclude: list[st
     source_weight_names = {f.name for f in info.weight_files} | set(SOURCE_WEIGHT_INDEXES)
     for f in info.files:
         if f.name not in source_weight_names and f.name != MARKER:
-            _link_or_copy(Path(f.path), staging / f.name)
+            copy_file(Path(f.path), staging / f.name)
     marker = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -176,8 +176,11 @@ class HostedModel:
     def _serve(self, artifact: Path) -> None:
         port_file = self.dir / "port"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        container_env = self.backend.describe_model(self.variant["ModelName"]).primary_container.get("Environment") or {}
         if runs_toolkit(self.image):
-            env.update(self.backend.describe_model(self.variant["ModelName"]).primary_container.get("Environment") or {})
+            env.update(container_env)
+        elif "CLOUDLLM_SETTINGS" in container_env:  # the stand-in for an engine image serves with the settings deploy gave it
+            env["CLOUDLLM_SETTINGS"] = container_env["CLOUDLLM_SETTINGS"]
         self.process = subprocess.Popen(
             self._command(artifact, port_file),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ from typing import Any, NoReturn, Sequence
 
 from .log import log_event
 from .protocol import normalize_task
-from .settings import SETTINGS_FILE, ServingSettings
+from .settings import SETTINGS_ENV, SETTINGS_FILE, ServingSettings
 
 DEFAULT_PORT = 8080
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
@@ -242,10 +242,18 @@ def download_gcs(uri: str, destination: str) -> str:
 
 
 def load_settings(model_dir: str, explicit: str | None = None) -> ServingSettings:
-    """--settings, else <model_dir>/code/settings.json, else the settings.json beside this package.
+    """--settings, else $CLOUDLLM_SETTINGS, else <model_dir>/code/settings.json, else the settings.json beside this package.
 
     The same order as the toolkit hooks; in an artifact both are the same file.
     """
+    if not explicit:
+        try:
+            settings = ServingSettings.from_env()
+            if settings is not None:
+                normalize_task(settings.task)
+                return settings
+        except (ValueError, TypeError) as exc:
+            raise StartupError(f"cannot use ${SETTINGS_ENV}: {exc}") from None
     candidates = [explicit] if explicit else [
         os.path.join(model_dir, "code", SETTINGS_FILE),
         os.path.join(code_dir(), SETTINGS_FILE),

@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass, field
 
 SETTINGS_FILE = "settings.json"
+# The settings as compact JSON in the container's environment: cloud deploys put them there
+# instead of code/settings.json, so a settings change leaves the uploaded files as they are.
+SETTINGS_ENV = "CLOUDLLM_SETTINGS"
 
 
 @dataclass
@@ -52,6 +55,20 @@ class ServingSettings:
     def from_dict(cls, data: dict) -> "ServingSettings":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_env(cls) -> "ServingSettings | None":
+        """The settings $CLOUDLLM_SETTINGS holds, or None when it is not set (ValueError when it is not JSON)."""
+        raw = os.environ.get(SETTINGS_ENV)
+        if not raw:
+            return None
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"${SETTINGS_ENV} is not a JSON object")
+        return cls.from_dict(data)
 
     @classmethod
     def load(cls, code_dir: str) -> "ServingSettings":

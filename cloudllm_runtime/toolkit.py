@@ -67,7 +67,10 @@ def output_fn(prediction: Any, accept: str | None = None, context: Any = None) -
 
 
 def load_settings(model_dir: str) -> ServingSettings:
-    """<model_dir>/code/settings.json, else settings.json beside this package, else $HF_TASK alone."""
+    """$CLOUDLLM_SETTINGS, else <model_dir>/code/settings.json, else settings.json beside this package, else $HF_TASK alone."""
+    from_env = ServingSettings.from_env()
+    if from_env is not None:
+        return from_env
     package_code_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for folder in (os.path.join(model_dir, "code"), package_code_dir):
         if os.path.isfile(os.path.join(folder, SETTINGS_FILE)):

@@ -256,7 +256,8 @@ def test_diff_against_the_sagemaker_emulator(tiny_gpt2: Path, sagemaker_emulator
         assert diff()["action"] == "unchanged"
         code = diff("--max-new-tokens", "9")
         assert code["reasons"] == ["code or serving settings changed"]
-        assert changes(code)["artifacts"] == "create" and changes(code)["scaling-target"] == "update"
+        # Settings ride in the model's environment: the artifacts under the prefix stay as they are.
+        assert changes(code)["artifacts"] == "unchanged" and changes(code)["scaling-target"] == "update"
         moved = diff("--instance", "ml.m5.2xlarge")
         assert moved["reasons"] == ["instance ml.m5.xlarge -> ml.m5.2xlarge"]
         assert changes(moved)["artifacts"] == "unchanged"  # the same bundle: nothing to upload
@@ -352,3 +353,38 @@ def test_vertex_plan_against_the_emulator(vertex_emulator, long_llama: Path):
     assert "$0.62/h" in n1.stdout
     wrong = run_cli(*base, "--instance", "ml.g5.xlarge")
     assert_one_line_error(wrong, code=2, contains="ml.g5.xlarge is a SageMaker instance type, not a Vertex AI machine type")
+
+
+def test_plan_of_a_141_gb_model_reads_no_weight_bytes(tmp_path: Path):
+    """Header-only sparse shards of a Llama-70B (141 GB): the CLI reads headers, never the holes."""
+    from benchmarks.bench_plan import build_sparse_model, run_plan
+
+    folder = tmp_path / "llama-70b"
+    weights = build_sparse_model(folder)
+    _, bytes_read, proc = run_plan(folder, tmp_path / "home", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["model"]["weight_bytes"] >= weights > 140e9
+    # Python's own imports read ~10 MB; one shard alone is 4.7 GB.
+    assert bytes_read < 64e6, f"plan read {bytes_read} bytes"
+
+
+def test_weights_never_hashed_here_make_the_diff_unknown_not_changed(tiny_gpt2: Path, emulated_cloud, capsys, monkeypatch, tmp_path: Path):
+    """A cold hash cache (another machine, a cleared cache): plan names the weights by identity, which
+    cannot match the deployed sha256, so it says it does not know instead of "weights changed"."""
+    import cloudllm.hashing
+
+    base = ("--provider", "sagemaker", "--instance", "ml.g5.xlarge", "--runtime", "tgi", "--name", "cold")
+    code, _, err = cli(capsys, "deploy", str(tiny_gpt2), *base)
+    assert code == 0, err
+    monkeypatch.setenv("CLOUDLLM_HOME", str(tmp_path / "other-home"))
+    monkeypatch.setattr(cloudllm.hashing, "_cache", None)
+    code, out, _ = cli(capsys, "plan", str(tiny_gpt2), *base, "--json")
+    diff = json.loads(out)["diff"]
+    assert diff["action"] == "unknown" and "not hashed on this machine" in diff["reasons"][0]
+    code, out, _ = cli(capsys, "plan", str(tiny_gpt2), *base, "--max-new-tokens", "17", "--json")
+    diff = json.loads(out)["diff"]
+    assert diff["action"] == "update" and diff["reasons"][0] == "code or serving settings changed"
+    code, _, err = cli(capsys, "deploy", str(tiny_gpt2), *base, "--dry-run")  # deploy paths hash: exact again
+    code, out, _ = cli(capsys, "plan", str(tiny_gpt2), *base, "--json")
+    assert json.loads(out)["diff"]["action"] == "unchanged"

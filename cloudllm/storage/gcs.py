@@ -175,9 +175,11 @@ class GcsArtifacts:
                     to_upload.append(f)
             if to_upload:
                 self._upload_files(bucket, dest, to_upload, reporter, kms_key, result)
-            manifest = bucket.blob(dest.object_name(MANIFEST_NAME), kms_key_name=kms_key)
-            manifest.upload_from_string(bundle.manifest_bytes, content_type="application/json", checksum="crc32c")
-            _verify(manifest, crc32c_b64(bundle.manifest_bytes), MANIFEST_NAME)
+            stored = here.get(dest.object_name(MANIFEST_NAME))
+            if stored is None or stored.crc32c != crc32c_b64(bundle.manifest_bytes):  # else complete as it is: write nothing
+                manifest = bucket.blob(dest.object_name(MANIFEST_NAME), kms_key_name=kms_key)
+                manifest.upload_from_string(bundle.manifest_bytes, content_type="application/json", checksum="crc32c")
+                _verify(manifest, crc32c_b64(bundle.manifest_bytes), MANIFEST_NAME)
         except exceptions.Forbidden as exc:
             raise UserError(
                 f"no permission to write to {dest}: {_message(exc)}",

@@ -22,8 +22,6 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from s3transfer.subscribers import BaseSubscriber
-
 from cloudllm.console import Reporter, human_bytes
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.storage import UploadResult
@@ -119,7 +117,8 @@ class S3Artifacts:
 
         result = UploadResult(uri=dest, store="S3")
         try:
-            here = self._present(dest, bundle)
+            stored_manifest = self.read_manifest(dest)
+            here = self._present(dest, bundle, stored_manifest)
             elsewhere = self._other_versions(reuse_from, dest) if reuse_from else {}
             to_copy: list[tuple["BundleFile", str]] = []
             to_upload: list["BundleFile"] = []
@@ -139,13 +138,14 @@ class S3Artifacts:
             if to_copy or to_upload:
                 self._transfer(dest, to_copy, to_upload, reporter, kms_key, result)
             self.abort_uploads(dest)
-            self.client.put_object(
-                Bucket=dest.bucket,
-                Key=dest.key(MANIFEST_NAME),
-                Body=bundle.manifest_bytes,
-                ContentType="application/json",
-                **encryption_args(kms_key),
-            )
+            if stored_manifest != bundle.manifest_bytes:  # else the version is complete as it is: write nothing
+                self.client.put_object(
+                    Bucket=dest.bucket,
+                    Key=dest.key(MANIFEST_NAME),
+                    Body=bundle.manifest_bytes,
+                    ContentType="application/json",
+                    **encryption_args(kms_key),
+                )
         except ClientError as exc:
             if _code(exc) in ("AccessDenied", "403", "KMS.AccessDeniedException", "KMS.NotFoundException"):
                 raise UserError(
@@ -159,9 +159,8 @@ class S3Artifacts:
             raise DeployFailed(f"uploading to {dest} failed: {exc}", "run the same deploy again to resume") from None
         return result
 
-    def _present(self, dest: S3Uri, bundle: "Bundle") -> set[str]:
-        """Names of bundle files already under dest with the right content."""
-        manifest = self.read_manifest(dest)
+    def _present(self, dest: S3Uri, bundle: "Bundle", manifest: bytes | None) -> set[str]:
+        """Names of bundle files already under dest with the right content (manifest: dest's cloudllm.json, if any)."""
         if manifest is not None:
             try:
                 listed = json.loads(manifest).get("files", {})
@@ -409,14 +408,16 @@ def _checksum_of(part: dict) -> dict[str, str]:
     return {"ChecksumCRC32": part["ChecksumCRC32"]} if part.get("ChecksumCRC32") else {}
 
 
-class _Progress(BaseSubscriber):
-    """Advances the reporter's byte bar as parts go out (negative when a failed part is retried)."""
+def _Progress(advance):
+    """A subscriber that advances the reporter's byte bar as parts go out (negative when a failed
+    part is retried); made here so that importing this module (plan does) does not import s3transfer."""
+    from s3transfer.subscribers import BaseSubscriber
 
-    def __init__(self, advance):
-        self._advance = advance
+    class Progress(BaseSubscriber):
+        def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
+            advance(bytes_transferred)
 
-    def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
-        self._advance(bytes_transferred)
+    return Progress()
 
 
 def _code(exc) -> str:

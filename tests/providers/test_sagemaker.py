@@ -21,6 +21,7 @@ from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.kit import Rollout
 from cloudllm.providers.sagemaker import resources as res
 from tests.conftest import assert_one_line_error, run_cli
+from tests.storage.request_log import s3_requests, s3_writes
 
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 SERVE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cloudllm-serve:latest"  # containers/Dockerfile, pushed to ECR
@@ -197,13 +198,15 @@ def test_changed_code_is_a_blue_green_update(handler: dict, aws, sagemaker_emula
     _, old_config, old_model = _live(aws, "sm-handler")
     old_prefix = old_model["PrimaryContainer"]["ModelDataSource"]["S3DataSource"]["S3Uri"]
     recorder = Recorder()
-    result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-handler", serving={"max_new_tokens": 16}, rollout="canary:25", reporter=recorder)
+    with s3_requests() as log:
+        result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-handler", serving={"max_new_tokens": 16}, rollout="canary:25", reporter=recorder)
     assert result.action == "update" and result.reasons == ["code or serving settings changed"]
 
-    # Only code/settings.json went over the wire: the weights were copied inside S3.
-    settings_size = next(f.size for f in result.plan.bundle.files if f.name == "code/settings.json")
-    assert recorder.uploaded_bytes == settings_size
-    assert any("copied" in step and "inside S3" in step for step in recorder.steps), recorder.steps
+    # Settings travel in the model's environment: S3 saw no upload and no copy, of weights or anything
+    # else (the log is S3's own, server side), and the new model reads the prefix the old one does.
+    assert [r for r in log if r[1].startswith("/cloudllm-emulator/")], "the request log recorded nothing"
+    assert s3_writes(log) == []
+    assert recorder.uploaded_bytes == 0 and not any("copied" in step for step in recorder.steps), recorder.steps
 
     endpoint, config, model = _live(aws, "sm-handler")
     assert endpoint["EndpointStatus"] == "InService"
@@ -212,12 +215,14 @@ def test_changed_code_is_a_blue_green_update(handler: dict, aws, sagemaker_emula
     assert routing["Type"] == "CANARY" and routing["CanarySize"] == {"Type": "CAPACITY_PERCENT", "Value": 25}
     assert result.endpoint.digest == result.plan.digest
 
-    # The old version is gone: config, model and its artifact prefix.
+    assert model["PrimaryContainer"]["ModelDataSource"]["S3DataSource"]["S3Uri"] == old_prefix
+    assert json.loads(model["PrimaryContainer"]["Environment"]["CLOUDLLM_SETTINGS"])["max_new_tokens"] == 16
+    # The old version is gone: config and model; the artifact prefix both read stays.
     with pytest.raises(ClientError):
         aws["sagemaker"].describe_endpoint_config(EndpointConfigName=old_config["EndpointConfigName"])
     with pytest.raises(ClientError):
         aws["sagemaker"].describe_model(ModelName=old_model["ModelName"])
-    assert not _objects(aws, old_prefix[len("s3://cloudllm-emulator/") :])
+    assert _objects(aws, old_prefix[len("s3://cloudllm-emulator/") :])
     assert _owned(aws, "sm-handler")["configs"] == [endpoint["EndpointConfigName"]]
     assert api.invoke("sm-handler", "Once upon a time", parameters={"max_new_tokens": 4}, provider="sagemaker")
 

@@ -20,6 +20,7 @@ from cloudllm.providers.vertex import decode_digest, deployment_timeout
 from cloudllm.spec import spec_from_kwargs
 from cloudllm.testing import eventually
 from tests.conftest import assert_one_line_error, run_cli
+from tests.storage.request_log import gcs_requests, gcs_writes
 
 DUTY_CYCLE = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
 v1 = pytest.importorskip("google.cloud.aiplatform_v1")
@@ -250,10 +251,11 @@ def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(verte
     old_id = before["deployed_model_id"]
     reporter = Recorder()
     logged = len(vertex_emulator.traffic_log)
-    result = _deploy(
-        tiny_gpt2, vertex_emulator, "handler-demo", reporter, runtime="handler", instance="n1-standard-4",
-        rollout="canary:25", serving={"max_new_tokens": 64}, options={"rollout_wait": 0},
-    )  # fmt: skip
+    with gcs_requests() as log:
+        result = _deploy(
+            tiny_gpt2, vertex_emulator, "handler-demo", reporter, runtime="handler", instance="n1-standard-4",
+            rollout="canary:25", serving={"max_new_tokens": 64}, options={"rollout_wait": 0},
+        )  # fmt: skip
     assert result.action == "update" and "code or serving settings changed" in result.reasons
 
     endpoint = endpoints.get_endpoint(name=before["endpoint"])
@@ -268,11 +270,16 @@ def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(verte
     assert any("canary: 25%" in s for s in reporter.steps)
     assert any("canary: the new version answered" in s for s in reporter.steps)
     assert any(f"undeployed {before['deployed_model_id']}" in s for s in reporter.steps)
-    # only changed code went up (settings.json, and any runtime file edited since); the model files were copied inside GCS
+    # Settings travel in the container's environment: GCS saw no upload and no copy (its own request
+    # log, server side), and the new version reads the artifact_uri the old one does.
+    assert [r for r in log if "/b/cloudllm-test/o" in r[1]], "the request log recorded nothing"
+    assert gcs_writes(log) == []
     upload = next(s for s in reporter.steps if s.startswith("uploaded "))
-    uploaded, copied = (int(re.search(pattern, upload).group(1)) for pattern in (r"^uploaded (\d+)", r"copied (\d+)"))
-    model_files = [f for f in result.plan.bundle.files if not f.name.startswith("code/")]
-    assert 1 <= uploaded <= len(result.plan.bundle.files) - len(model_files) and copied >= len(model_files), upload
+    assert upload.startswith("uploaded 0 file(s)") and "copied" not in upload, upload
+    versions = {v.version_id: v for v in models.list_model_versions(name=new.model)}
+    assert versions["2"].artifact_uri == versions["1"].artifact_uri
+    env = {e.name: e.value for e in versions["2"].container_spec.env}
+    assert json.loads(env["CLOUDLLM_SETTINGS"])["max_new_tokens"] == 64
     assert [v.version_id for v in models.list_model_versions(name=new.model)] == ["1", "2"]
 
     assert api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")["predictions"]
@@ -322,7 +329,7 @@ def test_a_failing_canary_moves_the_traffic_back_and_removes_the_new_version(ver
     assert [d.id for d in endpoint.deployed_models] == [old_id] and dict(endpoint.traffic_split) == {old_id: 100}
     assert [v.version_id for v in models.list_model_versions(name=first.endpoint.details["model"])] == ["1"]
     version_prefixes = {o.split("/")[2] for o in vertex_emulator.objects("cloudllm-test", "models/canary-fail/")}
-    assert version_prefixes == {first.plan.bundle.digest[:16]}  # the new version's artifacts are gone
+    assert version_prefixes == {first.plan.bundle.stored.digest[:16]}  # the live prefix, which the failed version shared, is kept
     assert api.invoke("canary-fail", "Hello", parameters={"max_new_tokens": 2}, provider="vertex")["deployed_model_id"] == old_id
 
     # delete without --purge-artifacts removes the endpoint and the model, and keeps the artifacts

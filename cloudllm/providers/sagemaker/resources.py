@@ -222,6 +222,7 @@ def container_env(plan: "Plan", instance: str, sizes: Sizing, region: str) -> di
             "SAGEMAKER_REGION": region,
             "SAGEMAKER_MODEL_SERVER_WORKERS": "1",  # one copy of an LLM per instance
         }
+    env.update(plan.bundle.settings_env)  # the artifact (bundle.stored) leaves them out
     return env
 
 

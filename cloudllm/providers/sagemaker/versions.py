@@ -24,7 +24,7 @@ class SageMakerVersions:
         version = self._version_uri(plan)
         with self._aws(f"upload the artifacts to {version}"):
             result = self._artifacts().upload(
-                plan.bundle, version, reporter, reuse_from=self._artifact_root(plan), kms_key=plan.spec.options.get("kms_key")
+                plan.bundle.stored, version, reporter, reuse_from=self._artifact_root(plan), kms_key=plan.spec.options.get("kms_key")
             )
         reporter.step(result.summary())
         return version

@@ -53,7 +53,7 @@ class VertexVersions:
         dest = version_prefix(plan)
         ledger.add("artifacts", str(dest), lambda: store.delete(dest))  # before the upload: a half-done one is removed too
         result = store.upload(
-            plan.bundle, dest, reporter, reuse_from=GcsUri.parse(plan.spec.bucket).child(plan.spec.name), kms_key=self.options.get("kms_key")
+            plan.bundle.stored, dest, reporter, reuse_from=GcsUri.parse(plan.spec.bucket).child(plan.spec.name), kms_key=self.options.get("kms_key")
         )
         if result.kept:
             ledger.drop("artifacts")  # an earlier run made this version: not ours to remove
@@ -149,7 +149,7 @@ class VertexVersions:
         gpus = plan.shard_count(machine.gpu_count) if machine.gpu_count else 0
         settings = plan.settings
         image = plan.spec.image or image_for(plan.runtime, gpu=bool(machine.gpu_count)).uri
-        env: dict[str, str] = {"HF_HUB_OFFLINE": "1"}
+        env: dict[str, str] = {"HF_HUB_OFFLINE": "1", **plan.bundle.settings_env}  # the artifact (bundle.stored) leaves them out
         command: list[str] = []
         args: list[str] = []
         predict, health, shm = PREDICT_ROUTE, HEALTH_ROUTE, 0
