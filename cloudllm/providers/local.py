@@ -27,13 +27,14 @@ import httpx
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
-from cloudllm.home import home_dir
+from cloudllm.home import home_dir, write_atomic
 from cloudllm.http import post_json, stream_tokens
 from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider
 from cloudllm.records import load_record
 
 STATE_FILE = "state.json"
+SERVER_FILE = "server.json"  # in each version folder: the server started for it, written before it loads
 DEFAULT_START_TIMEOUT = 600
 
 
@@ -53,17 +54,23 @@ class LocalProvider(Provider):
         return home_dir("local") / name
 
     def _state(self, name: str) -> dict | None:
+        """The live version's state; a damaged or hand-edited file is a UserError naming it."""
         path = self._root(name) / STATE_FILE
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+        if not path.exists():
             return None
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            state = exc
+        if not _valid_state(state):
+            raise UserError(
+                f"the local server state {path} is damaged",
+                f"run `cloudllm delete {name}` (it stops only servers it can prove are this endpoint's), then deploy again",
+            )
+        return state
 
     def _write_state(self, name: str, state: dict) -> None:
-        path = self._root(name) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(self._root(name) / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
     # --- verbs ------------------------------------------------------------------------
     def deploy(self, plan, reporter: Reporter) -> Endpoint:
@@ -96,8 +103,12 @@ class LocalProvider(Provider):
         return [ep for d in sorted(root.iterdir()) if d.is_dir() and (ep := self.get(d.name))]
 
     def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
-        state = self._state(name)
         root = self._root(name)
+        try:
+            state = self._state(name)
+        except UserError:
+            state = None  # damaged: the servers' own files below still say what to stop
+        stopped = _stop_started(root) if root.is_dir() else 0
         if state is None:
             # A record of ours whose state is gone (a wiped $CLOUDLLM_HOME/local), or a folder a
             # killed deploy left: nothing runs, so it is already deleted and the caller drops the record.
@@ -106,7 +117,8 @@ class LocalProvider(Provider):
             if not ours:
                 raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
             shutil.rmtree(root, ignore_errors=True)
-            (reporter or Reporter()).step(f"no local server state for {name}: nothing was running")
+            if not stopped:
+                (reporter or Reporter()).step(f"no local server state for {name}: nothing was running")
             return
         _stop(state.get("pid"), state.get("artifact"))
         shutil.rmtree(root, ignore_errors=True)
@@ -131,7 +143,14 @@ class LocalProvider(Provider):
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
         # Lines without a time of their own (uvicorn's, a traceback's) go with the timed line before them.
         shown = since is None
-        with open(state["log"], encoding="utf-8", errors="replace") as fh:
+        try:
+            fh = open(state["log"], encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise UserError(
+                f"cannot read endpoint {name}'s log {state['log']}: {exc.strerror}",
+                "a deleted log comes back when the server is restarted: run `cloudllm deploy` again",
+            ) from None
+        with fh:
             while True:
                 line = fh.readline()
                 if line:
@@ -166,9 +185,13 @@ class LocalProvider(Provider):
         alive = _alive(state.get("pid"), state.get("artifact"))
         health = _health(state["url"]) if alive and state.get("url") else {}
         if not alive:
-            status, reason = "Failed", _last_line(state.get("log")) or "server process exited"
+            tail = _last_line(state.get("log"))
+            status, reason = "Failed", f"the server (pid {state.get('pid')}) is not running" + (f"; its log ends: {tail}" if tail else "")
         elif health.get("status") == "failed":  # up, but its model did not load (a --no-wait deploy)
             status, reason = "Failed", _one_line(f"the model failed to load: {health.get('error') or 'no reason given'}")
+        elif state.get("url") and not health:
+            status = "NotResponding"
+            reason = f"the server (pid {state['pid']}) runs but does not answer {state['url']}/ping; see `cloudllm logs {name}`"
         else:
             status, reason = ("InService" if health.get("status") == "ok" else "Loading"), None
         return Endpoint(
@@ -190,9 +213,8 @@ class LocalProvider(Provider):
         root = self._root(name)
         version_dir = root / version
         live = self._state(name)
-        if live and live.get("version") == version:
-            # Same artifact, but its server died: start it again in place.
-            _stop(live.get("pid"), live.get("artifact"))
+        if root.is_dir():  # servers an interrupted deploy started, and a dead live one of this same version
+            _stop_started(root, keep=None if live is None or live.get("version") == version else live.get("version"))
         shutil.rmtree(version_dir, ignore_errors=True)
         version_dir.mkdir(parents=True)
         artifact = plan.bundle.write(version_dir / "artifact")
@@ -207,6 +229,8 @@ class LocalProvider(Provider):
                 cwd=artifact, start_new_session=True,  # outlives the CLI and its Ctrl-C
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
+        # Before it loads: a deploy killed from here on (even SIGKILL) leaves a server the next deploy or delete stops.
+        write_atomic(version_dir / SERVER_FILE, json.dumps({"pid": process.pid, "artifact": str(artifact)}))
         state = {
             "version": version,
             "pid": process.pid,
@@ -279,25 +303,48 @@ def _health(url: str) -> dict:
 
 
 def _alive(pid: int | None, artifact: str | None) -> bool:
-    """True when pid is running and is our server (not a recycled pid)."""
-    if not pid:
+    """True when pid is running and provably our server: its command line names this version's
+    artifact folder (a recycled pid runs something else). A process we cannot prove is ours is not."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or not isinstance(artifact, str) or not artifact:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process, never ours
         return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    # A zombie has no command line; ours is `python ARTIFACT/code/serve.py serve ...`.
+    return len(argv) > 1 and argv[1].decode(errors="replace") == str(Path(artifact) / "code" / "serve.py")
+
+
+def _valid_state(state: object) -> bool:
+    """state.json as a deploy writes it (a hand edit or a damaged file must not steer a signal)."""
+    if not isinstance(state, dict):
+        return False
+    strings = ("version", "artifact", "log")
+    return (
+        all(isinstance(state.get(key), str) and state[key] for key in strings)
+        and isinstance(state.get("pid"), int)
+        and (state.get("url") is None or (isinstance(state["url"], str) and state["url"].startswith("http://127.0.0.1:")))
+    )
+
+
+def _stop_started(root: Path, keep: str | None = None) -> int:
+    """Stop the servers started for root's versions (their server.json), but the version `keep`; how many ran."""
+    stopped = 0
+    for server_file in root.glob(f"*/{SERVER_FILE}"):
+        if server_file.parent.name == keep:
+            continue
         try:
-            text = cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-        if not text:  # a zombie: exited, not yet reaped
-            return False
-        return artifact is None or artifact in text
-    return True
+            server = json.loads(server_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(server, dict) and _alive(server.get("pid"), server.get("artifact")):
+            _stop(server.get("pid"), server.get("artifact"))
+            stopped += 1
+    return stopped
 
 
 def _stop(pid: int | None, artifact: str | None, grace: float = 10.0) -> None:

@@ -59,7 +59,7 @@ def test_invoke_text_stream_and_json(demo: dict, home: dict) -> None:
     assert streamed.stdout == text.stdout  # greedy decoding: the stream adds up to the same text
 
     body = json.dumps({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}})
-    raw = run_cli("invoke", "demo", "--json", body, "--raw", env=home)
+    raw = run_cli("invoke", "demo", "--body", body, "--raw", env=home)
     assert json.loads(raw.stdout) == [{"generated_text": text.stdout.rstrip("\n")}]
 
 
@@ -116,10 +116,10 @@ def test_changed_deploy_switches_then_stops_the_old_server(demo: dict, home: dic
 
 
 def test_bad_request_bodies_are_4xx_one_line(demo: dict, home: dict) -> None:
-    assert_one_line_error(run_cli("invoke", "demo", "--json", "{nope", env=home), code=2, contains="not valid JSON")
-    assert_one_line_error(run_cli("invoke", "demo", "--json", '{"parameters": {}}', env=home), code=2, contains="rejected")
+    assert_one_line_error(run_cli("invoke", "demo", "--body", "{nope", env=home), code=2, contains="not valid JSON")
+    assert_one_line_error(run_cli("invoke", "demo", "--body", '{"parameters": {}}', env=home), code=2, contains="rejected")
     assert_one_line_error(
-        run_cli("invoke", "demo", "--json", '{"inputs": 5}', env=home), code=2, contains="rejected"
+        run_cli("invoke", "demo", "--body", '{"inputs": 5}', env=home), code=2, contains="rejected"
     )
     assert run_cli("invoke", "demo", "still alive?", "--max-new-tokens", "2", env=home).returncode == 0
 
