@@ -326,6 +326,9 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
     click.echo(text)
 
 
+_UNSURE_STATES = ("Unknown", "Incomplete", "Missing", "NotResponding")
+
+
 @cli.command("list")
 @click.option("--provider", help="List a provider's endpoints (default: those deployed from this machine).")
 @click.option("--region", help="Region to list.")
