@@ -4,7 +4,9 @@ It runs the very code a cloud container runs (`python code/serve.py serve`), so 
 deploy that works here differs from the cloud only in the hardware. State lives in
 $CLOUDLLM_HOME/local/<name>/: one folder per deployed version (its artifact) and
 state.json pointing at the live one; server logs go to $CLOUDLLM_HOME/logs/. An update starts the new version beside the
-old, switches state.json once the new one is healthy, then stops the old.
+old, switches state.json once the new one is healthy, then stops the old. The endpoint's URL is
+a small relay (cloudllm/local_front.py) whose port never changes, pointed at the live server,
+so an update keeps the URL clients saved.
 
 A server whose model fails to load says so on /ping (503 {"status": "failed", "error": ...});
 a deploy stops waiting at once, stops that server, and leaves no state behind (its log stays
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +38,8 @@ from cloudllm.records import load_record
 
 STATE_FILE = "state.json"
 SERVER_FILE = "server.json"  # in each version folder: the server started for it, written before it loads
+BACKEND_FILE = "backend"  # "PORT PID" of the live server: where the endpoint's stable URL relays to
+FRONT_FILE = "front.json"  # the relay's pid and port
 DEFAULT_START_TIMEOUT = 600
 
 
@@ -76,6 +81,7 @@ class LocalProvider(Provider):
     def deploy(self, plan, reporter: Reporter) -> Endpoint:
         """Start the server; with plan.wait False (--no-wait), return once it has a port."""
         state = self._start_version(plan, reporter, wait=plan.wait)
+        self._point_front(plan.spec.name, state)
         self._write_state(plan.spec.name, state)
         return self._endpoint(plan.spec.name, state)
 
@@ -87,6 +93,7 @@ class LocalProvider(Provider):
         """
         old = self._state(plan.spec.name)
         state = self._start_version(plan, reporter, wait=True)
+        self._point_front(plan.spec.name, state)
         self._write_state(plan.spec.name, state)
         if old and old.get("version") != state["version"]:
             _stop(old.get("pid"), old.get("artifact"))
@@ -109,6 +116,7 @@ class LocalProvider(Provider):
         except UserError:
             state = None  # damaged: the servers' own files below still say what to stop
         stopped = _stop_started(root) if root.is_dir() else 0
+        _stop_front(root)
         if state is None:
             # A record of ours whose state is gone (a wiped $CLOUDLLM_HOME/local), or a folder a
             # killed deploy left: nothing runs, so it is already deleted and the caller drops the record.
@@ -165,13 +173,27 @@ class LocalProvider(Provider):
                     return
 
     # --- helpers ----------------------------------------------------------------------
+    def _point_front(self, name: str, state: dict) -> None:
+        """Point the endpoint's relay at state's server (starting the relay, on its old port, if it
+        is not running); state["front_url"] is the URL clients keep. Without a relay, the server's own."""
+        root = self._root(name)
+        if not state.get("url"):
+            return
+        port = int(state["url"].rsplit(":", 1)[1])
+        write_atomic(root / BACKEND_FILE, f"{port} {state['pid']}\n")
+        front = _read_json(root / FRONT_FILE) or {}
+        if not _front_running(root):
+            front = _start_front(root, front.get("port") if isinstance(front.get("port"), int) else 0) or {}
+        if isinstance(front.get("port"), int):
+            state["front_url"] = f"http://127.0.0.1:{front['port']}"
+
     def _live_url(self, name: str) -> str:
         state = self._state(name)
         if state is None:
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`, or deploy it first")
         if not _alive(state.get("pid"), state.get("artifact")):
             raise self._unreachable(name)
-        return state["url"]
+        return state.get("front_url") if _front_running(self._root(name)) else state["url"]
 
     def _unreachable(self, name: str) -> DeployFailed:
         state = self._state(name) or {}
@@ -198,7 +220,7 @@ class LocalProvider(Provider):
             name=name,
             provider=self.name,
             state=status,
-            url=state["url"],
+            url=state.get("front_url") or state["url"],
             model=state.get("model"),
             digest=state.get("digest"),
             runtime="handler",
@@ -327,8 +349,63 @@ def _valid_state(state: object) -> bool:
     return (
         all(isinstance(state.get(key), str) and state[key] for key in strings)
         and isinstance(state.get("pid"), int)
-        and (state.get("url") is None or (isinstance(state["url"], str) and state["url"].startswith("http://127.0.0.1:")))
+        and all(
+            state.get(key) is None or (isinstance(state[key], str) and re.fullmatch(r"http://127\.0\.0\.1:\d{1,5}", state[key]))
+            for key in ("url", "front_url")
+        )
     )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _front_running(root: Path) -> bool:
+    """The relay of root is running: its command line names root's backend file (a recycled pid does not)."""
+    front = _read_json(root / FRONT_FILE)
+    pid = front.get("pid") if isinstance(front, dict) else None
+    if not isinstance(pid, int) or pid <= 1:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"cloudllm.local_front" in argv and str(root / BACKEND_FILE).encode() in argv
+
+
+def _start_front(root: Path, port: int) -> dict | None:
+    """Start root's relay on port (its old one; any free one if that is taken). None if it would not start."""
+    port_file = root / "front.port"
+    for attempt in dict.fromkeys((port, 0)):
+        port_file.unlink(missing_ok=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cloudllm.local_front", "--backend-file", str(root / BACKEND_FILE),
+             "--port-file", str(port_file), "--port", str(attempt)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while process.poll() is None and not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if port_file.exists():
+            front = {"pid": process.pid, "port": int(port_file.read_text())}
+            write_atomic(root / FRONT_FILE, json.dumps(front))
+            return front
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    return None
+
+
+def _stop_front(root: Path) -> None:
+    if _front_running(root):
+        try:
+            os.kill(_read_json(root / FRONT_FILE)["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _stop_started(root: Path, keep: str | None = None) -> int:

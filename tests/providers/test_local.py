@@ -417,3 +417,23 @@ def test_a_frozen_server_times_out_invoke_and_status_says_it_does_not_answer(hom
     log.unlink()  # a user tidying up
     assert_one_line_error(run_cli("logs", "frozen", env=home), code=2, contains=str(log))
     assert run_cli("delete", "frozen", env=home).returncode == 0
+
+
+def test_an_update_keeps_the_url_clients_saved(home: dict, tiny_gpt2: Path) -> None:
+    first = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "steady", "--json", env=home)
+    assert first.returncode == 0, first.stderr
+    saved = json.loads(first.stdout)["endpoint"]["url"]
+    old_server = _state(home, "steady")["url"]
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 3}}
+    assert httpx.post(saved + "/invocations", json=body, timeout=60).status_code == 200
+
+    second = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "steady", "--max-new-tokens", "2", "--json", env=home)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["endpoint"]["url"] == saved and _state(home, "steady")["url"] != old_server
+    with pytest.raises(httpx.TransportError):
+        httpx.get(old_server + "/ping", timeout=2)  # the old server is gone; the saved URL reaches the new one
+    answered = httpx.post(saved + "/invocations", json=body, timeout=60)
+    assert answered.status_code == 422 and "max_new_tokens" in answered.text  # the new version's cap of 2
+    assert run_cli("delete", "steady", env=home).returncode == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(saved + "/ping", timeout=2)
