@@ -187,3 +187,31 @@ def test_invoke_json_means_output_and_body_takes_the_request(tmp_path) -> None:
     assert "deprecated: use --body" in old.stderr and "no local endpoint named 'ghost'" in old.stderr
     help_text = subprocess.run([sys.executable, "-m", "cloudllm.cli", "invoke", "--help"], capture_output=True, text=True).stdout
     assert "--body JSON" in help_text and "--timeout" in help_text and "Machine-readable output" in help_text
+
+
+@pytest.mark.slow  # the SageMaker emulator's start is most of its ~30 s
+def test_an_interrupted_first_cloud_deploy_leaves_a_record_delete_uses(sagemaker_emulator, tiny_gpt2, tmp_path) -> None:
+    """SIGTERM right after the intent record is saved, before anything exists on SageMaker: `list` shows the
+    endpoint as Incomplete and the advice printed (`cloudllm delete NAME`) works."""
+    import json
+    import signal
+    import time
+
+    env = {**os.environ, "CLOUDLLM_HOME": str(tmp_path)}
+    record = tmp_path / "endpoints" / "half.json"
+    deploy = subprocess.Popen([sys.executable, "-m", "cloudllm.cli", "deploy", str(tiny_gpt2), "--name", "half", "--provider", "sagemaker",
+                               "--runtime", "handler", "--instance", "ml.m5.xlarge", "--bucket", f"{sagemaker_emulator.bucket}/models",
+                               "--role", sagemaker_emulator.role], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while not record.exists() and deploy.poll() is None:
+        time.sleep(0.01)
+    deploy.send_signal(signal.SIGTERM)
+    _, err = deploy.communicate(timeout=300)
+    if deploy.returncode == 0:
+        pytest.skip("the deploy finished before the signal arrived")
+    assert "cloudllm delete half" in err, err
+    run = lambda *a: subprocess.run([sys.executable, "-m", "cloudllm.cli", *a], env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+    listed = {e["name"]: e for e in json.loads(run("list", "--json").stdout)}
+    assert listed["half"]["state"] in ("Incomplete", "Creating", "Failed"), listed
+    deleted = run("delete", "half")
+    assert deleted.returncode == 0, deleted.stderr
+    assert not record.exists() and json.loads(run("list", "--provider", "sagemaker", "--json").stdout) == []
