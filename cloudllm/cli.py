@@ -297,6 +297,8 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
     from cloudllm import api
     from cloudllm.invocation import parse_param, response_text
 
+    if timeout is not None and timeout != timeout:  # NaN slips past every range check
+        raise click.BadParameter("nan is not a number of seconds", param_hint="'--timeout'")
     if json_output and json_body is None and prompt and prompt.lstrip().startswith("{"):
         # `--json BODY` before --body existed: BODY arrives as the prompt. Still works, once more.
         click.echo("warning: `invoke --json BODY` is deprecated: use --body BODY (--json now means JSON output)", err=True)

@@ -386,6 +386,8 @@ CASES = [
     Case("param-too-large", "flags", lambda ws: ["invoke", "ghost", "hi", "--param", "top_p=1e999", "--provider", "local"], 2, "1e999"),
     Case("body-infinity", "flags", lambda ws: ["invoke", "ghost", "--body", '{"inputs": "x", "parameters": {"top_p": Infinity}}',
                                                "--provider", "local"], 2, "Infinity"),  # fmt: skip
+    Case("invoke-timeout-nan", "flags", lambda ws: ["invoke", "ghost", "hi", "--timeout", "nan"], 2, "--timeout"),
+    Case("invoke-timeout-inf", "flags", lambda ws: ["invoke", "ghost", "hi", "--timeout", "inf"], 2, "--timeout"),
     Case("home-is-a-file", "flags", lambda ws: ["list"], 2, "is a file", env={"CLOUDLLM_HOME": "/dev/null"}),
     Case("yaml-nul-in-path", "yaml", _apply(_EP.replace("models/tiny", '"models/ti\\0ny"')), 2, "NUL"),
     Case("yaml-deep-nesting", "yaml", _apply(_EP + "    options:\n      x: " + "[" * 5000 + "]" * 5000 + "\n"), 2, "nests deeper"),
