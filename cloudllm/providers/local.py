@@ -333,12 +333,20 @@ def _alive(pid: int | None, artifact: str | None) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):  # PermissionError: another user's process, never ours
         return False
+    # Ours is `python ARTIFACT/code/serve.py serve ...`.
+    return _runs(pid, str(Path(artifact) / "code" / "serve.py"))
+
+
+def _runs(pid: int, *words: str) -> bool:
+    """pid's command line has each of words as an argument (a zombie has none). Without /proc (macOS), ps says."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        argv = [part.decode(errors="replace") for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
     except OSError:
-        return False
-    # A zombie has no command line; ours is `python ARTIFACT/code/serve.py serve ...`.
-    return len(argv) > 1 and argv[1].decode(errors="replace") == str(Path(artifact) / "code" / "serve.py")
+        if Path("/proc/self").exists():
+            return False
+        shown = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout
+        return all(word in shown for word in words)
+    return all(word in argv for word in words)
 
 
 def _valid_state(state: object) -> bool:
@@ -367,13 +375,9 @@ def _front_running(root: Path) -> bool:
     """The relay of root is running: its command line names root's backend file (a recycled pid does not)."""
     front = _read_json(root / FRONT_FILE)
     pid = front.get("pid") if isinstance(front, dict) else None
-    if not isinstance(pid, int) or pid <= 1:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
         return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"cloudllm.local_front" in argv and str(root / BACKEND_FILE).encode() in argv
+    return _runs(pid, "cloudllm.local_front", str(root / BACKEND_FILE))
 
 
 def _start_front(root: Path, port: int) -> dict | None:
