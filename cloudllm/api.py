@@ -100,7 +100,17 @@ def deploy(
         reporter.step(f"plan: {the_plan.headline()}")
         refuse_unless_fits(the_plan)
         if the_plan.action == "create":
-            endpoint = provider.deploy(the_plan, reporter)
+            intent = load_record(spec.name) is None
+            if intent:  # before anything exists: a kill from here on leaves a record `delete` and `deploy` act on
+                _save(spec, provider, None)
+            try:
+                endpoint = provider.deploy(the_plan, reporter)
+            except Exception:
+                # A failed deploy cleaned up what it created; one that left an endpoint (a --timeout passed) keeps
+                # the record `delete` needs, as does an interrupted one (Ctrl-C, SIGTERM: not an Exception).
+                if intent and not _still_there(provider, spec.name):
+                    remove_record(spec.name)
+                raise
         else:
             endpoint = provider.update(the_plan, the_plan.existing, reporter)
         _save(spec, provider, endpoint)
@@ -130,12 +140,20 @@ def invoke(
     provider: str | None = None,
     region: str | None = None,
     options: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    full_response: bool = False,
 ) -> Any:
-    """Send one request; returns the endpoint's decoded JSON response."""
-    from cloudllm.invocation import build_body
+    """Send one request; returns the generated text, as the CLI prints it (the decoded JSON response
+    for tasks without text, or with full_response). timeout: seconds to wait for the answer."""
+    from cloudllm.http import read_timeout
+    from cloudllm.invocation import build_body, response_text
 
     body = build_body(inputs, parameters, json_body)
-    return _provider_for_name(name, provider, region, options).invoke(name, body)
+    target = _provider_for_name(name, provider, region, options)
+    with read_timeout(timeout):
+        result = target.invoke(name, body)
+    text = None if full_response else response_text(result)
+    return result if text is None else text
 
 
 def invoke_stream(
@@ -147,13 +165,21 @@ def invoke_stream(
     provider: str | None = None,
     region: str | None = None,
     options: dict[str, Any] | None = None,
+    timeout: float | None = None,
 ) -> Iterator[str]:
-    """Yield generated text pieces as the endpoint produces them."""
+    """Yield generated text pieces as the endpoint produces them (timeout: seconds between pieces)."""
+    from cloudllm.http import read_timeout
     from cloudllm.invocation import build_body
 
     body = build_body(inputs, parameters, json_body)
     body["stream"] = True
-    return _provider_for_name(name, provider, region, options).invoke_stream(name, body)
+    target = _provider_for_name(name, provider, region, options)
+
+    def pieces() -> Iterator[str]:
+        with read_timeout(timeout):
+            yield from target.invoke_stream(name, body)
+
+    return pieces()
 
 
 def invoke_grpc(
@@ -243,9 +269,14 @@ def list_endpoints(*, provider: str | None = None, region: str | None = None, op
     for record in list_records():
         try:
             found = _provider_from_record(record).get(record.name)
-        except UserError:
-            found = None
-        endpoints.append(found or Endpoint(name=record.name, provider=record.provider, state="Missing", model=record.model))
+        except UserError as exc:  # no credentials, an emulator not running: say so, never "Missing"
+            found = Endpoint(name=record.name, provider=record.provider, state="Unknown", model=record.model,
+                             url=record.url, failure_reason=exc.line())  # fmt: skip
+        if found is None and record.pending:
+            found = Endpoint(name=record.name, provider=record.provider, state="Incomplete", model=record.model,
+                             failure_reason=f"a deploy was interrupted; run it again, or `cloudllm delete {record.name}`")  # fmt: skip
+        endpoints.append(found or Endpoint(name=record.name, provider=record.provider, state="Missing", model=record.model,
+                                           failure_reason="gone from the provider; `cloudllm delete` drops this record"))  # fmt: skip
     return endpoints
 
 
@@ -331,20 +362,29 @@ def _provider_for_name(name: str, provider: str | None, region: str | None, opti
     )
 
 
-def _save(spec: DeploySpec, provider: Provider, endpoint: Endpoint) -> None:
+def _save(spec: DeploySpec, provider: Provider, endpoint: Endpoint | None) -> None:
+    """Record the endpoint; with no endpoint yet, the intent to create it (pending)."""
     previous = load_record(spec.name)
     record = EndpointRecord(
         name=spec.name,
         provider=spec.provider,
         model=str(Path(spec.model).expanduser().resolve()),
         region=provider.region,
-        url=endpoint.url,
-        digest=endpoint.digest,
+        url=endpoint.url if endpoint else None,
+        digest=endpoint.digest if endpoint else None,
         options=provider.options,
+        pending=endpoint is None,
     )
     if previous:
         record.created_at = previous.created_at
     save_record(record)
+
+
+def _still_there(provider: Provider, name: str) -> bool:
+    try:
+        return provider.get(name) is not None
+    except UserError:
+        return False
 
 
 @contextmanager

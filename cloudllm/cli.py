@@ -158,50 +158,68 @@ def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: b
 @cli.command()
 @click.argument("name")
 @click.argument("prompt", required=False)
-@click.option("--json", "json_body", metavar="BODY", help='Raw request body, e.g. \'{"inputs": "Hi", "parameters": {...}}\'.')
+@click.option("--body", "json_body", metavar="JSON", help='Raw request body, e.g. \'{"inputs": "Hi", "parameters": {...}}\'.')
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--max-new-tokens", type=int, help="Generation length for this request.")
 @click.option("--param", "params", multiple=True, help="KEY=VALUE generation parameter (value parsed as JSON).")
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=3600), help="Seconds to wait for the answer (default 300; a frozen server fails then).")
 @click.option("--raw", is_flag=True, help="Print the endpoint's JSON response as is.")
+@click.option("--json", "json_output", is_flag=True, help='Machine-readable output: {"name", "text", "response"}.')
 @click.option("--chat", "chat_text", metavar="TEXT", help="Send TEXT as a chat message (OpenAI's format, rendered with the model's chat template).")
 @click.option("--system", help="With --chat: a system message before it.")
 @click.option("--grpc", "use_grpc", is_flag=True, help="Send PROMPT over the endpoint's gRPC port (Open Inference Protocol v2).")
 @_where_flags
-def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, max_new_tokens: int | None,
-           params: tuple[str, ...], raw: bool, chat_text: str | None, system: str | None, use_grpc: bool, where: dict) -> None:  # fmt: skip
-    """Send PROMPT (or a --json body) to endpoint NAME and print the answer.
+def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, max_new_tokens: int | None, params: tuple[str, ...],
+           timeout: float | None, raw: bool, json_output: bool, chat_text: str | None, system: str | None, use_grpc: bool, where: dict) -> None:  # fmt: skip
+    """Send PROMPT (or a --body request) to endpoint NAME and print the answer.
 
     \b
     Examples:
       cloudllm invoke demo "Once upon a time"
       cloudllm invoke demo "Once upon a time" --stream
-      cloudllm invoke demo --json '{"inputs": "Hi", "parameters": {"max_new_tokens": 20}}'
+      cloudllm invoke demo --body '{"inputs": "Hi", "parameters": {"max_new_tokens": 20}}'
+      cloudllm invoke demo "Hi" --json | jq -r .text
       cloudllm invoke demo --chat "Summarise this contract" --system "Be brief." --stream
       cloudllm invoke demo "Once upon a time" --grpc
     """
     from cloudllm import api
-    from cloudllm.invocation import response_text
+    from cloudllm.invocation import parse_param, response_text
 
-    parameters: dict[str, Any] = {}
-    for key, value in _kv_pairs(params, "--param").items():
-        try:
-            parameters[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parameters[key] = value
+    if timeout is not None and timeout != timeout:  # NaN slips past every range check
+        raise click.BadParameter("nan is not a number of seconds", param_hint="'--timeout'")
+    if json_output and json_body is None and prompt and prompt.lstrip().startswith("{"):
+        # `--json BODY` before --body existed: BODY arrives as the prompt. Still works, once more.
+        click.echo("warning: `invoke --json BODY` is deprecated: use --body BODY (--json now means JSON output)", err=True)
+        json_body, prompt, json_output = prompt, None, False
+    parameters: dict[str, Any] = {key: parse_param(key, value) for key, value in _kv_pairs(params, "--param").items()}
     if max_new_tokens is not None:
         parameters["max_new_tokens"] = max_new_tokens
     if chat_text is not None or system is not None or use_grpc:
         _invoke_other_protocol(name, prompt, json_body, chat_text, system, use_grpc, stream, raw, parameters, where)
         return
     if stream:
-        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, **where):
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-        click.echo()
+        pieces = []
+        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, **where):
+            pieces.append(piece)
+            if not json_output:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        if json_output:
+            _print_json({"name": name, "text": "".join(pieces), "response": None})
+        else:
+            click.echo()
         return
-    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, **where)
-    text = None if raw else response_text(result)
-    click.echo(text if text is not None else json.dumps(result, indent=2, ensure_ascii=False))
+    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, full_response=True, **where)
+    text = response_text(result)
+    if json_output:
+        _print_json({"name": name, "text": text, "response": result})
+        return
+    if raw or text is None:
+        text = json.dumps(result, indent=2, ensure_ascii=False)
+    click.echo(text)
+
+
+_UNSURE_STATES = ("Unknown", "Incomplete", "Missing", "NotResponding")
 
 
 def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None, chat_text: str | None, system: str | None,
@@ -211,7 +229,7 @@ def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None,
     from cloudllm.invocation import openai_choice_text
 
     if json_body is not None:
-        raise UserError("--json cannot go with --chat, --system or --grpc", "send the body alone with --json, or a prompt with the flag")
+        raise UserError("--body cannot go with --chat, --system or --grpc", "send the body alone with --body, or a prompt with the flag")
     if use_grpc:
         if chat_text is not None or system is not None:
             raise UserError("--grpc sends a plain prompt; it cannot go with --chat or --system", "drop --grpc to chat")
@@ -260,6 +278,9 @@ def list_cmd(provider: str | None, region: str | None, profile: str | None, proj
         return
     rows = [("NAME", "PROVIDER", "STATE", "MODEL", "URL")]
     rows += [(ep.name, ep.provider, ep.state, ep.model or "-", ep.url or "-") for ep in endpoints]
+    if any(ep.state in _UNSURE_STATES and ep.failure_reason for ep in endpoints):  # why a state is not a plain answer
+        rows = [row + (reason,) for row, reason in zip(rows, ["WHY"] + [
+            ep.failure_reason if ep.state in _UNSURE_STATES and ep.failure_reason else "" for ep in endpoints])]  # fmt: skip
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -297,22 +318,35 @@ def status(name: str, where: dict, json_output: bool) -> None:
 @click.argument("name")
 @click.option("--purge-artifacts", is_flag=True, help="Also delete the uploaded artifacts.")
 @click.option("--bucket", help="With --purge-artifacts: where deploy uploaded them, when the endpoint that said so is gone.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask before deleting a cloud endpoint (never asked off a terminal or in CI).")
 @_where_flags
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
-def delete(name: str, purge_artifacts: bool, bucket: str | None, where: dict, json_output: bool) -> None:
+def delete(name: str, purge_artifacts: bool, bucket: str | None, yes: bool, where: dict, json_output: bool) -> None:
     """Delete endpoint NAME and everything deploy created for it.
+
+    On a terminal, deleting a cloud endpoint asks first (--yes skips the question).
 
     \b
     Examples:
       cloudllm delete demo
-      cloudllm delete chat --provider sagemaker --purge-artifacts --bucket s3://my-bucket/models
+      cloudllm delete chat --provider sagemaker --purge-artifacts --bucket s3://my-bucket/models --yes
     """
+    import os
+
     from cloudllm import api
+    from cloudllm.records import load_record
+    from cloudllm.spec import check_endpoint_name
 
     if bucket:
         if not purge_artifacts:
             raise click.UsageError("--bucket goes with --purge-artifacts")
         where["options"] = {**(where["options"] or {}), "bucket": bucket.rstrip("/")}
+    record = load_record(check_endpoint_name(name))
+    provider = where["provider"] or (record.provider if record else None)
+    if provider and provider != "local" and not yes and sys.stdin.isatty() and not os.environ.get("CI"):
+        also = " and its uploaded artifacts" if purge_artifacts else ""
+        if not click.confirm(f"delete {provider} endpoint {name}{also}? This cannot be undone", default=False, err=True):
+            raise UserError(f"endpoint {name} not deleted", "answer y to delete it, or pass --yes")
 
     api.delete(name, purge_artifacts=purge_artifacts, reporter=_reporter(json_output), **where)
     if json_output:
@@ -403,8 +437,22 @@ def _add_command_modules() -> None:
 _add_command_modules()
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM (what CI runners and `timeout` send) unwinds like Ctrl-C, so a deploy cleans up what it
+    started instead of dying with a model server half-loaded; commands with their own handler keep it."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and a documented exit code."""
+    _sigterm_interrupts()
     try:
         cli.main(args=argv, prog_name="cloudllm", standalone_mode=False)
     except UserError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ FILE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 _NOT_DEFAULTABLE = ("name", "model")
 MAX_VALUES = 100_000  # after expanding YAML aliases; a real file has hundreds
+MAX_DEPTH = 32  # a real file nests four or five levels; deeper is a mistake or an attack on the parser
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 EndpointDefaults = create_model(
     "EndpointDefaults",
@@ -118,6 +121,8 @@ def load_file(path: str | Path) -> LoadedFile:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{path}:1: the file nests deeper than {MAX_DEPTH} levels", "flatten it: settings nest a few levels at most") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark else 1
@@ -130,10 +135,13 @@ def load_file(path: str | Path) -> LoadedFile:
             f"{path}:{root.start_mark.line + 1}: expected a mapping with an `endpoints:` list, got {_yaml_kind(root)}",
             "start the file with `endpoints:` followed by `- name: ...` items",
         )
+    if _depth(root) > MAX_DEPTH:
+        raise UserError(f"{path}:1: the file nests deeper than {MAX_DEPTH} levels", "flatten it: settings nest a few levels at most")
     _check_duplicate_keys(path, root)
     if _expanded_size(root, {}) > MAX_VALUES:
         raise UserError(f"{path}:1: the file expands to more than {MAX_VALUES:,} values (YAML aliases)", "write the settings out, or use `defaults:`")
 
+    data = _expand_env(path, text, data)
     try:
         parsed = CloudLLMFile.model_validate(data)
     except ValidationError as exc:
@@ -167,6 +175,46 @@ def default_file_id(path: Path) -> str:
     if len(slug) > 63:
         slug = f"{slug[:54].rstrip('-')}-{hashlib.sha256(raw.encode()).hexdigest()[:8]}"
     return slug
+
+
+def _depth(root: yaml.Node) -> int:
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(child, depth + 1) for child in node.value]
+        elif isinstance(node, yaml.MappingNode):
+            stack += [(child, depth + 1) for pair in node.value for child in pair]
+    return deepest
+
+
+def _expand_env(path: Path, text: str, value: Any) -> Any:
+    """`${VAR}` in a string value becomes the variable's value (a secret stays in the environment,
+    never in the file or the endpoint record); an unset one is refused, never sent literally."""
+    if isinstance(value, dict):
+        return {k: _expand_env(path, text, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(path, text, v) for v in value]
+    if not isinstance(value, str):
+        return value
+    if "\0" in value:
+        raise UserError(f"{path}:{_text_line(text, chr(92) + '0')}: a value contains a NUL character", "remove it (paths and names never hold one)")
+
+    def lookup(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise UserError(f"{path}:{_text_line(text, match.group(0))}: ${{{name}}} is not set in the environment", f"export {name}=... before running cloudllm")
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(lookup, value)
+
+
+def _text_line(text: str, needle: str) -> int:
+    index = text.find(needle)
+    return text.count("\n", 0, index) + 1 if index >= 0 else 1
 
 
 # --- checks after pydantic ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import httpx
@@ -10,8 +11,28 @@ import httpx
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.invocation import iter_sse_tokens
 
-# Generation can take a while; connecting must not.
+# Generation can take a while; connecting must not. `invoke --timeout` swaps it for one call (read at call time).
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+
+
+@contextmanager
+def read_timeout(seconds: float | None) -> Iterator[None]:
+    """Requests made inside wait at most `seconds` for the endpoint's answer (None: the default)."""
+    global TIMEOUT
+    previous = TIMEOUT
+    if seconds is not None:
+        TIMEOUT = httpx.Timeout(seconds, connect=min(5.0, seconds))
+    try:
+        yield
+    finally:
+        TIMEOUT = previous
+
+
+def _timed_out(name: str) -> DeployFailed:
+    return DeployFailed(
+        f"endpoint {name} did not answer within {TIMEOUT.read:g}s",
+        f"raise --timeout for long generations, or see whether it is stuck: cloudllm status {name}; cloudllm logs {name}",
+    )
 
 
 def endpoint_error(name: str, status: int, text: str) -> UserError:
@@ -27,15 +48,21 @@ def endpoint_error(name: str, status: int, text: str) -> UserError:
 
 
 def post_json(name: str, url: str, body: dict, headers: dict | None = None) -> Any:
-    response = httpx.post(url, json=body, headers=headers, timeout=TIMEOUT)
+    try:
+        response = httpx.post(url, json=body, headers=headers, timeout=TIMEOUT)
+    except httpx.TimeoutException:
+        raise _timed_out(name) from None
     if response.status_code >= 400:
         raise endpoint_error(name, response.status_code, response.text)
     return response.json()
 
 
 def stream_tokens(name: str, url: str, body: dict, headers: dict | None = None) -> Iterator[str]:
-    with httpx.stream("POST", url, json=body, headers=headers, timeout=TIMEOUT) as response:
-        if response.status_code >= 400:
-            response.read()
-            raise endpoint_error(name, response.status_code, response.text)
-        yield from iter_sse_tokens(response.iter_lines())
+    try:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=TIMEOUT) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise endpoint_error(name, response.status_code, response.text)
+            yield from iter_sse_tokens(response.iter_lines())
+    except httpx.TimeoutException:
+        raise _timed_out(name) from None

@@ -8,9 +8,36 @@ events, one JSON object per `data:` line.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterable, Iterator
 
-from cloudllm.errors import UserError
+from cloudllm.errors import DeployFailed, UserError
+
+
+def loads_finite(text: str) -> Any:
+    """json.loads that refuses NaN, Infinity and numbers too large for a float (1e999): no model
+    server accepts them, and Python's json would send them on as invalid JSON."""
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"{literal} is too large")
+        return value
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    return json.loads(text, parse_float=number, parse_constant=constant)
+
+
+def parse_param(key: str, value: str) -> Any:
+    """A --param value: JSON where it parses (numbers, true, lists), else the string itself."""
+    try:
+        return loads_finite(value)
+    except json.JSONDecodeError:
+        return value
+    except ValueError as exc:
+        raise UserError(f"--param {key}={value}: {exc}", "give a finite number, e.g. --param temperature=0.7") from None
 
 
 def build_body(inputs: str | None, parameters: dict | None = None, json_body: str | dict | None = None) -> dict:
@@ -18,16 +45,18 @@ def build_body(inputs: str | None, parameters: dict | None = None, json_body: st
     if json_body is not None:
         if isinstance(json_body, str):
             try:
-                body = json.loads(json_body)
+                body = loads_finite(json_body)
             except json.JSONDecodeError as exc:
-                raise UserError(f"--json is not valid JSON ({exc.msg} at column {exc.colno})", "pass a JSON object, e.g. '{\"inputs\": \"Hi\"}'") from None
+                raise UserError(f"--body is not valid JSON ({exc.msg} at column {exc.colno})", "pass a JSON object, e.g. '{\"inputs\": \"Hi\"}'") from None
+            except ValueError as exc:
+                raise UserError(f"--body: {exc}", "use finite numbers") from None
         else:
             body = json_body
         if not isinstance(body, dict):
-            raise UserError("--json must be a JSON object", "pass e.g. '{\"inputs\": \"Hi\", \"parameters\": {\"max_new_tokens\": 20}}'")
+            raise UserError("--body must be a JSON object", "pass e.g. '{\"inputs\": \"Hi\", \"parameters\": {\"max_new_tokens\": 20}}'")
         return body
     if inputs is None:
-        raise UserError("nothing to send", "give a prompt (cloudllm invoke NAME \"text\") or --json BODY")
+        raise UserError("nothing to send", "give a prompt (cloudllm invoke NAME \"text\") or --body JSON")
     body: dict[str, Any] = {"inputs": inputs}
     if parameters:
         body["parameters"] = parameters
@@ -62,11 +91,14 @@ def iter_sse_tokens(lines: Iterable[str]) -> Iterator[str]:
         payload = line[len("data:") :].strip()
         if not payload or payload == "[DONE]":
             continue
-        event = json.loads(payload)
-        if "error" in event:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            raise DeployFailed(f"the endpoint sent a stream event that is not JSON: {payload[:100]}", "check the endpoint's logs (cloudllm logs NAME)") from None
+        if "error" in event:  # the endpoint failing, as a non-streamed 5xx is: the same exit code (1)
             error = event["error"]
             message = error.get("message") if isinstance(error, dict) else error  # OpenAI's shape, or TGI's
-            raise UserError(f"the endpoint failed mid-stream: {message}", "check the endpoint's logs (cloudllm logs NAME)")
+            raise DeployFailed(f"the endpoint failed mid-stream: {message}", "check the endpoint's logs (cloudllm logs NAME)")
         if isinstance(event.get("choices"), list):  # OpenAI's chunks, chat or completions
             text = openai_choice_text(event["choices"][0]) if event["choices"] else None
             if text:

@@ -203,6 +203,8 @@ def _detect_quantization(folder: Path, config: dict) -> tuple[str | None, dict |
 
 
 def _resolve_folder(folder: Path) -> Path:
+    if "\0" in str(folder):
+        raise UserError("the model path contains a NUL character", "pass the model folder's path")
     if not folder.exists():
         raise UserError(f"model folder {folder} does not exist", "check the path")
     if not folder.is_dir():
@@ -226,7 +228,44 @@ def _read_config(folder: Path) -> dict:
         raise UserError(f"{config_path} is not valid JSON ({exc})", "fix or regenerate config.json") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path} must hold a JSON object", "fix or regenerate config.json")
+    _check_config_types(config, config_path)
     return config
+
+
+# Fields transformers reads to build the model: a wrong type there fails only when the server loads.
+_CONFIG_SIZES = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "max_position_embeddings", "n_layer", "n_embd", "n_head", "n_positions", "n_ctx", "d_model", "num_layers", "num_heads",
+)  # fmt: skip
+_CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "auto")
+
+
+def _check_config_types(config: dict, path: Path) -> None:
+    """Refuse what transformers' config loading would refuse later, on the server."""
+
+    def bad(field: str, want: str) -> UserError:
+        return UserError(f"{path}: {field} is {json.dumps(config[field])[:80]}, not {want}", "fix or regenerate config.json")
+
+    architectures = config.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) and a for a in architectures)
+    ):
+        raise bad("architectures", "a list of class names")
+    for field in ("model_type", "torch_dtype", "dtype"):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            raise bad(field, "a string")
+    for field in ("torch_dtype", "dtype"):
+        if isinstance(config.get(field), str) and config[field] not in _CONFIG_DTYPES:
+            raise bad(field, f"one of {', '.join(_CONFIG_DTYPES)}")
+    for field in ("auto_map", "quantization_config"):
+        if config.get(field) is not None and not isinstance(config[field], dict):
+            raise bad(field, "a JSON object")
+    for field in _CONFIG_SIZES:
+        value = config.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise bad(field, "a positive whole number")
+    if config.get("is_encoder_decoder") is not None and not isinstance(config["is_encoder_decoder"], bool):
+        raise bad("is_encoder_decoder", "true or false")
 
 
 def _list_files(folder: Path, *, allow_pickle: bool) -> tuple[list[ModelFile], list[str]]:
@@ -297,7 +336,9 @@ def _check_index(folder: Path, present: set[str]) -> None:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         shards = set(weight_map.values())
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        if not all(isinstance(key, str) for key in weight_map):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise UserError(f"{index_path} is not a valid safetensors index (no weight_map)", "regenerate it with save_pretrained") from None
     for shard in sorted(shards):
         if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("..", "."):
@@ -305,6 +346,11 @@ def _check_index(folder: Path, present: set[str]) -> None:
     missing = sorted(shards - present)
     if missing:
         raise UserError(f"{folder} is missing shards named in its index: {', '.join(missing[:3])}", "download the missing shards")
+    for tensor, shard in weight_map.items():
+        if tensor not in read_safetensors_header(folder / shard):
+            raise UserError(
+                f"{index_path} puts tensor {tensor!r} in {shard}, which does not hold it", "regenerate the index with save_pretrained"
+            )
 
 
 def read_safetensors_header(path: str | Path) -> dict:
@@ -325,34 +371,64 @@ def read_safetensors_header(path: str | Path) -> dict:
         raise UserError(f"{path.name} has a corrupt safetensors header", "re-download or re-save the file") from None
     if not isinstance(header, dict):
         raise UserError(f"{path.name} has a corrupt safetensors header", "re-download or re-save the file")
-    header.pop("__metadata__", None)
-    data_len = size - 8 - header_len
-    end_max = 0
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise UserError(f"{path.name}: its __metadata__ must map names to strings", "re-save the file with safetensors")
+    return _check_tensor_layout(path, header, size - 8 - header_len)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_tensor_layout(path: Path, header: dict, data_len: int) -> dict:
+    """The checks safetensors makes when it opens the file: well-typed entries whose byte ranges
+    tile the data exactly (no gap, no overlap, nothing past or short of the end)."""
+    redo = "the file is corrupt; re-download or re-save it"
+    spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path.name}: tensor {name!r} has a malformed header entry", "re-download or re-save the file") from None
-        if end - begin != expected or begin < 0:
-            raise UserError(
-                f"{path.name}: tensor {name!r} claims {end - begin} bytes but its shape {shape} x {dtype} needs {expected}",
-                "the file is corrupt; re-download or re-save it",
-            )
-        end_max = max(end_max, end)
-    if end_max > data_len:
-        raise UserError(
-            f"{path.name} is truncated: its header needs {end_max} data bytes, the file has {data_len}",
-            "re-download or re-save the file",
-        )
+        entry = f"{path.name}: tensor {name!r}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise UserError(f"{entry} has a malformed header entry (needs exactly dtype, shape, data_offsets)", redo)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise UserError(f"{entry} has an unknown dtype {json.dumps(dtype)[:40]}", redo)
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise UserError(f"{entry} has shape {json.dumps(shape)[:80]}, not a list of non-negative whole numbers", redo)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
+            raise UserError(f"{entry} has data_offsets {json.dumps(offsets)[:80]}, not [begin, end] byte positions", redo)
+        begin, end = offsets
+        expected = math.prod(shape) * DTYPE_BYTES[dtype]
+        if end - begin != expected:
+            raise UserError(f"{entry} claims {end - begin} bytes but its shape {shape} x {dtype} needs {expected}", redo)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if end > data_len:
+            raise UserError(f"{path.name} is truncated: its header needs {end} data bytes, the file has {data_len}", "re-download or re-save the file")
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves a gap of {begin - position} bytes before it"
+            raise UserError(f"{path.name}: tensor {name!r} {what} (data_offsets {[begin, end]})", redo)
+        position = end
+    if position != data_len:
+        raise UserError(f"{path.name} has {data_len - position} bytes after its last tensor, which safetensors refuses", redo)
     return header
 
 
 def _scan_safetensors(files: list[ModelFile]) -> tuple[int, str | None]:
     parameters = 0
     bytes_by_dtype: Counter[str] = Counter()
+    seen: dict[str, str] = {}
     for f in files:
-        for info in read_safetensors_header(f.path).values():
+        header = read_safetensors_header(f.path)
+        for tensor in header:
+            if tensor in seen:
+                raise UserError(
+                    f"tensor {tensor!r} is in two weight files ({seen[tensor]} and {f.name}): the loader cannot tell which to use",
+                    "remove the stale file (often a leftover from an earlier save) and keep one copy",
+                )
+            seen[tensor] = f.name
+        for info in header.values():
             count = math.prod(info["shape"])
             parameters += count
             bytes_by_dtype[info["dtype"]] += count * DTYPE_BYTES[info["dtype"]]

@@ -236,6 +236,14 @@ def _deployment_changes(plan: Plan, existing: Endpoint) -> list[str]:
         changed.append(f"instance {existing.instance} -> {asked}")
     if existing.runtime and existing.runtime != plan.runtime:
         changed.append(f"runtime {existing.runtime} -> {plan.runtime}")
+    # SageMaker reports the user's tags ("tags"); Vertex its labels, its own among them ("labels"): removals only from the first.
+    reported = existing.details.get("tags", existing.details.get("labels"))
+    if isinstance(reported, dict):
+        moved = [f"{k} {reported[k]} -> {v}" if k in reported else f"+{k}" for k, v in sorted(plan.spec.tags.items()) if reported.get(k) != v]
+        if isinstance(existing.details.get("tags"), dict):
+            moved += [f"-{k}" for k in sorted(reported) if k not in plan.spec.tags]
+        if moved:
+            changed.append(f"tags changed ({', '.join(moved)})")
     return changed
 
 

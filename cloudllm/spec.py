@@ -44,7 +44,7 @@ def default_endpoint_name(model_path: str | Path) -> str:
 class ServingOptions(BaseModel):
     """Knobs of the generated model server (code/settings.json). Unset fields keep the runtime's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_input_tokens: int | None = Field(None, ge=1, le=1_048_576, description="Longest prompt accepted, in tokens.")
     max_total_tokens: int | None = Field(
@@ -61,7 +61,7 @@ class ServingOptions(BaseModel):
 class DeploySpec(BaseModel):
     """One endpoint: which model, where, on what, and how it scales."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `--scale-target inf` must not reach a scaling policy
 
     name: str = Field(description="Endpoint name: 1-63 letters, digits and hyphens (valid on every provider).")
     model: str = Field(description="Path of the model folder (config.json + *.safetensors) or a hub cache folder.")

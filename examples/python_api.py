@@ -31,7 +31,9 @@ def main(model: str) -> int:
 
     # Call it (`cloudllm invoke`), whole or streamed.
     answer = cloudllm.invoke("py-demo", "Once upon a time", parameters={"max_new_tokens": 12})
-    print("answer:", answer)
+    print("answer:", answer)  # the generated text (random words: the tiny model has random weights)
+    response = cloudllm.invoke("py-demo", "Once upon a time", parameters={"max_new_tokens": 12}, full_response=True)
+    print("response:", response)  # the endpoint's JSON, as it answered
     print("stream:", "".join(cloudllm.invoke_stream("py-demo", "Once upon a time", parameters={"max_new_tokens": 12})))
 
     # A whole cloudllm.yaml (`cloudllm apply`): plan everything, then create, update or leave each.

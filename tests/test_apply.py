@@ -275,6 +275,8 @@ def test_python_api_example_runs(tiny_gpt2: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "deleted" in result.stdout
+    answer = next(line for line in result.stdout.splitlines() if line.startswith("answer: "))
+    assert answer != "answer: " and not answer.startswith("answer: [")  # cloudllm.invoke returns the text, not the response list
 
 
 # --- a CI runner with no records: ownership by tag, on the SageMaker emulator ------------------------
@@ -326,3 +328,20 @@ def test_vertex_prune_from_a_fresh_machine_finds_the_files_endpoints_by_label(ve
         for name in ("vx-a", "vx-b", "vx-manual"):
             run_cli("delete", name, "--provider", "vertex", "--purge-artifacts")
         vertex_emulator.serve_engine_images = True
+
+
+@pytest.mark.slow
+def test_adopting_a_deployed_endpoint_names_the_tag_it_adds(sagemaker_emulator, project: Path) -> None:
+    """`apply` over an endpoint `deploy` made: the reason names what changed (the file's tag), never a bare "settings changed"."""
+    flags = ["--provider", "sagemaker", "--runtime", "handler", "--instance", "ml.m5.xlarge",
+             "--bucket", f"{sagemaker_emulator.bucket}/models", "--role", sagemaker_emulator.role]  # fmt: skip
+    made = run_cli("deploy", str(project / "models" / "tiny"), "--name", "sm-adopt", "--tag", "team=a", *flags)
+    assert made.returncode == 0, made.stderr
+    retagged = run_cli("deploy", str(project / "models" / "tiny"), "--name", "sm-adopt", "--tag", "team=b", "--dry-run", "--json", *flags)
+    assert "tags changed (team a -> b)" in json.loads(retagged.stdout)["reasons"], retagged.stdout
+    common = f"    provider: sagemaker\n    model: models/tiny\n    runtime: handler\n    instance: ml.m5.xlarge\n    bucket: {sagemaker_emulator.bucket}/models\n    tags: {{team: a}}\n    options: {{role: {sagemaker_emulator.role}}}\n"
+    path = write(project, f"file_id: adopt\nendpoints:\n  - name: sm-adopt\n{common}")
+    planned = apply_json("-f", str(path), "--dry-run", env={})
+    reasons = by_name(planned)["sm-adopt"]["reasons"]
+    assert f"tags changed (+{FILE_TAG})" in reasons and "deployment settings changed" not in reasons, reasons
+    assert run_cli("delete", "sm-adopt", "--yes").returncode == 0

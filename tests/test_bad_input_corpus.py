@@ -103,6 +103,62 @@ def _offsets_past_the_end(folder: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
+def _edit_header(change: Callable[[dict, str], None]) -> Callable[[Path], None]:
+    """Rewrite the safetensors header of model.safetensors (first tensor by name), data bytes unchanged."""
+
+    def edit(folder: Path) -> None:
+        path, data, n = _weights(folder)
+        header = json.loads(data[8 : 8 + n])
+        change(header, sorted(k for k in header if k != "__metadata__")[0])
+        raw = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+    return edit
+
+
+def _offsets_as_strings(header: dict, name: str) -> None:
+    header[name]["data_offsets"] = [str(o) for o in header[name]["data_offsets"]]
+
+
+def _negative_shape(header: dict, name: str) -> None:
+    header[name]["shape"] = [-d for d in header[name]["shape"]] if len(header[name]["shape"]) % 2 == 0 else [-1, -header[name]["shape"][0]]
+
+
+def _overlapping_offsets(header: dict, name: str) -> None:
+    """Two tensors of one size made to share the same bytes (and leave a gap): safetensors refuses overlaps."""
+    sizes: dict[int, str] = {}
+    for other, info in sorted(header.items()):
+        if other == "__metadata__":
+            continue
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        if size in sizes:
+            info["data_offsets"] = list(header[sizes[size]]["data_offsets"])
+            return
+        sizes[size] = other
+    raise AssertionError("no two tensors of one size in the tiny model")
+
+
+def _unknown_dtype(header: dict, name: str) -> None:
+    header[name]["dtype"] = "F12"
+
+
+def _metadata_not_strings(header: dict, name: str) -> None:
+    header["__metadata__"] = {"format": 5}
+
+
+def _trailing_bytes(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes() + b"\0" * 64)
+
+
+def _tensor_in_two_files(folder: Path) -> None:
+    shutil.copy(folder / "model.safetensors", folder / "model-copy.safetensors")
+
+
+def _index_lies_about_a_tensor(folder: Path) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"no.such.tensor": "model.safetensors"}}))
+
+
 def _index_traversal(folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/passwd"}}))
 
@@ -307,6 +363,38 @@ CASES = [
          "--trust-remote-code"),  # fmt: skip
     Case("unknown-architecture", "model", _inspect(_config_edit(architectures=["GPT2Mystery"])), 2, "--task"),
     Case("no-tokenizer-files", "model", _deploy_bad(_no_tokenizer), 2, "no tokenizer files", subprocess=True),
+    # what the loader (safetensors, transformers' config) would refuse on the server, caught at inspect
+    Case("architectures-a-string", "model", _inspect(_config_edit(architectures="GPT2LMHeadModel")), 2, "architectures"),
+    Case("architectures-of-numbers", "model", _deploy_bad(_config_edit(architectures=[1, 2])), 2, "architectures"),
+    Case("config-size-a-string", "model", _inspect(_config_edit(n_layer="two")), 2, "n_layer"),
+    Case("config-negative-size", "model", _inspect(_config_edit(vocab_size=-5)), 2, "vocab_size"),
+    Case("config-dtype-unknown", "model", _inspect(_config_edit(torch_dtype="float13")), 2, "torch_dtype"),
+    Case("config-auto-map-a-list", "model", _inspect(_config_edit(auto_map=["x"])), 2, "auto_map"),
+    Case("data-offsets-strings", "model", _inspect(_edit_header(_offsets_as_strings)), 2, "data_offsets"),
+    Case("shape-negative", "model", _deploy_bad(_edit_header(_negative_shape)), 2, "shape"),
+    Case("offsets-overlap", "model", _inspect(_edit_header(_overlapping_offsets)), 2, "overlaps"),
+    Case("dtype-unknown", "model", _inspect(_edit_header(_unknown_dtype)), 2, "unknown dtype"),
+    Case("metadata-not-strings", "model", _inspect(_edit_header(_metadata_not_strings)), 2, "__metadata__"),
+    Case("bytes-after-last-tensor", "model", _inspect(_trailing_bytes), 2, "after its last tensor"),
+    Case("tensor-in-two-files", "model", _deploy_bad(_tensor_in_two_files), 2, "in two weight files"),
+    Case("index-names-a-missing-tensor", "model", _inspect(_index_lies_about_a_tensor), 2, "no.such.tensor"),
+    # numbers and characters no endpoint or policy can take
+    Case("scale-target-inf", "flags", _deploy("--scale-target", "inf"), 2, "scale_target"),
+    Case("scale-target-nan", "flags", _deploy("--scale-target", "nan"), 2, "scale_target"),
+    Case("batch-wait-inf", "flags", _deploy("--batch-wait-ms", "inf"), 2, "max_batch_wait_ms"),
+    Case("param-nan", "flags", lambda ws: ["invoke", "ghost", "hi", "--param", "temperature=NaN", "--provider", "local"], 2, "temperature=NaN"),
+    Case("param-too-large", "flags", lambda ws: ["invoke", "ghost", "hi", "--param", "top_p=1e999", "--provider", "local"], 2, "1e999"),
+    Case("body-infinity", "flags", lambda ws: ["invoke", "ghost", "--body", '{"inputs": "x", "parameters": {"top_p": Infinity}}',
+                                               "--provider", "local"], 2, "Infinity"),  # fmt: skip
+    Case("invoke-timeout-nan", "flags", lambda ws: ["invoke", "ghost", "hi", "--timeout", "nan"], 2, "--timeout"),
+    Case("invoke-timeout-inf", "flags", lambda ws: ["invoke", "ghost", "hi", "--timeout", "inf"], 2, "--timeout"),
+    Case("home-is-a-file", "flags", lambda ws: ["list"], 2, "is a file", env={"CLOUDLLM_HOME": "/dev/null"}),
+    Case("yaml-nul-in-path", "yaml", _apply(_EP.replace("models/tiny", '"models/ti\\0ny"')), 2, "NUL"),
+    Case("yaml-deep-nesting", "yaml", _apply(_EP + "    options:\n      x: " + "[" * 5000 + "]" * 5000 + "\n"), 2, "nests deeper"),
+    Case("yaml-deep-block-nesting", "yaml", _apply(_EP + "    options:\n" + "".join(f"{'  ' * (i + 3)}k{i}:\n" for i in range(60))), 2,
+         "nests deeper"),  # fmt: skip
+    Case("yaml-unset-variable", "yaml", _apply(_EP + "    options:\n      hf_token: ${CLOUDLLM_CORPUS_UNSET}\n"), 2,
+         "${CLOUDLLM_CORPUS_UNSET} is not set"),  # fmt: skip
 ]
 
 

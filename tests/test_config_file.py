@@ -299,3 +299,14 @@ def test_docs_schema_file_is_current() -> None:
     """docs/cloudllm.schema.json (what the examples point editors at) is `cloudllm schema`, written out."""
     written = json.loads((Path(__file__).parent.parent / "docs" / "cloudllm.schema.json").read_text())
     assert written == json.loads(json.dumps(file_schema())), "regenerate: cloudllm schema > docs/cloudllm.schema.json"
+
+
+def test_environment_variables_are_expanded_never_stored_literally(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = project / "cloudllm.yaml"
+    path.write_text("endpoints:\n  - name: a\n    model: models/tiny\n    options: {hf_token: '${CLOUDLLM_TEST_TOKEN}', note: 'at ${CLOUDLLM_TEST_WHERE}!'}\n")
+    monkeypatch.setenv("CLOUDLLM_TEST_TOKEN", "tok-123")
+    monkeypatch.setenv("CLOUDLLM_TEST_WHERE", "home")
+    assert load_file(path).endpoints[0].options == {"hf_token": "tok-123", "note": "at home!"}
+    monkeypatch.delenv("CLOUDLLM_TEST_TOKEN")
+    with pytest.raises(UserError, match=r"cloudllm.yaml:4: \$\{CLOUDLLM_TEST_TOKEN\} is not set"):
+        load_file(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -74,7 +75,7 @@ def test_the_pytest_plugin_gives_users_the_fixtures(pytester: pytest.Pytester) -
             def test_my_model_answers(cloudllm_home, tiny_gpt2):
                 cloudllm.deploy(tiny_gpt2, provider="local", name="mine")
                 answer = cloudllm.invoke("mine", "Hello", parameters={"max_new_tokens": 3})
-                assert isinstance(answer[0]["generated_text"], str)
+                assert isinstance(answer, str)
                 cloudllm.delete("mine")
                 assert cloudllm.list_endpoints() == []
             """
@@ -82,3 +83,49 @@ def test_the_pytest_plugin_gives_users_the_fixtures(pytester: pytest.Pytester) -
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_github_workflow_installs_cloudllm_from_its_repository_not_an_index() -> None:
+    """cloudllm is published on no package index: every install of it is from a checkout of its repository."""
+    workflow = yaml.safe_load((EXAMPLES / "github-actions.yml").read_text())
+    for job_name, job in workflow["jobs"].items():
+        checkouts = {step["with"]["path"] for step in job["steps"] if step.get("uses", "").startswith("actions/checkout") and "path" in step.get("with", {})}
+        installs = [step["run"] for step in job["steps"] if "pip install" in step.get("run", "")]
+        assert installs, job_name
+        for command in installs:
+            wanted = [word.strip("\"'") for word in command.split() if "cloudllm" in word and not word.startswith(("-c", ".cloudllm/constraints"))]
+            for requirement in wanted:
+                folder = requirement.split("[")[0]
+                assert folder.startswith("./") and folder[2:] in checkouts, (job_name, requirement, checkouts)
+
+
+def _commented_commands(path: Path) -> list[str]:
+    """The shell commands a file's header comments tell the user to run (`#   cloudllm ...`, `#   python ...`)."""
+    commands = []
+    for line in path.read_text().splitlines():
+        text = line.removeprefix("#").strip()
+        if line.startswith("#   ") and text.split(" ")[0] in ("cloudllm", "python"):
+            commands.append(text)
+    return commands
+
+
+def test_the_local_yaml_example_works_as_its_comments_say(tmp_path: Path) -> None:
+    """Build the model the comments name, apply the file, invoke both endpoints: from a repository
+    root, as the comments are written, with the user's shell (the venv's bin on PATH)."""
+    (tmp_path / "examples").mkdir()
+    shutil.copy(EXAMPLES / "cloudllm.local.yaml", tmp_path / "examples" / "cloudllm.local.yaml")
+    commands = _commented_commands(EXAMPLES / "cloudllm.local.yaml")
+    assert any(c.startswith("cloudllm apply") for c in commands) and any(c.startswith("python -m") for c in commands), commands
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        for command in commands:
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+            if command.startswith("cloudllm invoke"):
+                assert done.stdout.strip(), command
+        listed = subprocess.run(["cloudllm", "list", "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert {e["name"]: e["state"] for e in json.loads(listed.stdout)} == {"chat": "InService", "chat-long": "InService"}
+    finally:
+        for name in ("chat", "chat-long"):
+            subprocess.run(["cloudllm", "delete", name], env=env, capture_output=True, timeout=120)
+

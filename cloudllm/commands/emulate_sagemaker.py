@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cloudllm.commands.emulate import run_until_stopped
+from cloudllm.commands.emulate import require_free_port, run_until_stopped
 
 
 @click.command("sagemaker")
@@ -29,6 +29,7 @@ def emulate_sagemaker(port: int, host: str, region: str, log_requests: bool) -> 
       cloudllm deploy ./my-model --provider sagemaker --runtime handler --instance ml.m5.xlarge \\
           --bucket s3://cloudllm-emulator/models --role arn:aws:iam::123456789012:role/cloudllm-emulator-sagemaker
     """
+    require_free_port(host, port)
     from cloudllm_emulators.sagemaker import SageMakerEmulator
 
     with SageMakerEmulator(port=port, host=host, region=region, log_requests=log_requests) as emulator:

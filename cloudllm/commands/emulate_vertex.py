@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cloudllm.commands.emulate import run_until_stopped
+from cloudllm.commands.emulate import require_free_port, run_until_stopped
 
 
 @click.command("vertex")
@@ -30,6 +30,8 @@ def emulate_vertex(host: str, port: int, storage_port: int, project: str, bucket
       cloudllm deploy ./my-model --provider vertex --runtime handler --instance n1-standard-4 \\
           --bucket gs://my-bucket/models
     """
+    require_free_port(host, port)
+    require_free_port(host, storage_port, "--storage-port")
     from cloudllm_emulators.vertex import VertexEmulator
 
     with VertexEmulator(host=host, port=port, storage_port=storage_port, project=project) as emulator:

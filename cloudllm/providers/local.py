@@ -4,7 +4,9 @@ It runs the very code a cloud container runs (`python code/serve.py serve`), so 
 deploy that works here differs from the cloud only in the hardware. State lives in
 $CLOUDLLM_HOME/local/<name>/: one folder per deployed version (its artifact) and
 state.json pointing at the live one; server logs go to $CLOUDLLM_HOME/logs/. An update starts the new version beside the
-old, switches state.json once the new one is healthy, then stops the old.
+old, switches state.json once the new one is healthy, then stops the old. The endpoint's URL is
+a small relay (cloudllm/local_front.py) whose port never changes, pointed at the live server,
+so an update keeps the URL clients saved.
 
 A server whose model fails to load says so on /ping (503 {"status": "failed", "error": ...});
 a deploy stops waiting at once, stops that server, and leaves no state behind (its log stays
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,17 +31,19 @@ import httpx
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
-from cloudllm.home import home_dir
+from cloudllm.home import home_dir, write_atomic
 from cloudllm.http import post_json, stream_tokens
 from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider
 from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
 from cloudllm.providers.kit import Pending
-from cloudllm.providers.kit.server import alive as _alive
-from cloudllm.providers.kit.server import start_server, stop_server as _stop, wait_healthy
+from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
 from cloudllm.records import load_record
 
 STATE_FILE = "state.json"
+SERVER_FILE = "server.json"  # in each version folder: the server started for it, written before it loads
+BACKEND_FILE = "backend"  # "PORT PID" of the live server: where the endpoint's stable URL relays to
+FRONT_FILE = "front.json"  # the relay's pid and port
 DEFAULT_START_TIMEOUT = 600
 
 
@@ -56,22 +63,29 @@ class LocalProvider(Provider):
         return home_dir("local") / name
 
     def _state(self, name: str) -> dict | None:
+        """The live version's state; a damaged or hand-edited file is a UserError naming it."""
         path = self._root(name) / STATE_FILE
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+        if not path.exists():
             return None
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            state = exc
+        if not _valid_state(state):
+            raise UserError(
+                f"the local server state {path} is damaged",
+                f"run `cloudllm delete {name}` (it stops only servers it can prove are this endpoint's), then deploy again",
+            )
+        return state
 
     def _write_state(self, name: str, state: dict) -> None:
-        path = self._root(name) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(self._root(name) / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
     # --- verbs ------------------------------------------------------------------------
     def deploy(self, plan, reporter: Reporter) -> Endpoint:
         """Start the server; with plan.wait False (--no-wait), return once it has a port."""
         state = self._start_version(plan, reporter, wait=plan.wait)
+        self._point_front(plan.spec.name, state)
         self._write_state(plan.spec.name, state)
         return self._endpoint(plan.spec.name, state)
 
@@ -83,9 +97,10 @@ class LocalProvider(Provider):
         """
         old = self._state(plan.spec.name)
         state = self._start_version(plan, reporter, wait=True)
+        self._point_front(plan.spec.name, state)
         self._write_state(plan.spec.name, state)
         if old and old.get("version") != state["version"]:
-            _stop(old.get("pid"), old.get("artifact"))
+            stop_server(old.get("pid"), _serve_py(old.get("artifact")))
             shutil.rmtree(self._root(plan.spec.name) / old["version"], ignore_errors=True)
             reporter.step(f"stopped the previous server (pid {old.get('pid')})")
         return self._endpoint(plan.spec.name, state)
@@ -99,8 +114,13 @@ class LocalProvider(Provider):
         return [ep for d in sorted(root.iterdir()) if d.is_dir() and (ep := self.get(d.name))]
 
     def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None:
-        state = self._state(name)
         root = self._root(name)
+        try:
+            state = self._state(name)
+        except UserError:
+            state = None  # damaged: the servers' own files below still say what to stop
+        stopped = _stop_started(root) if root.is_dir() else 0
+        _stop_front(root)
         if state is None:
             # A record of ours whose state is gone (a wiped $CLOUDLLM_HOME/local), or a folder a
             # killed deploy left: nothing runs, so it is already deleted and the caller drops the record.
@@ -109,9 +129,10 @@ class LocalProvider(Provider):
             if not ours:
                 raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
             shutil.rmtree(root, ignore_errors=True)
-            (reporter or Reporter()).step(f"no local server state for {name}: nothing was running")
+            if not stopped:
+                (reporter or Reporter()).step(f"no local server state for {name}: nothing was running")
             return
-        _stop(state.get("pid"), state.get("artifact"))
+        stop_server(state.get("pid"), _serve_py(state.get("artifact")))
         shutil.rmtree(root, ignore_errors=True)
 
     def invoke(self, name: str, body: dict) -> Any:
@@ -134,7 +155,14 @@ class LocalProvider(Provider):
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
         # Lines without a time of their own (uvicorn's, a traceback's) go with the timed line before them.
         shown = since is None
-        with open(state["log"], encoding="utf-8", errors="replace") as fh:
+        try:
+            fh = open(state["log"], encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise UserError(
+                f"cannot read endpoint {name}'s log {state['log']}: {exc.strerror}",
+                "a deleted log comes back when the server is restarted: run `cloudllm deploy` again",
+            ) from None
+        with fh:
             while True:
                 line = fh.readline()
                 if line:
@@ -143,19 +171,33 @@ class LocalProvider(Provider):
                         shown = written is not None and written >= since
                     if shown:
                         yield line.rstrip("\n")
-                elif follow and _alive(state.get("pid"), state.get("artifact")):
+                elif follow and alive(state.get("pid"), _serve_py(state.get("artifact"))):
                     time.sleep(0.2)
                 else:
                     return
 
     # --- helpers ----------------------------------------------------------------------
+    def _point_front(self, name: str, state: dict) -> None:
+        """Point the endpoint's relay at state's server (starting the relay, on its old port, if it
+        is not running); state["front_url"] is the URL clients keep. Without a relay, the server's own."""
+        root = self._root(name)
+        if not state.get("url"):
+            return
+        port = int(state["url"].rsplit(":", 1)[1])
+        write_atomic(root / BACKEND_FILE, f"{port} {state['pid']}\n")
+        front = _read_json(root / FRONT_FILE) or {}
+        if not _front_running(root):
+            front = _start_front(root, front.get("port") if isinstance(front.get("port"), int) else 0) or {}
+        if isinstance(front.get("port"), int):
+            state["front_url"] = f"http://127.0.0.1:{front['port']}"
+
     def _live_url(self, name: str) -> str:
         state = self._state(name)
         if state is None:
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`, or deploy it first")
-        if not _alive(state.get("pid"), state.get("artifact")):
+        if not alive(state.get("pid"), _serve_py(state.get("artifact"))):
             raise self._unreachable(name)
-        return state["url"]
+        return state.get("front_url") if _front_running(self._root(name)) else state["url"]
 
     def _unreachable(self, name: str) -> DeployFailed:
         state = self._state(name) or {}
@@ -166,19 +208,23 @@ class LocalProvider(Provider):
         )
 
     def _endpoint(self, name: str, state: dict) -> Endpoint:
-        alive = _alive(state.get("pid"), state.get("artifact"))
-        health = _health(state["url"]) if alive and state.get("url") else {}
-        if not alive:
-            status, reason = "Failed", _last_line(state.get("log")) or "server process exited"
+        running = alive(state.get("pid"), _serve_py(state.get("artifact")))
+        health = _health(state["url"]) if running and state.get("url") else {}
+        if not running:
+            tail = _last_line(state.get("log"))
+            status, reason = "Failed", f"the server (pid {state.get('pid')}) is not running" + (f"; its log ends: {tail}" if tail else "")
         elif health.get("status") == "failed":  # up, but its model did not load (a --no-wait deploy)
             status, reason = "Failed", _one_line(f"the model failed to load: {health.get('error') or 'no reason given'}")
+        elif state.get("url") and not health:
+            status = "NotResponding"
+            reason = f"the server (pid {state['pid']}) runs but does not answer {state['url']}/ping; see `cloudllm logs {name}`"
         else:
             status, reason = ("InService" if health.get("status") == "ok" else "Loading"), None
         return Endpoint(
             name=name,
             provider=self.name,
             state=status,
-            url=state["url"],
+            url=state.get("front_url") or state["url"],
             model=state.get("model"),
             digest=state.get("digest"),
             runtime="handler",
@@ -194,9 +240,8 @@ class LocalProvider(Provider):
         root = self._root(name)
         version_dir = root / version
         live = self._state(name)
-        if live and live.get("version") == version:
-            # Same artifact, but its server died: start it again in place.
-            _stop(live.get("pid"), live.get("artifact"))
+        if root.is_dir():  # servers an interrupted deploy started, and a dead live one of this same version
+            _stop_started(root, keep=None if live is None or live.get("version") == version else live.get("version"))
         shutil.rmtree(version_dir, ignore_errors=True)
         version_dir.mkdir(parents=True)
         artifact = plan.bundle.write(version_dir / "artifact")
@@ -209,6 +254,8 @@ class LocalProvider(Provider):
              "--grpc-port", str(grpc_port)],
             log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
+        # Before it loads: a deploy killed from here on (even SIGKILL) leaves a server the next deploy or delete stops.
+        write_atomic(version_dir / SERVER_FILE, json.dumps({"pid": process.pid, "artifact": str(artifact)}))
         state = {
             "version": version,
             "pid": process.pid,
@@ -222,7 +269,7 @@ class LocalProvider(Provider):
         try:
             state["url"] = self._wait_healthy(process, port_file, log_path, plan, reporter, wait=wait)
         except BaseException:
-            _stop(process.pid, str(artifact))
+            stop_server(process.pid, _serve_py(str(artifact)))
             # A first deploy leaves no local/<name>/ behind; an update keeps the live version's.
             shutil.rmtree(version_dir if live else root, ignore_errors=True)
             raise
@@ -281,6 +328,96 @@ def _health(url: str) -> dict:
     except (httpx.HTTPError, ValueError):
         return {}
     return body if isinstance(body, dict) else {}
+
+
+
+
+
+
+def _valid_state(state: object) -> bool:
+    """state.json as a deploy writes it (a hand edit or a damaged file must not steer a signal)."""
+    if not isinstance(state, dict):
+        return False
+    strings = ("version", "artifact", "log")
+    return (
+        all(isinstance(state.get(key), str) and state[key] for key in strings)
+        and isinstance(state.get("pid"), int)
+        and all(
+            state.get(key) is None or (isinstance(state[key], str) and re.fullmatch(r"http://127\.0\.0\.1:\d{1,5}", state[key]))
+            for key in ("url", "front_url")
+        )
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _front_running(root: Path) -> bool:
+    """The relay of root is running: its command line names root's backend file (a recycled pid does not)."""
+    front = _read_json(root / FRONT_FILE)
+    pid = front.get("pid") if isinstance(front, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return False
+    return runs(pid, "cloudllm.local_front", str(root / BACKEND_FILE))
+
+
+def _start_front(root: Path, port: int) -> dict | None:
+    """Start root's relay on port (its old one; any free one if that is taken). None if it would not start."""
+    port_file = root / "front.port"
+    for attempt in dict.fromkeys((port, 0)):
+        port_file.unlink(missing_ok=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cloudllm.local_front", "--backend-file", str(root / BACKEND_FILE),
+             "--port-file", str(port_file), "--port", str(attempt)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while process.poll() is None and not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if port_file.exists():
+            front = {"pid": process.pid, "port": int(port_file.read_text())}
+            write_atomic(root / FRONT_FILE, json.dumps(front))
+            return front
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    return None
+
+
+def _stop_front(root: Path) -> None:
+    if _front_running(root):
+        try:
+            os.kill(_read_json(root / FRONT_FILE)["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _stop_started(root: Path, keep: str | None = None) -> int:
+    """Stop the servers started for root's versions (their server.json), but the version `keep`; how many ran."""
+    stopped = 0
+    for server_file in root.glob(f"*/{SERVER_FILE}"):
+        if server_file.parent.name == keep:
+            continue
+        try:
+            server = json.loads(server_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(server, dict) and alive(server.get("pid"), _serve_py(server.get("artifact"))):
+            stop_server(server.get("pid"), _serve_py(server.get("artifact")))
+            stopped += 1
+    return stopped
+
+
+
+
+def _serve_py(artifact: object) -> str | None:
+    """What our server's command line holds: `python ARTIFACT/code/serve.py serve ...`."""
+    return str(Path(artifact) / "code" / "serve.py") if isinstance(artifact, str) and artifact else None
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -67,7 +67,7 @@ def test_invoke_text_stream_and_json(demo: dict, home: dict) -> None:
     assert streamed.stdout == text.stdout  # greedy decoding: the stream adds up to the same text
 
     body = json.dumps({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}})
-    raw = run_cli("invoke", "demo", "--json", body, "--raw", env=home)
+    raw = run_cli("invoke", "demo", "--body", body, "--raw", env=home)
     assert json.loads(raw.stdout) == [{"generated_text": text.stdout.rstrip("\n")}]
 
 
@@ -124,10 +124,10 @@ def test_changed_deploy_switches_then_stops_the_old_server(demo: dict, home: dic
 
 
 def test_bad_request_bodies_are_4xx_one_line(demo: dict, home: dict) -> None:
-    assert_one_line_error(run_cli("invoke", "demo", "--json", "{nope", env=home), code=2, contains="not valid JSON")
-    assert_one_line_error(run_cli("invoke", "demo", "--json", '{"parameters": {}}', env=home), code=2, contains="rejected")
+    assert_one_line_error(run_cli("invoke", "demo", "--body", "{nope", env=home), code=2, contains="not valid JSON")
+    assert_one_line_error(run_cli("invoke", "demo", "--body", '{"parameters": {}}', env=home), code=2, contains="rejected")
     assert_one_line_error(
-        run_cli("invoke", "demo", "--json", '{"inputs": 5}', env=home), code=2, contains="rejected"
+        run_cli("invoke", "demo", "--body", '{"inputs": 5}', env=home), code=2, contains="rejected"
     )
     assert run_cli("invoke", "demo", "still alive?", "--max-new-tokens", "2", env=home).returncode == 0
 
@@ -141,9 +141,10 @@ def test_unknown_and_invalid_names(home: dict) -> None:
 def test_died_server_is_reported_then_redeploy_recovers(home: dict, tiny_gpt2: Path) -> None:
     deployed = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "fragile", env=home)
     assert deployed.returncode == 0, deployed.stderr
-    pid = _state(home, "fragile")["pid"]
+    state = _state(home, "fragile")
+    pid = state["pid"]
     os.killpg(pid, signal.SIGKILL)
-    eventually(lambda: not alive(pid), what=f"server {pid} gone")
+    eventually(lambda: not alive(pid, str(Path(state["artifact"]) / "code" / "serve.py")), what=f"server {pid} gone")
     assert_one_line_error(run_cli("invoke", "fragile", "hi", env=home), code=1, contains="is not running")
     assert "Failed" in run_cli("status", "fragile", env=home).stdout
     redeployed = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "fragile", "--json", env=home)
@@ -320,3 +321,121 @@ def test_no_wait_create_of_a_model_that_fails_to_load_reports_failed(home: dict,
     assert endpoint["state"] == "Failed" and "the model failed to load" in endpoint["failure_reason"], endpoint
     assert run_cli("delete", "doomed", env=home).returncode == 0
     assert _servers_under(root / "local" / "doomed") == [] and not (root / "local" / "doomed").exists()
+
+
+# --- interrupted deploys, damaged state, frozen servers (issue 14) ------------------------------------
+def _started_server(home: dict, name: str) -> dict:
+    """The server a deploy records in its version folder before the model loads (waits until it is there)."""
+    root = Path(home["CLOUDLLM_HOME"]) / "local" / name
+
+    def recorded() -> dict | None:
+        found = list(root.glob("*/server.json"))
+        return json.loads(found[0].read_text()) if found and found[0].read_text().strip() else None
+
+    return eventually(recorded, what=f"{name}'s server.json")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/cmdline").read_bytes() != b""  # a zombie is not running
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_deploy_killed_while_the_model_loads_leaves_a_record_that_delete_cleans_up(home: dict, tiny_gpt2: Path, signum: int) -> None:
+    name = f"killed-{signum}"
+    deploy = subprocess.Popen([CLOUDLLM, "deploy", str(tiny_gpt2), "--provider", "local", "--name", name],
+                              env={**os.environ, **home}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    server = _started_server(home, name)
+    deploy.send_signal(signum)
+    _, err = deploy.communicate(timeout=120)
+    if signum == signal.SIGTERM:  # unwinds like Ctrl-C: the half-started server is stopped, and it says what to do
+        assert "cloudllm delete" in err and not _running(server["pid"]), err
+    listed = run_cli("list", "--json", env=home)
+    endpoint = next(e for e in json.loads(listed.stdout) if e["name"] == name)
+    assert endpoint["state"] == "Incomplete" and f"cloudllm delete {name}" in endpoint["failure_reason"]
+    deleted = run_cli("delete", name, env=home)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not _running(server["pid"])
+    assert name not in run_cli("list", env=home).stdout
+
+
+def test_damaged_state_is_named_and_only_a_provably_ours_process_is_signalled(home: dict, tiny_gpt2: Path) -> None:
+    assert run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "damaged", env=home).returncode == 0
+    ours = _state(home, "damaged")["pid"]
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)  # a process that reused a pid, as far as state says
+    try:
+        state_file = Path(home["CLOUDLLM_HOME"]) / "local" / "damaged" / "state.json"
+        state_file.write_text(json.dumps({**_state(home, "damaged"), "pid": stranger.pid}))
+        status = run_cli("status", "damaged", "--json", env=home)
+        assert json.loads(status.stdout)["state"] == "Failed"  # not "our server": a pid alone proves nothing
+
+        state_file.write_text("{half a file")
+        listed = run_cli("list", env=home)
+        assert listed.returncode == 0 and "Unknown" in listed.stdout and str(state_file) in listed.stdout
+        assert_one_line_error(run_cli("invoke", "damaged", "hi", env=home), code=2, contains=str(state_file))
+
+        deleted = run_cli("delete", "damaged", env=home)
+        assert deleted.returncode == 0, deleted.stderr
+        assert not _running(ours)  # found through its own server.json, its command line checked
+        assert stranger.poll() is None  # never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_damaged_record_never_hides_the_other_endpoints(demo: dict, home: dict) -> None:
+    bad = Path(home["CLOUDLLM_HOME"]) / "endpoints" / "garbled.json"
+    bad.write_text('{"name": "garbled", "provider": 5}')
+    try:
+        listed = run_cli("list", env=home)
+        assert listed.returncode == 0 and "demo" in listed.stdout
+        assert str(bad) in listed.stderr and "Traceback" not in listed.stderr
+        assert_one_line_error(run_cli("status", "garbled", env=home), code=2, contains=str(bad))
+    finally:
+        bad.unlink()
+
+
+def test_records_are_private_to_their_owner(demo: dict, home: dict) -> None:
+    folder = Path(home["CLOUDLLM_HOME"]) / "endpoints"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / "demo.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_frozen_server_times_out_invoke_and_status_says_it_does_not_answer(home: dict, tiny_gpt2: Path) -> None:
+    assert run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "frozen", env=home).returncode == 0
+    pid = _state(home, "frozen")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert_one_line_error(run_cli("invoke", "frozen", "hi", "--timeout", "1", env=home), code=1, contains="did not answer within 1s")
+        status = json.loads(run_cli("status", "frozen", "--json", env=home).stdout)
+        assert status["state"] == "NotResponding" and "does not answer" in status["failure_reason"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert run_cli("invoke", "frozen", "hi", "--max-new-tokens", "2", env=home).returncode == 0
+    log = Path(_state(home, "frozen")["log"])
+    log.unlink()  # a user tidying up
+    assert_one_line_error(run_cli("logs", "frozen", env=home), code=2, contains=str(log))
+    assert run_cli("delete", "frozen", env=home).returncode == 0
+
+
+def test_an_update_keeps_the_url_clients_saved(home: dict, tiny_gpt2: Path) -> None:
+    first = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "steady", "--json", env=home)
+    assert first.returncode == 0, first.stderr
+    saved = json.loads(first.stdout)["endpoint"]["url"]
+    old_server = _state(home, "steady")["url"]
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 3}}
+    assert httpx.post(saved + "/invocations", json=body, timeout=60).status_code == 200
+
+    second = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "steady", "--max-new-tokens", "2", "--json", env=home)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["endpoint"]["url"] == saved and _state(home, "steady")["url"] != old_server
+    with pytest.raises(httpx.TransportError):
+        httpx.get(old_server + "/ping", timeout=2)  # the old server is gone; the saved URL reaches the new one
+    answered = httpx.post(saved + "/invocations", json=body, timeout=60)
+    assert answered.status_code == 422 and "max_new_tokens" in answered.text  # the new version's cap of 2
+    assert run_cli("delete", "steady", env=home).returncode == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(saved + "/ping", timeout=2)

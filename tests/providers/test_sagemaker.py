@@ -534,7 +534,7 @@ def test_image_is_honoured_and_a_server_image_streams(sagemaker_emulator, aws, t
     assert result.returncode == 0, result.stderr
     _, _, model = _live(aws, "sm-image")
     assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE
-    whole = api.invoke("sm-image", "Once upon a time", parameters={"max_new_tokens": 12}, provider="sagemaker")
+    whole = api.invoke("sm-image", "Once upon a time", parameters={"max_new_tokens": 12}, provider="sagemaker", full_response=True)
     pieces = list(api.invoke_stream("sm-image", "Once upon a time", parameters={"max_new_tokens": 12}, provider="sagemaker"))
     assert len(pieces) > 1 and "".join(pieces) == whole[0]["generated_text"]
     assert run_cli("delete", "sm-image", "--purge-artifacts", env=home).returncode == 0

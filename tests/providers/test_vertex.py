@@ -183,7 +183,7 @@ def test_tgi_serves_predict_and_refuses_stream(vertex_emulator, tiny_gpt2: Path)
     """The emulator stands in for TGI with the generated server behind TGI's Vertex route."""
     result = _deploy(tiny_gpt2, vertex_emulator, "tgi-serving", runtime="tgi", instance="g2-standard-8")
     assert vertex_emulator.state.replicas[result.endpoint.details["deployed_model_id"]].dialect == "tgi"
-    answer = api.invoke("tgi-serving", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")
+    answer = api.invoke("tgi-serving", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex", full_response=True)
     assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
 
     # TGI's Vertex route answers {"instances": [...]} with whole predictions only: --stream is refused, in one line
@@ -241,7 +241,7 @@ def test_invoke_and_stream_through_the_cli(vertex_emulator, handler_demo) -> Non
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == text.stdout  # greedy decoding: the stream adds up to the same text
 
-    raw = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")
+    raw = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex", full_response=True)
     assert len(raw["predictions"]) == 1 and raw["deployed_model_id"]
 
 
@@ -282,7 +282,7 @@ def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(verte
     assert json.loads(env["CLOUDLLM_SETTINGS"])["max_new_tokens"] == 64
     assert [v.version_id for v in models.list_model_versions(name=new.model)] == ["1", "2"]
 
-    assert api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")["predictions"]
+    assert api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex", full_response=True)["predictions"]
     unchanged = _deploy(tiny_gpt2, vertex_emulator, "handler-demo", runtime="handler", instance="n1-standard-4",
                         rollout="canary:25", serving={"max_new_tokens": 64})  # fmt: skip
     assert unchanged.action == "unchanged"
@@ -303,7 +303,7 @@ def test_a_failed_update_leaves_the_old_version_serving(vertex_emulator, clients
     assert [d.id for d in after.deployed_models] == [old.id] and dict(after.traffic_split) == {old.id: 100}
     assert [v.version_id for v in models.list_model_versions(name=old.model)] == ["1", old.model_version_id]  # the new one is gone
     assert [s.split()[2] for s in reporter.steps if s.startswith("cleaned up ")] == ["model", "artifacts"]
-    answer = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex")
+    answer = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex", full_response=True)
     assert answer["deployed_model_id"] == old.id
 
 
@@ -330,7 +330,7 @@ def test_a_failing_canary_moves_the_traffic_back_and_removes_the_new_version(ver
     assert [v.version_id for v in models.list_model_versions(name=first.endpoint.details["model"])] == ["1"]
     version_prefixes = {o.split("/")[2] for o in vertex_emulator.objects("cloudllm-test", "models/canary-fail/")}
     assert version_prefixes == {first.plan.bundle.stored.digest[:16]}  # the live prefix, which the failed version shared, is kept
-    assert api.invoke("canary-fail", "Hello", parameters={"max_new_tokens": 2}, provider="vertex")["deployed_model_id"] == old_id
+    assert api.invoke("canary-fail", "Hello", parameters={"max_new_tokens": 2}, provider="vertex", full_response=True)["deployed_model_id"] == old_id
 
     # delete without --purge-artifacts removes the endpoint and the model, and keeps the artifacts
     deleted = run_cli("delete", "canary-fail", "--provider", "vertex")
@@ -401,7 +401,7 @@ def test_no_wait_returns_while_it_deploys_and_image_is_honoured(vertex_emulator,
     _, deployed, model = _deployed(clients, api.deploy(tiny_gpt2, provider="vertex", name="no-wait", runtime="handler",
                                                        instance="n1-standard-4", bucket=vertex_emulator.bucket, image=image))  # fmt: skip
     assert model.container_spec.image_uri == image
-    assert api.invoke("no-wait", "Hello", parameters={"max_new_tokens": 2}, provider="vertex")["deployed_model_id"] == deployed.id
+    assert api.invoke("no-wait", "Hello", parameters={"max_new_tokens": 2}, provider="vertex", full_response=True)["deployed_model_id"] == deployed.id
     api.delete("no-wait", provider="vertex", purge_artifacts=True)
     vertex_emulator.replica_gate = None
 

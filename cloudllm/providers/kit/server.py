@@ -22,29 +22,31 @@ def start_server(argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, s
         )
 
 
-def alive(pid: int | None, marker: str | None = None) -> bool:
-    """True when pid runs and is our server (its command line names marker: not a recycled pid)."""
-    if not pid:
+def alive(pid: int | None, marker: str | None) -> bool:
+    """True when pid runs and provably is our server: its command line has marker (a recycled pid
+    runs something else). A process we cannot prove is ours (another user's, no marker) is not."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or not marker:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process, never ours
         return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            text = cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-        if not text:  # a zombie: exited, not yet reaped
-            return False
-        return marker is None or marker in text
-    return True
+    return runs(pid, marker)
 
 
-def stop_server(pid: int | None, marker: str | None = None, *, grace: float = 10.0, clock: Clock = SYSTEM_CLOCK) -> None:
+def runs(pid: int, *words: str) -> bool:
+    """pid's command line has each of words as an argument (a zombie has none). Without /proc (macOS), ps says."""
+    try:
+        argv = [part.decode(errors="replace") for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        if Path("/proc/self").exists():
+            return False
+        shown = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout
+        return all(word in shown for word in words)
+    return all(word in argv for word in words)
+
+
+def stop_server(pid: int | None, marker: str | None, *, grace: float = 10.0, clock: Clock = SYSTEM_CLOCK) -> None:
     """SIGTERM the server's process group, then SIGKILL it after `grace` seconds (SageMaker gives 30)."""
     if not alive(pid, marker):
         return

@@ -192,22 +192,23 @@ class VertexChecks:
                 f"--kms-key is in {key.group(1)}, and Vertex AI encrypts resources in {self.region} only with a key there",
                 f"use a key of projects/P/locations/{self.region}/keyRings/..., or deploy with --region {key.group(1)}",
             )
-        if not spec.bucket:
-            raise UserError("the vertex provider needs a bucket for the artifacts", "pass --bucket gs://BUCKET/PREFIX")
-        GcsUri.parse(spec.bucket)
+        if spec.bucket:  # required by preflight: `cloudllm plan` needs no account, so no bucket either
+            GcsUri.parse(spec.bucket)
         check_quantized_image(plan)
 
     def preflight(self, plan: "Plan") -> None:
         """Checks against the account: a project, credentials, and a bucket we may list and write."""
         from cloudllm.storage.gcs import GcsArtifacts, GcsUri
 
+        if not plan.spec.bucket:
+            raise UserError("the vertex provider needs a bucket for the artifacts", "pass --bucket gs://BUCKET/PREFIX")
         GcsArtifacts(project=self.project).check_bucket(GcsUri.parse(plan.spec.bucket))
 
     def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
         name = plan.spec.name
         if plan.action == "unchanged":
             return [ResourceChange(resource="endpoint", name=name, action="unchanged")]
-        version = version_prefix(plan)
+        version = version_prefix(plan) if plan.spec.bucket else "gs://BUCKET/..."
         changes = [ResourceChange(resource="artifacts", name=str(version), action="create", reason="only files not already in GCS are uploaded")]
         if plan.action == "create":
             changes += [
