@@ -1,4 +1,4 @@
-"""containers/Dockerfile cannot be built here (no Docker engine): check it up to that edge."""
+"""containers/Dockerfile as text: what it copies, its entrypoint, its pins (tests/containers/ build and run it)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ def test_quantized_weights_load_without_replacing_the_base_images_torch() -> Non
     template = (ROOT / "templates" / "requirements.txt.j2").read_text()
     (quanto,) = re.findall(r"^optimum-quanto\S*", requirements, re.MULTILINE)
     assert quanto in template
-    base = dict(_instructions())["FROM"]
-    torch = tuple(int(part) for part in re.search(r"pytorch:(\d+)\.(\d+)", base).groups())
+    from cloudllm.images.build import DEFAULT_BASE
+
+    assert f"ARG BASE={DEFAULT_BASE}" in DOCKERFILE.read_text()
+    torch = tuple(int(part) for part in re.search(r"pytorch:(\d+)\.(\d+)", DEFAULT_BASE).groups())
     assert torch >= (2, 6), base
+
+
+def test_runtime_code_is_the_last_layer_so_a_runtime_change_rebuilds_one_small_layer() -> None:
+    steps = [op for op, _ in _instructions() if op in ("COPY", "RUN")]
+    copies = [args for op, args in _instructions() if op == "COPY"]
+    assert steps[-1] == "COPY" and copies[-1].startswith("cloudllm_runtime ")
+    assert steps.index("RUN") > 0 and copies[0].startswith("containers/requirements.txt ")
