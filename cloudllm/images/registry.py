@@ -105,7 +105,9 @@ def _transport(uri: str) -> tuple[str, bool]:
     return f"{endpoint}/{uri.split('/', 1)[1]}", False
 
 
-_BLOB = re.compile(r"Copying blob (sha256:)?([0-9a-f]+)(.*)")
+# Without a terminal skopeo says "Copying blob X" for every layer; only its debug log says which it skipped.
+_BLOB = re.compile(r"^Copying blob (?:sha256:)?([0-9a-f]{12})")
+_SKIPPED = re.compile(r"Skipping blob (?:sha256:)?([0-9a-f]{12})[0-9a-f]* \(already present\)")
 
 
 def copy_image(source: str, uri: str, login: RegistryLogin, *, say: Callable[[str], None] = lambda _: None) -> PushResult:
@@ -119,33 +121,36 @@ def copy_image(source: str, uri: str, login: RegistryLogin, *, say: Callable[[st
         skopeo = shutil.which("skopeo")
         if skopeo:
             tool = Tool("skopeo", skopeo)
-            command = [skopeo, "copy", "--authfile", str(auth_file), f"--dest-tls-verify={str(verify).lower()}",
+            command = [skopeo, "--debug", "copy", "--authfile", str(auth_file), f"--dest-tls-verify={str(verify).lower()}",
                        "--digestfile", str(digest_file), f"containers-storage:{source}", f"docker://{target}"]
         else:
             tool = find_builder()
-            command = [tool.path, "push", "--authfile", str(auth_file), f"--tls-verify={str(verify).lower()}",
+            command = [tool.path, "--log-level=debug", "push", "--authfile", str(auth_file), f"--tls-verify={str(verify).lower()}",
                        "--digestfile", str(digest_file), source, f"docker://{target}"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sent = skipped = 0
+        layers: list[str] = []
+        skipped: set[str] = set()
         output: list[str] = []
         assert process.stdout is not None
         for line in process.stdout:
-            output.append(line.rstrip())
-            match = _BLOB.search(line)
-            if match:
-                if "skipped" in match.group(3):
-                    skipped += 1
-                    say(f"  layer {match.group(2)[:12]} already there")
-                else:
-                    sent += 1
-                    say(f"  layer {match.group(2)[:12]} sending")
+            if "level=debug" not in line:
+                output.append(line.rstrip())
+            if match := _BLOB.search(line):
+                layers.append(match.group(1))
+            elif match := _SKIPPED.search(line):
+                skipped.add(match.group(1))
+                say(f"  layer {match.group(1)} already there")
         if process.wait() != 0:
             last = next((line for line in reversed(output) if line.strip()), "no output")
             if re.search(r"unauthorized|authentication required|denied|401|403", last, re.IGNORECASE):
                 raise DeployFailed(f"the registry refused the login for {uri}: {last[-300:]}", "check the credentials and their push permission")
-            raise DeployFailed(f"pushing {source} to {uri} failed: {last[-300:]}", "check the registry address and the network")
+            raise DeployFailed(f"pushing to {uri} failed: {last[-300:]}", "check the registry address and the network")
+        for layer in layers:
+            if layer not in skipped:
+                say(f"  layer {layer} sent")
+        sent = len([layer for layer in layers if layer not in skipped])
         digest = digest_file.read_text().strip()
-    return PushResult(uri, digest, sent, skipped, round(time.monotonic() - started, 2), tool.name)
+    return PushResult(uri, digest, sent, len(layers) - sent, round(time.monotonic() - started, 2), tool.name)
 
 
 def _write_auth(path: Path, registry: str, login: RegistryLogin) -> None:
@@ -169,7 +174,8 @@ def push_image(
 ) -> PushResult:
     """Push the local IMAGE to the provider's registry (ECR for sagemaker, Artifact Registry for vertex)."""
     engine = find_tool(("podman", "buildah", "docker"), None, "engine")
-    if image_id(engine, image) is None:
+    local_id = image_id(engine, image)
+    if local_id is None:
         raise UserError(f"image {image} is not in this machine's image store", "build it first with `cloudllm build`")
     name, tag = split_image(image)
     if provider == "sagemaker":
@@ -183,7 +189,8 @@ def push_image(
     else:
         raise UserError(f"cannot push to provider {provider!r}", "pass --provider sagemaker (ECR) or vertex (Artifact Registry)")
     say(f"pushing {image} to {uri}")
-    return copy_image(image, uri, login, say=say)
+    # skopeo wants a fully qualified name or the id; the id is what was checked above.
+    return copy_image(local_id if engine.name != "docker" else image, uri, login, say=say)
 
 
 def pull_by_digest(reference: str, login: RegistryLogin | None = None) -> str:
