@@ -141,6 +141,7 @@ def build_image(
     base: str = DEFAULT_BASE,
     builder: str | None = None,
     say: Callable[[str], None] = lambda line: None,
+    root: Path = REPO_ROOT,
 ) -> BuildResult:
     """Build the serving image FROM BASE and return what was built; a failure names its log."""
     tool = find_builder(builder)
@@ -149,14 +150,14 @@ def build_image(
     if base_id is None:
         say(f"pulling {base}")
         base_id = pull(tool, base)
-    files = context_files()
-    image = tag or f"{DEFAULT_REPOSITORY}:{content_tag(base_id, files)}"
+    files = context_files(root)
+    image = tag or f"{DEFAULT_REPOSITORY}:{content_tag(base_id, files, root)}"
     if ":" not in image.rsplit("/", 1)[-1]:
-        image += ":" + content_tag(base_id, files)
+        image += ":" + content_tag(base_id, files, root)
     log = home_dir("logs") / f"build-{image.rsplit('/', 1)[-1].replace(':', '-')}.log"
     with tempfile.TemporaryDirectory(prefix="cloudllm-build-") as tmp:
         context = Path(tmp) / "context"
-        stage_context(files, context)
+        stage_context(files, context, root)
         extra, notes = pip_build_inputs(host_pip_settings(), tool.name, Path(tmp))
         for note in notes:
             say(note)
