@@ -142,6 +142,7 @@ def build_image(
     builder: str | None = None,
     say: Callable[[str], None] = lambda line: None,
     root: Path = REPO_ROOT,
+    no_cache: bool = False,
 ) -> BuildResult:
     """Build the serving image FROM BASE and return what was built; a failure names its log."""
     tool = find_builder(builder)
@@ -161,7 +162,7 @@ def build_image(
         extra, notes = pip_build_inputs(host_pip_settings(), tool.name, Path(tmp))
         for note in notes:
             say(note)
-        command = build_command(tool, context / "containers" / "Dockerfile", context, image, base, extra)
+        command = build_command(tool, context / "containers" / "Dockerfile", context, image, base, extra + (["--no-cache"] if no_cache else []))
         say(f"building {image} with {tool.name} FROM {base}")
         env = dict(os.environ, DOCKER_BUILDKIT="1")
         with open(log, "w", encoding="utf-8") as out:
