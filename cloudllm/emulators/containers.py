@@ -112,10 +112,7 @@ def sagemaker_container_command(image: str, artifact: Path, port_file: Path, env
     engine = _engine() if reference else None
     if reference is None or engine is None:
         return None
-    pulled = subprocess.run([engine, "pull", "--quiet", "--tls-verify=false", reference], capture_output=True, text=True)
-    if pulled.returncode != 0:
-        lines = (pulled.stderr or pulled.stdout).strip().splitlines() or ["no output"]
-        raise RuntimeError(f"CannotPullContainerError: {image}: {lines[-1][:300]}")
+    _pull(engine, reference, image)
     port = _free_port()
     port_file.write_text(str(port))
     variables = {**(env or {}), "SAGEMAKER_BIND_TO_PORT": str(port)}
@@ -127,3 +124,26 @@ def sagemaker_container_command(image: str, artifact: Path, port_file: Path, env
     for path in [artifact, *artifact.rglob("*")]:
         path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
     return command + [reference, "serve"]
+
+
+def vertex_container_command(image: str, command: list[str], args: list[str], env: dict[str, str]) -> list[str] | None:
+    """The `podman run` that serves IMAGE as Vertex AI does (AIP_* variables, the model's command and
+    args replacing the image's entrypoint and arguments when set), or None as for SageMaker."""
+    reference = served_by_stand_in(image)
+    engine = _engine() if reference else None
+    if reference is None or engine is None:
+        return None
+    _pull(engine, reference, image)
+    run = [engine, "run", "--rm", "--name", f"cloudllm-emulated-{uuid.uuid4().hex[:10]}", "--network", "host", "--pull", "never"]
+    for key, value in sorted(env.items()):
+        run += ["--env", f"{key}={value}"]
+    if command:
+        run += ["--entrypoint", command[0]]
+    return run + [reference, *command[1:], *args]
+
+
+def _pull(engine: str, reference: str, image: str) -> None:
+    pulled = subprocess.run([engine, "pull", "--quiet", "--tls-verify=false", reference], capture_output=True, text=True)
+    if pulled.returncode != 0:
+        lines = (pulled.stderr or pulled.stdout).strip().splitlines() or ["no output"]
+        raise RuntimeError(f"CannotPullContainerError: {image}: {lines[-1][:300]}")
