@@ -90,7 +90,21 @@ def served_by_stand_in(image: str) -> str | None:
     cloud = ".dkr.ecr." in host or host.endswith("-docker.pkg.dev")
     if not endpoint or not rest or not cloud:
         return None
+    repository = rest.split("@")[0].rsplit(":", 1)[0] if "@" in rest or ":" in rest.rsplit("/", 1)[-1] else rest
+    if not _registry_has(endpoint, repository):
+        return None  # e.g. a catalog image (the HF DLC): the stand-in never held it
     return f"{endpoint}/{rest}"
+
+
+def _registry_has(endpoint: str, repository: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/v2/{repository}/tags/list", timeout=5) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _engine() -> str | None:

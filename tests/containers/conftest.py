@@ -53,6 +53,24 @@ def serving_image(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def registry_process():
+    """One docker-registry on loopback per test session (a second push finds the layers the first sent)."""
+    from cloudllm.emulators.containers import LoopbackRegistry
+
+    with LoopbackRegistry() as stand_in:
+        yield stand_in
+
+
+@pytest.fixture(scope="module")
+def registry(registry_process):
+    """The stand-in for ECR / Artifact Registry, its address in this module's environment only."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in registry_process.env().items():
+            patch.setenv(key, value)
+        yield registry_process
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2 packaged as `cloudllm package` writes it (what SageMaker mounts at /opt/ml/model)."""
     from cloudllm import api

@@ -8,17 +8,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from cloudllm.emulators.containers import LoopbackRegistry
 from tests.conftest import run_cli
 from tests.containers.conftest import TEST_BASE
-
-
-@pytest.fixture(scope="module")
-def registry(sagemaker_emulator):
-    with LoopbackRegistry() as stand_in, pytest.MonkeyPatch.context() as patch:
-        for key, value in {**stand_in.env(), "CLOUDLLM_BUILD_BASE": TEST_BASE}.items():
-            patch.setenv(key, value)
-        yield stand_in
 
 
 def _deploy(emulator, model: Path, name: str, *extra: str):
@@ -28,7 +19,8 @@ def _deploy(emulator, model: Path, name: str, *extra: str):
     )  # fmt: skip
 
 
-def test_deploy_image_build_serves_the_endpoint_from_the_container(serving_image, registry, sagemaker_emulator, tiny_gpt2) -> None:
+def test_deploy_image_build_serves_the_endpoint_from_the_container(serving_image, registry, sagemaker_emulator, tiny_gpt2, monkeypatch) -> None:
+    monkeypatch.setenv("CLOUDLLM_BUILD_BASE", TEST_BASE)
     dry = _deploy(sagemaker_emulator, tiny_gpt2, "sm-image", "--image", "build", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"image: {serving_image.image} FROM {TEST_BASE}" in dry.stdout + dry.stderr
@@ -50,8 +42,12 @@ def test_deploy_image_build_serves_the_endpoint_from_the_container(serving_image
     assert run_cli("delete", "sm-image").returncode == 0
 
 
-def test_deploy_with_an_image_the_registry_does_not_have_fails_and_records_nothing(registry, sagemaker_emulator, tiny_gpt2) -> None:
-    missing = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cloudllm-serve:never-pushed"
+def test_deploy_with_an_image_the_registry_does_not_have_fails_and_records_nothing(serving_image, registry, sagemaker_emulator, tiny_gpt2) -> None:
+    from cloudllm.images.registry import RegistryLogin, copy_image
+
+    repository = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cloudllm-serve"
+    copy_image(serving_image.image_id, f"{repository}:{serving_image.image.split(':')[1]}", RegistryLogin("", "AWS", "-"))
+    missing = f"{repository}:never-pushed"  # the repository is there, this tag is not
     result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-noimage", "--image", missing)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
