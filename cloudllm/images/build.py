@@ -49,30 +49,39 @@ class BuildResult:
         return asdict(self)
 
 
-def context_files(root: Path = REPO_ROOT) -> list[Path]:
-    """Every file the image is built from, sorted (bytecode caches left out: they are not source)."""
-    files = [root / name for name in CONTEXT_FILES]
+def context_files(root: Path = REPO_ROOT) -> dict[str, Path]:
+    """Every file the image is built from, by its path in the build context, sorted.
+
+    ROOT is a checkout (containers/ beside cloudllm_runtime/) or site-packages, where the wheel
+    carries containers/ inside the cloudllm package. Bytecode caches are left out: not source.
+    """
+    containers = root / "containers"
+    if not containers.is_dir():
+        containers = Path(__file__).resolve().parents[1] / "containers"
+    files = {name: containers / name.split("/", 1)[1] for name in CONTEXT_FILES}
     runtime = root / RUNTIME_PACKAGE
-    files += sorted(p for p in runtime.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise UserError(f"the image's source is incomplete: {', '.join(missing)} missing", "reinstall cloudllm from its repository")
+    for path in sorted(runtime.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            files[f"{RUNTIME_PACKAGE}/{path.relative_to(runtime).as_posix()}"] = path
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing or len(files) == len(CONTEXT_FILES):
+        raise UserError(f"the image's source is incomplete: {', '.join(missing) or RUNTIME_PACKAGE} missing", "reinstall cloudllm")
     return files
 
 
-def content_tag(base_id: str, files: list[Path], root: Path = REPO_ROOT) -> str:
-    """12 hex digits of a digest over the base image id and each file's path, mode and bytes."""
+def content_tag(base_id: str, files: dict[str, Path]) -> str:
+    """12 hex digits of a digest over the base image id and each file's context path, mode and bytes."""
     digest = hashlib.sha256(base_id.encode())
-    for path in files:
-        digest.update(b"\0" + path.relative_to(root).as_posix().encode())
+    for name, path in files.items():
+        digest.update(b"\0" + name.encode())
         digest.update(b"\0" + oct(path.stat().st_mode & 0o111).encode())
         digest.update(b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
-def stage_context(files: list[Path], into: Path, root: Path = REPO_ROOT) -> None:
-    for path in files:
-        target = into / path.relative_to(root)
+def stage_context(files: dict[str, Path], into: Path) -> None:
+    for name, path in files.items():
+        target = into / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
 
@@ -152,13 +161,13 @@ def build_image(
         say(f"pulling {base}")
         base_id = pull(tool, base)
     files = context_files(root)
-    image = tag or f"{DEFAULT_REPOSITORY}:{content_tag(base_id, files, root)}"
+    image = tag or f"{DEFAULT_REPOSITORY}:{content_tag(base_id, files)}"
     if ":" not in image.rsplit("/", 1)[-1]:
-        image += ":" + content_tag(base_id, files, root)
+        image += ":" + content_tag(base_id, files)
     log = home_dir("logs") / f"build-{image.rsplit('/', 1)[-1].replace(':', '-')}.log"
     with tempfile.TemporaryDirectory(prefix="cloudllm-build-") as tmp:
         context = Path(tmp) / "context"
-        stage_context(files, context, root)
+        stage_context(files, context)
         extra, notes = pip_build_inputs(host_pip_settings(), tool.name, Path(tmp))
         for note in notes:
             say(note)
