@@ -86,3 +86,18 @@ def test_an_image_that_never_answers_ping_is_stopped_with_its_last_log_lines(tmp
         hung.wait_ready(timeout=5)
     assert "did not answer /ping within 5s: loading forever" in str(failure.value)
     assert process.poll() is not None  # stopped, not left running
+
+
+def test_deploy_image_build_without_a_builder_says_so_and_keeps_the_catalog_image(sagemaker_emulator, tiny_gpt2: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "sh").symlink_to(shutil.which("sh"))
+    result = run_cli(
+        "deploy", str(tiny_gpt2), "--provider", "sagemaker", "--name", "no-builder", "--instance", "ml.g5.xlarge", "--runtime", "handler",
+        "--bucket", f"{sagemaker_emulator.bucket}/models", "--role", sagemaker_emulator.role, "--image", "build", "--dry-run",
+        env={"PATH": str(bare)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("image:")]
+    assert said == ["image: no container builder here (buildah, podman, docker): deploying with the catalog's image instead"]
+    assert "no-builder" not in run_cli("list").stdout
