@@ -10,7 +10,7 @@ export NO_GCE_CHECK := True
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all bench clean containers
 
 install: $(VENV)/.installed
 
@@ -37,17 +37,24 @@ demo: install
 	$(BIN)/cloudllm invoke demo "Once upon a time" --max-new-tokens 20
 	$(BIN)/cloudllm delete demo
 
+## The container engine (podman, buildah, skopeo, runc, docker-registry), its settings and the offline
+# base images the container tests build FROM (containers/setup/install.sh; idempotent, cached).
+# `make test` runs it where it can (root on Debian); elsewhere tests/containers/ skip naming this target.
+containers:
+	sh containers/setup/install.sh
+CONTAINERS_CAN := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo containers)
+
 ## The test suite CI runs (.ci/run). Slow tests are marked and run by `make test-slow`.
 # Two workers, each test file whole on one (module-scoped emulators stay shared): most of a test's
 # time is spent waiting on a model server or an emulator, so 2 cores run the suite ~1.7x faster.
 PYTEST := $(BIN)/python -m pytest -q -n $(or $(TEST_WORKERS),2) --dist loadfile
-test: install $(TF4)/.installed
+test: install $(TF4)/.installed $(CONTAINERS_CAN)
 	$(PYTEST)
 
-test-slow: install $(TF4)/.installed
+test-slow: install $(TF4)/.installed $(CONTAINERS_CAN)
 	$(PYTEST) -m slow
 
-test-all: install $(TF4)/.installed
+test-all: install $(TF4)/.installed $(CONTAINERS_CAN)
 	$(PYTEST) -m "slow or not slow"
 
 bench: install

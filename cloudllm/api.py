@@ -89,6 +89,10 @@ def deploy(
 
     spec = spec or spec_from_kwargs(model, **spec_kwargs)
     reporter = reporter or Reporter()
+    if spec.image == "build":  # build and push the serving image first (cloudllm/images/deploy.py)
+        from cloudllm.images.deploy import with_built_image
+
+        spec = with_built_image(spec, reporter, dry_run=dry_run)
     provider = _provider_for_spec(spec)
     with endpoint_lock(spec.name), _interrupt_advice(interrupted_advice(spec.name)):
         the_plan = make_plan(spec, provider, reporter, mode="check" if dry_run else "deploy")

@@ -360,13 +360,25 @@ def delete(name: str, purge_artifacts: bool, bucket: str | None, yes: bool, wher
 @click.option("--port", type=int, default=None, help="Port to listen on [default: $AIP_HTTP_PORT, else $SAGEMAKER_BIND_TO_PORT, else 8080].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option("--log-payloads", is_flag=True, help="Log prompt text in the request log (off by default: prompts can hold secrets).")
-def serve(artifact: str, port: int | None, host: str, log_payloads: bool) -> None:
+@click.option("--container", is_flag=True, help="Run it in the serving image under a platform's contract (podman or docker).")
+@click.option("--contract", type=click.Choice(["sagemaker", "vertex"]), default="sagemaker", show_default=True, help="With --container: `IMAGE serve` with /opt/ml/model, or AIP_* variables (ARTIFACT may then be gs://).")
+@click.option("--image", help="With --container: the image to run (default: the last `cloudllm build`).")
+def serve(artifact: str, port: int | None, host: str, log_payloads: bool, container: bool, contract: str, image: str | None) -> None:
     """Run an artifact's model server in the foreground, as its container does.
 
     \b
     Example:
       cloudllm package ./my-model -o ./artifact && cloudllm serve ./artifact --port 8080
+      cloudllm serve ./artifact --container                  # in the image, as SageMaker runs it
     """
+    if container:
+        from cloudllm.images.contract import serve_container
+
+        import os
+
+        default = os.environ.get("AIP_HTTP_PORT") or os.environ.get("SAGEMAKER_BIND_TO_PORT") or "8080"  # as the entrypoint reads them
+        serve_container(artifact, contract=contract, image=image, port=port if port is not None else int(default))
+        return
     from cloudllm import api
 
     api.serve(artifact, port=port, host=host, log_payloads=log_payloads)
@@ -423,6 +435,8 @@ def _add_command_modules() -> None:
     from cloudllm.commands.chat import chat
     from cloudllm.commands.proxy import proxy
     from cloudllm.commands.quantize import quantize
+    from cloudllm.commands.build import build
+    from cloudllm.commands.push import push
 
     plan_commands.register(cli)
     apply_commands.register(cli)
@@ -432,6 +446,8 @@ def _add_command_modules() -> None:
     cli.add_command(quantize)
     cli.add_command(chat)
     cli.add_command(proxy)
+    cli.add_command(build)
+    cli.add_command(push)
 
 
 _add_command_modules()

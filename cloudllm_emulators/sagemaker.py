@@ -167,6 +167,12 @@ class HostedModel:
         return artifact
 
     def _command(self, artifact: Path, port_file: Path) -> list[str]:
+        from cloudllm_emulators.containers import sagemaker_container_command  # the model's image, where an engine runs it
+
+        environment = self.backend.describe_model(self.variant["ModelName"]).primary_container.get("Environment")
+        container = sagemaker_container_command(self.image, artifact, port_file, environment)
+        if container is not None:
+            return container
         if runs_toolkit(self.image):
             # A fresh interpreter with the stand-in's own source: it imports neither moto nor cloudllm, as the DLC has neither.
             source = f"{inspect.getsource(_toolkit_server)}\n_toolkit_server({str(artifact)!r}, {str(port_file)!r})\n"

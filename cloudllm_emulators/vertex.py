@@ -851,7 +851,13 @@ class VertexEmulator:
             shutil.rmtree(workdir, ignore_errors=True)
             raise ApiError("DEADLINE_EXCEEDED", f"Model server never became ready within {timeout:.0f}s: it was still loading")
         argv = [*spec.command, *spec.args]
-        if RUNNABLE_IMAGES.search(spec.image_uri) and argv and argv[0] in ("python", "python3"):
+        from cloudllm_emulators.containers import vertex_container_command  # the model's image, where an engine runs it
+
+        aip = {k: v for k, v in env.items() if k.startswith("AIP_") or k == "STORAGE_EMULATOR_HOST" or k in {e.name for e in spec.env}}
+        container = vertex_container_command(spec.image_uri, list(spec.command), list(spec.args), aip)
+        if container is not None:
+            argv, cwd = container, workdir
+        elif RUNNABLE_IMAGES.search(spec.image_uri) and argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
             cwd = workdir
         else:
