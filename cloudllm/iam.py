@@ -40,6 +40,8 @@ OPERATIONS: frozenset[str] = frozenset(
         )),  # fmt: skip
         "iam:GetRole",
         "logs:FilterLogEvents",
+        # `cloudllm push` / `deploy --image build` to ECR (the layers go through the registry API, below).
+        "ecr:GetAuthorizationToken", "ecr:DescribeRepositories", "ecr:CreateRepository",
     }
 )
 
@@ -50,7 +52,7 @@ class Permission:
 
     sid: str
     actions: tuple[str, ...]
-    resource: str  # key of _resources(): sagemaker, endpoints, any, objects, bucket, role, slr, alarms, logs, kms
+    resource: str  # key of _resources(): sagemaker, endpoints, any, objects, bucket, role, slr, alarms, logs, kms, repositories
     needed_by: tuple[str, ...]
     why: str
     condition: str | None = None  # key of _conditions()
@@ -123,6 +125,14 @@ PERMISSIONS: tuple[Permission, ...] = (
         "the model runs as the execution role (--role); only SageMaker may receive it",
         condition="passrole",
     ),
+    Permission("EcrLogin", ("ecr:GetAuthorizationToken",), "any", ("ecr:GetAuthorizationToken",), "cloudllm push: a registry login"),
+    Permission(
+        "PushServingImage",
+        ("ecr:DescribeRepositories", "ecr:CreateRepository", "ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload",
+         "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage", "ecr:BatchGetImage"),
+        "repositories", ("ecr:DescribeRepositories", "ecr:CreateRepository"),
+        "cloudllm push: the repository (created if missing) and its layers; layers already there are not sent",
+    ),  # fmt: skip
     Permission("ReadExecutionRole", ("iam:GetRole",), "role", ("iam:GetRole",), "check that --role exists before creating anything"),
     Permission("EndpointLogs", ("logs:FilterLogEvents",), "logs", ("logs:FilterLogEvents",), "cloudllm logs"),
     Permission("EndpointLogs", ("logs:GetLogEvents",), "logs", ("logs:GetLogEvents",), "cloudllm logs --follow"),
@@ -236,6 +246,7 @@ def _resources(scope: AwsScope) -> dict[str, list[str]]:
         "alarms": [f"{arn}:cloudwatch:{scope.region}:{scope.account}:alarm:TargetTracking-endpoint/*"],
         "logs": [f"{arn}:logs:{scope.region}:{scope.account}:log-group:/aws/sagemaker/Endpoints/*"],
         "kms": scope.kms_keys,
+        "repositories": [f"{arn}:ecr:{scope.region}:{scope.account}:repository/*"],
     }
 
 

@@ -159,6 +159,9 @@ def test_the_policy_grants_nothing_the_tool_does_not_call(scanned) -> None:
         "kms:Decrypt": "aws:kms" in text,
         "kms:CreateGrant": "KmsKeyId" in text,
         "kms:DescribeKey": "KmsKeyId" in text,
+        # The push itself speaks the registry API (skopeo / the builder) with the login's token.
+        **{f"ecr:{op}": "ecr:GetAuthorizationToken" in calls for op in (
+            "BatchCheckLayerAvailability", "InitiateLayerUpload", "UploadLayerPart", "CompleteLayerUpload", "PutImage", "BatchGetImage")},
     }
     granted = {a for s in full_policy()["Statement"] for a in _list(s["Action"])}
     beyond = sorted(a for a in granted if a not in needed and not justified.get(a))
@@ -167,7 +170,7 @@ def test_the_policy_grants_nothing_the_tool_does_not_call(scanned) -> None:
 
 def test_every_action_is_a_real_iam_action() -> None:
     services = {"sagemaker": "sagemaker", "application-autoscaling": "application-autoscaling", "iam": "iam",
-                "cloudwatch": "cloudwatch", "logs": "logs", "kms": "kms"}  # fmt: skip
+                "cloudwatch": "cloudwatch", "logs": "logs", "kms": "kms", "ecr": "ecr"}  # fmt: skip
     not_operations = {"iam:PassRole", "s3:ListBucket", "s3:ListBucketMultipartUploads", "s3:ListMultipartUploadParts"}
     s3_actions = {a for actions in S3_ACTIONS.values() for a in actions}
     for permission in iam.PERMISSIONS:
@@ -193,7 +196,7 @@ def test_resources_are_narrow_and_passrole_is_conditional() -> None:
         assert statement["Effect"] == "Allow" and all("*" not in a for a in actions), statement
         if resources == ["*"]:
             # Only actions that take no resource ARN get '*'.
-            assert all(re.match(r"(sagemaker:List|application-autoscaling:|cloudwatch:Describe)", a) for a in actions), statement
+            assert all(re.match(r"(sagemaker:List|application-autoscaling:|cloudwatch:Describe|ecr:GetAuthorizationToken)", a) for a in actions), statement
         for action in actions:
             if action.startswith("s3:"):
                 assert all(r.startswith("arn:aws:s3:::models-bucket") for r in resources), statement

@@ -107,7 +107,7 @@ def _transport(uri: str) -> tuple[str, bool]:
 
 # Without a terminal skopeo says "Copying blob X" for every layer; only its debug log says which it skipped.
 _BLOB = re.compile(r"^Copying blob (?:sha256:)?([0-9a-f]{12})")
-_SKIPPED = re.compile(r"Skipping blob (?:sha256:)?([0-9a-f]{12})[0-9a-f]* \(already present\)")
+_SKIPPED = re.compile(r".*Skipping blob (?:sha256:)?([0-9a-f]{12})[0-9a-f]* \(already present\)")
 
 
 def copy_image(source: str, uri: str, login: RegistryLogin, *, say: Callable[[str], None] = lambda _: None) -> PushResult:
@@ -135,14 +135,14 @@ def copy_image(source: str, uri: str, login: RegistryLogin, *, say: Callable[[st
         for line in process.stdout:
             if "level=debug" not in line:
                 output.append(line.rstrip())
-            if match := _BLOB.search(line):
+            if match := _BLOB.match(line):
                 layers.append(match.group(1))
-            elif match := _SKIPPED.search(line):
+            elif match := _SKIPPED.match(line):
                 skipped.add(match.group(1))
                 say(f"  layer {match.group(1)} already there")
         if process.wait() != 0:
             last = next((line for line in reversed(output) if line.strip()), "no output")
-            if re.search(r"unauthorized|authentication required|denied|401|403", last, re.IGNORECASE):
+            if any(word in last.lower() for word in ("unauthorized", "authentication required", "denied", "401", "403")):
                 raise DeployFailed(f"the registry refused the login for {uri}: {last[-300:]}", "check the credentials and their push permission")
             raise DeployFailed(f"pushing to {uri} failed: {last[-300:]}", "check the registry address and the network")
         for layer in layers:

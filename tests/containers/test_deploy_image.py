@@ -52,5 +52,5 @@ def test_deploy_with_an_image_the_registry_does_not_have_fails_and_records_nothi
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: endpoint sm-noimage failed: CannotPullContainerError: " + missing), last
-    assert "removed what this deploy created" in result.stderr
+    assert "cleaned up" in result.stderr
     assert "sm-noimage" not in run_cli("list").stdout

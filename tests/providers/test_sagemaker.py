@@ -345,7 +345,7 @@ def test_update_to_another_instance_type_re_registers_scaling(tgi: dict, aws, sa
         tags={"team": "research"}, options={"role": ROLE_ARN, "network_isolation": True, "kms_key": KMS_KEY}, reporter=recorder,
     )  # fmt: skip
     assert result.action == "update"
-    assert result.reasons == ["instance ml.g5.12xlarge -> ml.g5.2xlarge", "autoscaling changed (now 1-2 instances)"]
+    assert result.reasons == ["instance ml.g5.12xlarge -> ml.g5.2xlarge", "tags changed (team ml -> research)", "autoscaling changed (now 1-2 instances)"]
     assert recorder.uploaded_bytes == 0  # same artifact: the version prefix is already complete
     assert result.endpoint.details["tags"] == {"team": "research"}
     endpoint, config, model = _live(aws, "sm-tgi")
