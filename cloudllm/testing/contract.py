@@ -124,9 +124,11 @@ class ProviderContract:
         provider = self._provider(deploy_kwargs)
         for feature, reason in provider.unsupported.items():
             name = self._name()
-            kwargs = {**deploy_kwargs, **FEATURE_KWARGS[feature]}
             with pytest.raises(PlanRefused) as info:
-                api.plan(contract_model, provider=self.provider, name=name, **kwargs)
+                if feature is Feature.GRPC:  # asked for by a request, not by a deploy
+                    api.invoke_grpc(name, "hi", provider=self.provider, region=deploy_kwargs.get("region"), options=deploy_kwargs.get("options"))
+                else:
+                    api.plan(contract_model, provider=self.provider, name=name, **{**deploy_kwargs, **FEATURE_KWARGS[feature]})
             assert reason in info.value.line(), info.value.line()
             assert provider.get(name) is None
 
