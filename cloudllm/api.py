@@ -225,11 +225,10 @@ def chat(
 
     Parameters take invoke's (TGI) names; the answer is greedy unless they ask for sampling.
     """
-    from cloudllm.invocation import chat_body, chat_completion, chat_messages, platform_chat_body
+    from cloudllm.invocation import chat_completion
 
-    holder = _provider_for_name(name, provider, region, options)
-    body = chat_body(chat_messages(prompt, system), parameters)
-    return chat_completion(holder.invoke(name, platform_chat_body(holder.name, _runtime_for_chat(holder, name), body)))
+    holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=False)
+    return chat_completion(holder.invoke(name, body))
 
 
 def chat_stream(
@@ -243,11 +242,17 @@ def chat_stream(
     options: dict[str, Any] | None = None,
 ) -> Iterator[str]:
     """One chat turn, streamed: the reply's text pieces as the endpoint produces them."""
+    holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=True)
+    return holder.invoke_stream(name, body)
+
+
+def _chat_request(name, prompt, system, parameters, provider, region, options, *, stream: bool) -> tuple[Provider, dict]:
+    """The endpoint's provider and the chat body in the form its platform and runtime take."""
     from cloudllm.invocation import chat_body, chat_messages, platform_chat_body
 
     holder = _provider_for_name(name, provider, region, options)
-    body = chat_body(chat_messages(prompt, system), parameters, stream=True)
-    return holder.invoke_stream(name, platform_chat_body(holder.name, _runtime_for_chat(holder, name), body))
+    body = chat_body(chat_messages(prompt, system), parameters, stream=stream)
+    return holder, platform_chat_body(holder.name, _runtime_for_chat(holder, name), body)
 
 
 def _runtime_for_chat(holder: Provider, name: str) -> str | None:

@@ -510,16 +510,16 @@ def _load_original(info: ModelInfo):
     import torch
     import transformers
 
-    from cloudllm_runtime.engine import _ENGINES, _dtype_keyword
+    from cloudllm_runtime.engine import ENGINES, dtype_keyword
     from cloudllm_runtime.protocol import normalize_task
 
     # The class the serving engine will load it with, so the probe runs what gets served.
-    auto_name = _ENGINES[normalize_task(info.task)].auto_class
+    auto_name = ENGINES[normalize_task(info.task)].auto_class
     auto_class = getattr(transformers, auto_name)
     transformers.utils.logging.disable_progress_bar()
     try:
         model = auto_class.from_pretrained(
-            info.path, trust_remote_code=info.trust_remote_code, **{_dtype_keyword(): torch.float32}
+            info.path, trust_remote_code=info.trust_remote_code, **{dtype_keyword(): torch.float32}
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"transformers cannot load {info.path} as {auto_name} ({str(exc).splitlines()[0]})", "check the model folder") from None

@@ -615,9 +615,6 @@ ENGINES: dict[str, type[Engine]] = {
     "feature-extraction": FeatureExtractionEngine,
 }
 assert set(ENGINES) >= set(GENERATION_TASKS)
-# The names cloudllm/quantize.py imported before they were public; kept until it moves to the public ones.
-_ENGINES = ENGINES
-_dtype_keyword = dtype_keyword
 
 
 # --- transformers-facing helpers ---------------------------------------------------------------
