@@ -86,8 +86,11 @@ def _merge(defaults: dict, endpoint: dict) -> dict:
 
 
 def file_schema() -> dict:
-    """JSON Schema of cloudllm.yaml, field descriptions included (`cloudllm schema`)."""
-    schema = CloudLLMFile.model_json_schema()
+    """JSON Schema of cloudllm.yaml, field descriptions included, each installed provider's options too (`cloudllm schema`)."""
+    from cloudllm.providers.base import options_schemas
+    from cloudllm.providers.options import with_options_schemas
+
+    schema = with_options_schemas(CloudLLMFile.model_json_schema(), options_schemas(), ("DeploySpec", "EndpointDefaults"))
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 

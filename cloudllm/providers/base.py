@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
 
 from cloudllm.console import Reporter
 from cloudllm.errors import PlanRefused, UserError
+from cloudllm.providers.options import ProviderOptions, StrictOptions, check_options
 from cloudllm.types import Endpoint, Feature, Fingerprint, ResourceChange  # re-exported: plugins import them from here
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
     from cloudllm.spec import DeploySpec
 
 GROUP = "cloudllm.providers"
-__all__ = ["Endpoint", "Feature", "Fingerprint", "Provider", "ResourceChange", "get_provider", "provider_names"]
+__all__ = ["Endpoint", "Feature", "Fingerprint", "Provider", "ProviderOptions", "ResourceChange", "StrictOptions", "get_provider", "provider_names"]
 
 
 class Provider(ABC):
@@ -34,10 +36,22 @@ class Provider(ABC):
     unsupported: ClassVar[dict[Feature, str]] = {}
     # The instance the planner sizes against when the spec names none (None: the provider has no choice of instance).
     default_instance: ClassVar[str | None] = None
+    # The options it reads (spec.options, --option KEY=VALUE), checked when the provider is made.
+    Options: ClassVar[type[ProviderOptions]] = ProviderOptions
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         self.region = region
-        self.options = dict(options or {})
+        self._options = check_options(self.name, self.Options, options)
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """The options given, and those recorded since: read-only (what deploy finds goes through record_options)."""
+        return MappingProxyType(self._options)
+
+    def record_options(self, **found: Any) -> None:
+        """Keep what this run found (the bucket, the project credentials chose) with the endpoint's record,
+        so later commands reach the endpoint without the flags."""
+        self._options = check_options(self.name, self.Options, {**self._options, **found})
 
     # --- checks, before anything is created -------------------------------------------------
     def require(self, features: set[Feature]) -> None:
@@ -105,6 +119,18 @@ class Provider(ABC):
 
 def provider_names() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=GROUP)})
+
+
+def options_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of each installed provider's options (`cloudllm schema`); providers that cannot load are left out."""
+    schemas = {}
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        try:
+            provider = ep.load()
+        except Exception:  # noqa: BLE001 - a plugin missing its dependencies: the schema still covers the rest
+            continue
+        schemas.setdefault(ep.name, getattr(provider, "Options", ProviderOptions).model_json_schema())
+    return schemas
 
 
 def get_provider(name: str, *, region: str | None = None, options: dict[str, Any] | None = None) -> Provider:

@@ -34,7 +34,7 @@ from cloudllm.errors import DeployFailed, UserError
 from cloudllm.home import home_dir, write_atomic
 from cloudllm.http import post_json, stream_tokens
 from cloudllm.logtime import line_time
-from cloudllm.providers.base import Endpoint, Feature, Provider
+from cloudllm.providers.base import Endpoint, Feature, Provider, StrictOptions
 from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
 from cloudllm.providers.kit import Pending
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
@@ -47,6 +47,10 @@ FRONT_FILE = "front.json"  # the relay's pid and port
 DEFAULT_START_TIMEOUT = 600
 
 
+class LocalOptions(StrictOptions):
+    """Options of the local provider: none of its own (what it runs is all in the spec)."""
+
+
 class LocalProvider(Provider):
     name = "local"
     unsupported = {
@@ -56,6 +60,7 @@ class LocalProvider(Provider):
         Feature.TRAFFIC_SHIFTING: "an update switches all traffic once the new server is healthy",
         Feature.ENGINE_RUNTIMES: "it runs the generated handler; TGI and vLLM need their GPU containers",
     }
+    Options = LocalOptions
 
     # --- state ------------------------------------------------------------------------
     @staticmethod

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import Field, field_validator
+
 from cloudllm.errors import UserError
+from cloudllm.providers.options import StrictOptions
 
 if TYPE_CHECKING:
     from cloudllm.spec import DeploySpec
@@ -45,3 +48,16 @@ def rollout_of(spec: "DeploySpec", rollout_wait: object = None, *, watched: bool
     given = bake_seconds(rollout_wait)
     default = DEFAULT_BAKE_SECONDS if kind != "all-at-once" or watched else 0
     return Rollout(kind, int(pct) if pct else 100, default if given is None else given)
+
+
+class RolloutOptions(StrictOptions):
+    """The option of every provider that shifts traffic gradually."""
+
+    rollout_wait: int | None = Field(
+        None, description=f"Seconds a canary (or each linear step) bakes before more traffic moves, 0..{MAX_BAKE_SECONDS} (default {DEFAULT_BAKE_SECONDS})."
+    )
+
+    @field_validator("rollout_wait", mode="before")
+    @classmethod
+    def _seconds(cls, value: object) -> int | None:
+        return bake_seconds(value)  # its UserError is the one line a bad value gets

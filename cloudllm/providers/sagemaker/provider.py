@@ -31,6 +31,7 @@ import cloudllm.providers.sagemaker.resources as res
 from cloudllm.providers.sagemaker.checks import SageMakerChecks
 from cloudllm.providers.sagemaker.cleanup import SageMakerCleanup
 from cloudllm.providers.sagemaker.invoke import SageMakerInvoke, log_group
+from cloudllm.providers.sagemaker.options import SageMakerOptions
 from cloudllm.providers.sagemaker.scaling import SageMakerScaling
 from cloudllm.providers.sagemaker.session import NOT_FOUND, SageMakerSession, aws_error, in_progress, message_of, retried
 from cloudllm.providers.sagemaker.versions import SageMakerVersions
@@ -50,6 +51,7 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
         Feature.GRPC: "SageMaker real-time endpoints take HTTPS only (InvokeEndpoint); invoke without --grpc",
     }
     default_instance = res.DEFAULT_INSTANCE  # what the planner sizes against when --instance is not given
+    Options = SageMakerOptions
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         super().__init__(region, options)

@@ -18,9 +18,9 @@ class SageMakerVersions:
     """Upload, CreateModel and CreateEndpointConfig; a create whose answer was lost is recognised as ours."""
 
     def _upload(self, plan: "Plan", reporter: Reporter) -> S3Uri:
-        # The endpoint's local record keeps the provider options: `delete --purge-artifacts` then finds
-        # the artifacts even once the endpoint (and its tag naming them) is gone.
-        self.options["bucket"] = plan.spec.bucket
+        # The endpoint's local record keeps it: `delete --purge-artifacts` then finds the artifacts
+        # even once the endpoint (and its tag naming them) is gone.
+        self.record_options(bucket=plan.spec.bucket)
         version = self._version_uri(plan)
         with self._aws(f"upload the artifacts to {version}"):
             result = self._artifacts().upload(

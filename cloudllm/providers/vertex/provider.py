@@ -15,6 +15,7 @@ from cloudllm.providers.vertex.checks import (
 from cloudllm.providers.vertex.cleanup import VertexCleanup
 from cloudllm.providers.vertex.invoke import VertexInvoke, predict_url
 from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_BY, RUNTIME_LABEL, decode_digest
+from cloudllm.providers.vertex.options import VertexOptions
 from cloudllm.providers.vertex.rollout import VertexRollout
 from cloudllm.providers.vertex.session import Clients, DEFAULT_REGION, VertexSession, deploy_error, transient_retry, unless_gone
 from cloudllm.providers.vertex.versions import VertexVersions
@@ -30,6 +31,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
         Feature.GRPC: "cloudllm does not declare the container's grpcPorts on Vertex AI yet; invoke without --grpc",
     }
     default_instance = DEFAULT_MACHINE
+    Options = VertexOptions
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         super().__init__(region or DEFAULT_REGION, options)

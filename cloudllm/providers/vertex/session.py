@@ -155,7 +155,8 @@ class VertexSession:
                 project = None
         if not project:
             raise UserError("no Google Cloud project given", "pass --project PROJECT or set GOOGLE_CLOUD_PROJECT")
-        self.options["project"] = project  # kept in the endpoint record, so invoke/delete need no flag
+        if self.options.get("project") != project:
+            self.record_options(project=project)  # kept in the endpoint record, so invoke/delete need no flag
         return project
 
     @property
