@@ -130,9 +130,9 @@ def apply(
     reporter: Reporter | None = None,
 ):
     """Make the endpoints of a cloudllm.yaml exist as declared; returns cloudllm.apply.ApplyResult (see docs/cli.md)."""
-    from cloudllm.apply import apply_file
+    from cloudllm.apply import Verbs, apply_file
 
-    return apply_file(file, dry_run=dry_run, prune=prune, wait=wait, reporter=reporter)
+    return apply_file(file, Verbs(plan=plan, deploy=deploy), dry_run=dry_run, prune=prune, wait=wait, reporter=reporter)
 
 
 def invoke(

@@ -2,7 +2,8 @@
 
 Every endpoint is planned before anything changes; if any plan is refused, nothing is
 changed. Then each endpoint is created, updated or left as it is, through the same
-`cloudllm.api.deploy` as `cloudllm deploy`. Endpoints this file created earlier and no
+`cloudllm.api.deploy` as `cloudllm deploy` (the API hands its plan and deploy in as `Verbs`, so
+this module sits below it and imports nothing of it). Endpoints this file created earlier and no
 longer lists are reported, and deleted only with prune. Ownership is the `file_id`:
 on this machine in the endpoint records ($CLOUDLLM_HOME), and on the cloud as the tag
 `cloudllm-apply-file` (providers report it in `Endpoint.details["tags"]`), so a CI runner
@@ -14,9 +15,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
-from cloudllm import api
 from cloudllm.config_file import FILE_TAG, LoadedFile, load_file
 from cloudllm.console import Reporter
 from cloudllm.errors import EXIT_FAILED, EXIT_OK, EXIT_PLAN_REFUSED, PlanRefused, UserError
@@ -30,6 +30,13 @@ from cloudllm.spec import DeploySpec
 Action = Literal["create", "update", "unchanged", "unknown", "delete", "keep", "refused"]
 Outcome = Literal["applied", "no-change", "dry-run", "refused", "failed"]
 ACTIONS: tuple[str, ...] = ("create", "update", "unchanged", "unknown", "delete", "keep", "refused")
+
+
+class Verbs(NamedTuple):
+    """What apply does to one endpoint: cloudllm.api's plan(spec=, check_account=) and deploy(spec=, wait=, reporter=)."""
+
+    plan: Callable[..., Any]
+    deploy: Callable[..., Any]
 
 
 @dataclass
@@ -120,6 +127,7 @@ class ApplyResult:
 
 def apply_file(
     path: str | Path,
+    verbs: Verbs,
     *,
     dry_run: bool = False,
     prune: bool = False,
@@ -130,7 +138,7 @@ def apply_file(
     reporter = reporter or Reporter()
     loaded = load_file(path)
     specs = [_owned(spec, loaded.file_id) for spec in loaded.endpoints]
-    results = [_plan_one(loaded, spec) for spec in specs]
+    results = [_plan_one(loaded, spec, verbs) for spec in specs]
     results += _dropped(loaded, {spec.name for spec in specs}, prune)
     result = ApplyResult(str(loaded.path), loaded.file_id, dry_run, prune, results)
     if result.refused or dry_run:
@@ -138,7 +146,7 @@ def apply_file(
 
     for item in results:
         if item.action in ("create", "update", "unknown"):
-            _deploy_one(loaded, item, wait, reporter)
+            _deploy_one(loaded, item, verbs, wait, reporter)
         elif item.action == "unchanged":
             _claim(item.name, loaded.file_id)
             item.done = True
@@ -160,11 +168,11 @@ def _owned(spec: DeploySpec, file_id: str) -> DeploySpec:
     return spec.model_copy(update={"tags": {**spec.tags, FILE_TAG: file_id}})
 
 
-def _plan_one(loaded: LoadedFile, spec: DeploySpec) -> EndpointResult:
+def _plan_one(loaded: LoadedFile, spec: DeploySpec, verbs: Verbs) -> EndpointResult:
     item = EndpointResult(spec.name, spec.provider, spec.region, "create", [], spec=spec)
     _check_not_elsewhere(loaded, spec)
     try:
-        plan = api.plan(spec=spec, check_account=True)
+        plan = verbs.plan(spec=spec, check_account=True)
         refuse_unless_fits(plan)
     except PlanRefused as exc:
         item.action, item.reasons, item.error = "refused", [exc.problem], exc.line()
@@ -224,11 +232,11 @@ def _file_tag(endpoint: Endpoint) -> str | None:
     return tags.get(FILE_TAG) if isinstance(tags, dict) else None
 
 
-def _deploy_one(loaded: LoadedFile, item: EndpointResult, wait: bool, reporter: Reporter) -> None:
+def _deploy_one(loaded: LoadedFile, item: EndpointResult, verbs: Verbs, wait: bool, reporter: Reporter) -> None:
     assert item.spec is not None
     reporter.step(f"{item.action} {item.name} ({item.provider}): {'; '.join(item.reasons)}")
     try:
-        deployed = api.deploy(spec=item.spec, wait=wait, reporter=reporter)
+        deployed = verbs.deploy(spec=item.spec, wait=wait, reporter=reporter)
     except UserError as exc:
         item.error = redact_text(f"{loaded.where(item.name)}: endpoint {item.name}: {exc.line()}")
         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -25,7 +25,6 @@ from cloudllm_runtime.settings import ServingSettings
 if TYPE_CHECKING:
     from cloudllm.bundle import Bundle
     from cloudllm.console import Reporter
-    from cloudllm.providers.base import Provider
 
 Action = Literal["create", "update", "unchanged", "unknown"]
 PlanMode = Literal["plan", "check", "deploy"]
@@ -247,7 +246,22 @@ def _deployment_changes(plan: Plan, existing: Endpoint) -> list[str]:
     return changed
 
 
-def make_plan(spec: DeploySpec, provider: "Provider", reporter: "Reporter | None" = None, *, mode: PlanMode = "deploy") -> Plan:
+class Planner(Protocol):
+    """What make_plan asks of a provider. cloudllm.providers.base.Provider is one; this module
+    cannot import it (the provider interface takes a Plan), so the planner names what it uses."""
+
+    default_instance: str | None
+
+    def default_runtime(self, spec: DeploySpec, model: ModelInfo) -> str: ...
+    def require(self, features: set[Feature]) -> None: ...
+    def validate(self, plan: Plan) -> None: ...
+    def preflight(self, plan: Plan) -> None: ...
+    def accepts_uncatalogued_instance(self, name: str) -> bool: ...
+    def get(self, name: str) -> Endpoint | None: ...
+    def describe_changes(self, plan: Plan) -> list[ResourceChange]: ...
+
+
+def make_plan(spec: DeploySpec, provider: Planner, reporter: "Reporter | None" = None, *, mode: PlanMode = "deploy") -> Plan:
     """Inspect, lay out the bundle in memory, check, and compare with what is deployed. Creates nothing.
 
     mode "plan" (`cloudllm plan`) needs no account: the provider's account checks (`preflight`)
@@ -312,7 +326,7 @@ def _hashed_during(checks, model: ModelInfo, settings: ServingSettings, runtime:
     return done["bundle"]
 
 
-def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provider", *, exact: bool = True) -> Plan:
+def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: Planner, *, exact: bool = True) -> Plan:
     """Settings, instance, fit, cost and bundle of `model` served by `runtime` (exact: see build_bundle)."""
     from cloudllm.bundle import build_bundle
     from cloudllm.fit import plan_cost, plan_fit, resolve_instance

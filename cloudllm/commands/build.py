@@ -22,7 +22,7 @@ def build(tag: str | None, base: str | None, builder: str | None, json_output: b
       cloudllm build
       cloudllm build --base localhost/cloudllm-torch-base:latest -t cloudllm-serve:dev
     """
-    from cloudllm.cli import _print_json
+    from cloudllm.commands.flags import print_json as _print_json
     from cloudllm.images.build import DEFAULT_BASE, build_image
 
     say = (lambda line: click.echo(line, err=True)) if json_output else click.echo

@@ -21,7 +21,7 @@ def push(image: str, provider: str, region: str, project: str | None, profile: s
       cloudllm push cloudllm-serve:3f2a9c1d0b7e --provider sagemaker --region us-east-1
       cloudllm push cloudllm-serve:3f2a9c1d0b7e --provider vertex --project P --region us-central1
     """
-    from cloudllm.cli import _print_json
+    from cloudllm.commands.flags import print_json as _print_json
     from cloudllm.images.registry import push_image
 
     say = (lambda line: click.echo(line, err=True)) if json_output else click.echo
