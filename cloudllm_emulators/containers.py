@@ -18,9 +18,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
+
+from cloudllm_procs import SERVER_BACKOFF, Pending, poll_until
+from cloudllm_procs import start as start_process
+from cloudllm_procs import stop as stop_process
 
 REGISTRY_ENDPOINT_ENV = "CLOUDLLM_REGISTRY_ENDPOINT"
 _said_no_engine = False
@@ -34,6 +37,7 @@ class LoopbackRegistry:
         self.htpasswd = htpasswd
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
+        self.marker = f"registry-{uuid.uuid4().hex}"  # proves a pid is still this registry
 
     @property
     def endpoint(self) -> str:
@@ -51,23 +55,24 @@ class LoopbackRegistry:
             f"    rootdirectory: {self.dir / 'data'}\n  delete:\n    enabled: true\n"
             f"http:\n  addr: {self.endpoint}\n{auth}"
         )
-        log = open(self.dir / "registry.log", "wb")
-        self.process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+        process = self.process = start_process([binary, "serve", str(config)], log_path=self.dir / "registry.log", marker=self.marker)
+
+        def listening() -> object:
+            if process.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {(self.dir / 'registry.log').read_text()[-500:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
+                    return True
             except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("docker-registry did not listen within 30s")
+                return Pending()
+
+        if isinstance(poll_until(listening, deadline=30, backoff=SERVER_BACKOFF), Pending):
+            raise RuntimeError("docker-registry did not listen within 30s")
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process.pid, self.marker, grace=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "LoopbackRegistry":

@@ -38,7 +38,6 @@ import inspect
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,10 @@ from moto.moto_server.werkzeug_app import (
     MotoRequestHandler,
     create_backend_app,
 )
+
+from cloudllm_procs import SERVER_BACKOFF, Pending, poll_until
+from cloudllm_procs import start as start_process
+from cloudllm_procs import stop as stop_process
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account for any access key it does not know
@@ -111,6 +114,7 @@ class HostedModel:
         self.reason: str | None = None
         self.url: str | None = None
         self.process: subprocess.Popen | None = None
+        self.marker = f"sagemaker-emulator-{endpoint}-{uuid.uuid4().hex}"  # proves a pid is still this server
         self.dir = Path(tempfile.mkdtemp(prefix=f"{endpoint}-", dir=backend.work_dir()))
         self.log_stream = f"{self.variant['VariantName']}/i-{uuid.uuid4().hex[:17]}"
         self.log_path = self.dir / "server.log"
@@ -187,16 +191,14 @@ class HostedModel:
             env.update(container_env)
         elif "CLOUDLLM_SETTINGS" in container_env:  # the stand-in for an engine image serves with the settings deploy gave it
             env["CLOUDLLM_SETTINGS"] = container_env["CLOUDLLM_SETTINGS"]
-        self.process = subprocess.Popen(
-            self._command(artifact, port_file),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=artifact, start_new_session=True, env=env,
-        )  # fmt: skip
+        self.process = start_process(self._command(artifact, port_file), cwd=artifact, env=env, stdout=subprocess.PIPE, marker=self.marker)
         threading.Thread(target=self._pump_logs, name=f"logs-{self.endpoint}", daemon=True).start()
         timeout = self.variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or DEFAULT_STARTUP_TIMEOUT
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while time.monotonic() < deadline and self.state != "stopped":
+
+        def ready() -> object:
+            assert self.process is not None
+            if self.state == "stopped":
+                return "stopped"
             code = self.process.poll()
             if code is not None:
                 raise RuntimeError(
@@ -208,7 +210,7 @@ class HostedModel:
             if self.url:
                 healthy, failure = _ping(self.url)
                 if healthy:
-                    return
+                    return "healthy"
                 if failure:
                     # The generated server reports a load that failed for good on /ping; SageMaker would
                     # only see 503s until the health-check timeout, so the emulator fails at once.
@@ -216,9 +218,9 @@ class HostedModel:
                         f"The primary container for production variant {self.variant['VariantName']} did not pass the ping "
                         f"health check: {failure.rstrip('.')}. Check the CloudWatch logs of this endpoint."
                     )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
-        if self.state == "stopped":
+            return Pending()
+
+        if not isinstance(poll_until(ready, deadline=timeout, backoff=SERVER_BACKOFF), Pending):
             return
         raise RuntimeError(
             f"The primary container for production variant {self.variant['VariantName']} did not pass the ping health check "
@@ -265,17 +267,8 @@ class HostedModel:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_process(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
+        if self.process is not None:
+            stop_process(self.process.pid, self.marker, grace=10)
 
 
 def _toolkit_server(model_dir: str, port_file: str) -> None:

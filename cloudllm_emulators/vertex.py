@@ -56,13 +56,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from cloudllm_procs import SERVER_BACKOFF, Pending, poll_until
+from cloudllm_procs import kill as kill_process
+from cloudllm_procs import start as start_process
+from cloudllm_procs import stop as stop_process
 
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -210,28 +214,19 @@ class _Replica:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     dialect: str | None = None  # "tgi" or "vllm": the engine the generated handler stands in for
+    marker: str = field(default_factory=lambda: f"vertex-emulator-{uuid.uuid4().hex}")  # proves a pid is still this server
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def terminate(self) -> None:
-        if self.process and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+    def send(self, sig: int) -> None:
+        if self.process is not None:
+            kill_process(self.process.pid, self.marker, sig)
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.process and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(grace)
-            except (ProcessLookupError, PermissionError):
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process.pid, self.marker, grace=grace)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def log_tail(self) -> str:
@@ -348,7 +343,7 @@ class VertexEmulator:
             replicas = list(self.state.replicas.values())
             self.state.replicas.clear()
         for replica in replicas:
-            replica.terminate()
+            replica.send(signal.SIGTERM)
         for replica in replicas:
             replica.stop(grace=5.0)
         if self._httpd:
@@ -878,15 +873,10 @@ class VertexEmulator:
                 return
         with self.lock:
             self.state.replicas[deployed.id] = replica
-        with open(replica.log_path, "ab") as logfile:
-            replica.process = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        replica.process = start_process(argv, cwd=cwd, env=env, log_path=replica.log_path, marker=replica.marker)
         import httpx
 
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while time.monotonic() < deadline:
+        def ready() -> object:
             code = replica.process.poll()
             if code is not None:
                 tail = replica.log_tail()
@@ -899,17 +889,19 @@ class VertexEmulator:
             except httpx.HTTPError:
                 health = None
             if health is not None and health.status_code == 200:
-                if self.crash_when_ready is not None and self.crash_when_ready(deployed):
-                    os.killpg(replica.process.pid, signal.SIGKILL)
-                    replica.process.wait()
-                return
+                return health
             failed = _failed_health(health)
             if failed:
                 # Vertex would keep probing until deployment_timeout; a CI run wants the reason now
                 self._drop_replica(deployed.id)
                 raise ApiError("FAILED_PRECONDITION", f"Model server reports it cannot serve: {failed}")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            return Pending()
+
+        if not isinstance(poll_until(ready, deadline=timeout, backoff=SERVER_BACKOFF), Pending):
+            if self.crash_when_ready is not None and self.crash_when_ready(deployed):
+                replica.send(signal.SIGKILL)
+                replica.process.wait()
+            return
         tail = replica.log_tail()
         self._drop_replica(deployed.id)
         raise ApiError("DEADLINE_EXCEEDED", f"Model server never became ready within {timeout:.0f}s: {tail or 'no output'}")

@@ -15,8 +15,9 @@ import pytest
 
 import cloudllm
 import cloudllm_emulators
+import cloudllm_procs
 
-ROOTS = [Path(package.__file__).parent for package in (cloudllm, cloudllm_emulators)]
+ROOTS = [Path(package.__file__).parent for package in (cloudllm, cloudllm_emulators, cloudllm_procs)]
 
 
 def module_name(root: Path, path: Path) -> str:

@@ -21,13 +21,23 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_no_emulator_module_imports_cloudllm():
+    """Of cloudllm's packages the emulators use exactly cloudllm_procs (processes, no cloud knowledge)."""
     offenders = {
         f"{path.name}: {module}"
         for path in PACKAGE.rglob("*.py")
         for module in imported_modules(path)
-        if module == "cloudllm" or module.startswith("cloudllm.")
+        if module.split(".")[0].startswith("cloudllm") and module.split(".")[0] not in ("cloudllm_emulators", "cloudllm_procs")
     }
     assert not offenders, offenders
+    used = {module.split(".")[0] for path in PACKAGE.rglob("*.py") for module in imported_modules(path)}
+    assert "cloudllm_procs" in used
+
+
+def test_cloudllm_procs_knows_nothing_of_cloudllm_or_the_emulators():
+    import cloudllm_procs
+
+    imported = {module for path in Path(cloudllm_procs.__file__).parent.rglob("*.py") for module in imported_modules(path)}
+    assert not [m for m in imported if m.split(".")[0] in ("cloudllm", "cloudllm_emulators", "cloudllm_runtime")], imported
 
 
 def test_vertex_machine_table_agrees_with_the_catalog():

@@ -4,73 +4,23 @@
                       reporter=reporter, late=lambda s: (f"x is still {s}", "watch `cloudllm status x`"))
 
 Every wait of a provider goes through `wait_until`, so short waits stay snappy and long ones
-cheap by the same rule, and a test drives it with a fake clock instead of sleeping.
+cheap by the same rule, and a test drives it with a fake clock instead of sleeping. The rule and
+the loop are cloudllm_procs' (the emulators poll with them too); this adds the spinner and the error.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Callable, Generic, Protocol, TypeVar
+from typing import Callable
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed
+from cloudllm_procs.waiting import SYSTEM_CLOCK, Backoff, Clock, Pending, SystemClock, poll_until
 
-T = TypeVar("T")
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """The real clock; time.sleep is looked up at each call, so a benchmark that records sleeps sees these."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-SYSTEM_CLOCK = SystemClock()
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """The one rule for how long to wait between polls.
-
-    Start at `first`, grow by `growth`, but never sleep more than a tenth of the time waited so
-    far (`floor` early on): the overshoot past the thing's end stays small. `most` caps it.
-    """
-
-    first: float = 0.1
-    growth: float = 1.6
-    floor: float = 0.5
-    most: float = 15.0
-
-    def delays(self, clock: Clock = SYSTEM_CLOCK):
-        """An endless iterator of sleeps, each computed from the time waited when it is asked for."""
-        start = clock.monotonic()
-        delay = min(self.first, self.most)
-        while True:
-            yield delay
-            elapsed = clock.monotonic() - start
-            delay = min(delay * self.growth, max(self.floor, elapsed / 10), self.most)
+__all__ = ["SYSTEM_CLOCK", "Backoff", "Clock", "Pending", "StillRunning", "SystemClock", "pause", "wait_until"]
 
 
 class StillRunning(DeployFailed):
     """Our deadline passed while the cloud still works on it: it may still finish, so nothing is undone."""
-
-
-@dataclass(frozen=True)
-class Pending(Generic[T]):
-    """What a poll returns while the thing is not done: the status to show, and anything the caller wants back."""
-
-    status: str = ""
-    value: T | None = None
 
 
 def wait_until(
@@ -88,21 +38,13 @@ def wait_until(
     poll raises to fail the wait. Once `deadline` seconds have passed and poll is still Pending,
     raise StillRunning with late(last pending) as (problem, fix), or a generic line.
     """
-    start = clock.monotonic()
-    delays = backoff.delays(clock)
     # Every raise is inside the with, so a failed wait never prints the spinner's "done".
     with (reporter or Reporter()).waiting(what) as update:
-        while True:
-            result = poll()
-            if not isinstance(result, Pending):
-                return result
-            elapsed = clock.monotonic() - start
-            if result.status:
-                update(result.status)
-            if elapsed >= deadline:
-                problem, fix = late(result) if late else (f"{what} did not finish within {deadline:.0f}s", "")
-                raise StillRunning(problem, fix)
-            clock.sleep(max(0.0, min(next(delays), deadline - elapsed)))
+        result = poll_until(poll, deadline=deadline, backoff=backoff, clock=clock, on_pending=lambda p: p.status and update(p.status))
+        if isinstance(result, Pending):
+            problem, fix = late(result) if late else (f"{what} did not finish within {deadline:.0f}s", "")
+            raise StillRunning(problem, fix)
+        return result
 
 
 def pause(seconds: float, *, what: str, reporter: Reporter | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
