@@ -22,6 +22,15 @@ class Feature(str, Enum):
     ENGINE_RUNTIMES = "the tgi and vllm runtimes"
     GRPC = "gRPC (the Open Inference Protocol v2)"
 
+    @property
+    def asked_by(self) -> Literal["spec", "request"]:
+        """What asks for it: a deploy's spec (refused when planned) or a request (refused by the invoke that sends it)."""
+        return "request" if self in REQUEST_FEATURES else "spec"
+
+
+# Features a request asks for, not a deploy: a provider lacking one still deploys, and refuses the request.
+REQUEST_FEATURES = frozenset({Feature.GRPC})
+
 
 class Fingerprint(BaseModel):
     """The digests a deploy stores with the endpoint, so the next plan can say what changed (None: unknown)."""

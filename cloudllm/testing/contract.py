@@ -15,7 +15,8 @@
 
 The checks: an unchanged redeploy does nothing; get() returns the digests of the plan; delete is
 idempotent; a failed deploy leaves nothing behind; a feature the provider lacks is refused with
-its reason before anything is created. They go through cloudllm.api, as users do.
+its reason before anything is created, by the plan when a spec asks for it, by the request when a
+request does (Feature.asked_by). They go through cloudllm.api, as users do.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from cloudllm.errors import PlanRefused, UserError
 from cloudllm.types import Feature
 
-# A spec that needs each feature (cloudllm.plan.required_features reads them back).
+# A spec that needs each feature a spec asks for (cloudllm.plan.required_features reads them back).
 FEATURE_KWARGS: dict[Feature, dict[str, Any]] = {
     Feature.INSTANCE_TYPES: {"instance": "ml.g5.xlarge"},
     Feature.AUTOSCALING: {"max_instances": 2},
@@ -38,7 +39,17 @@ FEATURE_KWARGS: dict[Feature, dict[str, Any]] = {
     Feature.TRAFFIC_SHIFTING: {"rollout": "canary:10"},
     Feature.ENGINE_RUNTIMES: {"runtime": "tgi"},
 }
+# A request that needs each feature a request asks for (Feature.asked_by == "request"): (endpoint name, provider, where) -> sent.
+FEATURE_REQUESTS: dict[Feature, Callable[[str, str, dict[str, Any]], object]] = {
+    Feature.GRPC: lambda name, provider, where: _api().invoke_grpc(name, "hi", provider=provider, **where),
+}
 _names = itertools.count()
+
+
+def _api():
+    from cloudllm import api
+
+    return api
 
 
 class ProviderContract:
@@ -122,11 +133,14 @@ class ProviderContract:
         from cloudllm import api
 
         provider = self._provider(deploy_kwargs)
+        where = {"region": deploy_kwargs.get("region"), "options": deploy_kwargs.get("options")}
         for feature, reason in provider.unsupported.items():
             name = self._name()
+            asks = FEATURE_REQUESTS if feature.asked_by == "request" else FEATURE_KWARGS
+            assert feature in asks, f"the contract knows no {feature.asked_by} that asks for {feature.name}"
             with pytest.raises(PlanRefused) as info:
-                if feature is Feature.GRPC:  # asked for by a request, not by a deploy
-                    api.invoke_grpc(name, "hi", provider=self.provider, region=deploy_kwargs.get("region"), options=deploy_kwargs.get("options"))
+                if feature.asked_by == "request":
+                    FEATURE_REQUESTS[feature](name, self.provider, where)
                 else:
                     api.plan(contract_model, provider=self.provider, name=name, **{**deploy_kwargs, **FEATURE_KWARGS[feature]})
             assert reason in info.value.line(), info.value.line()

@@ -64,3 +64,12 @@ class TestVertex(ProviderContract):
     @pytest.fixture
     def deploy_kwargs(self, vertex_emulator):
         return {"bucket": vertex_emulator.bucket}
+
+
+def test_each_feature_says_what_asks_for_it_and_the_contract_knows_how_to_ask() -> None:
+    from cloudllm.testing.contract import FEATURE_KWARGS, FEATURE_REQUESTS
+    from cloudllm.types import Feature
+
+    assert Feature.GRPC.asked_by == "request" and Feature.AUTOSCALING.asked_by == "spec"
+    for feature in Feature:
+        assert feature in (FEATURE_REQUESTS if feature.asked_by == "request" else FEATURE_KWARGS), feature
