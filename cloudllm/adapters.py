@@ -16,13 +16,10 @@ from pydantic import BaseModel, Field
 
 from cloudllm.errors import UserError
 from cloudllm.model_source import DTYPE_BYTES, PICKLE_SUFFIXES, ModelFile, ModelInfo, read_safetensors_header
+from cloudllm_runtime.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE  # one name rule: the model server checks it on every request
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Adapter names travel in URLs, request bodies and cloud resource names (SageMaker inference
-# components allow [a-zA-Z0-9-], 63 characters).
-ADAPTER_NAME = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,46}[a-zA-Z0-9])?$")
-ADAPTER_NAME_RULE = "use 1-48 letters, digits and hyphens, starting and ending with a letter or digit"
 # peft names a LoRA tensor <module path>.lora_A.weight / .lora_B.weight (optionally with the
 # adapter name before .weight) under the wrapper's "base_model.model." prefix.
 _LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")

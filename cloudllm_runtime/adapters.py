@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from pathlib import Path
 from typing import Any
 
+from .protocol import RequestError, check_adapter_name, decode_body, validation_error
+
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-# Adapter names travel in URLs, request bodies and cloud resource names (SageMaker inference
-# components allow [a-zA-Z0-9-], 63 characters). cloudllm.adapters checks the same rule at deploy.
-ADAPTER_NAME = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,46}[a-zA-Z0-9])?$")
 ADAPTERS_ROUTE = "/adapters"
 
 
@@ -104,13 +102,11 @@ def _config_summary(path: str) -> dict[str, Any]:
 def load_adapters(engine: Any, settings: Any, model_dir: str) -> None:
     """Load settings.adapters (name -> folder, relative to the artifact root) into the engine before it serves."""
     for name, path in sorted((getattr(settings, "adapters", None) or {}).items()):
-        adapter_set(engine).add(check_name(name), os.path.join(model_dir, path))
+        adapter_set(engine).add(check_adapter_name(name), os.path.join(model_dir, path))
 
 
 def adapter_set(engine: Any) -> AdapterSet:
     """The engine's AdapterSet, made on first use; only a text-generation model takes adapters."""
-    from .protocol import RequestError
-
     if engine.adapters is None:
         if not getattr(engine, "streaming", False) or getattr(engine, "seq2seq", False):
             raise RequestError(422, f"this model serves {engine.task}; LoRA adapters are served for text generation only")
@@ -118,20 +114,8 @@ def adapter_set(engine: Any) -> AdapterSet:
     return engine.adapters
 
 
-def check_name(name: Any) -> str:
-    from .protocol import validation_error
-
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-        raise validation_error(
-            f"adapter name {json.dumps(name)[:60]} is not valid: use 1-48 letters, digits and hyphens, starting and ending with a letter or digit"
-        )
-    return name
-
-
 def require_adapter(engine: Any, name: str | None) -> None:
     """404 naming the adapters this server has, for a request that asks for another."""
-    from .protocol import RequestError
-
     held = engine.adapters.names if engine.adapters is not None else []
     if name is not None and name not in held:
         has = f"this server has: {', '.join(held)}" if held else "this server has no adapters"
@@ -152,7 +136,6 @@ async def _adapters_route(state: Any, request: Any) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     from .http_io import _json, _read_body
-    from .protocol import RequestError, decode_body, validation_error
 
     engine = state.require_engine()
     if request.method == "GET":
@@ -161,7 +144,7 @@ async def _adapters_route(state: Any, request: Any) -> Any:
     data = decode_body(body, state.settings.max_body_bytes)
     if not isinstance(data, dict) or set(data) != {"name", "path"} or not isinstance(data.get("path"), str):
         raise validation_error('the body must be {"name": ADAPTER, "path": FOLDER ON THE SERVER}')
-    name = check_name(data["name"])
+    name = check_adapter_name(data["name"])
     adapters = adapter_set(engine)
 
     def load() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -340,10 +341,20 @@ def _stop(name: str, value: Any, settings: Any) -> list[str]:
     return [_scrub_surrogates(s) for s in value]
 
 
-def _adapter_id(name: str, value: Any, settings: Any) -> str:
-    from .adapters import check_name
+# LoRA adapter names travel in URLs, request bodies and cloud resource names (SageMaker inference
+# components allow [a-zA-Z0-9-], 63 characters); cloudllm.adapters checks the same rule at deploy.
+ADAPTER_NAME = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,46}[a-zA-Z0-9])?$")
+ADAPTER_NAME_RULE = "use 1-48 letters, digits and hyphens, starting and ending with a letter or digit"
 
-    return check_name(value)
+
+def check_adapter_name(value: Any) -> str:
+    if not isinstance(value, str) or not ADAPTER_NAME.match(value):
+        raise validation_error(f"adapter name {json.dumps(value)[:60]} is not valid: {ADAPTER_NAME_RULE}")
+    return value
+
+
+def _adapter_id(name: str, value: Any, settings: Any) -> str:
+    return check_adapter_name(value)
 
 
 _GENERATION_PARAMETERS: dict[str, Check] = {

@@ -190,8 +190,10 @@ def test_a_provider_must_opt_in_to_adapters(bases, gpt2_lora, echo_free_home):
     assert OPT_IN_FEATURES == {Feature.ADAPTERS, Feature.MULTI_MODEL}
     with pytest.raises(PlanRefused, match="LoRA adapters .* not available on the local provider: the provider does not implement it"):
         Older().require({Feature.ADAPTERS})
-    with pytest.raises(PlanRefused, match="does not implement it"):
-        Older().add_adapter("x", inspect_adapter("support", gpt2_lora), None)
+    from cloudllm.providers.base import Provider
+
+    with pytest.raises(PlanRefused, match="does not implement it"):  # the base's default, which Older would inherit from a plain Provider
+        Provider.add_adapter(Older(), "x", inspect_adapter("support", gpt2_lora), None)
 
 
 def test_invoke_body_carries_the_adapter():
@@ -203,3 +205,10 @@ def test_invoke_body_carries_the_adapter():
         with_adapter(build_body(None, None, '{"inputs": "x", "parameters": {"adapter_id": "a"}}'), "b")
     with pytest.raises(UserError, match="not valid"):
         with_adapter(build_body("hi"), "no such/name")
+
+
+def test_chat_names_the_adapter_as_openai_model(echo_free_home):
+    from cloudllm import api
+
+    _, body = api._chat_request("shared", "hi", None, None, "local", None, None, stream=False, adapter="legal")
+    assert body["model"] == "legal" and body["messages"] == [{"role": "user", "content": "hi"}]

@@ -37,6 +37,7 @@ from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider
 from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
 from cloudllm.providers.kit import Pending
+from cloudllm.providers.local_adapters import adapter_entry, planned_adapters, serve_arguments, served_names, sync_live, valid_adapters
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
 from cloudllm.records import load_record
 from cloudllm.spec import default_endpoint_name
@@ -99,6 +100,10 @@ class LocalProvider(Provider):
         server for one still loading its model, or one that never will.
         """
         old = self._state(plan.spec.name)
+        if plan.adapters_only and old and old.get("url"):  # the base keeps running: adapters change in place
+            state = sync_live(plan.spec.name, old, planned_adapters(plan), reporter)
+            self._write_state(plan.spec.name, state)
+            return self._endpoint(plan.spec.name, state)
         state = self._start_version(plan, reporter, wait=True)
         self._point_front(plan.spec.name, state)
         self._write_state(plan.spec.name, state)
@@ -179,6 +184,38 @@ class LocalProvider(Provider):
                 else:
                     return
 
+    # --- adapters on the live server, no restart (cloudllm/providers/local_adapters.py) ----------
+    def add_adapter(self, name: str, adapter, reporter: Reporter) -> None:
+        state = self._running_state(name)
+        self._write_state(name, sync_live(name, state, {**(state.get("adapters") or {}), adapter.name: adapter_entry(adapter)}, reporter))
+
+    def remove_adapter(self, name: str, adapter: str, reporter: Reporter) -> None:
+        state = self._running_state(name)
+        have = state.get("adapters") or {}
+        if adapter not in have:
+            held = f"; it has: {', '.join(sorted(have))}" if have else "; it has none"
+            raise UserError(f"endpoint {name} has no adapter {adapter!r}{held}", f"see `cloudllm adapters list {name}`")
+        self._write_state(name, sync_live(name, state, {n: e for n, e in have.items() if n != adapter}, reporter))
+
+    def list_adapters(self, name: str) -> list[dict]:
+        state = self._state(name)
+        if state is None:
+            raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
+        served = served_names(name, state["url"]) if state.get("url") else None
+        return [
+            {"name": n, "rank": e.get("rank"), "digest": e["digest"],
+             "status": "server not answering" if served is None else ("loaded" if n in served else "not loaded")}  # fmt: skip
+            for n, e in sorted((state.get("adapters") or {}).items())
+        ]
+
+    def _running_state(self, name: str) -> dict:
+        """The live version's state, once its server is known to run and answer."""
+        self._live_url(name)
+        state = self._state(name)
+        if not state.get("url"):
+            raise UserError(f"endpoint {name}'s server is still starting", f"wait for `cloudllm status {name}` to say InService, then retry")
+        return state
+
     # --- helpers ----------------------------------------------------------------------
     def _point_front(self, name: str, state: dict) -> None:
         """Point the endpoint's relay at state's server (starting the relay, on its old port, if it
@@ -257,9 +294,10 @@ class LocalProvider(Provider):
         log_path = home_dir("logs") / f"{name}-{version}.log"  # beside local/, where every folder is an endpoint
         port_file = version_dir / "port"
         grpc_port = _free_port()  # gRPC beside HTTP, for `cloudllm invoke --grpc`
+        adapters = planned_adapters(plan)
         process = start_server(
             [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-             "--grpc-port", str(grpc_port)],
+             "--grpc-port", str(grpc_port), *serve_arguments(adapters)],
             log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         # Before it loads: a deploy killed from here on (even SIGKILL) leaves a server the next deploy or delete stops.
@@ -272,6 +310,7 @@ class LocalProvider(Provider):
             "model": plan.model.path,
             "url": None,
             "grpc_port": grpc_port,
+            "adapters": adapters,
             **plan.fingerprint,
         }
         try:
@@ -354,6 +393,7 @@ def _valid_state(state: object) -> bool:
             state.get(key) is None or (isinstance(state[key], str) and re.fullmatch(r"http://127\.0\.0\.1:\d{1,5}", state[key]))
             for key in ("url", "front_url")
         )
+        and valid_adapters(state.get("adapters"))
     )
 
 
