@@ -334,7 +334,7 @@ def test_local_deploy_serves_int8_weights(cloudllm_home: Path, tiny_gpt2: Path) 
 
 
 def test_large_models_are_written_in_shards_that_load(monkeypatch, tiny_gpt2: Path, tmp_path: Path) -> None:
-    import cloudllm.quantize as quantize
+    import cloudllm.quantize.weights as quantize
 
     monkeypatch.setattr(quantize, "MAX_SHARD_BYTES", 64 * 1024)  # the tiny model's 290 KB in several files
     report = quantize_model(tiny_gpt2, tmp_path / "sharded", method="int8")
