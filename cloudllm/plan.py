@@ -371,7 +371,8 @@ def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provi
     bundle = build_bundle(model, settings, build={"runtime": runtime}, exact=exact)
     plan = Plan(spec=spec, model=model, settings=settings, bundle=bundle, runtime=runtime)
     plan.adapters, plan.warnings = inspect_adapters(spec.adapters, model)
-    plan.instance, plan.fit, plan.cost = instance, plan_fit(spec, model, settings, runtime, instance), plan_cost(spec, instance)
+    plan.instance, plan.cost = instance, plan_cost(spec, instance)
+    plan.fit = plan_fit(spec, model, settings, runtime, instance, adapters=tuple(plan.adapters))
     if spec.quantize in OFFLINE_METHODS and model.quantization != spec.quantize:
         plan.quantize_pending = spec.quantize
     return plan

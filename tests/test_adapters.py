@@ -212,3 +212,20 @@ def test_chat_names_the_adapter_as_openai_model(echo_free_home):
 
     _, body = api._chat_request("shared", "hi", None, None, "local", None, None, stream=False, adapter="legal")
     assert body["model"] == "legal" and body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_fit_counts_adapter_memory_at_the_serving_dtype(bases, gpt2_lora, tmp_path):
+    from cloudllm.catalog.instances import lookup
+    from cloudllm.fit import plan_fit
+    from cloudllm.spec import serving_settings, spec_from_kwargs
+
+    model = inspect_model(bases["gpt2"])
+    spec = spec_from_kwargs(bases["gpt2"], name="x", provider="sagemaker", instance="ml.g5.xlarge")
+    instance = lookup("sagemaker", "ml.g5.xlarge")
+    plain = plan_fit(spec, model, serving_settings(spec, model), "tgi", instance)
+    two = [inspect_adapter("support", gpt2_lora), inspect_adapter("legal", build_tiny_lora(bases["gpt2"], tmp_path / "legal", rank=8))]
+    fitted = plan_fit(spec, model, serving_settings(spec, model), "tgi", instance, adapters=tuple(two))
+    # TGI serves this float32 checkpoint in float16: 2 bytes per LoRA parameter (rank x (in + out) x modules).
+    assert fitted.memory.adapters_bytes == sum(a.parameters for a in two) * 2 == 2 * (2 * (4 * 64 + 192 * 4) + 2 * (8 * 64 + 192 * 8))
+    assert fitted.memory.total_bytes == plain.memory.total_bytes + fitted.memory.adapters_bytes
+    assert "+ adapters" in fitted.memory.breakdown(fitted.max_total_tokens, fitted.max_batch)
