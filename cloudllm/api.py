@@ -160,7 +160,7 @@ def invoke(
     from cloudllm.invocation import build_body, response_text, with_adapter
 
     body = with_adapter(build_body(inputs, parameters, json_body), adapter)
-    target = _provider_for_name(name, provider, region, options)
+    target = _serving_adapters(_provider_for_name(name, provider, region, options), adapter)
     with read_timeout(timeout):
         result = _send(target.invoke, name, body, model=model, wake_timeout=wake_timeout)
     text = None if full_response else response_text(result)
@@ -187,7 +187,7 @@ def invoke_stream(
 
     body = with_adapter(build_body(inputs, parameters, json_body), adapter)
     body["stream"] = True
-    target = _provider_for_name(name, provider, region, options)
+    target = _serving_adapters(_provider_for_name(name, provider, region, options), adapter)
 
     def pieces() -> Iterator[str]:
         with read_timeout(timeout):
@@ -272,12 +272,19 @@ def _send(call, name: str, body: dict, *, model: str | None, wake_timeout: float
     return call(name, body, **({"model": model} if model is not None else {}))
 
 
+def _serving_adapters(target: Provider, adapter: str | None) -> Provider:
+    """target, once it is known to serve adapters when one is asked for (else its reason, in one line)."""
+    if adapter is not None:
+        target.require({Feature.ADAPTERS})
+    return target
+
+
 def _chat_request(name, prompt, system, parameters, provider, region, options, *, stream: bool, adapter: str | None = None) -> tuple[Provider, dict]:
     """The endpoint's provider and the chat body in the form its platform and runtime take."""
     from cloudllm.adapters import check_adapter_name
     from cloudllm.invocation import chat_body, chat_messages, platform_chat_body
 
-    holder = _provider_for_name(name, provider, region, options)
+    holder = _serving_adapters(_provider_for_name(name, provider, region, options), adapter)
     body = chat_body(chat_messages(prompt, system), parameters, stream=stream)
     if adapter is not None:  # OpenAI's "model" names the adapter (TGI, vLLM and our server read it so)
         body["model"] = check_adapter_name(adapter)

@@ -229,3 +229,19 @@ def test_fit_counts_adapter_memory_at_the_serving_dtype(bases, gpt2_lora, tmp_pa
     assert fitted.memory.adapters_bytes == sum(a.parameters for a in two) * 2 == 2 * (2 * (4 * 64 + 192 * 4) + 2 * (8 * 64 + 192 * 8))
     assert fitted.memory.total_bytes == plain.memory.total_bytes + fitted.memory.adapters_bytes
     assert "+ adapters" in fitted.memory.breakdown(fitted.max_total_tokens, fitted.max_batch)
+
+
+def test_invoke_with_an_adapter_is_refused_where_the_provider_serves_none(monkeypatch, echo_free_home):
+    from cloudllm import api
+    from cloudllm.errors import PlanRefused
+    from cloudllm.providers.local import LocalProvider
+
+    class Older(LocalProvider):
+        offers = frozenset()
+
+    monkeypatch.setattr(api, "get_provider", lambda name, region=None, options=None: Older(region=region, options=options))
+    for call in (lambda: api.invoke("shared", "hi", provider="older", adapter="legal"),
+                 lambda: list(api.invoke_stream("shared", "hi", provider="older", adapter="legal")),
+                 lambda: api.chat("shared", "hi", provider="older", adapter="legal")):  # fmt: skip
+        with pytest.raises(PlanRefused, match="LoRA adapters .* not available on the local provider"):
+            call()
