@@ -142,29 +142,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def drive(url: str, concurrency: int, per_client: int) -> dict:
+async def drive(url: str, concurrency: int, per_client: int, *, targets: list[tuple[str, dict]] | None = None) -> dict:
     """`concurrency` clients, each sending `per_client` requests back to back; every answer is checked.
 
     A minimal HTTP/1.1 keep-alive client on asyncio streams: the load client shares the 2 cores
     with the server it measures, and httpx's own work per request (~25% of the batched server's
-    throughput in a probe) would be counted against the server.
+    throughput in a probe) would be counted against the server. targets: (url, extra parameters)
+    per client in turn (client i uses targets[i % len]), for several servers or LoRA adapters at once.
     """
     from urllib.parse import urlsplit
 
-    host, port = urlsplit(url).hostname, urlsplit(url).port
+    targets = targets or [(url, {})]
     latencies: list[float] = []
-    requests = []
-    for prompt in PROMPTS:
-        body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS, "do_sample": False}}).encode()
-        head = f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        requests.append(head.encode() + body)
+    requests: list[list[bytes]] = []
+    for target_url, extra in targets:
+        host = urlsplit(target_url).hostname
+        requests.append([])
+        for prompt in PROMPTS:
+            body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS, "do_sample": False, **extra}}).encode()
+            head = f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            requests[-1].append(head.encode() + body)
 
     async def client(index: int) -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+        where = urlsplit(targets[index % len(targets)][0])
+        mine = requests[index % len(targets)]
+        reader, writer = await asyncio.open_connection(where.hostname, where.port)
         try:
             for i in range(per_client):
                 start = time.perf_counter()
-                writer.write(requests[(index + i) % len(requests)])
+                writer.write(mine[(index + i) % len(mine)])
                 status = await reader.readline()
                 length = 0
                 while (line := await reader.readline()) not in (b"\r\n", b""):

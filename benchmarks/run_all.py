@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 # Quick ones first, so a failure shows early.
 # bench_image is left out: it needs root and `make containers` (run it alone, as BENCHMARKS.md says).
-MODULES = ("cli", "plan", "deploy", "serving", "protocols", "load", "staging", "growth", "hash_cache", "quantize")
+MODULES = ("cli", "plan", "deploy", "serving", "protocols", "load", "staging", "growth", "hash_cache", "quantize", "adapters")
 
 
 def main(argv: list[str] | None = None) -> int:

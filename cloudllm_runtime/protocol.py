@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -340,6 +341,22 @@ def _stop(name: str, value: Any, settings: Any) -> list[str]:
     return [_scrub_surrogates(s) for s in value]
 
 
+# LoRA adapter names travel in URLs, request bodies and cloud resource names (SageMaker inference
+# components allow [a-zA-Z0-9-], 63 characters); cloudllm.adapters checks the same rule at deploy.
+ADAPTER_NAME = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,46}[a-zA-Z0-9])?$")
+ADAPTER_NAME_RULE = "use 1-48 letters, digits and hyphens, starting and ending with a letter or digit"
+
+
+def check_adapter_name(value: Any) -> str:
+    if not isinstance(value, str) or not ADAPTER_NAME.match(value):
+        raise validation_error(f"adapter name {json.dumps(value)[:60]} is not valid: {ADAPTER_NAME_RULE}")
+    return value
+
+
+def _adapter_id(name: str, value: Any, settings: Any) -> str:
+    return check_adapter_name(value)
+
+
 _GENERATION_PARAMETERS: dict[str, Check] = {
     "max_new_tokens": _number(integer=True, ge=1, le=lambda s: s.max_new_tokens),
     "temperature": _number(gt=0.0, le=100.0),
@@ -351,6 +368,7 @@ _GENERATION_PARAMETERS: dict[str, Check] = {
     "stop": _stop,
     "seed": _number(integer=True, ge=0, le=2**63 - 1),
     "details": _bool,
+    "adapter_id": _adapter_id,  # TGI's name: the LoRA adapter to answer with
 }
 
 PARAMETERS: dict[str, dict[str, Check]] = {

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from cloudllm.adapters import adapter_gpu_bytes
 from cloudllm.errors import UserError
 from cloudllm.model_source import ModelInfo
 
@@ -183,10 +184,12 @@ class MemoryEstimate(BaseModel):
     kv_cache_bytes_per_position: int = Field(description="K and V of one token (sequence position) over all layers.")
     activations_bytes: int = Field(description="Prefill activations and logits of the batch the runtime pads.")
     overhead_bytes: int = Field(description="Runtime overhead per device.")
+    adapters_bytes: int = Field(0, description="LoRA adapters kept beside the weights: rank x (in + out) x modules x dtype, summed.")
     total_bytes: int = Field(description="Sum of the above on one device.")
 
     def breakdown(self, max_total_tokens: int, max_batch: int) -> str:
         kv = f" + KV cache {gib(self.kv_cache_bytes)} ({max_total_tokens:,} tokens x {max_batch})" if self.kv_cache_bytes else ""
+        kv += f" + adapters {gib(self.adapters_bytes)}" if self.adapters_bytes else ""
         return (
             f"weights {gib(self.weights_bytes)} ({self.weight_format}){kv} + activations {gib(self.activations_bytes)}"
             f" + overhead {gib(self.overhead_bytes)} = {gib(self.total_bytes)} unsharded"
@@ -204,14 +207,16 @@ class Workload:
     max_total_tokens: int = 2048
     max_input_tokens: int = 1024
     max_batch: int = 8
+    adapters: tuple = ()  # cloudllm.adapters.AdapterInfo of each LoRA adapter served beside the model
 
     @property
     def engine(self) -> bool:
         return self.runtime in ENGINE_RUNTIMES
 
 
-def workload_from_spec(spec: "DeploySpec", model: ModelInfo, settings: "ServingSettings", runtime: str) -> Workload:
+def workload_from_spec(spec: "DeploySpec", model: ModelInfo, settings: "ServingSettings", runtime: str, adapters: tuple = ()) -> Workload:
     return Workload(
+        adapters=tuple(adapters),
         model=model,
         runtime=runtime,
         quantize=spec.quantize,
@@ -284,6 +289,7 @@ def estimate_memory(work: Workload, *, on_gpu: bool = True, dims: ModelDims | No
     kv_tokens = work.max_total_tokens + (work.max_input_tokens if dims.encoder_decoder else 0)
     kv = kv_per_token * kv_tokens * batch if generates(model) else 0
     activations = activation_bytes(work, dims, dtype_bytes, batch=1 if work.engine else batch, shards=1)
+    adapters = sum(adapter_gpu_bytes(a, dtype_bytes) for a in work.adapters)
     return MemoryEstimate(
         dtype=dtype,
         weight_format=weight_format,
@@ -293,7 +299,8 @@ def estimate_memory(work: Workload, *, on_gpu: bool = True, dims: ModelDims | No
         kv_cache_bytes_per_position=kv_per_token if generates(model) else 0,
         activations_bytes=activations,
         overhead_bytes=RUNTIME_OVERHEAD_BYTES,
-        total_bytes=weights + kv + activations + RUNTIME_OVERHEAD_BYTES,
+        adapters_bytes=adapters,
+        total_bytes=weights + kv + activations + RUNTIME_OVERHEAD_BYTES + adapters,
     )
 
 

@@ -167,7 +167,8 @@ def _required(work: Workload, dims: ModelDims, mem: MemoryEstimate, shards: int,
     tokens = work.max_total_tokens + (work.max_input_tokens if dims.encoder_decoder else 0)
     act_batch = 1 if work.engine else batch
     activations = activation_bytes(work, dims, dtype_bytes, batch=act_batch, shards=shards if work.engine else 1)
-    return math.ceil(mem.weights_bytes / shards) + kv_tokens_dev * tokens * batch + activations + mem.overhead_bytes
+    adapters = math.ceil(mem.adapters_bytes / shards)  # split over the shards as the weights they change
+    return math.ceil(mem.weights_bytes / shards) + adapters + kv_tokens_dev * tokens * batch + activations + mem.overhead_bytes
 
 
 def _place(work: Workload, dims: ModelDims, mem: MemoryEstimate, *, devices: int, device_bytes: int, fraction: float) -> _Placement:
@@ -417,9 +418,10 @@ def plan_fit(
     instance: InstanceType | None,
     *,
     ram_bytes: int | None = None,
+    adapters: tuple = (),
 ) -> FitReport:
-    """The fit verdict of a deploy: this machine's RAM for local, the instance's devices for clouds."""
-    work = workload_from_spec(spec, model, settings, runtime)
+    """The fit verdict of a deploy: this machine's RAM for local, the instance's devices for clouds (adapters: AdapterInfo kept beside the model)."""
+    work = workload_from_spec(spec, model, settings, runtime, adapters)
     if spec.provider == "local":
         return fit_local(work, ram_bytes=ram_bytes)
     if instance is None:

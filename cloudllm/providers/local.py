@@ -37,8 +37,10 @@ from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider, StrictOptions
 from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
 from cloudllm.providers.kit import Pending
+from cloudllm.providers.local_adapters import adapter_entry, planned_adapters, serve_arguments, served_names, sync_live, valid_adapters
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
 from cloudllm.records import load_record
+from cloudllm.spec import default_endpoint_name
 
 STATE_FILE = "state.json"
 SERVER_FILE = "server.json"  # in each version folder: the server started for it, written before it loads
@@ -59,8 +61,10 @@ class LocalProvider(Provider):
         Feature.SCALE_TO_ZERO: "it runs one server process; use min_instances 1",
         Feature.TRAFFIC_SHIFTING: "an update switches all traffic once the new server is healthy",
         Feature.ENGINE_RUNTIMES: "it runs the generated handler; TGI and vLLM need their GPU containers",
+        Feature.MULTI_MODEL: "it runs one model server per endpoint; deploy the second model under its own --name",
     }
     Options = LocalOptions
+    offers = frozenset({Feature.ADAPTERS})
 
     # --- state ------------------------------------------------------------------------
     @staticmethod
@@ -101,6 +105,10 @@ class LocalProvider(Provider):
         server for one still loading its model, or one that never will.
         """
         old = self._state(plan.spec.name)
+        if plan.adapters_only and old and old.get("url"):  # the base keeps running: adapters change in place
+            state = sync_live(plan.spec.name, old, planned_adapters(plan), reporter)
+            self._write_state(plan.spec.name, state)
+            return self._endpoint(plan.spec.name, state)
         state = self._start_version(plan, reporter, wait=True)
         self._point_front(plan.spec.name, state)
         self._write_state(plan.spec.name, state)
@@ -140,15 +148,15 @@ class LocalProvider(Provider):
         stop_server(state.get("pid"), _serve_py(state.get("artifact")))
         shutil.rmtree(root, ignore_errors=True)
 
-    def invoke(self, name: str, body: dict) -> Any:
-        url = self._live_url(name)
+    def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
+        url = self._live_url(name, model)
         try:
             return post_json(name, f"{url}/invocations", body)
         except httpx.TransportError:
             raise self._unreachable(name) from None
 
-    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
-        url = self._live_url(name)
+    def invoke_stream(self, name: str, body: dict, *, model: str | None = None) -> Iterator[str]:
+        url = self._live_url(name, model)
         try:
             yield from stream_tokens(name, f"{url}/invocations", {**body, "stream": True})
         except httpx.TransportError:
@@ -181,6 +189,38 @@ class LocalProvider(Provider):
                 else:
                     return
 
+    # --- adapters on the live server, no restart (cloudllm/providers/local_adapters.py) ----------
+    def add_adapter(self, name: str, adapter, reporter: Reporter) -> None:
+        state = self._running_state(name)
+        self._write_state(name, sync_live(name, state, {**(state.get("adapters") or {}), adapter.name: adapter_entry(adapter)}, reporter))
+
+    def remove_adapter(self, name: str, adapter: str, reporter: Reporter) -> None:
+        state = self._running_state(name)
+        have = state.get("adapters") or {}
+        if adapter not in have:
+            held = f"; it has: {', '.join(sorted(have))}" if have else "; it has none"
+            raise UserError(f"endpoint {name} has no adapter {adapter!r}{held}", f"see `cloudllm adapters list {name}`")
+        self._write_state(name, sync_live(name, state, {n: e for n, e in have.items() if n != adapter}, reporter))
+
+    def list_adapters(self, name: str) -> list[dict]:
+        state = self._state(name)
+        if state is None:
+            raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
+        served = served_names(name, state["url"]) if state.get("url") else None
+        return [
+            {"name": n, "rank": e.get("rank"), "digest": e["digest"],
+             "status": "server not answering" if served is None else ("loaded" if n in served else "not loaded")}  # fmt: skip
+            for n, e in sorted((state.get("adapters") or {}).items())
+        ]
+
+    def _running_state(self, name: str) -> dict:
+        """The live version's state, once its server is known to run and answer."""
+        self._live_url(name)
+        state = self._state(name)
+        if not state.get("url"):
+            raise UserError(f"endpoint {name}'s server is still starting", f"wait for `cloudllm status {name}` to say InService, then retry")
+        return state
+
     # --- helpers ----------------------------------------------------------------------
     def _point_front(self, name: str, state: dict) -> None:
         """Point the endpoint's relay at state's server (starting the relay, on its old port, if it
@@ -196,10 +236,15 @@ class LocalProvider(Provider):
         if isinstance(front.get("port"), int):
             state["front_url"] = f"http://127.0.0.1:{front['port']}"
 
-    def _live_url(self, name: str) -> str:
+    def _live_url(self, name: str, model: str | None = None) -> str:
         state = self._state(name)
         if state is None:
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`, or deploy it first")
+        if model is not None and model != default_endpoint_name(state.get("model") or ""):
+            raise UserError(
+                f"endpoint {name} has one model, {default_endpoint_name(state.get('model') or '')}, not {model!r}",
+                "drop --model (local endpoints serve one model; adapters are picked with --adapter)",
+            )
         if not alive(state.get("pid"), _serve_py(state.get("artifact"))):
             raise self._unreachable(name)
         return state.get("front_url") if _front_running(self._root(name)) else state["url"]
@@ -254,9 +299,10 @@ class LocalProvider(Provider):
         log_path = home_dir("logs") / f"{name}-{version}.log"  # beside local/, where every folder is an endpoint
         port_file = version_dir / "port"
         grpc_port = _free_port()  # gRPC beside HTTP, for `cloudllm invoke --grpc`
+        adapters = planned_adapters(plan)
         process = start_server(
             [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-             "--grpc-port", str(grpc_port)],
+             "--grpc-port", str(grpc_port), *serve_arguments(adapters)],
             log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         # Before it loads: a deploy killed from here on (even SIGKILL) leaves a server the next deploy or delete stops.
@@ -269,6 +315,7 @@ class LocalProvider(Provider):
             "model": plan.model.path,
             "url": None,
             "grpc_port": grpc_port,
+            "adapters": adapters,
             **plan.fingerprint,
         }
         try:
@@ -351,6 +398,7 @@ def _valid_state(state: object) -> bool:
             state.get(key) is None or (isinstance(state[key], str) and re.fullmatch(r"http://127\.0\.0\.1:\d{1,5}", state[key]))
             for key in ("url", "front_url")
         )
+        and valid_adapters(state.get("adapters"))
     )
 
 

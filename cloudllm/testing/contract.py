@@ -38,6 +38,9 @@ FEATURE_KWARGS: dict[Feature, dict[str, Any]] = {
     Feature.SCALE_TO_ZERO: {"min_instances": 0},
     Feature.TRAFFIC_SHIFTING: {"rollout": "canary:10"},
     Feature.ENGINE_RUNTIMES: {"runtime": "tgi"},
+    # Refused before the adapter folder is read, so it need not exist.
+    Feature.ADAPTERS: {"adapters": {"contract": "./no-such-adapter"}},
+    Feature.MULTI_MODEL: {"add_model": "second"},
 }
 # A request that needs each feature a request asks for (Feature.asked_by == "request"): (endpoint name, provider, where) -> sent.
 FEATURE_REQUESTS: dict[Feature, Callable[[str, str, dict[str, Any]], object]] = {
@@ -132,9 +135,12 @@ class ProviderContract:
     def test_lacking_features_are_refused_with_their_reason(self, deploy_kwargs, contract_model) -> None:
         from cloudllm import api
 
+        from cloudllm.providers.base import OPT_IN_FEATURES
+
         provider = self._provider(deploy_kwargs)
         where = {"region": deploy_kwargs.get("region"), "options": deploy_kwargs.get("options")}
-        for feature, reason in provider.unsupported.items():
+        lacking = {**{f: "the provider does not implement it" for f in OPT_IN_FEATURES - provider.offers}, **provider.unsupported}
+        for feature, reason in lacking.items():
             name = self._name()
             asks = FEATURE_REQUESTS if feature.asked_by == "request" else FEATURE_KWARGS
             assert feature in asks, f"the contract knows no {feature.asked_by} that asks for {feature.name}"
