@@ -22,6 +22,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapter names travel in URLs, request bodies and cloud resource names (SageMaker inference
 # components allow [a-zA-Z0-9-], 63 characters).
 ADAPTER_NAME = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,46}[a-zA-Z0-9])?$")
+ADAPTER_NAME_RULE = "use 1-48 letters, digits and hyphens, starting and ending with a letter or digit"
 # peft names a LoRA tensor <module path>.lora_A.weight / .lora_B.weight (optionally with the
 # adapter name before .weight) under the wrapper's "base_model.model." prefix.
 _LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
@@ -56,7 +57,7 @@ def check_adapter_name(name: str) -> str:
     if not ADAPTER_NAME.match(name or ""):
         raise UserError(
             f"adapter name {name!r} is not valid",
-            "use 1-48 letters, digits and hyphens, starting and ending with a letter or digit (e.g. --adapter legal=./lora-legal)",
+            f"{ADAPTER_NAME_RULE} (e.g. --adapter legal=./lora-legal)",
         )
     return name
 
@@ -214,3 +215,34 @@ def _tensor_shape(header: dict, module: str, part: str) -> list[int]:
 
 def _short(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+# --- what a provider ships and compares -------------------------------------------------------
+def adapter_files(adapter: AdapterInfo) -> list[tuple[str, str]]:
+    """(name relative to the adapter's folder, local path) of each file a provider ships: config and weights."""
+    return [(f.name, f.path) for f in adapter.files]
+
+
+def adapter_digest(adapter: AdapterInfo) -> str:
+    """The adapter's content address: sha256 over its files' names and sha256 (the upload key `adapters/<digest>/`)."""
+    from cloudllm.hashing import sha256_bytes, sha256_file
+
+    parts = {name: sha256_file(path) for name, path in adapter_files(adapter)}
+    return sha256_bytes(json.dumps(parts, sort_keys=True).encode())
+
+
+def adapters_digest(digests: dict[str, str]) -> str | None:
+    """One digest of a set of adapters, {name: adapter_digest}; None for no adapters (the fingerprint leaves it out)."""
+    from cloudllm.hashing import sha256_bytes
+
+    return sha256_bytes(json.dumps(digests, sort_keys=True).encode()) if digests else None
+
+
+def inspect_adapters(adapters: dict[str, str], model: ModelInfo) -> tuple[list[AdapterInfo], list[str]]:
+    """Inspect every adapter of a spec and check it against the base; (adapters, warnings)."""
+    infos, warnings = [], []
+    for name, path in sorted(adapters.items()):
+        info = inspect_adapter(name, path)
+        warnings += check_adapter_against_base(info, model)
+        infos.append(info)
+    return infos, warnings

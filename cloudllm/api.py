@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from cloudllm.console import Reporter
 from cloudllm.errors import Interrupted, UserError, interrupted_advice
-from cloudllm.providers.base import Endpoint, Provider, get_provider
+from cloudllm.providers.base import Endpoint, Feature, Provider, get_provider
 from cloudllm.records import EndpointRecord, endpoint_lock, list_records, load_record, remove_record, save_record
 from cloudllm.spec import DeploySpec, check_endpoint_name, spec_from_kwargs
 
@@ -95,6 +95,7 @@ def deploy(
         spec = with_built_image(spec, reporter, dry_run=dry_run)
     provider = _provider_for_spec(spec)
     with endpoint_lock(spec.name), _interrupt_advice(interrupted_advice(spec.name)):
+        spec = _with_added_adapters(spec, reporter)
         the_plan = make_plan(spec, provider, reporter, mode="check" if dry_run else "deploy")
         the_plan.wait = wait
         if dry_run or the_plan.action == "unchanged":
@@ -146,16 +147,22 @@ def invoke(
     options: dict[str, Any] | None = None,
     timeout: float | None = None,
     full_response: bool = False,
+    adapter: str | None = None,
+    model: str | None = None,
+    wake_timeout: float | None = None,
 ) -> Any:
     """Send one request; returns the generated text, as the CLI prints it (the decoded JSON response
-    for tasks without text, or with full_response). timeout: seconds to wait for the answer."""
-    from cloudllm.http import read_timeout
-    from cloudllm.invocation import build_body, response_text
+    for tasks without text, or with full_response). timeout: seconds to wait for the answer.
 
-    body = build_body(inputs, parameters, json_body)
+    adapter: the LoRA adapter to answer with (parameters.adapter_id); model: which of the endpoint's
+    models (None: its first); wake_timeout: seconds to wait for an endpoint scaled to zero to wake."""
+    from cloudllm.http import read_timeout
+    from cloudllm.invocation import build_body, response_text, with_adapter
+
+    body = with_adapter(build_body(inputs, parameters, json_body), adapter)
     target = _provider_for_name(name, provider, region, options)
     with read_timeout(timeout):
-        result = target.invoke(name, body)
+        result = _send(target.invoke, name, body, model=model, wake_timeout=wake_timeout)
     text = None if full_response else response_text(result)
     return result if text is None else text
 
@@ -170,18 +177,21 @@ def invoke_stream(
     region: str | None = None,
     options: dict[str, Any] | None = None,
     timeout: float | None = None,
+    adapter: str | None = None,
+    model: str | None = None,
+    wake_timeout: float | None = None,
 ) -> Iterator[str]:
-    """Yield generated text pieces as the endpoint produces them (timeout: seconds between pieces)."""
+    """Yield generated text pieces as the endpoint produces them (timeout: seconds between pieces; the rest as invoke's)."""
     from cloudllm.http import read_timeout
-    from cloudllm.invocation import build_body
+    from cloudllm.invocation import build_body, with_adapter
 
-    body = build_body(inputs, parameters, json_body)
+    body = with_adapter(build_body(inputs, parameters, json_body), adapter)
     body["stream"] = True
     target = _provider_for_name(name, provider, region, options)
 
     def pieces() -> Iterator[str]:
         with read_timeout(timeout):
-            yield from target.invoke_stream(name, body)
+            yield from _send(target.invoke_stream, name, body, model=model, wake_timeout=wake_timeout)
 
     return pieces()
 
@@ -220,15 +230,19 @@ def chat(
     provider: str | None = None,
     region: str | None = None,
     options: dict[str, Any] | None = None,
+    adapter: str | None = None,
+    model: str | None = None,
+    wake_timeout: float | None = None,
 ) -> dict:
     """One chat turn: prompt is the user's text or a whole history of OpenAI messages; returns OpenAI's chat completion.
 
-    Parameters take invoke's (TGI) names; the answer is greedy unless they ask for sampling.
+    Parameters take invoke's (TGI) names; the answer is greedy unless they ask for sampling. adapter,
+    model and wake_timeout as invoke's (the adapter rides as OpenAI's "model").
     """
     from cloudllm.invocation import chat_completion
 
-    holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=False)
-    return chat_completion(holder.invoke(name, body))
+    holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=False, adapter=adapter)
+    return chat_completion(_send(holder.invoke, name, body, model=model, wake_timeout=wake_timeout))
 
 
 def chat_stream(
@@ -240,18 +254,33 @@ def chat_stream(
     provider: str | None = None,
     region: str | None = None,
     options: dict[str, Any] | None = None,
+    adapter: str | None = None,
+    model: str | None = None,
+    wake_timeout: float | None = None,
 ) -> Iterator[str]:
     """One chat turn, streamed: the reply's text pieces as the endpoint produces them."""
-    holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=True)
-    return holder.invoke_stream(name, body)
+    holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=True, adapter=adapter)
+    return _send(holder.invoke_stream, name, body, model=model, wake_timeout=wake_timeout)
 
 
-def _chat_request(name, prompt, system, parameters, provider, region, options, *, stream: bool) -> tuple[Provider, dict]:
+def _send(call, name: str, body: dict, *, model: str | None, wake_timeout: float | None) -> Any:
+    """One provider invoke (or invoke_stream): to the endpoint's model `model` when one is named.
+
+    wake_timeout: how long to wait through cloudllm.types.Waking (an endpoint scaled to zero).
+    """
+    # Plugins written before several models per endpoint take no `model` keyword: pass it only when asked.
+    return call(name, body, **({"model": model} if model is not None else {}))
+
+
+def _chat_request(name, prompt, system, parameters, provider, region, options, *, stream: bool, adapter: str | None = None) -> tuple[Provider, dict]:
     """The endpoint's provider and the chat body in the form its platform and runtime take."""
+    from cloudllm.adapters import check_adapter_name
     from cloudllm.invocation import chat_body, chat_messages, platform_chat_body
 
     holder = _provider_for_name(name, provider, region, options)
     body = chat_body(chat_messages(prompt, system), parameters, stream=stream)
+    if adapter is not None:  # OpenAI's "model" names the adapter (TGI, vLLM and our server read it so)
+        body["model"] = check_adapter_name(adapter)
     return holder, platform_chat_body(holder.name, _runtime_for_chat(holder, name), body)
 
 
@@ -261,6 +290,77 @@ def _runtime_for_chat(holder: Provider, name: str) -> str | None:
         return None
     endpoint = holder.get(name)
     return endpoint.runtime if endpoint else None
+
+
+# --- adapters on a live endpoint -------------------------------------------------------------
+def add_adapter(
+    name: str,
+    adapter: str,
+    path: str | Path,
+    *,
+    provider: str | None = None,
+    region: str | None = None,
+    options: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Add LoRA adapter `adapter` (a PEFT folder at `path`) to endpoint NAME, or replace the one of that
+    name, without redeploying the base. The endpoint's record keeps it, so a later deploy keeps it too."""
+    from cloudllm.adapters import check_adapter_against_base, inspect_adapter
+
+    reporter = reporter or Reporter()
+    target = _provider_for_name(name, provider, region, options)
+    target.require({Feature.ADAPTERS})
+    info = inspect_adapter(adapter, path)
+    record = load_record(name)
+    if record and Path(record.model).is_dir():
+        for warning in check_adapter_against_base(info, inspect(record.model)):
+            reporter.step(f"warning: {warning}")
+    else:
+        reporter.step(f"adapter {adapter} not checked against the base: this machine has no copy of endpoint {name}'s model folder")
+    with endpoint_lock(name), _interrupt_advice(f"run `cloudllm adapters add {name} {adapter} ...` again"):
+        target.add_adapter(name, info, reporter)
+        record = load_record(name)
+        if record is not None:
+            record.adapters[adapter] = info.path
+            save_record(record)
+    return next((a for a in target.list_adapters(name) if a.get("name") == adapter), {"name": adapter})
+
+
+def remove_adapter(
+    name: str,
+    adapter: str,
+    *,
+    provider: str | None = None,
+    region: str | None = None,
+    options: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+) -> None:
+    """Remove adapter `adapter` from endpoint NAME (the base keeps serving). A deploy that names it adds it back."""
+    from cloudllm.adapters import check_adapter_name
+
+    check_adapter_name(adapter)
+    target = _provider_for_name(name, provider, region, options)
+    with endpoint_lock(name), _interrupt_advice(f"run `cloudllm adapters remove {name} {adapter}` again"):
+        target.remove_adapter(name, adapter, reporter or Reporter())
+        record = load_record(name)
+        if record is not None and adapter in record.adapters:
+            del record.adapters[adapter]
+            save_record(record)
+
+
+def list_adapters(name: str, *, provider: str | None = None, region: str | None = None, options: dict[str, Any] | None = None) -> list[dict]:
+    """The adapters endpoint NAME serves: [{"name", "rank", "digest", "status"}]."""
+    return _provider_for_name(name, provider, region, options).list_adapters(name)
+
+
+def _with_added_adapters(spec: DeploySpec, reporter: Reporter) -> DeploySpec:
+    """spec plus the adapters `cloudllm adapters add` put on the endpoint since (a deploy that does not
+    name them keeps them; `cloudllm adapters remove` is how one goes)."""
+    record = load_record(spec.name)
+    kept = {n: p for n, p in (record.adapters if record and record.provider == spec.provider else {}).items() if n not in spec.adapters}
+    for adapter, path in sorted(kept.items()):
+        reporter.step(f"keeping adapter {adapter} ({path}): added with `cloudllm adapters add`; `cloudllm adapters remove {spec.name} {adapter}` drops it")
+    return spec.model_copy(update={"adapters": {**kept, **spec.adapters}}) if kept else spec
 
 
 def status(name: str, *, provider: str | None = None, region: str | None = None, options: dict[str, Any] | None = None) -> Endpoint:
@@ -386,6 +486,8 @@ def _save(spec: DeploySpec, provider: Provider, endpoint: Endpoint | None) -> No
     )
     if previous:
         record.created_at = previous.created_at
+        # Still live-added: those the deploy kept as they were (one the spec names with another folder is now the spec's).
+        record.adapters = {n: p for n, p in previous.adapters.items() if spec.adapters.get(n) == p}
     save_record(record)
 
 

@@ -26,6 +26,7 @@ from cloudllm.commands.flags import (  # noqa: E402
     print_json as _print_json,
     reporter as _reporter,
     spec_kwargs as _spec_kwargs,
+    target_flags as _target_flags,
     where_flags as _where_flags,
 )
 
@@ -168,9 +169,11 @@ def deploy(model: str, no_wait: bool, dry_run: bool, force: bool, json_output: b
 @click.option("--chat", "chat_text", metavar="TEXT", help="Send TEXT as a chat message (OpenAI's format, rendered with the model's chat template).")
 @click.option("--system", help="With --chat: a system message before it.")
 @click.option("--grpc", "use_grpc", is_flag=True, help="Send PROMPT over the endpoint's gRPC port (Open Inference Protocol v2).")
+@_target_flags
 @_where_flags
 def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, max_new_tokens: int | None, params: tuple[str, ...],
-           timeout: float | None, raw: bool, json_output: bool, chat_text: str | None, system: str | None, use_grpc: bool, where: dict) -> None:  # fmt: skip
+           timeout: float | None, raw: bool, json_output: bool, chat_text: str | None, system: str | None, use_grpc: bool, where: dict,
+           target: dict) -> None:  # fmt: skip
     """Send PROMPT (or a --body request) to endpoint NAME and print the answer.
 
     \b
@@ -181,6 +184,7 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
       cloudllm invoke demo "Hi" --json | jq -r .text
       cloudllm invoke demo --chat "Summarise this contract" --system "Be brief." --stream
       cloudllm invoke demo "Once upon a time" --grpc
+      cloudllm invoke shared "Summarise this contract" --adapter legal
     """
     from cloudllm import api
     from cloudllm.invocation import parse_param, response_text
@@ -195,11 +199,11 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
     if max_new_tokens is not None:
         parameters["max_new_tokens"] = max_new_tokens
     if chat_text is not None or system is not None or use_grpc:
-        _invoke_other_protocol(name, prompt, json_body, chat_text, system, use_grpc, stream, raw, parameters, where)
+        _invoke_other_protocol(name, prompt, json_body, chat_text, system, use_grpc, stream, raw, parameters, where, target)
         return
     if stream:
         pieces = []
-        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, **where):
+        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, **target, **where):
             pieces.append(piece)
             if not json_output:
                 click.echo(piece, nl=False)
@@ -209,7 +213,7 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
         else:
             click.echo()
         return
-    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, full_response=True, **where)
+    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, full_response=True, **target, **where)
     text = response_text(result)
     if json_output:
         _print_json({"name": name, "text": text, "response": result})
@@ -223,7 +227,7 @@ _UNSURE_STATES = ("Unknown", "Incomplete", "Missing", "NotResponding")
 
 
 def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None, chat_text: str | None, system: str | None,
-                           use_grpc: bool, stream: bool, raw: bool, parameters: dict, where: dict) -> None:  # fmt: skip
+                           use_grpc: bool, stream: bool, raw: bool, parameters: dict, where: dict, target: dict) -> None:  # fmt: skip
     """invoke --chat/--system (OpenAI's chat format) or --grpc."""
     from cloudllm import api
     from cloudllm.invocation import openai_choice_text
@@ -233,6 +237,8 @@ def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None,
     if use_grpc:
         if chat_text is not None or system is not None:
             raise UserError("--grpc sends a plain prompt; it cannot go with --chat or --system", "drop --grpc to chat")
+        if target["adapter"] or target["model"]:
+            raise UserError("--grpc cannot pick an adapter or a model", "drop --grpc to use --adapter or --model")
         pieces = api.invoke_grpc(name, prompt, parameters=parameters or None, stream=stream, **where)
     else:
         if chat_text is None:
@@ -240,12 +246,12 @@ def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None,
         if prompt is not None:
             raise UserError("give the message either as PROMPT or as --chat, not both", "use --chat \"your message\"")
         if not stream:
-            result = api.chat(name, chat_text, system=system, parameters=parameters or None, **where)
+            result = api.chat(name, chat_text, system=system, parameters=parameters or None, **target, **where)
             choices = result.get("choices") if isinstance(result, dict) else None
             text = None if raw or not choices else openai_choice_text(choices[0])
             click.echo(text if text is not None else json.dumps(result, indent=2, ensure_ascii=False))
             return
-        pieces = api.chat_stream(name, chat_text, system=system, parameters=parameters or None, **where)
+        pieces = api.chat_stream(name, chat_text, system=system, parameters=parameters or None, **target, **where)
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -437,6 +443,7 @@ def _add_command_modules() -> None:
     from cloudllm.commands.quantize import quantize
     from cloudllm.commands.build import build
     from cloudllm.commands.push import push
+    from cloudllm.commands.adapters import adapters
 
     plan_commands.register(cli)
     apply_commands.register(cli)
@@ -448,6 +455,7 @@ def _add_command_modules() -> None:
     cli.add_command(proxy)
     cli.add_command(build)
     cli.add_command(push)
+    cli.add_command(adapters)
 
 
 _add_command_modules()

@@ -163,6 +163,7 @@ def load_file(path: str | Path) -> LoadedFile:
         lines[spec.name] = _line(root, loc)
         _check_provider(path, root, parsed, index)
         spec.model = str(_resolve_model(path, root, base, spec.model, index))
+        spec.adapters = {n: str((base / Path(p).expanduser()).resolve()) for n, p in spec.adapters.items()}  # read from this file's folder too
     return LoadedFile(path=path, file_id=parsed.file_id or default_file_id(path), endpoints=parsed.endpoints, lines=lines)
 
 

@@ -63,6 +63,23 @@ def build_body(inputs: str | None, parameters: dict | None = None, json_body: st
     return body
 
 
+def with_adapter(body: dict, adapter: str | None) -> dict:
+    """body asking for LoRA adapter `adapter` (parameters.adapter_id, TGI's field, which our server reads too)."""
+    if adapter is None:
+        return body
+    from cloudllm.adapters import check_adapter_name
+
+    check_adapter_name(adapter)
+    parameters = body.get("parameters")
+    if parameters is None:
+        parameters = {}
+    if not isinstance(parameters, dict):
+        raise UserError("the body's \"parameters\" is not a JSON object", "pass parameters as an object, e.g. {\"max_new_tokens\": 20}")
+    if parameters.get("adapter_id") not in (None, adapter):
+        raise UserError(f"--adapter {adapter} and the body's adapter_id {parameters['adapter_id']!r} disagree", "give the adapter once")
+    return {**body, "parameters": {**parameters, "adapter_id": adapter}}
+
+
 def response_text(result: Any) -> str | None:
     """The generated text of a response, if it is a generation; None for other tasks."""
     if isinstance(result, dict) and "predictions" in result:

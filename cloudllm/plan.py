@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
+from cloudllm.adapters import AdapterInfo
 from cloudllm.catalog.instances import InstanceType
 from cloudllm.errors import PlanRefused, UserError
 from cloudllm.fit import CostEstimate, FitReport
@@ -34,6 +35,9 @@ PlanMode = Literal["plan", "check", "deploy"]
 # not what runs: changing them alone does not redeploy anything. (Another region or project
 # holds another endpoint: `get` there finds none and the plan says create.)
 _NOT_DEPLOYED = {"name", "model", "rollout", "timeout", "task", "allow_pickle", "trust_remote_code", "serving", "region"}
+# Adapters are digested by content (adapters_digest), not by the folders they came from, so a
+# provider can add or remove them in place (plan.adapters_only) and a moved folder changes nothing.
+_ADAPTERS = {"adapters"}
 # Provider options of the same kind: credentials, rollout pacing and safety nets.
 _OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "rollout_wait"}
 # How the fleet scales: digested apart, so a provider can change autoscaling in place
@@ -58,10 +62,12 @@ class Plan:
     fit: FitReport | None = None
     cost: CostEstimate | None = None
     quantize_pending: str | None = None  # "int8"/"int4": not quantized yet (plan, --dry-run); sizes are estimates
+    adapters: list[AdapterInfo] = field(default_factory=list)  # spec.adapters, inspected and checked against the base
+    warnings: list[str] = field(default_factory=list)  # worth saying, not worth refusing (an adapter trained on another base name)
 
     @property
     def deploy_digest(self) -> str:
-        settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED | _SCALING)
+        settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED | _SCALING | _ADAPTERS)
         for key in _OPTIONS_NOT_DEPLOYED:  # --force overrides the fit check; it deploys nothing different
             settings.get("options", {}).pop(key, None)
         settings["runtime"] = self.runtime
@@ -72,16 +78,28 @@ class Plan:
         return sha256_bytes(json.dumps(self.spec.model_dump(mode="json", include=_SCALING), sort_keys=True).encode())
 
     @property
-    def fingerprint(self) -> dict[str, str]:
+    def adapter_digests(self) -> dict[str, str]:
+        """{adapter name: content digest} of the plan's adapters (what a provider uploads to adapters/<digest>/)."""
+        from cloudllm.adapters import adapter_digest
+
+        if getattr(self, "_adapter_digests", None) is None:
+            self._adapter_digests = {a.name: adapter_digest(a) for a in self.adapters}
+        return self._adapter_digests
+
+    @property
+    def fingerprint(self) -> dict[str, str | None]:
         """Digests a provider stores with the endpoint, so the next plan can say what changed."""
+        from cloudllm.adapters import adapters_digest
+
         manifest = self.bundle.manifest
         parts = {
             "weights_digest": manifest.weights_digest,
             "code_digest": manifest.code_digest,
             "deploy_digest": self.deploy_digest,
             "scaling_digest": self.scaling_digest,
+            "adapters_digest": adapters_digest(self.adapter_digests),
         }
-        parts["digest"] = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
+        parts["digest"] = fingerprint_digest(parts)
         return parts
 
     @property
@@ -96,8 +114,19 @@ class Plan:
         if self.action != "update" or existing is None or existing.state != "InService" or existing.unfinished:
             return False
         had, now = existing.fingerprint, self.fingerprint
-        same = all(getattr(had, key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest"))
+        same = all(getattr(had, key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest", "adapters_digest"))
         return same and had.scaling_digest != now["scaling_digest"]
+
+    @property
+    def adapters_only(self) -> bool:
+        """An update of an InService endpoint whose only change is its adapters: the base stays as it
+        runs, so a provider that can adds and removes adapters in place (no restart, no new fleet)."""
+        existing = self.existing
+        if self.action != "update" or existing is None or existing.state != "InService" or existing.unfinished:
+            return False
+        had, now = existing.fingerprint, self.fingerprint
+        same = all(getattr(had, key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest", "scaling_digest"))
+        return same and had.adapters_digest != now["adapters_digest"]
 
     @property
     def shards(self) -> int | None:
@@ -152,6 +181,10 @@ class Plan:
             fit_lines = self.fit.lines()
             lines.append(f"  fit:      {fit_lines[0]}")
             lines += [f"            {line}" for line in fit_lines[1:]]
+        for adapter in self.adapters:
+            lines.append(f"  adapter:  {adapter.name}: rank {adapter.rank}, {len(adapter.target_modules)} modules, {adapter.weight_bytes:,} bytes ({adapter.path})")
+        for warning in self.warnings:
+            lines.append(f"  warning:  {warning}")
         if self.quantize_pending:
             lines.append(f"  weights:  {self.quantize_pending} estimated, not quantized yet: deploy quantizes them (once; cached in $CLOUDLLM_HOME/quantized)")
         if self.cost:
@@ -163,6 +196,13 @@ class Plan:
             reason = f"  ({change.reason})" if change.reason else ""
             lines.append(f"  {change.action:>9} {change.resource} {change.name}{reason}")
         return lines
+
+
+def fingerprint_digest(parts: dict[str, str | None]) -> str:
+    """The one digest of a fingerprint's parts; parts that are None (no adapters) are left out, so
+    endpoints deployed before a part existed keep their digest."""
+    present = {k: v for k, v in parts.items() if v is not None and k != "digest"}
+    return sha256_bytes(json.dumps(present, sort_keys=True).encode())
 
 
 def refuse_unless_fits(plan: Plan) -> None:
@@ -190,6 +230,10 @@ def required_features(spec: DeploySpec, runtime: str) -> set[Feature]:
         features.add(Feature.TRAFFIC_SHIFTING)
     if runtime in ("tgi", "vllm"):
         features.add(Feature.ENGINE_RUNTIMES)
+    if spec.adapters:
+        features.add(Feature.ADAPTERS)
+    if spec.add_model:
+        features.add(Feature.MULTI_MODEL)
     return features
 
 
@@ -222,6 +266,9 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
     if had.get("scaling_digest") != now["scaling_digest"]:
         spec = plan.spec
         reasons.append(f"autoscaling changed (now {spec.min_instances}-{spec.max_instances} instances)")
+    if had.get("adapters_digest") != now["adapters_digest"]:
+        names = ", ".join(a.name for a in plan.adapters) or "none"
+        reasons.append(f"adapters changed (now: {names})")
     if weights_unknown:
         unhashed = "the weights are not hashed on this machine yet: deploy hashes them (while it checks the account) and compares (`cloudllm package` hashes them now)"
         return ("update", [*reasons, unhashed]) if reasons else ("unknown", [unhashed])
@@ -316,12 +363,14 @@ def _assemble(spec: DeploySpec, model: ModelInfo, runtime: str, provider: "Provi
     """Settings, instance, fit, cost and bundle of `model` served by `runtime` (exact: see build_bundle)."""
     from cloudllm.bundle import build_bundle
     from cloudllm.fit import plan_cost, plan_fit, resolve_instance
+    from cloudllm.adapters import inspect_adapters
     from cloudllm.quantize import OFFLINE_METHODS
 
     settings = serving_settings(spec, model)
     instance = resolve_instance(spec, provider.default_instance, provider.accepts_uncatalogued_instance)
     bundle = build_bundle(model, settings, build={"runtime": runtime}, exact=exact)
     plan = Plan(spec=spec, model=model, settings=settings, bundle=bundle, runtime=runtime)
+    plan.adapters, plan.warnings = inspect_adapters(spec.adapters, model)
     plan.instance, plan.fit, plan.cost = instance, plan_fit(spec, model, settings, runtime, instance), plan_cost(spec, instance)
     if spec.quantize in OFFLINE_METHODS and model.quantization != spec.quantize:
         plan.quantize_pending = spec.quantize
@@ -362,6 +411,17 @@ class PlanDiff(BaseModel):
     changes: list[ResourceChange]
 
 
+class PlanAdapter(BaseModel):
+    """One LoRA adapter of the plan."""
+
+    name: str
+    path: str
+    rank: int
+    modules: int = Field(description="Modules of the base it changes.")
+    weight_bytes: int
+    digest: str = Field(description="Content digest (sha256 of its files): equal digests mean the same adapter.")
+
+
 class PlanReport(BaseModel):
     """The plan of one deploy: fit, memory breakdown, shards, cost, resources and diff. Stable for CI gates."""
 
@@ -379,6 +439,8 @@ class PlanReport(BaseModel):
     quantize_pending: str | None = Field(
         None, description="int8/int4 weights not quantized on this machine yet: fit is estimated and digest is of the source weights."
     )
+    adapters: list[PlanAdapter] = Field(default_factory=list, description="LoRA adapters served beside the model.")
+    warnings: list[str] = Field(default_factory=list, description="Checks that passed with a remark (an adapter trained on another base name).")
 
     @classmethod
     def from_plan(cls, plan: Plan) -> "PlanReport":
@@ -411,6 +473,12 @@ class PlanReport(BaseModel):
             diff=PlanDiff(action=plan.action, reasons=plan.reasons, changes=plan.changes),
             digest=plan.digest,
             quantize_pending=plan.quantize_pending,
+            adapters=[
+                PlanAdapter(name=a.name, path=a.path, rank=a.rank, modules=len(a.target_modules), weight_bytes=a.weight_bytes,
+                            digest=plan.adapter_digests[a.name])  # fmt: skip
+                for a in plan.adapters
+            ],
+            warnings=plan.warnings,
         )
 
 

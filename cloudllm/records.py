@@ -37,6 +37,10 @@ class EndpointRecord(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
     apply_file: str | None = Field(None, description="file_id of the cloudllm.yaml whose apply created it (apply --prune).")
     pending: bool = Field(False, description="Saved before a first deploy created anything; cleared once it finished.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adapters added with `cloudllm adapters add` (name -> folder): a later deploy keeps them unless it names them itself.",
+    )
     created_at: str = Field(default_factory=lambda: now_iso())
     updated_at: str = Field(default_factory=lambda: now_iso())
 

@@ -92,6 +92,34 @@ class DeploySpec(BaseModel):
         default_factory=dict,
         description="Provider-specific settings (role, project, profile, kms_key, vpc_subnets, ...).",
     )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters served beside the model: name -> PEFT adapter folder (requests pick one by name).",
+    )
+    add_model: str | None = Field(
+        None, description="Deploy this model as one more model, named so, on the existing endpoint `name` (invoke --model picks it)."
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _valid_adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        from cloudllm.adapters import ADAPTER_NAME, ADAPTER_NAME_RULE
+
+        for name, path in value.items():
+            if not ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
+            if not path:
+                raise ValueError(f"adapter {name!r} has no folder")
+        return value
+
+    @field_validator("add_model")
+    @classmethod
+    def _valid_model_name(cls, value: str | None) -> str | None:
+        from cloudllm.adapters import ADAPTER_NAME, ADAPTER_NAME_RULE
+
+        if value is not None and not ADAPTER_NAME.match(value):
+            raise ValueError(f"model name {value!r}: {ADAPTER_NAME_RULE}")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -21,6 +21,8 @@ class Feature(str, Enum):
     TRAFFIC_SHIFTING = "canary/linear rollouts"
     ENGINE_RUNTIMES = "the tgi and vllm runtimes"
     GRPC = "gRPC (the Open Inference Protocol v2)"
+    ADAPTERS = "LoRA adapters (--adapter)"
+    MULTI_MODEL = "several models on one endpoint (--add-model)"
 
 
 class Fingerprint(BaseModel):
@@ -32,7 +34,8 @@ class Fingerprint(BaseModel):
     code_digest: str | None = None
     deploy_digest: str | None = None
     scaling_digest: str | None = None
-    digest: str | None = Field(None, description="Of the four above: equal digests mean no change.")
+    adapters_digest: str | None = Field(None, description="Of the adapters' names and contents (None: no adapters).")
+    digest: str | None = Field(None, description="Of the digests above: equal digests mean no change.")
 
 
 FINGERPRINT_KEYS = tuple(Fingerprint.model_fields)
@@ -80,3 +83,14 @@ class ResourceChange(BaseModel):
     name: str
     action: Literal["create", "update", "replace", "unchanged", "delete"]
     reason: str = ""
+
+
+class Waking(Exception):
+    """An endpoint scaled to zero has no capacity yet and is (or will be) waking; the caller may retry.
+
+    Raised by a provider's invoke; cloudllm.api waits through it up to wake_timeout.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail

@@ -95,3 +95,111 @@ def test_a_model_folder_is_not_an_adapter(bases):
 def test_bad_adapter_names(name):
     with pytest.raises(UserError, match="adapter name"):
         check_adapter_name(name)
+
+
+# --- the spec, the plan and the flags ------------------------------------------------------------
+@pytest.fixture
+def echo_free_home(cloudllm_home):
+    return cloudllm_home
+
+
+def _local_plan(base: Path, **kwargs):
+    from cloudllm import api
+
+    return api.plan(base, provider="local", name="shared", **kwargs)
+
+
+def test_plan_inspects_adapters_and_digests_them_apart(bases, gpt2_lora, tmp_path, echo_free_home):
+    from cloudllm.plan import fingerprint_digest
+
+    plain = _local_plan(bases["gpt2"])
+    with_one = _local_plan(bases["gpt2"], adapters={"support": str(gpt2_lora)})
+    assert [a.name for a in with_one.adapters] == ["support"] and with_one.adapters[0].rank == 4
+    assert plain.fingerprint["adapters_digest"] is None
+    # Adapters change only their own digest: weights, code and deployment settings stay as they were.
+    for key in ("weights_digest", "code_digest", "deploy_digest", "scaling_digest"):
+        assert plain.fingerprint[key] == with_one.fingerprint[key]
+    assert with_one.fingerprint["adapters_digest"] and with_one.digest != plain.digest
+    # No adapters: the digest is the one endpoints deployed before adapters existed carry.
+    assert plain.digest == fingerprint_digest({k: v for k, v in plain.fingerprint.items() if k != "adapters_digest"})
+    # The content decides, not the folder: a copy elsewhere digests the same.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in gpt2_lora.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    moved = _local_plan(bases["gpt2"], adapters={"support": str(copy)})
+    assert moved.fingerprint == with_one.fingerprint
+    report = with_one.report().model_dump(mode="json")
+    assert report["adapters"][0]["name"] == "support" and report["adapters"][0]["digest"] == with_one.adapter_digests["support"]
+    assert any(line.strip().startswith("adapter:  support: rank 4") for line in with_one.describe())
+
+
+def test_adapters_only_when_nothing_else_changed(bases, gpt2_lora, echo_free_home):
+    from cloudllm.types import Endpoint, Fingerprint
+
+    plain = _local_plan(bases["gpt2"])
+    with_one = _local_plan(bases["gpt2"], adapters={"support": str(gpt2_lora)})
+    with_one.existing = Endpoint(name="shared", provider="local", state="InService", fingerprint=Fingerprint(**plain.fingerprint))
+    with_one.action = "update"
+    assert with_one.adapters_only and not with_one.rescale_only
+    from cloudllm.plan import compare
+
+    assert compare(with_one) == ("update", ["adapters changed (now: support)"])
+    bigger = _local_plan(bases["gpt2"], adapters={"support": str(gpt2_lora)}, tags={"team": "a"})
+    bigger.existing, bigger.action = with_one.existing, "update"
+    assert not bigger.adapters_only
+
+
+def test_plan_refuses_an_adapter_for_another_architecture(bases, gpt2_lora, echo_free_home):
+    with pytest.raises(UserError, match="does not have: c_attn"):
+        _local_plan(bases["llama"], adapters={"support": str(gpt2_lora)})
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--adapter", "legal"], "--adapter 'legal' is not NAME=PATH"),
+        (["--adapter", "=./x"], "is not NAME=PATH"),
+        (["--adapter", "a b=./x"], "adapter name 'a b' is not valid"),
+        (["--adapter", "legal=./a", "--adapter", "legal=./b"], "--adapter legal is given twice"),
+        (["--adapter", "legal=./no-such-folder"], "is not a folder"),
+        (["--add-model", "bad name"], "model name 'bad name'"),
+        (["--add-model", "embed"], "several models on one endpoint (--add-model) is not available on the local provider"),
+    ],
+)
+def test_bad_adapter_flags_are_one_line_and_create_nothing(bases, flags, message, echo_free_home):
+    from click.testing import CliRunner
+
+    from cloudllm.cli import cli
+
+    result = CliRunner().invoke(cli, ["deploy", str(bases["gpt2"]), "--name", "shared", *flags], standalone_mode=False)
+    assert isinstance(result.exception, UserError), result.output
+    assert message in result.exception.line()
+    assert not (echo_free_home / "local" / "shared").exists() and not (echo_free_home / "endpoints" / "shared.json").exists()
+
+
+def test_a_provider_must_opt_in_to_adapters(bases, gpt2_lora, echo_free_home):
+    from cloudllm.errors import PlanRefused
+    from cloudllm.providers.base import OPT_IN_FEATURES
+    from cloudllm.providers.local import LocalProvider
+    from cloudllm.types import Feature
+
+    class Older(LocalProvider):  # a plugin written before adapters existed
+        offers = frozenset()
+
+    assert OPT_IN_FEATURES == {Feature.ADAPTERS, Feature.MULTI_MODEL}
+    with pytest.raises(PlanRefused, match="LoRA adapters .* not available on the local provider: the provider does not implement it"):
+        Older().require({Feature.ADAPTERS})
+    with pytest.raises(PlanRefused, match="does not implement it"):
+        Older().add_adapter("x", inspect_adapter("support", gpt2_lora), None)
+
+
+def test_invoke_body_carries_the_adapter():
+    from cloudllm.invocation import build_body, with_adapter
+
+    assert with_adapter(build_body("hi", {"max_new_tokens": 3}), "legal") == {"inputs": "hi", "parameters": {"max_new_tokens": 3, "adapter_id": "legal"}}
+    assert with_adapter(build_body("hi"), None) == {"inputs": "hi"}
+    with pytest.raises(UserError, match="disagree"):
+        with_adapter(build_body(None, None, '{"inputs": "x", "parameters": {"adapter_id": "a"}}'), "b")
+    with pytest.raises(UserError, match="not valid"):
+        with_adapter(build_body("hi"), "no such/name")

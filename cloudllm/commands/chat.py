@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from cloudllm.commands.flags import target_flags
+
 
 @click.command("chat")
 @click.argument("name")
@@ -16,8 +18,9 @@ import click
 @click.option("--region", help="Region of the endpoint (default: the record's).")
 @click.option("--profile", help="AWS profile (SageMaker).")
 @click.option("--project", help="Google Cloud project (Vertex AI).")
+@target_flags
 def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: bool, provider: str | None,
-         region: str | None, profile: str | None, project: str | None) -> None:  # fmt: skip
+         region: str | None, profile: str | None, project: str | None, target: dict) -> None:  # fmt: skip
     """Talk to endpoint NAME: each line you type is a turn; the history stays for the session.
 
     Ctrl-C during a reply ends that reply (what came so far stays in the history); Ctrl-C at the
@@ -27,6 +30,7 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
     Examples:
       cloudllm chat demo
       cloudllm chat demo --system "Answer in one sentence."
+      cloudllm chat shared --adapter legal
     """
     from cloudllm import api
     from cloudllm.invocation import openai_choice_text
@@ -53,10 +57,10 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
         reply = ""
         try:
             if no_stream:
-                reply = openai_choice_text(api.chat(name, history, parameters=parameters, **where)["choices"][0]) or ""
+                reply = openai_choice_text(api.chat(name, history, parameters=parameters, **target, **where)["choices"][0]) or ""
                 click.echo(reply, nl=False)
             else:
-                for piece in api.chat_stream(name, history, parameters=parameters, **where):
+                for piece in api.chat_stream(name, history, parameters=parameters, **target, **where):
                     reply += piece
                     click.echo(piece, nl=False)
                     sys.stdout.flush()

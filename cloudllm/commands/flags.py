@@ -82,6 +82,8 @@ def deploy_flags(f: Callable) -> Callable:
             click.option("--timeout", type=int, help="Seconds to wait for the endpoint (sized from the model by default)."),
             click.option("--tag", "tags", multiple=True, help="KEY=VALUE tag on every cloud resource."),
             click.option("--option", "extra_options", multiple=True, help="KEY=VALUE setting for a provider plugin."),
+            click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="LoRA adapter (PEFT folder) served beside the model; requests pick it by NAME. Repeatable."),
+            click.option("--add-model", metavar="NAME", help="Deploy MODEL as one more model, named NAME, on the existing endpoint --name (invoke --model NAME)."),
         ]
     ):
         f = option(f)
@@ -102,6 +104,27 @@ def where_flags(f: Callable) -> Callable:
             click.option("--region", help="Region of the endpoint (default: the record's, else the SDK's configuration)."),
             click.option("--profile", help="AWS profile (SageMaker)."),
             click.option("--project", help="Google Cloud project (Vertex AI)."),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def target_flags(f: Callable) -> Callable:
+    """--adapter/--model/--wake-timeout of invoke and chat: which adapter and model answer, and how long
+    to wait for an endpoint scaled to zero; collected into `target`."""
+    @functools.wraps(f)
+    def wrapper(*args: Any, adapter: str | None, model: str | None, wake_timeout: float | None, **kw: Any) -> Any:
+        if wake_timeout is not None and wake_timeout != wake_timeout:  # NaN slips past every range check
+            raise click.BadParameter("nan is not a number of seconds", param_hint="'--wake-timeout'")
+        return f(*args, target={"adapter": adapter, "model": model, "wake_timeout": wake_timeout}, **kw)
+
+    for option in reversed(
+        [
+            click.option("--adapter", metavar="NAME", help="Answer with this LoRA adapter (see `cloudllm adapters list NAME`)."),
+            click.option("--model", metavar="NAME", help="Which of the endpoint's models answers (--add-model); default: its first."),
+            click.option("--wake-timeout", type=click.FloatRange(min=0, max=86_400), metavar="SECONDS",
+                         help="Wait this long for an endpoint scaled to zero to wake (default 900)."),  # fmt: skip
         ]
     ):
         wrapper = option(wrapper)
@@ -129,6 +152,7 @@ def spec_kwargs(kw: dict) -> dict:
         options["rollback_alarms"] = list(alarms)
     options.update(kv_pairs(kw.pop("extra_options", ()), "--option"))
     tags = kv_pairs(kw.pop("tags", ()), "--tag")
+    adapters = adapter_pairs(kw.pop("adapters", ()))
     spec = {k: v for k, v in kw.items() if v is not None and v is not False}
     if serving:
         spec["serving"] = serving
@@ -136,4 +160,21 @@ def spec_kwargs(kw: dict) -> dict:
         spec["options"] = options
     if tags:
         spec["tags"] = tags
+    if adapters:
+        spec["adapters"] = adapters
     return spec
+
+
+def adapter_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    """--adapter NAME=PATH flags as {name: path}; a name given twice is a mistake, not a last-one-wins."""
+    from cloudllm.adapters import check_adapter_name
+
+    adapters: dict[str, str] = {}
+    for item in values:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter {item!r} is not NAME=PATH", "write it as --adapter legal=./lora-legal (a PEFT adapter folder)")
+        if check_adapter_name(name) in adapters:
+            raise UserError(f"--adapter {name} is given twice", "give each adapter name once")
+        adapters[name] = path
+    return adapters

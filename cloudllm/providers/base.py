@@ -16,15 +16,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from cloudllm.console import Reporter
 from cloudllm.errors import PlanRefused, UserError
-from cloudllm.types import Endpoint, Feature, Fingerprint, ResourceChange  # re-exported: plugins import them from here
+from cloudllm.types import Endpoint, Feature, Fingerprint, ResourceChange, Waking  # re-exported: plugins import them from here
 
 if TYPE_CHECKING:
+    from cloudllm.adapters import AdapterInfo
     from cloudllm.model_source import ModelInfo
     from cloudllm.plan import Plan
     from cloudllm.spec import DeploySpec
 
 GROUP = "cloudllm.providers"
-__all__ = ["Endpoint", "Feature", "Fingerprint", "Provider", "ResourceChange", "get_provider", "provider_names"]
+# Features a provider has only when it lists them in `offers`: one written before they existed
+# would otherwise take the flags and quietly do something else (--add-model would replace the
+# endpoint's model, --adapter would deploy the base alone).
+OPT_IN_FEATURES = frozenset({Feature.ADAPTERS, Feature.MULTI_MODEL})
+__all__ = ["Endpoint", "Feature", "Fingerprint", "Provider", "ResourceChange", "Waking", "get_provider", "provider_names"]
 
 
 class Provider(ABC):
@@ -32,6 +37,7 @@ class Provider(ABC):
 
     name: ClassVar[str]
     unsupported: ClassVar[dict[Feature, str]] = {}
+    offers: ClassVar[frozenset[Feature]] = frozenset()  # the OPT_IN_FEATURES this provider implements
     # The instance the planner sizes against when the spec names none (None: the provider has no choice of instance).
     default_instance: ClassVar[str | None] = None
 
@@ -43,8 +49,9 @@ class Provider(ABC):
     def require(self, features: set[Feature]) -> None:
         """Refuse, with the provider's reason, a spec that needs what this provider cannot do."""
         for feature in sorted(features, key=lambda f: f.value):
-            if feature in self.unsupported:
-                raise PlanRefused(f"{feature.value} is not available on the {self.name} provider: {self.unsupported[feature]}")
+            if feature in self.unsupported or (feature in OPT_IN_FEATURES and feature not in self.offers):
+                reason = self.unsupported.get(feature, "the provider does not implement it")
+                raise PlanRefused(f"{feature.value} is not available on the {self.name} provider: {reason}")
 
     def validate(self, plan: "Plan") -> None:
         """Provider-specific input checks that need no account (instance names, scaling, name rules); raise UserError.
@@ -91,12 +98,32 @@ class Provider(ABC):
     def delete(self, name: str, *, purge_artifacts: bool = False, reporter: Reporter | None = None) -> None: ...
 
     @abstractmethod
-    def invoke(self, name: str, body: dict) -> Any:
-        """Send one request body; return the decoded JSON response."""
+    def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
+        """Send one request body (to the endpoint's model `model`; None: its first); return the decoded JSON response.
 
-    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+        An endpoint scaled to zero that is waking raises cloudllm.types.Waking (the caller waits and retries).
+        """
+
+    def invoke_stream(self, name: str, body: dict, *, model: str | None = None) -> Iterator[str]:
         """Yield generated text pieces as they arrive."""
         raise UserError(f"the {self.name} provider cannot stream", "invoke without --stream")
+
+    # --- adapters on a live endpoint (Feature.ADAPTERS): no restart of the base -----------------
+    def add_adapter(self, name: str, adapter: "AdapterInfo", reporter: Reporter) -> None:
+        """Add LoRA adapter `adapter.name` to endpoint `name`, or replace the one of that name, without restarting the base."""
+        raise self._no_live_adapters()
+
+    def remove_adapter(self, name: str, adapter: str, reporter: Reporter) -> None:
+        """Remove adapter `adapter` from endpoint `name`; an adapter it does not have is a UserError."""
+        raise self._no_live_adapters()
+
+    def list_adapters(self, name: str) -> list[dict]:
+        """The adapters endpoint `name` serves: [{"name", "rank", "digest", "status"}]."""
+        raise self._no_live_adapters()
+
+    def _no_live_adapters(self) -> PlanRefused:
+        self.require({Feature.ADAPTERS})
+        return PlanRefused(f"{Feature.ADAPTERS.value} is not available on the {self.name} provider: it cannot change them on a live endpoint")
 
     def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
         raise UserError(f"the {self.name} provider has no logs command", "look in the platform's console")

@@ -39,6 +39,7 @@ from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
 from cloudllm.providers.kit import Pending
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
 from cloudllm.records import load_record
+from cloudllm.spec import default_endpoint_name
 
 STATE_FILE = "state.json"
 SERVER_FILE = "server.json"  # in each version folder: the server started for it, written before it loads
@@ -55,7 +56,9 @@ class LocalProvider(Provider):
         Feature.SCALE_TO_ZERO: "it runs one server process; use min_instances 1",
         Feature.TRAFFIC_SHIFTING: "an update switches all traffic once the new server is healthy",
         Feature.ENGINE_RUNTIMES: "it runs the generated handler; TGI and vLLM need their GPU containers",
+        Feature.MULTI_MODEL: "it runs one model server per endpoint; deploy the second model under its own --name",
     }
+    offers = frozenset({Feature.ADAPTERS})
 
     # --- state ------------------------------------------------------------------------
     @staticmethod
@@ -135,15 +138,15 @@ class LocalProvider(Provider):
         stop_server(state.get("pid"), _serve_py(state.get("artifact")))
         shutil.rmtree(root, ignore_errors=True)
 
-    def invoke(self, name: str, body: dict) -> Any:
-        url = self._live_url(name)
+    def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
+        url = self._live_url(name, model)
         try:
             return post_json(name, f"{url}/invocations", body)
         except httpx.TransportError:
             raise self._unreachable(name) from None
 
-    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
-        url = self._live_url(name)
+    def invoke_stream(self, name: str, body: dict, *, model: str | None = None) -> Iterator[str]:
+        url = self._live_url(name, model)
         try:
             yield from stream_tokens(name, f"{url}/invocations", {**body, "stream": True})
         except httpx.TransportError:
@@ -191,10 +194,15 @@ class LocalProvider(Provider):
         if isinstance(front.get("port"), int):
             state["front_url"] = f"http://127.0.0.1:{front['port']}"
 
-    def _live_url(self, name: str) -> str:
+    def _live_url(self, name: str, model: str | None = None) -> str:
         state = self._state(name)
         if state is None:
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`, or deploy it first")
+        if model is not None and model != default_endpoint_name(state.get("model") or ""):
+            raise UserError(
+                f"endpoint {name} has one model, {default_endpoint_name(state.get('model') or '')}, not {model!r}",
+                "drop --model (local endpoints serve one model; adapters are picked with --adapter)",
+            )
         if not alive(state.get("pid"), _serve_py(state.get("artifact"))):
             raise self._unreachable(name)
         return state.get("front_url") if _front_running(self._root(name)) else state["url"]

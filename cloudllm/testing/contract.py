@@ -37,6 +37,9 @@ FEATURE_KWARGS: dict[Feature, dict[str, Any]] = {
     Feature.SCALE_TO_ZERO: {"min_instances": 0},
     Feature.TRAFFIC_SHIFTING: {"rollout": "canary:10"},
     Feature.ENGINE_RUNTIMES: {"runtime": "tgi"},
+    # Refused before the adapter folder is read, so it need not exist.
+    Feature.ADAPTERS: {"adapters": {"contract": "./no-such-adapter"}},
+    Feature.MULTI_MODEL: {"add_model": "second"},
 }
 _names = itertools.count()
 
@@ -121,8 +124,11 @@ class ProviderContract:
     def test_lacking_features_are_refused_with_their_reason(self, deploy_kwargs, contract_model) -> None:
         from cloudllm import api
 
+        from cloudllm.providers.base import OPT_IN_FEATURES
+
         provider = self._provider(deploy_kwargs)
-        for feature, reason in provider.unsupported.items():
+        lacking = {**{f: "the provider does not implement it" for f in OPT_IN_FEATURES - provider.offers}, **provider.unsupported}
+        for feature, reason in lacking.items():
             name = self._name()
             with pytest.raises(PlanRefused) as info:
                 if feature is Feature.GRPC:  # asked for by a request, not by a deploy
