@@ -47,7 +47,7 @@ def through_wake(
                     f"endpoint {name} did not wake from zero within {timeout:.0f}s ({waking.detail})",
                     f"it is still starting: invoke again in a minute, or wait longer with --wake-timeout {max(2 * timeout, 60):.0f}",
                 )
-            update(f"waking {name} from zero: {elapsed:.0f} s")
+            update(f"no capacity yet: {waking.detail}")  # the reporter adds the seconds waited
             clock.sleep(max(0.0, min(next(delays), timeout - elapsed)))
             try:
                 return call()

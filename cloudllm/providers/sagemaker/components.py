@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
+from cloudllm.providers.base import ResourceChange
 from cloudllm.providers.kit import Pending, wait_until
 import cloudllm.providers.sagemaker.resources as res
 from cloudllm.providers.sagemaker.session import aws_error, gone_already
@@ -403,9 +404,13 @@ class SageMakerComponents:
         self._apply_component_scaling(plan, component, reporter)
         self._remember_layout(plan, name)
         if not plan.spec.add_model:  # the endpoint's fingerprint is its first model's
-            fingerprint = res.tag_list({k: v for k, v in res.fingerprint_tags(plan).items() if v is not None})
+            fingerprint = res.fingerprint_tags(plan)
             with self._aws(f"tag the endpoint config of {name}"):
-                self._sm.add_tags(ResourceArn=self._sm.describe_endpoint_config(EndpointConfigName=existing.details["endpoint_config"])["EndpointConfigArn"], Tags=fingerprint)
+                arn = self._sm.describe_endpoint_config(EndpointConfigName=existing.details["endpoint_config"])["EndpointConfigArn"]
+                stale = [tag for tag in res.FINGERPRINT_TAGS.values() if tag not in fingerprint]  # adapters-digest once none are left
+                if stale:
+                    self._sm.delete_tags(ResourceArn=arn, TagKeys=stale)
+                self._sm.add_tags(ResourceArn=arn, Tags=res.tag_list(fingerprint))
             self._retag_endpoint(plan)
         return self._require(name)
 
@@ -424,6 +429,33 @@ class SageMakerComponents:
             self._put_adapter(name, key, adapter.name, self._upload_adapter(root, adapter), sizes.wait_timeout, reporter)
         for stale in sorted(present - wanted):
             self._delete_component(stale, reporter)
+
+    def _component_changes(self, plan: "Plan") -> list[ResourceChange]:
+        """What a deploy of components creates or changes (`cloudllm plan`, --dry-run)."""
+        spec = plan.spec
+        name, key = spec.name, self._model_key(plan)
+        component = model_component(name, key)
+        instance = self._instance(spec)
+        changes = []
+        if plan.action == "create":
+            changes += [
+                ResourceChange(resource="endpoint-config", name=f"{res.name_prefix(name)}{plan.digest[:8]}-<time>", action="create",
+                               reason=f"{instance}, managed instance scaling {spec.min_instances}-{max(1, spec.max_instances)}, no model in the variant"),
+                ResourceChange(resource="endpoint", name=name, action="create"),
+            ]  # fmt: skip
+        needs = compute_requirements(plan, instance)
+        reserved = f"{needs['MinMemoryRequiredInMb']} MiB" + (f", {needs['NumberOfAcceleratorDevicesRequired']:g} GPU(s)" if "NumberOfAcceleratorDevicesRequired" in needs else "")
+        changes.append(ResourceChange(resource="model", name=f"{res.name_prefix(name)}{plan.digest[:8]}-<time>", action="create", reason=f"{plan.runtime} on {instance}"))
+        changes.append(ResourceChange(resource="inference-component", name=component, action="create" if plan.action == "create" else "update",
+                                      reason=f"{max(1, spec.min_instances)} cop{'y' if max(1, spec.min_instances) == 1 else 'ies'} of {reserved} each"))  # fmt: skip
+        for adapter in plan.adapters:
+            changes.append(ResourceChange(resource="inference-component", name=adapter_component(name, key, adapter.name), action="create", reason=f"adapter {adapter.name} on {component}"))
+        if spec.min_instances == 0:
+            changes.append(ResourceChange(
+                resource="scaling", name=scaling_resource(component), action="create",
+                reason=f"scale to zero: $0/h while idle; the first request after idle waits {EXPECTED_WAKE} for the wake (invoke waits, --wake-timeout)",
+            ))  # fmt: skip
+        return changes
 
     # --- adapters on a live endpoint ----------------------------------------------------------------
     def _live_layout(self, name: str) -> dict:

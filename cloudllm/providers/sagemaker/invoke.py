@@ -113,7 +113,7 @@ class SageMakerInvoke:
         error = exc.response.get("Error", {})
         component = (target or {}).get("InferenceComponentName")
         if code == "ValidationError" and "no capacity" in message:
-            return Waking(f"{component or name} has no copies: {message}")
+            return Waking(f"inference component {component or name} has no copies")
         if code == "ValidationError" and component and "not found" in message:
             return UserError(
                 f"endpoint {name} has no inference component {component} (the model or adapter asked for)",
