@@ -56,7 +56,7 @@ from .batching import Batcher
 from .engine import Engine, Prediction, Token, load_engine
 from .http_io import CLIENT_GONE, DRAIN_LIMIT, _dumps, _json, _note, _read_body
 from .log import log_event
-from . import openai_api
+from . import adapters, openai_api
 from .protocol import (
     GENERATION_TASKS,
     OUTPUT_KEYS,
@@ -149,6 +149,7 @@ class ServerState:
             max_batch_tokens=settings.max_batch_size * settings.max_total_tokens,
             key=batch_key,
             on_batch=self.metrics.observe_batch,
+            row_parameter="adapter_id",  # requests for different LoRA adapters share a batch
         )
         # Streams bypass the batcher; their generate() calls still take the engine's lock in turn.
         self.stream_executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cloudllm-stream")
@@ -162,6 +163,7 @@ class ServerState:
         log_event("model_loading", model_dir=self.model_dir, task=self.task)
         try:
             engine = self.engine_loader(self.model_dir, self.settings)
+            adapters.load_adapters(engine, self.settings, self.model_dir)
         except BaseException as exc:  # reported through /ping; the server stays up to say why
             self.error = f"{type(exc).__name__}: {exc}"
             self.status = "failed"
@@ -221,6 +223,7 @@ def create_app(model_dir: str, settings: Any, engine_loader: EngineLoader = load
     add("/info", functools.partial(_info, state), ["GET"])
     add("/metrics", functools.partial(_metrics, state), ["GET"])
     openai_api.register(add, state)
+    adapters.register(add, state)
     quiet_paths = {*HEALTH_ROUTES, vertex_health, "/metrics"}
 
     @contextlib.asynccontextmanager
@@ -343,6 +346,7 @@ async def _predict(state: ServerState, request: Request, *, mode: str) -> Respon
     info = _note(request, inputs=len(req.inputs))
     if settings.log_payloads:
         info["payload"] = {"inputs": req.inputs, "parameters": req.parameters}
+    adapters.require_adapter(engine, req.parameters.get("adapter_id"))
     sizes = await run_in_threadpool(engine.validate, req.inputs, req.parameters)
     if req.stream:
         return StreamingResponse(

@@ -16,6 +16,10 @@ A caller that goes away sets its cancel event: waiting, it is skipped; running, 
 run_batch(inputs, parameters, cancels) call is told through cancels[i] to stop its rows.
 
 ``max_batch_size=1`` turns batching off: every input runs alone, in arrival order.
+
+``row_parameter`` names a parameter rows of one call may differ in (the LoRA adapter): it is left
+out of the batch key, and run_batch gets it as a list, one value per input, so requests for
+different adapters share a call instead of waiting for each other's batch.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Batcher:
         max_batch_tokens: int | None = None,
         key: Callable[[dict[str, Any]], Hashable | None] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        row_parameter: str | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -70,6 +75,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens if max_batch_size > 1 else None
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self._key = key or _parameters_key
+        self.row_parameter = row_parameter
         self._on_batch = on_batch
         self._pending: list[_Pending] = []
         self._arrived: asyncio.Event | None = None
@@ -116,7 +122,8 @@ class Batcher:
         self.start()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         sizes = list(sizes) if sizes is not None else [1] * len(inputs)
-        self._pending.append(_Pending(list(inputs), dict(parameters), self._key(parameters), future, sizes, cancel))
+        shared = {k: v for k, v in parameters.items() if k != self.row_parameter}
+        self._pending.append(_Pending(list(inputs), dict(parameters), self._key(shared), future, sizes, cancel))
         assert self._arrived is not None
         self._arrived.set()
         return await future
@@ -175,7 +182,7 @@ class Batcher:
         try:
             results = await self._call(
                 [x for item in live for x in item.inputs],
-                live[0].parameters,
+                self._batch_parameters(live),
                 [size for item in live for size in item.sizes],
                 [item.cancel for item in live for _ in item.inputs],
             )
@@ -209,13 +216,23 @@ class Batcher:
                 end += 1
             chunk = inputs[start:end]
             self._record(len(chunk))
-            call = functools.partial(self._run_batch, chunk, parameters, cancels[start:end])
+            rows = parameters.get(self.row_parameter) if self.row_parameter else None
+            chunk_parameters = {**parameters, self.row_parameter: rows[start:end]} if isinstance(rows, list) else parameters
+            call = functools.partial(self._run_batch, chunk, chunk_parameters, cancels[start:end])
             out = await loop.run_in_executor(self._executor, call)
             if len(out) != len(chunk):
                 raise RuntimeError(f"run_batch returned {len(out)} results for {len(chunk)} inputs")
             results.extend(out)
             start = end
         return results
+
+    def _batch_parameters(self, live: list[_Pending]) -> dict[str, Any]:
+        """The shared parameters of a batch; the row parameter, where any row has it, as one value per input."""
+        parameters = dict(live[0].parameters)
+        rows = [item.parameters.get(self.row_parameter) for item in live for _ in item.inputs] if self.row_parameter else []
+        if any(value is not None for value in rows):
+            parameters[self.row_parameter] = rows
+        return parameters
 
     def _record(self, size: int) -> None:
         self.batch_sizes.append(size)

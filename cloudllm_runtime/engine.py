@@ -137,6 +137,7 @@ class Engine:
 
     auto_class = "AutoModel"
     streaming = False
+    adapters: Any = None  # cloudllm_runtime.adapters.AdapterSet once a LoRA adapter is loaded
 
     def __init__(self, *, task: str, model: Any, tokenizer: Any, settings: Any, model_dir: str = "") -> None:
         self.task = task
@@ -313,9 +314,10 @@ class GenerationEngine(Engine):
         start = 1 if self.seq2seq else prompt_width  # seq2seq outputs begin with the decoder start token
         criteria = self._stopping_criteria(parameters, start, budgets, cancels)
         self._seed(parameters)
+        model, per_row = self._generator(parameters, len(ids))
         with _model_arithmetic(parameters):
-            out = self.model.generate(
-                **batch, generation_config=self._generation_config(parameters, max(budgets)), stopping_criteria=criteria
+            out = model.generate(
+                **batch, **per_row, generation_config=self._generation_config(parameters, max(budgets)), stopping_criteria=criteria
             )
         rows = out[:, start:].tolist()
         return [self._finish(text, row[:budget], parameters) for text, row, budget in zip(inputs, rows, budgets)]
@@ -352,7 +354,8 @@ class GenerationEngine(Engine):
         config = self._generation_config(parameters, max_new, stream=True)
         with self.lock, torch.inference_mode(), _model_arithmetic(parameters):
             self._seed(parameters)
-            out = self.model.generate(**batch, generation_config=config, stopping_criteria=criteria, streamer=streamer)
+            model, per_row = self._generator(parameters, 1)
+            out = model.generate(**batch, **per_row, generation_config=config, stopping_criteria=criteria, streamer=streamer)
         streamer.flush()
         return self._finish(text, out[0, start:].tolist(), parameters)
 
@@ -383,6 +386,19 @@ class GenerationEngine(Engine):
             raise failure[0]
 
     # Generation pieces.
+    def _generator(self, parameters: dict[str, Any], rows: int) -> tuple[Any, dict[str, Any]]:
+        """The module to generate with and its per-row arguments: the base alone, or peft's wrapper
+        with each row's adapter (parameters["adapter_id"]: one name, or one per row from the batcher)."""
+        if self.adapters is None:
+            return self.model, {}
+        from .adapters import UnknownAdapter
+
+        wanted = parameters.get("adapter_id")
+        try:
+            return self.adapters.generating_model, self.adapters.generate_kwargs(wanted if isinstance(wanted, list) else [wanted] * rows)
+        except UnknownAdapter as exc:  # removed after the request was admitted
+            raise RequestError(404, f"adapter {exc.args[0]!r} was removed from this server", "adapter_not_found") from None
+
     def _seed(self, parameters: dict[str, Any]) -> None:
         if "seed" in parameters:
             import torch

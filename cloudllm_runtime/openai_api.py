@@ -185,6 +185,7 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
     _check_fields(data, COMPLETION_FIELDS)
     prompts = _prompts(data.get("prompt"))
     parameters, n, stream = sampling_parameters(data, state.settings)
+    served = select_adapter(state, engine, data, parameters)
     if data.get("echo") not in (None, False, True):
         raise validation_error(f"\"echo\" must be true or false, not {_json_type(data['echo'])}")
     echo = bool(data.get("echo"))
@@ -192,7 +193,7 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
         await run_in_threadpool(engine.validate, [prompt], parameters)
     _http()._note(request, inputs=len(prompts) * n)
     _log_payload(state, request, prompts, parameters)
-    completion = Completion("cmpl", "text_completion", model_id(state))
+    completion = Completion("cmpl", "text_completion", served)
     if stream:
         if len(prompts) * n != 1:
             raise validation_error("streaming takes one prompt and n = 1")
@@ -209,7 +210,26 @@ async def _completions_route(state: ServerState, request: Request) -> Response:
 
 
 async def _models_route(state: ServerState, request: Request) -> Response:
-    return _http()._json({"object": "list", "data": [{"id": model_id(state), "object": "model", "created": state.openai_created, "owned_by": "cloudllm"}]})  # type: ignore[attr-defined]
+    """The base model, then each LoRA adapter (its id is what a request's "model" names to use it)."""
+    base = model_id(state)
+    entries = [{"id": base, "object": "model", "created": state.openai_created, "owned_by": "cloudllm"}]  # type: ignore[attr-defined]
+    adapters = state.engine.adapters if state.engine is not None else None
+    for name in adapters.names if adapters is not None else []:
+        entries.append({"id": name, "object": "model", "created": state.openai_created, "owned_by": "cloudllm", "parent": base, "root": base})  # type: ignore[attr-defined]
+    return _http()._json({"object": "list", "data": entries})
+
+
+def select_adapter(state: ServerState, engine: Engine, data: Mapping[str, Any], parameters: dict[str, Any]) -> str:
+    """OpenAI's "model" picks a LoRA adapter (parameters["adapter_id"]); the base's own id is the base.
+    Returns the id the answer names. A server without adapters takes any "model", as it always did."""
+    base, wanted = model_id(state), data.get("model")
+    if engine.adapters is None or wanted is None or wanted == base:
+        return base
+    if not isinstance(wanted, str) or wanted not in engine.adapters.names:
+        has = ", ".join([base, *engine.adapters.names])
+        raise RequestError(404, f"the model {json.dumps(wanted)[:80]} does not exist; this server has: {has}", "model_not_found")
+    parameters["adapter_id"] = wanted
+    return wanted
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -219,9 +239,10 @@ async def _chat(state: ServerState, request: Request, data: Any, *, as_dict: boo
     """One chat request: a Response, or (as_dict) the completion body for a Vertex prediction."""
     engine = _generation_engine(state)
     chat = await run_in_threadpool(parse_chat, engine, data)
+    served = select_adapter(state, engine, data, chat.parameters)
     _http()._note(request, inputs=chat.n)
     _log_payload(state, request, chat.messages, chat.parameters)
-    completion = Completion("chatcmpl", "chat.completion", model_id(state))
+    completion = Completion("chatcmpl", "chat.completion", served)
     if chat.stream:
         if as_dict:
             raise validation_error("streaming takes one chatCompletions instance")

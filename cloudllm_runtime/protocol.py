@@ -340,6 +340,12 @@ def _stop(name: str, value: Any, settings: Any) -> list[str]:
     return [_scrub_surrogates(s) for s in value]
 
 
+def _adapter_id(name: str, value: Any, settings: Any) -> str:
+    from .adapters import check_name
+
+    return check_name(value)
+
+
 _GENERATION_PARAMETERS: dict[str, Check] = {
     "max_new_tokens": _number(integer=True, ge=1, le=lambda s: s.max_new_tokens),
     "temperature": _number(gt=0.0, le=100.0),
@@ -351,6 +357,7 @@ _GENERATION_PARAMETERS: dict[str, Check] = {
     "stop": _stop,
     "seed": _number(integer=True, ge=0, le=2**63 - 1),
     "details": _bool,
+    "adapter_id": _adapter_id,  # TGI's name: the LoRA adapter to answer with
 }
 
 PARAMETERS: dict[str, dict[str, Check]] = {

@@ -65,6 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--log-payloads", action="store_true", help="log prompt text in the request log (off by default)")
     parser.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template for /v1/chat/completions (default: the model's)")
     parser.add_argument("--grpc-port", type=int, default=None, help="also serve the Open Inference Protocol v2 over gRPC on this port (0 picks one)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="load a LoRA adapter folder beside the model (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -82,6 +83,11 @@ def _serve(argv: list[str]) -> None:
         settings.chat_template = read_chat_template(args.chat_template)
     if args.grpc_port is not None:
         settings.grpc_port = args.grpc_port
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise StartupError(f"--adapter {item!r} is not NAME=PATH")
+        settings.adapters = {**settings.adapters, name: path}
     settings.extra = {**settings.extra, "grpc_host": args.host}
     sock = bind_socket(args.host, port)
     bound_port = sock.getsockname()[1]

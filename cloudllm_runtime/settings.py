@@ -46,10 +46,18 @@ class ServingSettings:
     chat_template: str | None = None
     # The Open Inference Protocol v2 gRPC port beside HTTP (--grpc-port; 0 picks a free one); None: off.
     grpc_port: int | None = None
+    # LoRA adapters loaded at start beside the model: name -> folder (relative to the artifact root, or absolute).
+    adapters: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self._fields(), indent=2, sort_keys=True) + "\n"
+
+    def _fields(self) -> dict:
+        fields = dataclasses.asdict(self)
+        if not fields["adapters"]:  # settings written before adapters existed stay byte for byte the same (their digest too)
+            del fields["adapters"]
+        return fields
 
     @classmethod
     def from_dict(cls, data: dict) -> "ServingSettings":
@@ -57,7 +65,7 @@ class ServingSettings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_env(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self._fields(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_env(cls) -> "ServingSettings | None":
