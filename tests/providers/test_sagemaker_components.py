@@ -216,3 +216,58 @@ def test_adapters_need_a_container_that_loads_them_live(sagemaker_emulator, aws,
         _deploy(sagemaker_emulator, tiny_gpt2, "sm-bad-ic", adapters={"legal": str(adapter)})  # the HF inference DLC
     assert "cannot load them while it serves" in error.value.line()
     _nothing_left(aws, "sm-bad-ic")
+
+
+# --- adapters as adapter inference components (vllm: LMI loads them while it serves) ---------------
+@pytest.fixture(scope="module")
+def loras(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from cloudllm.testing.tiny_adapters import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {name: build_tiny_lora(tiny_gpt2, root / name, seed=seed) for name, seed in (("legal", 1), ("support", 2), ("extra", 3))}
+
+
+@pytest.fixture(scope="module")
+def tenants(sagemaker_emulator, tiny_gpt2: Path, loras: dict[str, Path]) -> str:
+    adapters = {name: str(loras[name]) for name in ("legal", "support")}
+    result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-lora", runtime="vllm", instance="ml.g5.xlarge", adapters=adapters)
+    assert result.endpoint.state == "InService"
+    return "sm-lora"
+
+
+def _answer(name: str, adapter: str | None = None) -> str:
+    return api.invoke(name, "Hello there", provider="sagemaker", parameters=PARAMETERS, adapter=adapter)
+
+
+def test_each_adapter_is_a_component_and_answers_differently(tenants: str, aws, tiny_gpt2: Path) -> None:
+    base = comp.model_component(tenants, tiny_gpt2.name.lower())
+    components = _components(aws, tenants)
+    for adapter in ("legal", "support"):
+        spec = components[comp.adapter_component(tenants, tiny_gpt2.name.lower(), adapter)]["Specification"]
+        assert spec["BaseInferenceComponentName"] == base
+        assert "/adapters/" in spec["Container"]["ArtifactUrl"]
+    answers = {adapter: _answer(tenants, adapter) for adapter in (None, "legal", "support")}
+    assert len(set(answers.values())) == 3, answers  # the base and each adapter answer differently
+    assert _answer(tenants, "legal") == answers["legal"]  # and each the same every time
+
+
+def test_adapters_are_added_and_removed_live(tenants: str, aws, loras: dict[str, Path], tiny_gpt2: Path) -> None:
+    base = comp.model_component(tenants, tiny_gpt2.name.lower())
+    copies_before = aws["sagemaker"].describe_inference_component(InferenceComponentName=base)["LastModifiedTime"]
+    api.add_adapter(tenants, "extra", loras["extra"], provider="sagemaker")
+    assert {a["name"] for a in api.list_adapters(tenants, provider="sagemaker")} == {"legal", "support", "extra"}
+    assert _answer(tenants, "extra") not in (_answer(tenants), _answer(tenants, "legal"))
+    api.remove_adapter(tenants, "extra", provider="sagemaker")
+    assert {a["name"] for a in api.list_adapters(tenants, provider="sagemaker")} == {"legal", "support"}
+    with pytest.raises(UserError) as unknown:
+        _answer(tenants, "extra")
+    assert "extra" in unknown.value.line()
+    with pytest.raises(UserError, match="has no adapter named extra"):
+        api.remove_adapter(tenants, "extra", provider="sagemaker")
+    # The base's copies never restarted.
+    assert aws["sagemaker"].describe_inference_component(InferenceComponentName=base)["LastModifiedTime"] == copies_before
+
+
+def test_deleting_an_endpoint_of_adapters_leaves_nothing(tenants: str, aws) -> None:
+    api.delete(tenants, provider="sagemaker")
+    _nothing_left(aws, tenants)

@@ -262,7 +262,7 @@ class SageMakerComponents:
                 key = prefix.key(relative)
                 if key not in present:
                     s3.upload_file(str(path), prefix.bucket, key)
-        return f"{prefix}/"
+        return str(prefix).rstrip("/") + "/"
 
     def _put_adapter(self, endpoint: str, model: str, name: str, artifact: str, timeout: int, reporter: Reporter) -> None:
         """Create (or point at new files) the adapter component `name` of model component `model`."""
