@@ -181,6 +181,49 @@ def test_copy_count_targets_need_a_component(aws) -> None:
         )  # fmt: skip
 
 
+def _upload_adapter(aws, tiny_gpt2: Path, root: Path, name: str, seed: int, *, tarball: bool) -> str:
+    import tarfile
+
+    from cloudllm.testing.tiny_adapters import build_tiny_lora
+
+    folder = build_tiny_lora(tiny_gpt2, root / name, seed=seed)
+    if tarball:  # what the vLLM container standard's examples upload
+        archive = root / f"{name}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in folder.iterdir():
+                tar.add(path, arcname=path.name)
+        aws["s3"].upload_file(str(archive), BUCKET, f"lora/{name}.tar.gz")
+        return f"s3://{BUCKET}/lora/{name}.tar.gz"
+    for path in folder.iterdir():
+        aws["s3"].upload_file(str(path), BUCKET, f"lora/{name}/{path.name}")
+    return f"s3://{BUCKET}/lora/{name}/"
+
+
+def test_adapter_components_ride_on_their_base(aws, endpoint: str, served: str, tiny_gpt2: Path, tmp_path: Path) -> None:
+    sm = aws["sagemaker"]
+    for name, seed, tarball in (("ic-legal", 1, False), ("ic-support", 2, True)):
+        url = _upload_adapter(aws, tiny_gpt2, tmp_path, name, seed, tarball=tarball)
+        sm.create_inference_component(
+            InferenceComponentName=name, EndpointName=endpoint, Specification={"BaseInferenceComponentName": served, "Container": {"ArtifactUrl": url}}
+        )
+        described = _settled(sm, name)
+        assert described["InferenceComponentStatus"] == "InService", described.get("FailureReason")
+        assert "RuntimeConfig" not in described  # an adapter has no copies of its own
+    answers = {name: json.dumps(_invoke(aws, endpoint, name)) for name in (served, "ic-legal", "ic-support")}
+    assert len(set(answers.values())) == 3, answers
+    with pytest.raises(ClientError, match="base of adapter components"):
+        sm.delete_inference_component(InferenceComponentName=served)
+    with pytest.raises(ClientError, match="takes no ModelName"):
+        sm.create_inference_component(
+            InferenceComponentName="ic-bad", EndpointName=endpoint, RuntimeConfig={"CopyCount": 1},
+            Specification={"BaseInferenceComponentName": served, "Container": {"ArtifactUrl": "s3://x/y/"}},
+        )  # fmt: skip
+    for name in ("ic-legal", "ic-support"):
+        sm.delete_inference_component(InferenceComponentName=name)
+    with pytest.raises(ClientError, match="not found"):
+        _invoke(aws, endpoint, "ic-legal")
+
+
 def test_delete_components_then_the_endpoint(aws, endpoint: str, served: str) -> None:
     sm = aws["sagemaker"]
     sm.delete_inference_component(InferenceComponentName=served)

@@ -113,12 +113,12 @@ class SageMakerProvider(
             reporter.step(f"endpoint {name} is Failed ({existing.failure_reason or 'no reason given'}): replacing it")
             self._delete_endpoint(name, reporter)
             return self.deploy(plan, reporter)
+        if existing.state == "InService" and (uses_components(plan.spec) or existing.details.get("inference_components")):
+            return self._update_components(plan, existing, reporter)  # also what an interrupted deploy of components left
         if existing.state in UNFINISHED or existing.unfinished_digest == plan.digest:
             return self._finish(plan, reporter)
         if existing.state != "InService":
             raise UserError(f"endpoint {name} is {existing.state}", f"wait until it is InService (`cloudllm status {name}`), then deploy again")
-        if uses_components(plan.spec) or existing.details.get("inference_components"):
-            return self._update_components(plan, existing, reporter)
         if plan.rescale_only:
             return self._rescale(plan, existing, reporter)
         instance = self._instance(plan.spec)
