@@ -268,6 +268,28 @@ def test_adapters_are_added_and_removed_live(tenants: str, aws, loras: dict[str,
     assert aws["sagemaker"].describe_inference_component(InferenceComponentName=base)["LastModifiedTime"] == copies_before
 
 
+def test_a_changed_model_moves_its_component_and_keeps_the_adapters(tenants: str, aws, sagemaker_emulator, tiny_gpt2: Path, loras: dict[str, Path]) -> None:
+    sm = aws["sagemaker"]
+    adapters = {name: str(loras[name]) for name in ("legal", "support")}
+    same = _deploy(sagemaker_emulator, tiny_gpt2, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters)
+    assert same.action == "unchanged"
+    base = comp.model_component(tenants, tiny_gpt2.name.lower())
+    old_model = sm.describe_inference_component(InferenceComponentName=base)["Specification"]["ModelName"]
+    config = sm.describe_endpoint(EndpointName=tenants)["EndpointConfigName"]
+
+    changed = _deploy(sagemaker_emulator, tiny_gpt2, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters, serving={"max_new_tokens": 16})
+    assert changed.action == "update"
+    assert sm.describe_endpoint(EndpointName=tenants)["EndpointConfigName"] == config  # the endpoint stays as it is
+    new_model = sm.describe_inference_component(InferenceComponentName=base)["Specification"]["ModelName"]
+    assert new_model != old_model
+    with pytest.raises(Exception):
+        sm.describe_model(ModelName=old_model)  # swept once the component moved
+    answers = {adapter: _answer(tenants, adapter) for adapter in (None, "legal", "support")}
+    assert len(set(answers.values())) == 3, answers  # the new copies serve the adapters too
+    again = _deploy(sagemaker_emulator, tiny_gpt2, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters, serving={"max_new_tokens": 16})
+    assert again.action == "unchanged"
+
+
 def test_deleting_an_endpoint_of_adapters_leaves_nothing(tenants: str, aws) -> None:
     api.delete(tenants, provider="sagemaker")
     _nothing_left(aws, tenants)

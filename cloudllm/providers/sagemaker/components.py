@@ -397,6 +397,11 @@ class SageMakerComponents:
                 version = self._upload(plan, reporter)
                 model_name = self._create_model(plan, instance, sizes, version, ledger)
                 self._deploy_component(plan, model_name, instance, sizes, reporter)
+            if current is not None:
+                # The endpoint's first model shares its name with the endpoint config, which the sweep keeps.
+                old = current["Specification"]["ModelName"]
+                self._removing(f"model {old}", lambda: self._sm.delete_model(ModelName=old))
+                reporter.step(f"removed model {old}")
             self._sweep(name, keep=set(), keep_version=version, reporter=reporter)
         else:
             reporter.step(f"the model of {component} is unchanged")
