@@ -150,6 +150,7 @@ def invoke(
     adapter: str | None = None,
     model: str | None = None,
     wake_timeout: float | None = None,
+    reporter: Reporter | None = None,
 ) -> Any:
     """Send one request; returns the generated text, as the CLI prints it (the decoded JSON response
     for tasks without text, or with full_response). timeout: seconds to wait for the answer.
@@ -162,7 +163,7 @@ def invoke(
     body = with_adapter(build_body(inputs, parameters, json_body), adapter)
     target = _serving_adapters(_provider_for_name(name, provider, region, options), adapter)
     with read_timeout(timeout):
-        result = _send(target.invoke, name, body, model=model, wake_timeout=wake_timeout)
+        result = _send(target.invoke, name, body, model=model, wake_timeout=wake_timeout, reporter=reporter)
     text = None if full_response else response_text(result)
     return result if text is None else text
 
@@ -180,6 +181,7 @@ def invoke_stream(
     adapter: str | None = None,
     model: str | None = None,
     wake_timeout: float | None = None,
+    reporter: Reporter | None = None,
 ) -> Iterator[str]:
     """Yield generated text pieces as the endpoint produces them (timeout: seconds between pieces; the rest as invoke's)."""
     from cloudllm.http import read_timeout
@@ -191,7 +193,7 @@ def invoke_stream(
 
     def pieces() -> Iterator[str]:
         with read_timeout(timeout):
-            yield from _send(target.invoke_stream, name, body, model=model, wake_timeout=wake_timeout)
+            yield from _send(target.invoke_stream, name, body, model=model, wake_timeout=wake_timeout, reporter=reporter, stream=True)
 
     return pieces()
 
@@ -233,6 +235,7 @@ def chat(
     adapter: str | None = None,
     model: str | None = None,
     wake_timeout: float | None = None,
+    reporter: Reporter | None = None,
 ) -> dict:
     """One chat turn: prompt is the user's text or a whole history of OpenAI messages; returns OpenAI's chat completion.
 
@@ -242,7 +245,7 @@ def chat(
     from cloudllm.invocation import chat_completion
 
     holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=False, adapter=adapter)
-    return chat_completion(_send(holder.invoke, name, body, model=model, wake_timeout=wake_timeout))
+    return chat_completion(_send(holder.invoke, name, body, model=model, wake_timeout=wake_timeout, reporter=reporter))
 
 
 def chat_stream(
@@ -257,19 +260,27 @@ def chat_stream(
     adapter: str | None = None,
     model: str | None = None,
     wake_timeout: float | None = None,
+    reporter: Reporter | None = None,
 ) -> Iterator[str]:
     """One chat turn, streamed: the reply's text pieces as the endpoint produces them."""
     holder, body = _chat_request(name, prompt, system, parameters, provider, region, options, stream=True, adapter=adapter)
-    return _send(holder.invoke_stream, name, body, model=model, wake_timeout=wake_timeout)
+    return _send(holder.invoke_stream, name, body, model=model, wake_timeout=wake_timeout, reporter=reporter, stream=True)
 
 
-def _send(call, name: str, body: dict, *, model: str | None, wake_timeout: float | None) -> Any:
-    """One provider invoke (or invoke_stream): to the endpoint's model `model` when one is named.
+def _send(call, name: str, body: dict, *, model: str | None, wake_timeout: float | None, reporter: Reporter | None = None, stream: bool = False) -> Any:
+    """One provider invoke (or invoke_stream, with stream): to the endpoint's model `model` when one is named.
 
-    wake_timeout: how long to wait through cloudllm.types.Waking (an endpoint scaled to zero).
+    wake_timeout: how long to wait through cloudllm.types.Waking (an endpoint scaled to zero; cloudllm/wake.py),
+    with a progress line on the reporter.
     """
+    from cloudllm.wake import stream_through_wake, through_wake
+
     # Plugins written before several models per endpoint take no `model` keyword: pass it only when asked.
-    return call(name, body, **({"model": model} if model is not None else {}))
+    def once() -> Any:
+        return call(name, body, **({"model": model} if model is not None else {}))
+
+    waiting = stream_through_wake if stream else through_wake
+    return waiting(once, name=name, wake_timeout=wake_timeout, reporter=reporter)
 
 
 def _serving_adapters(target: Provider, adapter: str | None) -> Provider:

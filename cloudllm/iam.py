@@ -25,7 +25,11 @@ OPERATIONS: frozenset[str] = frozenset(
             "CreateEndpointConfig", "DescribeEndpointConfig", "DeleteEndpointConfig", "ListEndpointConfigs",
             "CreateEndpoint", "DescribeEndpoint", "UpdateEndpoint", "DeleteEndpoint", "ListEndpoints",
             "UpdateEndpointWeightsAndCapacities", "AddTags", "DeleteTags", "ListTags",
+            # Inference components: adapters, several models and scale to zero (providers/sagemaker/components.py).
+            "CreateInferenceComponent", "DescribeInferenceComponent", "UpdateInferenceComponent",
+            "DeleteInferenceComponent", "ListInferenceComponents",
         )),  # fmt: skip
+        "cloudwatch:PutMetricAlarm", "cloudwatch:DeleteAlarms",  # the alarm that wakes a component scaled to zero
         "sagemaker-runtime:InvokeEndpoint",
         "sagemaker-runtime:InvokeEndpointWithResponseStream",
         *(f"application-autoscaling:{op}" for op in (
@@ -52,7 +56,7 @@ class Permission:
 
     sid: str
     actions: tuple[str, ...]
-    resource: str  # key of _resources(): sagemaker, endpoints, any, objects, bucket, role, slr, alarms, logs, kms, repositories
+    resource: str  # key of _resources(): sagemaker, endpoints, components, any, objects, bucket, role, slr, alarms, logs, kms, repositories
     needed_by: tuple[str, ...]
     why: str
     condition: str | None = None  # key of _conditions()
@@ -62,6 +66,7 @@ class Permission:
 _SM_RESOURCE_OPS = (
     "CreateModel", "DescribeModel", "DeleteModel", "CreateEndpointConfig", "DescribeEndpointConfig", "DeleteEndpointConfig",
     "CreateEndpoint", "DescribeEndpoint", "UpdateEndpoint", "DeleteEndpoint", "DeleteTags", "ListTags",
+    "CreateInferenceComponent", "DescribeInferenceComponent", "UpdateInferenceComponent", "DeleteInferenceComponent",
 )  # fmt: skip
 _S3_WRITES = ("s3:PutObject", "s3:CreateMultipartUpload", "s3:UploadPart", "s3:CompleteMultipartUpload", "s3:CopyObject", "s3:UploadPartCopy")
 
@@ -72,17 +77,27 @@ PERMISSIONS: tuple[Permission, ...] = (
     ),
     Permission(
         "SageMakerResources", ("sagemaker:AddTags",), "sagemaker",
-        ("sagemaker:AddTags", "sagemaker:CreateModel", "sagemaker:CreateEndpointConfig", "sagemaker:CreateEndpoint"),
+        ("sagemaker:AddTags", "sagemaker:CreateModel", "sagemaker:CreateEndpointConfig", "sagemaker:CreateEndpoint", "sagemaker:CreateInferenceComponent"),
         "retag the endpoint; creating a resource with Tags= needs AddTags on it too (the tags hold the plan's digests)",
     ),
     *(
         Permission("SageMakerList", (f"sagemaker:{op}",), "any", (f"sagemaker:{op}",), "list actions take no resource ARN")
-        for op in ("ListModels", "ListEndpointConfigs", "ListEndpoints")
+        for op in ("ListModels", "ListEndpointConfigs", "ListEndpoints", "ListInferenceComponents")
     ),
     Permission(
         "InvokeEndpoints", ("sagemaker:InvokeEndpoint",), "endpoints",
         ("sagemaker-runtime:InvokeEndpoint", "sagemaker-runtime:InvokeEndpointWithResponseStream"),
         "cloudllm invoke (streaming is authorised by sagemaker:InvokeEndpoint too)",
+    ),
+    Permission(
+        "InvokeComponents", ("sagemaker:InvokeEndpoint",), "components",
+        ("sagemaker-runtime:InvokeEndpoint", "sagemaker-runtime:InvokeEndpointWithResponseStream"),
+        "invoke names the endpoint's inference component (a model or an adapter), which SageMaker authorises too",
+    ),
+    Permission(
+        "AutoscalingComponents", ("sagemaker:UpdateInferenceComponentRuntimeConfig",), "components",
+        ("application-autoscaling:RegisterScalableTarget",),
+        "Application Auto Scaling checks that the caller may change a component's copy count (scale to zero)",
     ),
     *(
         Permission("Autoscaling", (f"application-autoscaling:{op}",), "any", (f"application-autoscaling:{op}",), "min/max instances and the scaling policy")
@@ -103,8 +118,9 @@ PERMISSIONS: tuple[Permission, ...] = (
     ),
     Permission(
         "AutoscalingAlarms", ("cloudwatch:PutMetricAlarm", "cloudwatch:DeleteAlarms"), "alarms",
-        ("application-autoscaling:PutScalingPolicy", "application-autoscaling:DeleteScalingPolicy"),
-        "a target-tracking policy creates and removes its CloudWatch alarms as the caller",
+        ("application-autoscaling:PutScalingPolicy", "application-autoscaling:DeleteScalingPolicy", "cloudwatch:PutMetricAlarm", "cloudwatch:DeleteAlarms"),
+        "a target-tracking policy creates and removes its CloudWatch alarms as the caller; scale to zero's "
+        "alarm on NoCapacityInvocationFailures runs the step policy that wakes a component",
     ),
     Permission(
         "AutoscalingAlarmsRead", ("cloudwatch:DescribeAlarms",), "any",
@@ -236,14 +252,18 @@ def _resources(scope: AwsScope) -> dict[str, list[str]]:
     sm = f"{arn}:sagemaker:{scope.region}:{scope.account}"
     buckets = scope.buckets or [("BUCKET", "")]
     return {
-        "sagemaker": [f"{sm}:model/*", f"{sm}:endpoint-config/*", f"{sm}:endpoint/*"],
+        "sagemaker": [f"{sm}:model/*", f"{sm}:endpoint-config/*", f"{sm}:endpoint/*", f"{sm}:inference-component/*"],
         "endpoints": [f"{sm}:endpoint/*"],
+        "components": [f"{sm}:inference-component/*"],
         "any": ["*"],
         "objects": [f"{arn}:s3:::{b}/{p}/*" if p else f"{arn}:s3:::{b}/*" for b, p in buckets],
         "bucket": sorted({f"{arn}:s3:::{b}" for b, _ in buckets}),
         "role": scope.roles or [f"{arn}:iam::{scope.account}:role/*"],
         "slr": [f"{arn}:iam::{scope.account}:role/aws-service-role/{AUTOSCALING_SERVICE}/AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint"],
-        "alarms": [f"{arn}:cloudwatch:{scope.region}:{scope.account}:alarm:TargetTracking-endpoint/*"],
+        "alarms": [
+            f"{arn}:cloudwatch:{scope.region}:{scope.account}:alarm:{name}"
+            for name in ("TargetTracking-endpoint/*", "TargetTracking-inference-component/*", "*-no-capacity")
+        ],
         "logs": [f"{arn}:logs:{scope.region}:{scope.account}:log-group:/aws/sagemaker/Endpoints/*"],
         "kms": scope.kms_keys,
         "repositories": [f"{arn}:ecr:{scope.region}:{scope.account}:repository/*"],

@@ -713,7 +713,13 @@ class _Server(ThreadedMotoServer):
 
 def install() -> None:
     """Make moto build the emulated backends (idempotent; replaces region backends of moto's own class)."""
-    for backend_dict, cls in ((sagemaker_backends, EmulatedSageMakerBackend), (sagemakerruntime_backends, EmulatedRuntimeBackend)):
+    from moto.applicationautoscaling.models import applicationautoscaling_backends
+
+    # Inference components (sagemaker_components.py) extend the backends above; they are what moto builds.
+    from cloudllm_emulators.sagemaker_components import ComponentBackend, ComponentRuntimeBackend, ComponentScalingBackend
+
+    installed = ((sagemaker_backends, ComponentBackend), (sagemakerruntime_backends, ComponentRuntimeBackend), (applicationautoscaling_backends, ComponentScalingBackend))
+    for backend_dict, cls in installed:
         backend_dict.backend = cls
         for account in backend_dict.values():
             account.backend = cls

@@ -122,6 +122,10 @@ def require_adapter(engine: Any, name: str | None) -> None:
         raise RequestError(404, f"unknown adapter {json.dumps(name)}; {has}", "adapter_not_found")
 
 
+# SageMaker names the adapter inference component a request is for in this header (the base's container answers).
+SAGEMAKER_ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
+
+
 def register(add: Any, state: Any) -> None:
     """GET/POST /adapters and DELETE /adapters/{name}: change adapters while the server runs.
 
@@ -142,6 +146,9 @@ async def _adapters_route(state: Any, request: Any) -> Any:
         return _json({"adapters": engine.adapters.describe() if engine.adapters is not None else []})
     body = await _read_body(request, state.settings.max_body_bytes, state.settings.max_body_seconds)
     data = decode_body(body, state.settings.max_body_bytes)
+    if isinstance(data, dict) and set(data) == {"name", "src"}:
+        # SageMaker registers an adapter inference component so (its container standard's name for the folder).
+        data = {"name": data["name"], "path": data["src"]}
     if not isinstance(data, dict) or set(data) != {"name", "path"} or not isinstance(data.get("path"), str):
         raise validation_error('the body must be {"name": ADAPTER, "path": FOLDER ON THE SERVER}')
     name = check_adapter_name(data["name"])

@@ -106,6 +106,8 @@ def iam_actions(call: str) -> set[str]:
         return S3_ACTIONS[op]
     if call == "sagemaker-runtime:InvokeEndpointWithResponseStream":
         return {"sagemaker:InvokeEndpoint"}  # the API reference: authorised by sagemaker:InvokeEndpoint
+    if service == "cloudwatch":
+        return {f"cloudwatch:{op}"}  # IAM's prefix, not the signing name (monitoring)
     return {f"{signing_name(service)}:{op}"}
 
 
@@ -152,6 +154,7 @@ def test_the_policy_grants_nothing_the_tool_does_not_call(scanned) -> None:
         "iam:PassRole": "sagemaker:CreateModel" in calls and "ExecutionRoleArn" in text,
         "iam:CreateServiceLinkedRole": "application-autoscaling:RegisterScalableTarget" in calls,
         "sagemaker:UpdateEndpointWeightsAndCapacities": "application-autoscaling:RegisterScalableTarget" in calls,
+        "sagemaker:UpdateInferenceComponentRuntimeConfig": "application-autoscaling:RegisterScalableTarget" in calls and "inference-component" in text,
         "cloudwatch:PutMetricAlarm": "application-autoscaling:PutScalingPolicy" in calls and "TargetTracking" in text,
         "cloudwatch:DeleteAlarms": "application-autoscaling:DeleteScalingPolicy" in calls,
         "cloudwatch:DescribeAlarms": "application-autoscaling:PutScalingPolicy" in calls,

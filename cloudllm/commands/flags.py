@@ -117,7 +117,10 @@ def target_flags(f: Callable) -> Callable:
     def wrapper(*args: Any, adapter: str | None, model: str | None, wake_timeout: float | None, **kw: Any) -> Any:
         if wake_timeout is not None and wake_timeout != wake_timeout:  # NaN slips past every range check
             raise click.BadParameter("nan is not a number of seconds", param_hint="'--wake-timeout'")
-        return f(*args, target={"adapter": adapter, "model": model, "wake_timeout": wake_timeout}, **kw)
+        from cloudllm.console import default_reporter
+
+        # The reporter shows the wait of an endpoint scaled to zero ("waking NAME from zero: 12 s") on stderr.
+        return f(*args, target={"adapter": adapter, "model": model, "wake_timeout": wake_timeout, "reporter": default_reporter()}, **kw)
 
     for option in reversed(
         [

@@ -85,6 +85,10 @@ class SageMakerChecks:
             raise UserError("a VPC needs both subnets and security groups", "pass --vpc-subnets and --vpc-security-groups together")
         if res.autoscaled(plan):
             res.scaling_policy(plan)
+        from cloudllm.providers.sagemaker.components import check_components, uses_components
+
+        if uses_components(spec):
+            check_components(plan, instance)
         res.sizing(plan, instance)
         self._rollout(plan)
         if spec.bucket:
@@ -162,6 +166,10 @@ class SageMakerChecks:
         name = plan.spec.name
         if plan.action == "unchanged":
             return [ResourceChange(resource="endpoint", name=name, action="unchanged", reason="nothing changed")]
+        from cloudllm.providers.sagemaker.components import uses_components
+
+        if uses_components(plan.spec) or (plan.existing and plan.existing.details.get("inference_components")):
+            return self._component_changes(plan)
         if plan.rescale_only:
             changes = [ResourceChange(resource="endpoint", name=name, action="update", reason="autoscaling only, in place: no new model, config or instances")]
             return changes + self._scaling_changes(plan)

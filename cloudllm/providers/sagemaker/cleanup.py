@@ -58,7 +58,9 @@ class SageMakerCleanup:
                 if not gone_already(exc):
                     raise
                 continue
-            in_use.update(v["ModelName"] for v in described["ProductionVariants"])
+            in_use.update(v["ModelName"] for v in described["ProductionVariants"] if v.get("ModelName"))
+            if not all(v.get("ModelName") for v in described["ProductionVariants"]):
+                in_use |= self._component_models(endpoint)  # an endpoint of inference components: their models
         return in_use
 
     def _sweep(self, name: str, *, keep: set[str], keep_version: S3Uri | None, reporter: Reporter) -> tuple[list[str], set[str]]:
@@ -93,8 +95,8 @@ class SageMakerCleanup:
             if keep_version is not None:
                 artifacts = self._artifacts()
                 for version in artifacts.versions(S3Uri.parse(str(keep_version).rstrip("/").rsplit("/", 1)[0])):
-                    if version == keep_version or str(version) in kept_versions:
-                        continue
+                    if version == keep_version or str(version) in kept_versions or version.key().rstrip("/").endswith("/adapters"):
+                        continue  # adapters/ holds adapter files by digest, not a version
                     # A version no model points at may be another pipeline's upload in progress:
                     # only one untouched for a while is abandoned (a killed deploy's).
                     if str(version) in versions or artifacts.idle_seconds(version) > ABANDONED_UPLOAD_SECONDS:
@@ -106,6 +108,7 @@ class SageMakerCleanup:
 
     def _delete_endpoint(self, name: str, reporter: Reporter) -> None:
         """DeleteEndpoint, then wait until it is gone (a name in Deleting cannot be reused)."""
+        self._delete_components(name, reporter)  # SageMaker refuses to delete an endpoint that still hosts components
         with self._aws(f"delete endpoint {name}"):
             self._delete_unless_gone(lambda: self._sm.delete_endpoint(EndpointName=name))
             wait_until(

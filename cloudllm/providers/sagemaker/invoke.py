@@ -9,6 +9,7 @@ from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.kit import SYSTEM_CLOCK, Backoff
 import cloudllm.providers.sagemaker.resources as res
 from cloudllm.providers.sagemaker.session import DENIED, NOT_FOUND, aws_error, gone_already
+from cloudllm.types import Waking
 
 FOLLOW_BACKOFF = Backoff(first=1.0, growth=1.5, floor=1.0, most=10.0)  # `logs --follow`: new lines within seconds
 
@@ -24,27 +25,40 @@ def as_events(lines: Iterator[str]) -> Iterator[str]:
         yield f"data:{stripped}" if stripped.startswith("{") else line
 
 
+def needs_component(exc) -> bool:
+    """SageMaker's answer to a request without InferenceComponentName on an endpoint of inference components."""
+    code, message = aws_error(exc)
+    return code == "ValidationError" and "Inference Component Name header is required" in message
+
+
 class SageMakerInvoke:
     """invoke, invoke_stream and logs of a SageMakerProvider."""
 
     # --- invoking -------------------------------------------------------------------------
-    def invoke(self, name: str, body: dict) -> Any:
+    def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
         from botocore.exceptions import ClientError
 
         self._session()
-        try:
-            response = self._client("sagemaker-runtime").invoke_endpoint(
-                EndpointName=name, Body=json.dumps(body).encode(), ContentType="application/json", Accept="application/json"
-            )
-        except ClientError as exc:
-            raise self._invoke_error(name, exc) from None
+        lookup = False
+        while True:
+            target, sent = self._invoke_target(name, body, model, lookup=lookup)
+            try:
+                response = self._client("sagemaker-runtime").invoke_endpoint(
+                    EndpointName=name, Body=json.dumps(sent).encode(), ContentType="application/json", Accept="application/json", **target
+                )
+                break
+            except ClientError as exc:
+                if not lookup and not target and needs_component(exc):
+                    lookup = True  # an endpoint of inference components this machine has no record of
+                    continue
+                raise self._invoke_error(name, exc, target) from None
         data = response["Body"].read()
         try:
             return json.loads(data)
         except ValueError:
             return data.decode("utf-8", errors="replace")
 
-    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+    def invoke_stream(self, name: str, body: dict, *, model: str | None = None) -> Iterator[str]:
         """Tokens as TGI, LMI or the generated server send them; the whole answer at once from the HF
         inference toolkit (handler runtime on the HF PyTorch DLC), which cannot stream and refuses "stream": true."""
         from botocore.exceptions import ClientError
@@ -53,13 +67,14 @@ class SageMakerInvoke:
 
         self._session()
         if self._runs_toolkit(name):
-            result = self.invoke(name, {k: v for k, v in body.items() if k != "stream"})
+            result = self.invoke(name, {k: v for k, v in body.items() if k != "stream"}, model=model)
             text = response_text(result)
             yield text if text is not None else json.dumps(result, ensure_ascii=False)
             return
+        target, body = self._invoke_target(name, body, model)  # _runs_toolkit found out whether it has components
         try:
             response = self._client("sagemaker-runtime").invoke_endpoint_with_response_stream(
-                EndpointName=name, Body=json.dumps({**body, "stream": True}).encode(), ContentType="application/json"
+                EndpointName=name, Body=json.dumps({**body, "stream": True}).encode(), ContentType="application/json", **target
             )
 
             def parts() -> Iterator[bytes]:
@@ -69,7 +84,7 @@ class SageMakerInvoke:
 
             yield from iter_sse_tokens(as_events(split_lines(parts())))
         except ClientError as exc:  # botocore.exceptions.EventStreamError is one too (ModelStreamError)
-            raise self._invoke_error(name, exc) from None
+            raise self._invoke_error(name, exc, target) from None
 
     def _runs_toolkit(self, name: str) -> bool:
         """The endpoint's container is an HF PyTorch inference DLC (read from the model it runs)."""
@@ -81,6 +96,8 @@ class SageMakerInvoke:
                 if desc is None:
                     raise UserError(f"SageMaker endpoint {name} does not exist in {self.region}", "see `cloudllm list --provider sagemaker`")
                 config = self._sm.describe_endpoint_config(EndpointConfigName=desc["EndpointConfigName"])
+                if not config["ProductionVariants"][0].get("ModelName"):  # inference components: the first model's image
+                    return res.runs_toolkit((self._layout(name) or {}).get("image") or "")
                 model = self._sm.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
             except ClientError as exc:
                 if not (gone_already(exc) or aws_error(exc)[0] in DENIED):
@@ -89,11 +106,19 @@ class SageMakerInvoke:
                 return False
         return res.runs_toolkit((model.get("PrimaryContainer") or {}).get("Image", ""))
 
-    def _invoke_error(self, name: str, exc) -> UserError:
+    def _invoke_error(self, name: str, exc, target: dict | None = None) -> Exception:
         from cloudllm.http import endpoint_error
 
         code, message = aws_error(exc)
         error = exc.response.get("Error", {})
+        component = (target or {}).get("InferenceComponentName")
+        if code == "ValidationError" and "no capacity" in message:
+            return Waking(f"inference component {component or name} has no copies")
+        if code == "ValidationError" and component and "not found" in message:
+            return UserError(
+                f"endpoint {name} has no inference component {component} (the model or adapter asked for)",
+                f"see `cloudllm adapters list {name}` and the models it was deployed with (--model)",
+            )
         if code == "ModelError":
             status = exc.response.get("OriginalStatusCode") or error.get("OriginalStatusCode") or 500
             return endpoint_error(name, int(status), exc.response.get("OriginalMessage") or error.get("OriginalMessage") or message)

@@ -30,6 +30,7 @@ from cloudllm.providers.kit import Ledger, Pending, wait_until
 import cloudllm.providers.sagemaker.resources as res
 from cloudllm.providers.sagemaker.checks import SageMakerChecks
 from cloudllm.providers.sagemaker.cleanup import SageMakerCleanup
+from cloudllm.providers.sagemaker.components import SageMakerComponents, check_components, uses_components
 from cloudllm.providers.sagemaker.invoke import SageMakerInvoke, log_group
 from cloudllm.providers.sagemaker.options import SageMakerOptions
 from cloudllm.providers.sagemaker.scaling import SageMakerScaling
@@ -44,10 +45,12 @@ if TYPE_CHECKING:
 UNFINISHED = ("Creating", "Updating", "SystemUpdating")  # SageMaker is still working on the endpoint
 
 
-class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, SageMakerScaling, SageMakerCleanup, SageMakerInvoke, Provider):
+class SageMakerProvider(
+    SageMakerSession, SageMakerChecks, SageMakerVersions, SageMakerScaling, SageMakerCleanup, SageMakerComponents, SageMakerInvoke, Provider
+):
     name = "sagemaker"
+    offers = frozenset({Feature.ADAPTERS, Feature.MULTI_MODEL})  # as inference components (components.py)
     unsupported = {
-        Feature.SCALE_TO_ZERO: "it needs inference components, which cloudllm does not create yet; use --min-instances 1",
         Feature.GRPC: "SageMaker real-time endpoints take HTTPS only (InvokeEndpoint); invoke without --grpc",
     }
     default_instance = res.DEFAULT_INSTANCE  # what the planner sizes against when --instance is not given
@@ -64,11 +67,16 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
         name = plan.spec.name
         self._refuse_no_wait_scaling(plan)
         instance = self._instance(plan.spec)
+        components = uses_components(plan.spec)
+        if plan.spec.add_model:
+            raise UserError(f"--add-model adds a model to an existing endpoint, and there is no endpoint {name}", "deploy its first model without --add-model")
+        if components:
+            check_components(plan, instance)
         sizes = res.sizing(plan, instance)
         ledger = Ledger()
         with self._undone_on_failure(name, ledger, reporter):
             version = self._upload(plan, reporter)
-            config_name = self._create_version(plan, instance, sizes, version, ledger)
+            config_name = self._create_version(plan, instance, sizes, version, ledger, components=components)
             with self._aws(f"create endpoint {name}"):
                 fresh = self._create_once(
                     lambda: self._sm.create_endpoint(
@@ -89,7 +97,10 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
             if not plan.wait:
                 return self._require(name)
             self._wait(name, sizes.wait_timeout, reporter)
-            self._apply_scaling(plan, reporter)
+            if components:
+                self._serve_components(plan, config_name, instance, sizes, reporter)
+            else:
+                self._apply_scaling(plan, reporter)
         self._sweep(name, keep={config_name}, keep_version=version, reporter=reporter)
         self._retag_endpoint(plan)
         return self._require(name)
@@ -104,6 +115,8 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
             reporter.step(f"endpoint {name} is Failed ({existing.failure_reason or 'no reason given'}): replacing it")
             self._delete_endpoint(name, reporter)
             return self.deploy(plan, reporter)
+        if existing.state == "InService" and (uses_components(plan.spec) or existing.details.get("inference_components")):
+            return self._update_components(plan, existing, reporter)  # also what an interrupted deploy of components left
         if existing.state in UNFINISHED or existing.unfinished_digest == plan.digest:
             return self._finish(plan, reporter)
         if existing.state != "InService":
@@ -315,6 +328,7 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
             model_name=variant.get("ModelName"),
             instances=live.get("CurrentInstanceCount"),
             artifact=tags.get(res.VERSION_TAG),
+            inference_components=True if config and not variant.get("ModelName") else None,
             log_group=log_group(name),
             tags={k: v for k, v in tags.items() if not k.startswith(res.TAG)},
         )

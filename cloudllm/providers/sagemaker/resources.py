@@ -39,6 +39,7 @@ FINGERPRINT_TAGS = {
     "code_digest": TAG + "code-digest",
     "deploy_digest": TAG + "deploy-digest",
     "scaling_digest": TAG + "scaling-digest",
+    "adapters_digest": TAG + "adapters-digest",  # absent without adapters
     "digest": TAG + "digest",
 }
 MAX_TAGS = 50
@@ -313,13 +314,13 @@ def version_tags(plan: "Plan", instance: str, artifact: str) -> dict[str, str]:
 def fingerprint_tags(plan: "Plan") -> dict[str, str]:
     """The plan's fingerprint as tags of a version's model and config: what `get` reads back to compare."""
     fingerprint = plan.fingerprint
-    return {tag: fingerprint[key] for key, tag in FINGERPRINT_TAGS.items()}
+    return {tag: fingerprint[key] for key, tag in FINGERPRINT_TAGS.items() if fingerprint.get(key) is not None}
 
 
 def check_user_tags(tags: dict[str, str]) -> None:
     """SageMaker's tag rules, checked before anything is created."""
-    if len(tags) > MAX_TAGS - 10:
-        raise UserError(f"{len(tags)} tags are too many", f"SageMaker allows {MAX_TAGS} per resource and cloudllm uses 10: pass at most {MAX_TAGS - 10}")
+    if len(tags) > MAX_TAGS - 11:
+        raise UserError(f"{len(tags)} tags are too many", f"SageMaker allows {MAX_TAGS} per resource and cloudllm uses 11: pass at most {MAX_TAGS - 11}")
     for key, value in tags.items():
         if not 1 <= len(key) <= 128 or len(value) > 256 or not _TAG_TEXT.match(key) or not _TAG_TEXT.match(value):
             raise UserError(

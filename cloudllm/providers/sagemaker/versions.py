@@ -29,10 +29,45 @@ class SageMakerVersions:
         reporter.step(result.summary())
         return version
 
-    def _create_version(self, plan: "Plan", instance: str, sizes: res.Sizing, version: S3Uri, ledger: Ledger) -> str:
-        """CreateModel + CreateEndpointConfig for one version; returns their (shared) name."""
+    def _create_version(self, plan: "Plan", instance: str, sizes: res.Sizing, version: S3Uri, ledger: Ledger, *, components: bool = False) -> str:
+        """CreateModel + CreateEndpointConfig for one version; returns their (shared) name.
+
+        components: the config's variant hosts inference components (components.py) instead of the model.
+        """
         spec = plan.spec
-        name = res.version_names(spec.name, plan.digest)
+        name = self._create_model(plan, instance, sizes, version, ledger)
+        tags = res.tag_list(res.version_tags(plan, instance, str(version)))
+        variant: dict[str, Any] = {
+            "VariantName": res.VARIANT,
+            "ModelName": name,
+            "InstanceType": instance,
+            "InitialInstanceCount": max(1, spec.min_instances),
+            "ModelDataDownloadTimeoutInSeconds": sizes.download_timeout,
+            "ContainerStartupHealthCheckTimeoutInSeconds": sizes.startup_timeout,
+        }
+        if sizes.volume_gb is not None:
+            variant["VolumeSizeInGB"] = sizes.volume_gb
+        config: dict[str, Any] = {"EndpointConfigName": name, "ProductionVariants": [variant], "Tags": tags}
+        if components:
+            from cloudllm.providers.sagemaker.components import component_variant
+
+            variant = config["ProductionVariants"][0] = component_variant(plan, variant)
+            config["ExecutionRoleArn"] = spec.options["role"]
+        if spec.options.get("kms_key") and not res.has_local_storage(instance):
+            config["KmsKeyId"] = spec.options["kms_key"]  # instance-store volumes are encrypted by the hardware
+        with self._aws(f"create endpoint config {name}"):
+            self._create_once(
+                lambda: self._sm.create_endpoint_config(**config), ours=lambda: self._same_version(name, tags, config=True) or None
+            )
+        ledger.add(
+            "endpoint-config", name, lambda: self._removing(f"endpoint config {name}", lambda: self._sm.delete_endpoint_config(EndpointConfigName=name))
+        )
+        return name
+
+    def _create_model(self, plan: "Plan", instance: str, sizes: res.Sizing, version: S3Uri, ledger: Ledger) -> str:
+        """CreateModel for one version (named like its endpoint config); returns its name."""
+        spec = plan.spec
+        name = res.version_names(spec.name if not getattr(spec, "add_model", None) else f"{spec.name}-{spec.add_model}", plan.digest)
         tags = res.tag_list(res.version_tags(plan, instance, str(version)))
         container = {
             "Image": self._image(plan, instance),
@@ -51,26 +86,6 @@ class SageMakerVersions:
         with self._aws(f"create model {name}"):
             self._create_once(lambda: self._sm.create_model(**model), ours=lambda: self._same_version(name, tags) or None)
         ledger.add("model", name, lambda: self._removing(f"model {name}", lambda: self._sm.delete_model(ModelName=name)))
-        variant: dict[str, Any] = {
-            "VariantName": res.VARIANT,
-            "ModelName": name,
-            "InstanceType": instance,
-            "InitialInstanceCount": max(1, spec.min_instances),
-            "ModelDataDownloadTimeoutInSeconds": sizes.download_timeout,
-            "ContainerStartupHealthCheckTimeoutInSeconds": sizes.startup_timeout,
-        }
-        if sizes.volume_gb is not None:
-            variant["VolumeSizeInGB"] = sizes.volume_gb
-        config: dict[str, Any] = {"EndpointConfigName": name, "ProductionVariants": [variant], "Tags": tags}
-        if spec.options.get("kms_key") and not res.has_local_storage(instance):
-            config["KmsKeyId"] = spec.options["kms_key"]  # instance-store volumes are encrypted by the hardware
-        with self._aws(f"create endpoint config {name}"):
-            self._create_once(
-                lambda: self._sm.create_endpoint_config(**config), ours=lambda: self._same_version(name, tags, config=True) or None
-            )
-        ledger.add(
-            "endpoint-config", name, lambda: self._removing(f"endpoint config {name}", lambda: self._sm.delete_endpoint_config(EndpointConfigName=name))
-        )
         return name
 
     @staticmethod
