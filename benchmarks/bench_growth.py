@@ -84,7 +84,7 @@ def _stage(store: str, model: Path, prefix: str, what: str) -> dict:
             from cloudllm.storage.gcs import GcsArtifacts, GcsUri
 
             artifacts, root = GcsArtifacts(), GcsUri("bench", prefix)
-        result = artifacts.upload(bundle, root.child(bundle.digest[:16]), Reporter(), reuse_from=root)
+        result = artifacts.upload(bundle, root.child(bundle.version_name), Reporter(), reuse_from=root)
         moved = {"uploaded_bytes": result.uploaded_bytes, "copied_bytes": result.copied_bytes}
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), **moved}
 

@@ -214,7 +214,7 @@ def cloudllm_runs(out: dict, model: Path, work: Path, baseline_b, artifacts, roo
     def cloudllm_stage(**settings):
         package_seconds, bundle = timed(lambda: cloudllm_bundle(model, work / "artifact", **settings))
         out.setdefault("c_package_seconds", package_seconds)
-        return artifacts.upload(bundle, root.child(bundle.digest[:16]), Reporter(), reuse_from=root)
+        return artifacts.upload(bundle, root.child(bundle.version_name), Reporter(), reuse_from=root)
 
     out["c_seconds"], first = timed(cloudllm_stage)
     out["c_uploaded_bytes"] = first.uploaded_bytes

@@ -34,6 +34,9 @@ class Provider(ABC):
     unsupported: ClassVar[dict[Feature, str]] = {}
     # The instance the planner sizes against when the spec names none (None: the provider has no choice of instance).
     default_instance: ClassVar[str | None] = None
+    # True: deploy hashes the weights while uploading them (cloudllm.storage), so a first deploy
+    # reads each byte once; the plan hashes them beforehand only to compare with a deployed endpoint.
+    hashes_while_uploading: ClassVar[bool] = False
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         self.region = region

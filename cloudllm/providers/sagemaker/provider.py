@@ -50,6 +50,7 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
         Feature.GRPC: "SageMaker real-time endpoints take HTTPS only (InvokeEndpoint); invoke without --grpc",
     }
     default_instance = res.DEFAULT_INSTANCE  # what the planner sizes against when --instance is not given
+    hashes_while_uploading = True
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         super().__init__(region, options)

@@ -30,6 +30,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
         Feature.GRPC: "cloudllm does not declare the container's grpcPorts on Vertex AI yet; invoke without --grpc",
     }
     default_instance = DEFAULT_MACHINE
+    hashes_while_uploading = True
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         super().__init__(region or DEFAULT_REGION, options)
