@@ -107,10 +107,10 @@ class HashingReader(io.RawIOBase):
         at = self._fh.tell()
         data = self._fh.read(size)
         if at <= self._hashed < at + len(data):
-            fresh = memoryview(data)[self._hashed - at :]
+            fresh = data if self._hashed == at else data[self._hashed - at :]  # the usual case copies nothing
             self._sha.update(fresh)
             if self._crc is not None:
-                self._crc.update(bytes(fresh))
+                self._crc.update(fresh)
             self._hashed = at + len(data)
         if data and self._advance is not None:
             self._advance(len(data))

@@ -290,9 +290,9 @@ class SageMakerProvider(SageMakerSession, SageMakerChecks, SageMakerVersions, Sa
         return endpoint
 
     def get(self, name: str) -> Endpoint | None:
+        self._session()  # first: without a region it refuses before botocore is imported (`cloudllm plan` offline)
         from botocore.exceptions import ClientError
 
-        self._session()
         with self._aws(f"read endpoint {name}"):
             desc = self._describe_endpoint(name)
             if desc is None:
