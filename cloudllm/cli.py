@@ -182,7 +182,6 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
       cloudllm invoke demo --chat "Summarise this contract" --system "Be brief." --stream
       cloudllm invoke demo "Once upon a time" --grpc
     """
-    from cloudllm import api
     from cloudllm.invocation import parse_param, response_text
 
     if timeout is not None and timeout != timeout:  # NaN slips past every range check
@@ -198,6 +197,8 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
         _invoke_other_protocol(name, prompt, json_body, chat_text, system, use_grpc, stream, raw, parameters, where)
         return
     if stream:
+        from cloudllm import api
+
         pieces = []
         for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, **where):
             pieces.append(piece)
@@ -209,7 +210,14 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
         else:
             click.echo()
         return
-    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, full_response=True, **where)
+    from cloudllm.invocation import build_body
+    from cloudllm.quick_invoke import local_answer
+
+    result = local_answer(name, build_body(prompt, parameters or None, json_body), timeout, where)
+    if result is None:  # not a plain local invoke: the full path (it also reports what is wrong)
+        from cloudllm import api
+
+        result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, full_response=True, **where)
     text = response_text(result)
     if json_output:
         _print_json({"name": name, "text": text, "response": result})
