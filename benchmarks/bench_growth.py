@@ -7,7 +7,8 @@ after the other:
 
   raw       the library's parallel upload of the same files (boto3 transfer manager /
             google-cloud-storage transfer_manager), before and after `first`, averaged;
-  first     what a first deploy stages: inspect, hash from an empty cache, upload Bundle.stored;
+  first     what a first deploy stages: inspect, upload Bundle.stored hashing the weights as they are read
+            (an empty hash cache: each byte read once);
   settings  a re-deploy with only the serving settings changed (nothing may move).
 
 Each process reports its wall time after its imports and its peak RSS (VmHWM). Goals (issue 15): first/raw
@@ -73,7 +74,9 @@ def _stage(store: str, model: Path, prefix: str, what: str) -> dict:
         from benchmarks.bench_staging import cloudllm_bundle
         from cloudllm.console import Reporter
 
-        bundle = cloudllm_bundle(model, None, **({"serving": {"max_batch_size": 16}} if what == "settings" else {}))
+        # A first deploy hashes while it uploads (nothing deployed to compare with); an update hashes first (from the cache).
+        settings = {"serving": {"max_batch_size": 16}} if what == "settings" else {}
+        bundle = cloudllm_bundle(model, None, exact=what == "settings", **settings)
         if store == "s3":
             import boto3
 
@@ -84,7 +87,7 @@ def _stage(store: str, model: Path, prefix: str, what: str) -> dict:
             from cloudllm.storage.gcs import GcsArtifacts, GcsUri
 
             artifacts, root = GcsArtifacts(), GcsUri("bench", prefix)
-        result = artifacts.upload(bundle, root.child(bundle.digest[:16]), Reporter(), reuse_from=root)
+        result = artifacts.upload(bundle, root.child(bundle.version_name), Reporter(), reuse_from=root)
         moved = {"uploaded_bytes": result.uploaded_bytes, "copied_bytes": result.copied_bytes}
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), **moved}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -130,6 +130,29 @@ class Bundle:
             update={"settings": {}, "files": {n: e for n, e in self.manifest.files.items() if n != SETTINGS_PATH}}
         )
         return Bundle(files=files, manifest=manifest, skipped=self.skipped)
+
+    @property
+    def version_name(self) -> str:
+        """The name of the cloud version prefix that holds this bundle (16 hex digits).
+
+        Named by what is known before the first byte is read: the sha256 of generated files and
+        the identity (size, mtime, safetensors header) of the model folder's files, never their
+        full hash. So a first deploy can hash each file while uploading it (one read, not two), and
+        a run killed half-way finds the same prefix again. An identity is only this machine's view
+        of a file: the stores find a complete version with the same manifest (the content) under
+        any name and use it, so the same weights deployed from another checkout move nothing.
+        """
+        named = {f.name: identity(f.source) if f.source is not None else f.sha256 for f in self.files}
+        return _digest({**json.loads(self.manifest.to_json()), "files": named})[:16]
+
+    def with_hashes(self, hashes: dict[str, str]) -> "Bundle":
+        """This bundle with the sha256 of files it named by identity (hashed while uploading)."""
+        if not hashes:
+            return self
+        files = [replace(f, sha256=hashes.get(f.name, f.sha256)) for f in self.files]
+        entries = {n: e.model_copy(update={"sha256": hashes.get(n, e.sha256)}) for n, e in self.manifest.files.items()}
+        manifest = self.manifest.model_copy(update={"files": entries})
+        return Bundle(files=files, manifest=manifest, skipped=self.skipped, model_dir=self.model_dir)
 
     @property
     def manifest_bytes(self) -> bytes:

@@ -186,7 +186,6 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
       cloudllm invoke demo "Once upon a time" --grpc
       cloudllm invoke shared "Summarise this contract" --adapter legal
     """
-    from cloudllm import api
     from cloudllm.invocation import parse_param, response_text
 
     if timeout is not None and timeout != timeout:  # NaN slips past every range check
@@ -202,6 +201,8 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
         _invoke_other_protocol(name, prompt, json_body, chat_text, system, use_grpc, stream, raw, parameters, where, target)
         return
     if stream:
+        from cloudllm import api
+
         pieces = []
         for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, **target, **where):
             pieces.append(piece)
@@ -213,7 +214,16 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
         else:
             click.echo()
         return
-    result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, full_response=True, **target, **where)
+    from cloudllm.invocation import build_body
+    from cloudllm.quick_invoke import local_answer
+
+    # A plain invoke of a local endpoint skips the API's imports; adapters, models and the wake go the full way.
+    plain = target.get("adapter") is None and target.get("model") is None
+    result = local_answer(name, build_body(prompt, parameters or None, json_body), timeout, where) if plain else None
+    if result is None:  # not a plain local invoke: the full path (it also reports what is wrong)
+        from cloudllm import api
+
+        result = api.invoke(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, full_response=True, **target, **where)
     text = response_text(result)
     if json_output:
         _print_json({"name": name, "text": text, "response": result})

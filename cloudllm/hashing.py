@@ -1,10 +1,14 @@
 """sha256 of files, streamed once and cached by (device, inode, size, mtime), and a cheap identity.
 
-The cache is an append-only file of JSON lines ({key: sha256} each): hashing N files
-appends N short lines, where rewriting the whole cache per file was quadratic in N
-(10,000 small files took 31 s). A torn or hand-edited line is skipped, never fatal, and
-the file is compacted when stale lines outnumber live ones. The cache is best effort:
-a read-only or full CLOUDLLM_HOME only means the next run hashes again.
+The cache is an append-only file of JSON lines ({key: sha256} each) after a header line
+that says whose it is: hashing N files appends N short lines, where rewriting the whole
+cache per file was quadratic in N (10,000 small files took 31 s). In a file of ours a torn
+or hand-edited line is skipped, never fatal, and the file is compacted when stale lines
+outnumber live ones. A file that is not ours in shape (no header and lines that are not
+our entries: an older cloudllm's single JSON document, someone else's file, a symlink) is
+never trusted, appended to or compacted over: it is moved aside under a new name, with one
+warning line, and the cache starts afresh. The cache is best effort: a read-only or full
+CLOUDLLM_HOME only means the next run hashes again.
 
 `identity` is what `cloudllm plan` uses instead of a hash it does not have: size, mtime
 and the safetensors header, read in microseconds whatever the file's size, so planning a
@@ -26,6 +30,8 @@ from cloudllm.home import home_dir
 
 _CHUNK = 8 * 1024 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY = re.compile(r"\d+:\d+:\d+:\d+")  # _key(): device, inode, size, mtime in ns
+HEADER = json.dumps({"cloudllm": "sha256 cache", "format": 1}) + "\n"
 IDENTITY_PREFIX = "identity:"
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on a header
 _lock = threading.Lock()
@@ -41,33 +47,93 @@ def _key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _entry(line: str) -> tuple[str, str] | None:
+    """(key, sha256) of one cache line, None for anything else."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or len(entry) != 1:
+        return None
+    ((key, value),) = entry.items()
+    ok = isinstance(key, str) and _KEY.fullmatch(key) and isinstance(value, str) and _HEX64.fullmatch(value)
+    return (key, value) if ok else None
+
+
 def _load() -> dict[str, str]:
     global _cache, _lines
     if _cache is None:
         _cache, _lines = {}, 0
+        path = _cache_path()
         try:
-            text = _cache_path().read_text(encoding="utf-8", errors="replace")
-        except OSError:
+            text = None if path.is_symlink() else path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
             return _cache
-        for line in text.splitlines():
+        except OSError:
+            return _cache  # unreadable: hash again, leave it alone
+        lines = text.splitlines(keepends=True) if text is not None else []
+        # Ours: our header first; or (written before the header existed) nothing but our entries.
+        ours = text is not None and (not lines or lines[0] == HEADER or all(_entry(line) for line in lines))
+        if not ours:
+            _set_aside(path)
+            return _cache
+        for line in lines:
             _lines += 1
-            try:
-                entries = json.loads(line)
-            except ValueError:
-                continue  # a torn append or a hand edit: that entry is hashed again
-            if isinstance(entries, dict):
-                _cache.update({k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)})
+            if (entry := _entry(line)) is not None:  # else the header, a torn append or a hand edit: hashed again
+                _cache[entry[0]] = entry[1]
         if _lines > 1000 and _lines > 2 * len(_cache):
             _rewrite()
     return _cache
 
 
+def _set_aside(path: Path) -> None:
+    """Move a cache file that is not ours to a free name beside it (never over another file), with one warning line."""
+    import sys
+
+    global _lines
+    for n in range(1, 1000):
+        aside = path.with_name(f"{path.name}.not-cloudllm-{n}")
+        try:
+            os.link(path, aside, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+        os.unlink(path)
+        sys.stderr.write(f"warning: {path} is not cloudllm's sha256 cache: moved it to {aside.name}; files are hashed afresh\n")
+        return
+    sys.stderr.write(f"warning: {path} is not cloudllm's sha256 cache and cannot be moved aside: not using a hash cache\n")
+    _lines = -1  # never appended to or compacted over
+
+
+def _create(path: Path) -> None:
+    """A new cache file holding our header: written beside it, then linked in (never over a file another run made meanwhile)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, HEADER.encode())
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _append(key: str, value: str) -> None:
     """One line per hashed file, in one write(2) on an O_APPEND descriptor, so concurrent runs interleave whole lines."""
     global _lines
+    if _lines < 0:
+        return
     try:
         path = _cache_path()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            _create(path)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         try:
             os.write(fd, (json.dumps({key: value}) + "\n").encode())
         finally:
@@ -83,9 +149,9 @@ def _rewrite() -> None:
     try:
         path = _cache_path()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text("".join(json.dumps({k: v}) + "\n" for k, v in (_cache or {}).items()), encoding="utf-8")
+        tmp.write_text(HEADER + "".join(json.dumps({k: v}) + "\n" for k, v in (_cache or {}).items()), encoding="utf-8")
         os.replace(tmp, path)
-        _lines = len(_cache or {})
+        _lines = 1 + len(_cache or {})
     except OSError:
         pass
 

@@ -329,7 +329,9 @@ def make_plan(spec: DeploySpec, provider: Planner, reporter: "Reporter | None" =
     model = prepare_model(spec, source, runtime, reporter, run=False)
     plan = _assemble(spec, model, runtime, provider, exact=False)
     provider.validate(plan)
-    if mode != "plan":
+    if mode != "plan" and provider.hashes_while_uploading:
+        provider.preflight(plan)  # a first deploy hashes while it uploads; an update hashes below, to compare
+    elif mode != "plan":
         plan.bundle = _hashed_during(lambda: provider.preflight(plan), model, plan.settings, runtime)
     if plan.quantize_pending and mode == "deploy":
         refuse_unless_fits(plan)
@@ -342,6 +344,10 @@ def make_plan(spec: DeploySpec, provider: Planner, reporter: "Reporter | None" =
             raise
         plan.action, plan.reasons = "unknown", [f"cannot read what is deployed: {exc.line()}"]
         return plan
+    if mode != "plan" and plan.existing is not None and not plan.bundle.exact:
+        from cloudllm.bundle import build_bundle
+
+        plan.bundle = build_bundle(plan.model, plan.settings, build={"runtime": runtime})
     plan.action, plan.reasons = compare(plan)
     plan.changes = provider.describe_changes(plan) if plan.action != "unknown" else []
     return plan

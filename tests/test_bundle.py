@@ -180,7 +180,7 @@ def test_hash_cache_appends_one_line_per_file_and_survives_damage(tmp_path: Path
         path.write_bytes(str(n).encode())
         files.append(path)
     digests = [hashing.sha256_file(p) for p in files]
-    assert len(cache_file.read_text().splitlines()) == 300
+    assert len(cache_file.read_text().splitlines()) == 1 + 300  # the header, then one line per file
     with cache_file.open("a") as fh:
         fh.write('{"torn": "ab\n["not a dict"]\n{"k": "not-a-hash"}\n')
     monkeypatch.setattr(hashing, "_cache", None)  # a new process reads the file back

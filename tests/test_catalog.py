@@ -169,3 +169,38 @@ def test_instance_of_the_other_provider_says_which_provider():
     assert "--provider sagemaker" in err.value.line()
     with pytest.raises(UserError, match="g2-standard-8 is a Vertex AI machine type"):
         resolve("sagemaker", "g2-standard-8")
+
+
+def test_sagemaker_instance_names_are_cached_by_botocore_s_model_file(monkeypatch):
+    """`cloudllm plan` reads botocore's SageMaker model once per botocore: the names are cached, keyed by the file."""
+    import importlib
+    import os
+    from pathlib import Path
+
+    import botocore.session
+
+    catalog = importlib.import_module("cloudllm.catalog.instances")  # the package's `instances` is a function
+
+    def parses():
+        catalog.platform_names.cache_clear()
+        return catalog.platform_names("sagemaker")
+
+    fresh = parses()
+    cache = Path(os.environ["CLOUDLLM_HOME"]) / "cache" / "sagemaker-instance-types.json"
+    assert cache.is_file() and "ml.g5.xlarge" in fresh
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("botocore's service model was parsed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(botocore.session.Session, "get_service_model", no_parse)
+        assert parses() == fresh  # from the cache
+
+    # Another botocore (its model file changed): read afresh; a damaged cache file is read afresh too.
+    stored = json.loads(cache.read_text())
+    stored["source"]["mtime_ns"] -= 1
+    stored["names"] = ["ml.stale.xlarge"]
+    cache.write_text(json.dumps(stored))
+    assert parses() == fresh
+    cache.write_text("{not json")
+    assert parses() == fresh

@@ -388,3 +388,29 @@ def test_weights_never_hashed_here_make_the_diff_unknown_not_changed(tiny_gpt2: 
     code, _, err = cli(capsys, "deploy", str(tiny_gpt2), *base, "--dry-run")  # deploy paths hash: exact again
     code, out, _ = cli(capsys, "plan", str(tiny_gpt2), *base, "--json")
     assert json.loads(out)["diff"]["action"] == "unchanged"
+
+
+def test_the_aws_region_is_read_as_botocore_reads_it_without_boto3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`cloudllm plan` resolves the region from the environment and the config file itself (a boto3 session costs
+    more than the rest of its checks); where it cannot be sure, it says so (False) and a session decides."""
+    import boto3
+
+    from cloudllm.providers.sagemaker.session import configured_region
+
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = us-west-2\n\n[profile ci]\nregion = eu-west-1\ns3 =\n  max_concurrent_requests = 4\n\n[profile bare]\noutput = json\n")
+    for key in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    cases = [({}, "us-west-2"), ({"AWS_PROFILE": "ci"}, "eu-west-1"), ({"AWS_PROFILE": "bare"}, None),
+             ({"AWS_PROFILE": "ci", "AWS_DEFAULT_REGION": "ap-south-1"}, "ap-south-1"), ({"AWS_PROFILE": "elsewhere"}, False)]  # fmt: skip
+    for env, expected in cases:
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            assert configured_region() == expected, env
+            if expected is not False:
+                assert boto3.Session().region_name == expected, env  # what botocore itself resolves
+    config.write_text("[default]\nregion = a\n[default]\nregion = b\n")  # configparser refuses: not sure
+    assert configured_region() is False

@@ -134,11 +134,68 @@ def platform_names(provider: str) -> frozenset[str]:
     if provider != "sagemaker":
         return frozenset()
     try:
-        import botocore.session
+        import botocore
     except ImportError:
         return frozenset()
+    source = _sagemaker_model_file()
+    cached = _cached_names(source)
+    if cached is not None:
+        return cached
+    import botocore.session
+
     model = botocore.session.get_session().get_service_model("sagemaker")
-    return frozenset(model.shape_for("ProductionVariantInstanceType").enum)
+    names = frozenset(model.shape_for("ProductionVariantInstanceType").enum)
+    _cache_names(source, names)
+    return names
+
+
+# Parsing botocore's SageMaker model costs `cloudllm plan` ~0.2 s, for one list of names. The list is kept in
+# $CLOUDLLM_HOME/cache, keyed by the model file's path, size and mtime: an upgraded botocore is read afresh.
+def _sagemaker_model_file() -> Path | None:
+    """The service-2 file botocore loads for SageMaker: its newest API version, customer data paths first."""
+    import os
+
+    import botocore
+
+    roots = [Path(p).expanduser() for p in os.environ.get("AWS_DATA_PATH", "").split(os.pathsep) if p]
+    roots += [Path("~/.aws/models").expanduser(), Path(botocore.__file__).parent / "data"]
+    for root in roots:
+        versions = sorted((root / "sagemaker").glob("*/service-2.json*"))
+        if versions:
+            return versions[-1]
+    return None
+
+
+def _names_key(source: Path | None) -> dict | None:
+    try:
+        st = source.stat() if source is not None else None
+    except OSError:
+        return None
+    return {"file": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns} if st else None
+
+
+def _cached_names(source: Path | None) -> frozenset[str] | None:
+    from cloudllm.home import home_dir
+
+    key = _names_key(source)
+    try:
+        cached = json.loads((home_dir("cache") / "sagemaker-instance-types.json").read_text())
+    except (OSError, ValueError, UserError):
+        return None
+    names = cached.get("names") if isinstance(cached, dict) and key and cached.get("source") == key else None
+    return frozenset(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def _cache_names(source: Path | None, names: frozenset[str]) -> None:
+    from cloudllm.home import home_dir, write_atomic
+
+    key = _names_key(source)
+    if key is None:
+        return
+    try:
+        write_atomic(home_dir("cache") / "sagemaker-instance-types.json", json.dumps({"source": key, "names": sorted(names)}) + "\n")
+    except UserError:
+        pass  # best effort, as the hash cache
 
 
 def suggest_names(provider: str, name: str, n: int = 3) -> list[str]:

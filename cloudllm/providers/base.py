@@ -44,6 +44,9 @@ class Provider(ABC):
     default_instance: ClassVar[str | None] = None
     # The options it reads (spec.options, --option KEY=VALUE), checked when the provider is made.
     Options: ClassVar[type[ProviderOptions]] = ProviderOptions
+    # True: deploy hashes the weights while uploading them (cloudllm.storage), so a first deploy
+    # reads each byte once; the plan hashes them beforehand only to compare with a deployed endpoint.
+    hashes_while_uploading: ClassVar[bool] = False
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         self.region = region

@@ -7,8 +7,11 @@ replica, so files under a live model's prefix must never change. Every object ca
 sha256 as metadata, which makes a version cheap to build from the previous one: a file
 already under the prefix is kept, a file another version holds is copied inside GCS
 (no bytes leave the machine), and only the rest is uploaded, in parallel. The crc32c of
-every upload is checked against the one the server computed. The manifest (cloudllm.json)
-is written last, so a prefix with a manifest is complete.
+every upload is checked against the one the server computed. A file a first deploy hashes
+while uploading it (see cloudllm.storage) carries its identity until the upload is done,
+then its sha256 (a metadata update, no bytes). The manifest (cloudllm.json) is written last,
+so a prefix with a manifest is complete; a complete version with the same manifest under
+another name is used as it is.
 
 google-cloud-storage honours STORAGE_EMULATOR_HOST (used by `cloudllm emulate vertex`).
 """
@@ -16,23 +19,21 @@ google-cloud-storage honours STORAGE_EMULATOR_HOST (used by `cloudllm emulate ve
 from __future__ import annotations
 
 import base64
-import io
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
-from cloudllm.storage import UploadResult
+from cloudllm.storage import SHA256_KEY, HashingReader, UploadResult, hash_of, holds, object_metadata
 from cloudllm.retries import RETRY_SECONDS_ENV, retry_seconds
 
 if TYPE_CHECKING:
     from cloudllm.bundle import Bundle, BundleFile
 
 MANIFEST_NAME = "cloudllm.json"
-SHA256_KEY = "cloudllm-sha256"
 UPLOAD_WORKERS = 8
 # A multiple of 256 KiB, as resumable uploads require; the client library's default. Each of the
 # UPLOAD_WORKERS holds one chunk in memory; fewer, larger requests are what make uploads fast.
@@ -161,11 +162,15 @@ class GcsArtifacts:
         bucket = self.client.bucket(dest.bucket)
         result = UploadResult(uri=dest, store="GCS")
         try:
-            here, elsewhere = self._index(dest, reuse_from)
+            here, elsewhere, manifests = self._index(dest, reuse_from)
+            same = None if dest.object_name(MANIFEST_NAME) in here else self._same_version(manifests, bundle.manifest_bytes)
+            if same is not None:  # these very files, named from another machine's identities
+                result.uri, result.kept = same, [f.name for f in bundle.files]
+                return result
             to_upload: list["BundleFile"] = []
             for f in bundle.files:
                 name = dest.object_name(f.name)
-                if _same(here.get(name), f):
+                if _same(here.get(name), f, result.hashes):
                     result.kept.append(f.name)
                 elif (source := elsewhere.get(f.sha256)) is not None and source.size == f.size:
                     self._copy(source, bucket, name, f, kms_key)
@@ -176,10 +181,11 @@ class GcsArtifacts:
             if to_upload:
                 self._upload_files(bucket, dest, to_upload, reporter, kms_key, result)
             stored = here.get(dest.object_name(MANIFEST_NAME))
-            if stored is None or stored.crc32c != crc32c_b64(bundle.manifest_bytes):  # else complete as it is: write nothing
+            manifest_bytes = bundle.with_hashes(result.hashes).manifest_bytes if result.hashes else bundle.manifest_bytes
+            if stored is None or stored.crc32c != crc32c_b64(manifest_bytes):  # else complete as it is: write nothing
                 manifest = bucket.blob(dest.object_name(MANIFEST_NAME), kms_key_name=kms_key)
-                manifest.upload_from_string(bundle.manifest_bytes, content_type="application/json", checksum="crc32c")
-                _verify(manifest, crc32c_b64(bundle.manifest_bytes), MANIFEST_NAME)
+                manifest.upload_from_string(manifest_bytes, content_type="application/json", checksum="crc32c")
+                _verify(manifest, crc32c_b64(manifest_bytes), MANIFEST_NAME)
         except exceptions.Forbidden as exc:
             raise UserError(
                 f"no permission to write to {dest}: {_message(exc)}",
@@ -196,18 +202,29 @@ class GcsArtifacts:
             raise DeployFailed(f"an upload to {dest} arrived corrupted: {exc}".splitlines()[0], "run the same deploy again") from None
         return result
 
-    def _index(self, dest: GcsUri, reuse_from: GcsUri | None) -> tuple[dict, dict]:
-        """Objects under dest by name, and objects under reuse_from by sha256 (one listing)."""
+    def _index(self, dest: GcsUri, reuse_from: GcsUri | None) -> tuple[dict, dict, list]:
+        """Objects under dest by name, objects under reuse_from by sha256, and the other versions' manifests (one listing)."""
         root = reuse_from or dest
         here: dict = {}
         elsewhere: dict = {}
+        manifests = []
         for blob in self.client.list_blobs(root.bucket, prefix=root.object_name("")):
             if blob.name.startswith(dest.object_name("")):
                 here[blob.name] = blob
+            elif blob.name.endswith("/" + MANIFEST_NAME):
+                manifests.append(blob)
             sha = (blob.metadata or {}).get(SHA256_KEY)
             if sha and blob.name.startswith(root.object_name("")):
                 elsewhere.setdefault(sha, blob)
-        return here, elsewhere
+        return here, elsewhere, manifests
+
+    def _same_version(self, manifests: list, wanted: bytes) -> GcsUri | None:
+        """The version whose manifest is `wanted` (by crc32c from the listing, then its bytes), if one is."""
+        crc = crc32c_b64(wanted)
+        for blob in manifests:
+            if blob.size == len(wanted) and blob.crc32c == crc and blob.download_as_bytes() == wanted:
+                return GcsUri(blob.bucket.name, blob.name[: -len("/" + MANIFEST_NAME)])
+        return None
 
     def _copy(self, source, bucket, name: str, f: "BundleFile", kms_key: str | None) -> None:
         target = bucket.blob(name, kms_key_name=kms_key)
@@ -234,6 +251,8 @@ class GcsArtifacts:
 
         from google.cloud.storage.retry import DEFAULT_RETRY
 
+        from cloudllm.hashing import is_identity
+
         # The client retries an upload only when it is conditional; ours may always be sent again
         # (same name, same bytes, under a version prefix nothing serves yet), e.g. when an answer is lost.
         retry = DEFAULT_RETRY.with_timeout(retry_seconds())
@@ -242,8 +261,8 @@ class GcsArtifacts:
             jobs = []
             for f in files:
                 blob = bucket.blob(dest.object_name(f.name), kms_key_name=kms_key, chunk_size=CHUNK_BYTES)
-                blob.metadata = {SHA256_KEY: f.sha256}
-                jobs.append((f, blob, _CountingReader(f, advance)))
+                blob.metadata = object_metadata(f)
+                jobs.append((f, blob, HashingReader(f, advance, crc32c=True)))
 
             def upload(job) -> None:
                 f, blob, reader = job
@@ -255,6 +274,10 @@ class GcsArtifacts:
                     pass
         for f, blob, reader in jobs:
             _verify(blob, reader.crc32c(), f.name)
+            if is_identity(f.sha256):  # hashed while uploading: now the sha256 other versions copy by
+                result.hashes[f.name] = hash_of(reader, f)
+                blob.metadata = {**object_metadata(f), SHA256_KEY: result.hashes[f.name]}
+                blob.patch(retry=retry)
             result.uploaded.append(f.name)
             result.uploaded_bytes += f.size
 
@@ -302,8 +325,16 @@ def _message(exc) -> str:
     return json.loads(found.group(1)) if found else text.splitlines()[0][:300]
 
 
-def _same(blob, f: "BundleFile") -> bool:
-    return blob is not None and blob.size == f.size and (blob.metadata or {}).get(SHA256_KEY) == f.sha256
+def _same(blob, f: "BundleFile", hashes: dict[str, str]) -> bool:
+    """blob holds f; for a file named by identity, its sha256 goes into hashes (the blob's, or hashed here
+    when a killed run uploaded it but did not record it)."""
+    from cloudllm.hashing import is_identity, sha256_file
+
+    if blob is None or not holds(blob.metadata, blob.size, f):
+        return False
+    if is_identity(f.sha256):
+        hashes[f.name] = (blob.metadata or {}).get(SHA256_KEY) or sha256_file(f.source)
+    return True
 
 
 def _verify(blob, local_crc32c: str, name: str) -> None:
@@ -314,68 +345,3 @@ def _verify(blob, local_crc32c: str, name: str) -> None:
             f"{name} arrived corrupted (crc32c {blob.crc32c} on the server, {local_crc32c} here)",
             "run the same deploy again; it uploads the file anew",
         )
-
-
-class _CountingReader(io.RawIOBase):
-    """A bundle file as a stream: advances the progress bar and computes crc32c as it is read.
-
-    A resumable upload that retries a chunk seeks back; the checksum then restarts from the
-    start of the file so it always covers exactly the bytes that were sent last.
-    """
-
-    def __init__(self, f: "BundleFile", advance: Callable[[int], None]):
-        import google_crc32c
-
-        super().__init__()
-        self._crc_cls = google_crc32c.Checksum
-        self._crc = self._crc_cls()
-        self._fh = io.BytesIO(f.content) if f.content is not None else open(f.source, "rb")
-        self._advance = advance
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        target = self._fh.seek(offset, whence)
-        if target < self._pos:
-            self._fh.seek(0)
-            self._crc = self._crc_cls()
-            self._pos = 0
-            while self._pos < target:
-                chunk = self._fh.read(min(CHUNK_BYTES, target - self._pos))
-                if not chunk:
-                    break
-                self._crc.update(chunk)
-                self._pos += len(chunk)
-        elif target > self._pos:
-            self._fh.seek(self._pos)
-            self.read(target - self._pos)
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._fh.read(size)
-        if data:
-            self._crc.update(data)
-            self._pos += len(data)
-            self._advance(len(data))
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def crc32c(self) -> str:
-        return base64.b64encode(self._crc.digest()).decode()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._fh.close()
-        super().close()

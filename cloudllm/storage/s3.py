@@ -9,8 +9,10 @@ model's prefix must never change. Building a version costs only what changed: a 
 already under the prefix is kept, a file another version of the endpoint holds is copied
 inside S3 (no bytes leave the machine), and only the rest is uploaded, in parallel
 multipart parts through boto3's transfer manager. Every object carries its sha256 as
-metadata; S3 checks each part's CRC32 that boto3 sends. The manifest (cloudllm.json) is
-written last, so a prefix with a manifest is complete.
+metadata (or its identity, when a first deploy hashes it while uploading it: see
+cloudllm.storage); S3 checks each part's CRC32 that boto3 sends. The manifest (cloudllm.json),
+with every file's sha256, is written last, so a prefix with a manifest is complete. A complete
+version with the same manifest under another name is used as it is.
 
 Server-side encryption is always on: SSE-S3 (AES256), or SSE-KMS with a customer key.
 boto3 honours AWS_ENDPOINT_URL (used by `cloudllm emulate sagemaker`).
@@ -24,13 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from cloudllm.console import Reporter, human_bytes
 from cloudllm.errors import DeployFailed, UserError
-from cloudllm.storage import UploadResult
+from cloudllm.storage import SHA256_KEY, HashingReader, UploadResult, hash_of, holds, object_metadata
 
 if TYPE_CHECKING:
     from cloudllm.bundle import Bundle, BundleFile
 
 MANIFEST_NAME = "cloudllm.json"
-SHA256_KEY = "cloudllm-sha256"  # x-amz-meta-cloudllm-sha256
 UPLOAD_WORKERS = 10
 PART_BYTES = 64 * 1024 * 1024  # 10,000 parts (S3's limit) x 64 MiB covers a 625 GiB file
 
@@ -118,8 +119,11 @@ class S3Artifacts:
         result = UploadResult(uri=dest, store="S3")
         try:
             stored_manifest = self.read_manifest(dest)
-            here = self._present(dest, bundle, stored_manifest)
-            elsewhere = self._other_versions(reuse_from, dest) if reuse_from else {}
+            elsewhere, same = self._other_versions(reuse_from, dest, bundle.manifest_bytes) if reuse_from else ({}, None)
+            if stored_manifest is None and same is not None:  # these very files, named from another machine's identities
+                result.uri, result.kept = same, [f.name for f in bundle.files]
+                return result
+            here = self._present(dest, bundle, stored_manifest, result.hashes)
             to_copy: list[tuple["BundleFile", str]] = []
             to_upload: list["BundleFile"] = []
             for f in bundle.files:
@@ -138,11 +142,12 @@ class S3Artifacts:
             if to_copy or to_upload:
                 self._transfer(dest, to_copy, to_upload, reporter, kms_key, result)
             self.abort_uploads(dest)
-            if stored_manifest != bundle.manifest_bytes:  # else the version is complete as it is: write nothing
+            manifest = bundle.with_hashes(result.hashes).manifest_bytes if result.hashes else bundle.manifest_bytes
+            if stored_manifest != manifest:  # else the version is complete as it is: write nothing
                 self.client.put_object(
                     Bucket=dest.bucket,
                     Key=dest.key(MANIFEST_NAME),
-                    Body=bundle.manifest_bytes,
+                    Body=manifest,
                     ContentType="application/json",
                     **encryption_args(kms_key),
                 )
@@ -159,34 +164,51 @@ class S3Artifacts:
             raise DeployFailed(f"uploading to {dest} failed: {exc}", "run the same deploy again to resume") from None
         return result
 
-    def _present(self, dest: S3Uri, bundle: "Bundle", manifest: bytes | None) -> set[str]:
-        """Names of bundle files already under dest with the right content (manifest: dest's cloudllm.json, if any)."""
+    def _present(self, dest: S3Uri, bundle: "Bundle", manifest: bytes | None, hashes: dict[str, str]) -> set[str]:
+        """Names of bundle files already under dest with the right content (manifest: dest's cloudllm.json, if any).
+
+        A file the bundle names by identity is kept when the object was uploaded from it (its identity
+        metadata); its sha256 then goes into hashes, from dest's manifest or, after a killed run, hashed here.
+        """
+        from cloudllm.hashing import is_identity, sha256_file
+
+        listed = {}
         if manifest is not None:
             try:
                 listed = json.loads(manifest).get("files", {})
             except ValueError:
-                listed = {}
-            return {f.name for f in bundle.files if listed.get(f.name, {}).get("sha256") == f.sha256}
-        # No manifest: a deploy was interrupted. Keep the files it finished (same size and sha256).
-        sizes = {obj["Key"]: obj["Size"] for obj in self._list(dest)}
+                pass
+        sizes = None
         present = set()
         for f in bundle.files:
+            entry = listed.get(f.name) if isinstance(listed.get(f.name), dict) else {}
+            if entry.get("sha256") == f.sha256:
+                present.add(f.name)
+                continue
+            if manifest is not None and not (is_identity(f.sha256) and entry.get("sha256")):
+                continue
+            # No manifest (a deploy was interrupted: keep the files it finished), or a file named by identity.
+            sizes = sizes if sizes is not None else {obj["Key"]: obj["Size"] for obj in self._list(dest)}
             key = dest.key(f.name)
-            if sizes.get(key) == f.size:
-                head = self.client.head_object(Bucket=dest.bucket, Key=key)
-                if head.get("Metadata", {}).get(SHA256_KEY) == f.sha256:
-                    present.add(f.name)
+            if sizes.get(key) == f.size and holds(self.client.head_object(Bucket=dest.bucket, Key=key).get("Metadata"), f.size, f):
+                present.add(f.name)
+                if is_identity(f.sha256):
+                    hashes[f.name] = entry.get("sha256") or sha256_file(f.source)
         return present
 
-    def _other_versions(self, root: S3Uri, dest: S3Uri) -> dict[tuple[str, int], str]:
-        """(sha256, size) -> key of a file held by a complete version under root (one manifest read per version)."""
+    def _other_versions(self, root: S3Uri, dest: S3Uri, wanted: bytes) -> tuple[dict[tuple[str, int], str], S3Uri | None]:
+        """(sha256, size) -> key of a file held by a complete version under root (one manifest read per version),
+        and the complete version whose manifest is `wanted`, if one is."""
         found: dict[tuple[str, int], str] = {}
+        same = None
         for version in self.versions(root):
             if version == dest:
                 continue
             manifest = self.read_manifest(version)
             if manifest is None:
                 continue
+            if manifest == wanted:
+                same = same or version
             try:
                 files = json.loads(manifest).get("files", {})
             except ValueError:
@@ -194,12 +216,14 @@ class S3Artifacts:
             for name, entry in files.items():
                 if isinstance(entry, dict) and entry.get("sha256"):
                     found.setdefault((entry["sha256"], entry.get("size", -1)), version.key(name))
-        return found
+        return found, same
 
     def _transfer(self, dest, to_copy, to_upload, reporter: Reporter, kms_key, result: UploadResult) -> None:
         import io
 
         from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        from cloudllm.hashing import is_identity
 
         config = TransferConfig(
             multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=UPLOAD_WORKERS
@@ -208,7 +232,7 @@ class S3Artifacts:
         with create_transfer_manager(self.client, config) as manager:
             copies = []
             for f, source_key in to_copy:
-                args = {**extra, "Metadata": {SHA256_KEY: f.sha256}, "MetadataDirective": "REPLACE", "ContentType": "application/octet-stream"}
+                args = {**extra, "Metadata": object_metadata(f), "MetadataDirective": "REPLACE", "ContentType": "application/octet-stream"}
                 future = manager.copy({"Bucket": dest.bucket, "Key": source_key}, dest.bucket, dest.key(f.name), extra_args=args)
                 copies.append((f, future))
             total = sum(f.size for f in to_upload)
@@ -216,14 +240,26 @@ class S3Artifacts:
                 with reporter.transfer(total, f"uploading {len(to_upload)} file(s) to {dest}") as advance:
                     uploads = []
                     for f in to_upload:
-                        body = str(f.source) if f.content is None else io.BytesIO(f.content)
-                        args = {**extra, "Metadata": {SHA256_KEY: f.sha256}, "ContentType": "application/octet-stream"}
+                        # A file named by identity is read once, by the upload, which hashes it (s3transfer
+                        # reads a stream's parts in order); a hashed one is read by s3transfer's own threads.
+                        if is_identity(f.sha256):
+                            body = HashingReader(f)
+                        else:
+                            body = str(f.source) if f.content is None else io.BytesIO(f.content)
+                        args = {**extra, "Metadata": object_metadata(f), "ContentType": "application/octet-stream"}
                         future = manager.upload(body, dest.bucket, dest.key(f.name), extra_args=args, subscribers=[_Progress(advance)])
-                        uploads.append((f, future))
-                    for f, future in uploads:
-                        future.result()
-                        result.uploaded.append(f.name)
-                        result.uploaded_bytes += f.size
+                        uploads.append((f, body, future))
+                    try:
+                        for f, body, future in uploads:
+                            future.result()
+                            if isinstance(body, HashingReader):
+                                result.hashes[f.name] = hash_of(body, f)
+                            result.uploaded.append(f.name)
+                            result.uploaded_bytes += f.size
+                    finally:
+                        for _, body, _ in uploads:
+                            if not isinstance(body, str):
+                                body.close()
             for f, future in copies:
                 future.result()
                 result.copied.append(f.name)
@@ -254,6 +290,8 @@ class S3Artifacts:
     def _resume(self, dest: S3Uri, f: "BundleFile", upload: dict, reporter: Reporter, kms_key, result: "UploadResult") -> None:
         """Finish an interrupted multipart upload: keep the stored parts whose checksum matches, send the rest."""
         from concurrent.futures import ThreadPoolExecutor
+
+        from cloudllm.hashing import is_identity
 
         key, upload_id = dest.key(f.name), upload["UploadId"]
         stored = {}
@@ -291,9 +329,13 @@ class S3Artifacts:
             ordered = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in ordered]
         self.client.complete_multipart_upload(Bucket=dest.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": ordered})
         head = self.client.head_object(Bucket=dest.bucket, Key=key)
-        if head["ContentLength"] != f.size or head.get("Metadata", {}).get(SHA256_KEY) != f.sha256:
+        if not holds(head.get("Metadata"), head["ContentLength"], f):
             self.client.delete_object(Bucket=dest.bucket, Key=key)
             raise DeployFailed(f"the resumed upload of {f.name} does not match the local file", "run the same deploy again")
+        if is_identity(f.sha256):  # its parts were read out of order: hashed in one more pass
+            from cloudllm.hashing import sha256_file
+
+            result.hashes[f.name] = sha256_file(f.source)
         result.uploaded.append(f.name)
         result.uploaded_bytes += sent
 

@@ -71,6 +71,31 @@ def test_invoke_text_stream_and_json(demo: dict, home: dict) -> None:
     assert json.loads(raw.stdout) == [{"generated_text": text.stdout.rstrip("\n")}]
 
 
+def test_invoke_of_a_local_endpoint_imports_no_pydantic_httpx_or_rich(demo: dict, home: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cloudllm invoke` answers a local endpoint on the standard library (BENCHMARKS.md times it against curl);
+    its answer and its errors are the full path's."""
+    code = (
+        "import sys\n"
+        "from cloudllm.cli import main\n"
+        "try:\n"
+        "    main(['invoke', 'demo', 'Once upon a time', '--max-new-tokens', '12'])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'httpx', 'rich', 'torch', 'boto3'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **home})
+    assert result.returncode == 0, result.stderr
+    *answer, imported = result.stdout.strip().splitlines()
+    assert imported == "[]"
+    from cloudllm import api
+
+    monkeypatch.setenv("CLOUDLLM_HOME", home["CLOUDLLM_HOME"])
+    assert answer and "\n".join(answer) == api.invoke("demo", "Once upon a time", parameters={"max_new_tokens": 12}).strip()
+
+    refused = run_cli("invoke", "demo", "--body", '{"inputs": "Hi", "parameters": {"max_new_tokens": -1}}', env=home)
+    assert_one_line_error(refused, code=2, contains="rejected the request (4")
+
+
 def test_list_and_status(demo: dict, home: dict) -> None:
     listed = json.loads(run_cli("list", "--json", env=home).stdout)
     assert [(e["name"], e["provider"], e["state"]) for e in listed] == [("demo", "local", "InService")]

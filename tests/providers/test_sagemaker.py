@@ -138,7 +138,9 @@ def test_handler_deploy_serves_uncompressed_artifacts(handler: dict, aws, sagema
     manifest = json.loads(aws["s3"].get_object(Bucket="cloudllm-emulator", Key=prefix + "cloudllm.json")["Body"].read())
     head = aws["s3"].head_object(Bucket="cloudllm-emulator", Key=prefix + "model.safetensors")
     assert head["ServerSideEncryption"] == "AES256"
-    assert head["Metadata"]["cloudllm-sha256"] == manifest["files"]["model.safetensors"]["sha256"]
+    # Its sha256 when known before the upload, else (hashed while uploading) the file's identity; the manifest has the sha256.
+    assert head["Metadata"].get("cloudllm-sha256", manifest["files"]["model.safetensors"]["sha256"]) == manifest["files"]["model.safetensors"]["sha256"]
+    assert "cloudllm-sha256" in head["Metadata"] or head["Metadata"]["cloudllm-identity"].startswith("identity:")
 
     variant = config["ProductionVariants"][0]
     assert variant["InstanceType"] == "ml.m5.xlarge" and variant["InitialInstanceCount"] == 1

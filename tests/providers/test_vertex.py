@@ -329,7 +329,7 @@ def test_a_failing_canary_moves_the_traffic_back_and_removes_the_new_version(ver
     assert [d.id for d in endpoint.deployed_models] == [old_id] and dict(endpoint.traffic_split) == {old_id: 100}
     assert [v.version_id for v in models.list_model_versions(name=first.endpoint.details["model"])] == ["1"]
     version_prefixes = {o.split("/")[2] for o in vertex_emulator.objects("cloudllm-test", "models/canary-fail/")}
-    assert version_prefixes == {first.plan.bundle.stored.digest[:16]}  # the live prefix, which the failed version shared, is kept
+    assert version_prefixes == {first.plan.bundle.stored.version_name}  # the live prefix, which the failed version shared, is kept
     assert api.invoke("canary-fail", "Hello", parameters={"max_new_tokens": 2}, provider="vertex", full_response=True)["deployed_model_id"] == old_id
 
     # delete without --purge-artifacts removes the endpoint and the model, and keeps the artifacts

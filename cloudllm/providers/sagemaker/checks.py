@@ -159,8 +159,8 @@ class SageMakerChecks:
 
     def _version_uri(self, plan: "Plan") -> S3Uri | str:
         if not plan.spec.bucket:  # `cloudllm plan` without --bucket
-            return f"s3://<--bucket>/{plan.spec.name}/{plan.bundle.stored.digest[:16]}/"
-        return self._artifact_root(plan).child(plan.bundle.stored.digest[:16])
+            return f"s3://<--bucket>/{plan.spec.name}/{plan.bundle.stored.version_name}/"
+        return self._artifact_root(plan).child(plan.bundle.stored.version_name)
 
     def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
         name = plan.spec.name

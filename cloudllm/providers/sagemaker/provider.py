@@ -55,6 +55,7 @@ class SageMakerProvider(
     }
     default_instance = res.DEFAULT_INSTANCE  # what the planner sizes against when --instance is not given
     Options = SageMakerOptions
+    hashes_while_uploading = True
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         super().__init__(region, options)
@@ -304,9 +305,9 @@ class SageMakerProvider(
         return endpoint
 
     def get(self, name: str) -> Endpoint | None:
+        self._session()  # first: without a region it refuses before botocore is imported (`cloudllm plan` offline)
         from botocore.exceptions import ClientError
 
-        self._session()
         with self._aws(f"read endpoint {name}"):
             desc = self._describe_endpoint(name)
             if desc is None:

@@ -22,15 +22,56 @@ def check_region(region: str) -> None:
     """
     import difflib
 
-    import botocore.loaders
-
-    partitions = botocore.loaders.create_loader().load_data("partitions")["partitions"]
+    partitions = _partitions()
     listed = sorted(r for p in partitions for r in p.get("regions", {}) if not r.endswith("-global"))
     if region in listed or any(re.match(p["regionRegex"], region) for p in partitions):
         return
     close = difflib.get_close_matches(region, listed, n=1, cutoff=0.8)
     hint = f"did you mean {close[0]}? " if close else ""
     raise UserError(f"unknown AWS region {region!r}", f"{hint}pass --region with a region name like us-east-1")
+
+
+def _partitions() -> list[dict]:
+    """botocore's partitions (regions and their pattern), read from its data file: importing botocore for it costs more."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("botocore")
+    if spec is not None and spec.submodule_search_locations:
+        try:
+            return json.loads((Path(next(iter(spec.submodule_search_locations))) / "data" / "partitions.json").read_text())["partitions"]
+        except (OSError, ValueError, KeyError):
+            pass
+    import botocore.loaders
+
+    return botocore.loaders.create_loader().load_data("partitions")["partitions"]
+
+
+def configured_region() -> str | None | bool:
+    """The region botocore would resolve, read without botocore: AWS_DEFAULT_REGION, else the profile's
+    `region` in the config file. None: no region anywhere. False: not sure (a profile that is in no file,
+    a file configparser cannot read): then the caller asks a boto3 session, which also says what is wrong."""
+    import configparser
+    import os
+    from pathlib import Path
+
+    if os.environ.get("AWS_DEFAULT_REGION"):
+        return os.environ["AWS_DEFAULT_REGION"]
+    profile = os.environ.get("AWS_DEFAULT_PROFILE") or os.environ.get("AWS_PROFILE")
+    found = configparser.RawConfigParser()
+    try:
+        found.read(Path(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config").expanduser())
+    except configparser.Error:
+        return False
+    section = "default" if profile in (None, "default") else f"profile {profile}"
+    if profile not in (None, "default") and not found.has_section(section):
+        return False  # perhaps only in the credentials file, perhaps nowhere
+    return found.get(section, "region", fallback=None) or None
+
+
+def _no_region() -> UserError:
+    return UserError(NO_REGION, "pass --region, or set AWS_DEFAULT_REGION or a region in ~/.aws/config")
 
 
 def aws_error(exc) -> tuple[str, str]:
@@ -71,6 +112,8 @@ class SageMakerSession:
     def _configured(self):
         """The boto3 session with its profile and region resolved: local configuration only, no credentials needed."""
         if self._boto_session is None:
+            if not self.region and not self.options.get("profile") and configured_region() is None:
+                raise _no_region()  # what boto3 would find, without importing it
             import boto3
             from botocore.exceptions import ProfileNotFound
 
@@ -79,14 +122,25 @@ class SageMakerSession:
             except ProfileNotFound:
                 raise UserError(f"AWS profile {self.options.get('profile')!r} is not configured", "see `aws configure list-profiles`") from None
             if not session.region_name:
-                raise UserError(NO_REGION, "pass --region, or set AWS_DEFAULT_REGION or a region in ~/.aws/config")
+                raise _no_region()
             check_region(session.region_name)
             self.region = session.region_name
             self._boto_session = session
         return self._boto_session
 
     def _region_configured(self) -> bool:
-        """True when a region is given or configured (and valid); False when none is, which only deploy refuses."""
+        """True when a region is given or configured (and valid); False when none is, which only deploy refuses.
+
+        Read from the environment and the config file where that is certain: a boto3 session costs
+        `cloudllm plan` more than the rest of its checks together."""
+        # --profile: the session says whether that profile exists, as before
+        region = False if self.options.get("profile") else self.region or configured_region()
+        if region is None:
+            return False
+        if region is not False:
+            check_region(region)
+            self.region = region
+            return True
         try:
             self._configured()
         except UserError as exc:

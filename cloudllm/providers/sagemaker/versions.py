@@ -26,8 +26,9 @@ class SageMakerVersions:
             result = self._artifacts().upload(
                 plan.bundle.stored, version, reporter, reuse_from=self._artifact_root(plan), kms_key=plan.spec.options.get("kms_key")
             )
+        plan.bundle = plan.bundle.with_hashes(result.hashes)  # hashed while uploading: now every digest is exact
         reporter.step(result.summary())
-        return version
+        return result.uri
 
     def _create_version(self, plan: "Plan", instance: str, sizes: res.Sizing, version: S3Uri, ledger: Ledger, *, components: bool = False) -> str:
         """CreateModel + CreateEndpointConfig for one version; returns their (shared) name.

@@ -77,7 +77,7 @@ def short_deadline(plan: "Plan") -> float:
 def version_prefix(plan: "Plan") -> "GcsUri":
     from cloudllm.storage.gcs import GcsUri
 
-    return GcsUri.parse(plan.spec.bucket).child(plan.spec.name, plan.bundle.stored.digest[:16])
+    return GcsUri.parse(plan.spec.bucket).child(plan.spec.name, plan.bundle.stored.version_name)
 
 
 def resources_line(plan: "Plan") -> str:

@@ -32,6 +32,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
     }
     default_instance = DEFAULT_MACHINE
     Options = VertexOptions
+    hashes_while_uploading = True
 
     def __init__(self, region: str | None = None, options: dict[str, Any] | None = None):
         super().__init__(region or DEFAULT_REGION, options)

@@ -57,8 +57,9 @@ class VertexVersions:
         )
         if result.kept:
             ledger.drop("artifacts")  # an earlier run made this version: not ours to remove
+        plan.bundle = plan.bundle.with_hashes(result.hashes)  # hashed while uploading: now every digest is exact
         reporter.step(result.summary())
-        return str(dest)
+        return str(result.uri)
 
     def _upload_model(self, plan: "Plan", artifact_uri: str, parent_model: str | None, reporter: Reporter) -> tuple[str, str]:
         from google.cloud import aiplatform_v1 as v1
