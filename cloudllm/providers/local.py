@@ -38,6 +38,7 @@ from cloudllm.providers.base import Endpoint, Feature, Provider
 from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
 from cloudllm.providers.kit import Pending
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
+from cloudllm.providers.local_container import container_for, remove_leftovers
 from cloudllm.records import load_record
 
 STATE_FILE = "state.json"
@@ -230,7 +231,7 @@ class LocalProvider(Provider):
             runtime="handler",
             failure_reason=reason,
             fingerprint=Fingerprint(**{k: state.get(k) for k in FINGERPRINT_KEYS}),
-            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port") if k in state},
+            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port", "image", "container") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
@@ -240,6 +241,7 @@ class LocalProvider(Provider):
         root = self._root(name)
         version_dir = root / version
         live = self._state(name)
+        container = container_for(plan, root, version)  # --image: the server runs in that image (local_container.py)
         if root.is_dir():  # servers an interrupted deploy started, and a dead live one of this same version
             _stop_started(root, keep=None if live is None or live.get("version") == version else live.get("version"))
         shutil.rmtree(version_dir, ignore_errors=True)
@@ -249,7 +251,7 @@ class LocalProvider(Provider):
         log_path = home_dir("logs") / f"{name}-{version}.log"  # beside local/, where every folder is an endpoint
         port_file = version_dir / "port"
         grpc_port = _free_port()  # gRPC beside HTTP, for `cloudllm invoke --grpc`
-        process = start_server(
+        process = (container.start if container else start_server)(
             [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
              "--grpc-port", str(grpc_port)],
             log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -264,6 +266,7 @@ class LocalProvider(Provider):
             "model": plan.model.path,
             "url": None,
             "grpc_port": grpc_port,
+            **(container.state if container else {}),
             **plan.fingerprint,
         }
         try:
@@ -410,6 +413,7 @@ def _stop_started(root: Path, keep: str | None = None) -> int:
         if isinstance(server, dict) and alive(server.get("pid"), _serve_py(server.get("artifact"))):
             stop_server(server.get("pid"), _serve_py(server.get("artifact")))
             stopped += 1
+    stopped += remove_leftovers(root, keep)  # containers whose supervisor was killed outright
     return stopped
 
 
