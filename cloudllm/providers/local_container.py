@@ -122,7 +122,7 @@ def remove_leftovers(root: Path, keep: str | None = None) -> int:
     ours = ("--filter", f"label={ROOT_LABEL}={root}")
     names = sorted(named(*ours) - (named(*ours, "--filter", f"label={VERSION_LABEL}={keep}") if keep else set()))
     for container in names:
-        subprocess.run([engine, "rm", "--force", "--time", str(STOP_SECONDS), container], capture_output=True, timeout=60)
+        subprocess.run([engine, "rm", "--force", container], capture_output=True, timeout=60)
     return len(names)
 
 
