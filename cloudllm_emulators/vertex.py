@@ -64,6 +64,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from cloudllm_emulators.containers import own_registry, registry_env, stop_own_registry
+
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -323,6 +325,7 @@ class VertexEmulator:
         self.replica_gate: threading.Event | None = None  # set: model servers start only once it is set
         self.crash_when_ready: Callable[[Any], bool] | None = None  # DeployedModel -> True: its server dies once ready
         self._rotation: dict[str, dict[str, int]] = {}  # endpoint id -> smooth weighted round-robin state
+        self._registry = None  # the image registry it started itself (containers.own_registry)
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "VertexEmulator":
@@ -341,6 +344,7 @@ class VertexEmulator:
         thread = threading.Thread(target=self._httpd.serve_forever, name="vertex-emulator", daemon=True)
         thread.start()
         self._threads.append(thread)
+        self._registry = own_registry()
         return self
 
     def stop(self) -> None:
@@ -360,6 +364,8 @@ class VertexEmulator:
             self._storage = None
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        stop_own_registry(self._registry)
+        self._registry = None
 
     def __enter__(self) -> "VertexEmulator":
         return self.start()
@@ -379,7 +385,7 @@ class VertexEmulator:
     @property
     def env(self) -> dict[str, str]:
         """The environment that points google-cloud-storage and cloudllm's Vertex provider here."""
-        return {"STORAGE_EMULATOR_HOST": self.storage_url, ENDPOINT_ENV: self.url, "GOOGLE_CLOUD_PROJECT": self.project}
+        return {"STORAGE_EMULATOR_HOST": self.storage_url, ENDPOINT_ENV: self.url, "GOOGLE_CLOUD_PROJECT": self.project, **registry_env(self._registry)}
 
     def storage_client(self):
         from google.auth.credentials import AnonymousCredentials

@@ -59,18 +59,6 @@ def test_docker_builds_the_image(serving_image, docker_only) -> None:
     assert _docker(docker_only, "image", "inspect", "--format", "{{.Id}}", result["image"]).stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def small_image(tmp_path_factory) -> str:
-    """A one-file image: the push path is the same for any image, and this one goes in a second."""
-    folder = tmp_path_factory.mktemp("small-image")
-    (folder / "hello.txt").write_text("hello\n")
-    image = "localhost/cloudllm-push-probe:1"
-    tar = subprocess.run(["tar", "-C", str(folder), "-c", "."], capture_output=True, check=True).stdout
-    subprocess.run(["podman", "import", "--quiet", "-", image], input=tar, capture_output=True, check=True)
-    yield image
-    subprocess.run(["podman", "rmi", "--force", image], capture_output=True)
-
-
 def test_docker_pushes_to_ecr_and_the_digest_is_the_registrys(small_image, sagemaker_emulator, registry, docker_only) -> None:
     first = run_cli("push", small_image, "--provider", "sagemaker", "--region", "us-east-1", "--json", env=docker_only, timeout=900)
     assert first.returncode == 0, first.stderr
