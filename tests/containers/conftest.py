@@ -77,9 +77,10 @@ def small_image(tmp_path_factory: pytest.TempPathFactory):
     (folder / "hello.txt").write_text("hello\n")
     image = f"localhost/cloudllm-push-probe:{os.getpid()}"  # one per xdist worker: each removes its own
     tar = subprocess.run(["tar", "-C", str(folder), "-c", "."], capture_output=True, check=True).stdout
-    subprocess.run(["podman", "import", "--quiet", "-", image], input=tar, capture_output=True, check=True)
+    made = subprocess.run(["podman", "import", "--quiet", "-", image], input=tar, capture_output=True, check=True)
     yield image
-    subprocess.run(["podman", "rmi", "--force", image], capture_output=True)
+    # By id: also the names a test pulled it back under (registry/repository@digest).
+    subprocess.run(["podman", "rmi", "--force", made.stdout.decode().strip()], capture_output=True)
 
 
 @pytest.fixture(scope="session")
