@@ -5,6 +5,7 @@ standard library, and talks to podman and Debian's docker-registry (the CNCF dis
 
 - ``LoopbackRegistry``: an OCI registry on 127.0.0.1 standing in for ECR / Artifact Registry; its
   ``env()`` is CLOUDLLM_REGISTRY_ENDPOINT, which sends registry traffic for cloud image URIs there.
+  ``own_registry``: the one an emulator starts (and stops) for itself when the caller gave none.
 - ``sagemaker_container_command``: the command that runs an endpoint's image as SageMaker does
   (`IMAGE serve`, the artifact read-only at /opt/ml/model), or None when the image is not one the
   stand-in registry holds or no engine is installed (the emulator then keeps its in-process server).
@@ -80,6 +81,36 @@ class LoopbackRegistry:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def own_registry() -> LoopbackRegistry | None:
+    """The registry an emulator starts for itself when none is given (CLOUDLLM_REGISTRY_ENDPOINT unset).
+
+    Only where it can serve images (docker-registry and podman installed). Its address goes into
+    this process's environment, where the emulator looks when it runs a model's image, and into
+    the emulator's env() for clients (`cloudllm push`). None: one was given, or none can run here.
+    """
+    if os.environ.get(REGISTRY_ENDPOINT_ENV) or not (shutil.which("docker-registry") and shutil.which("podman")):
+        return None
+    try:
+        registry = LoopbackRegistry().start()
+    except (OSError, RuntimeError) as exc:
+        print(f"emulator: no registry for images ({exc}): endpoints run the artifact's server in a process", file=sys.stderr)
+        return None
+    os.environ[REGISTRY_ENDPOINT_ENV] = registry.endpoint
+    return registry
+
+
+def stop_own_registry(registry: LoopbackRegistry | None) -> None:
+    if registry is None:
+        return
+    if os.environ.get(REGISTRY_ENDPOINT_ENV) == registry.endpoint:
+        del os.environ[REGISTRY_ENDPOINT_ENV]
+    registry.stop()
+
+
+def registry_env(registry: LoopbackRegistry | None) -> dict[str, str]:
+    return registry.env() if registry is not None else {}
 
 
 def _free_port() -> int:

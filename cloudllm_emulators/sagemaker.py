@@ -69,6 +69,7 @@ from moto.moto_server.werkzeug_app import (
 from cloudllm_procs import SERVER_BACKOFF, Pending, poll_until
 from cloudllm_procs import start as start_process
 from cloudllm_procs import stop as stop_process
+from cloudllm_emulators.containers import own_registry, registry_env, stop_own_registry
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account for any access key it does not know
@@ -737,6 +738,7 @@ class SageMakerEmulator:
         self.region = region
         self.log_requests = log_requests
         self._server: _Server | None = None
+        self._registry = None  # the image registry it started itself (containers.own_registry)
 
     @property
     def url(self) -> str:
@@ -753,6 +755,7 @@ class SageMakerEmulator:
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": self.region,
             "AWS_EC2_METADATA_DISABLED": "true",
+            **registry_env(self._registry),
         }
 
     def start(self) -> "SageMakerEmulator":
@@ -765,6 +768,7 @@ class SageMakerEmulator:
         self.port = self._server.get_host_and_port()[1]
         atexit.register(self.stop)
         self._prepare()
+        self._registry = own_registry()
         return self
 
     def _prepare(self) -> None:
@@ -792,6 +796,8 @@ class SageMakerEmulator:
         if EmulatedSageMakerBackend._work_dir is not None:
             shutil.rmtree(EmulatedSageMakerBackend._work_dir, ignore_errors=True)
             EmulatedSageMakerBackend._work_dir = None
+        stop_own_registry(self._registry)
+        self._registry = None
 
     def __enter__(self) -> "SageMakerEmulator":
         return self.start()

@@ -67,6 +67,7 @@ from cloudllm_procs import SERVER_BACKOFF, Pending, poll_until
 from cloudllm_procs import kill as kill_process
 from cloudllm_procs import start as start_process
 from cloudllm_procs import stop as stop_process
+from cloudllm_emulators.containers import own_registry, registry_env, stop_own_registry
 
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -318,6 +319,7 @@ class VertexEmulator:
         self.replica_gate: threading.Event | None = None  # set: model servers start only once it is set
         self.crash_when_ready: Callable[[Any], bool] | None = None  # DeployedModel -> True: its server dies once ready
         self._rotation: dict[str, dict[str, int]] = {}  # endpoint id -> smooth weighted round-robin state
+        self._registry = None  # the image registry it started itself (containers.own_registry)
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "VertexEmulator":
@@ -336,6 +338,7 @@ class VertexEmulator:
         thread = threading.Thread(target=self._httpd.serve_forever, name="vertex-emulator", daemon=True)
         thread.start()
         self._threads.append(thread)
+        self._registry = own_registry()
         return self
 
     def stop(self) -> None:
@@ -355,6 +358,8 @@ class VertexEmulator:
             self._storage = None
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        stop_own_registry(self._registry)
+        self._registry = None
 
     def __enter__(self) -> "VertexEmulator":
         return self.start()
@@ -374,7 +379,7 @@ class VertexEmulator:
     @property
     def env(self) -> dict[str, str]:
         """The environment that points google-cloud-storage and cloudllm's Vertex provider here."""
-        return {"STORAGE_EMULATOR_HOST": self.storage_url, ENDPOINT_ENV: self.url, "GOOGLE_CLOUD_PROJECT": self.project}
+        return {"STORAGE_EMULATOR_HOST": self.storage_url, ENDPOINT_ENV: self.url, "GOOGLE_CLOUD_PROJECT": self.project, **registry_env(self._registry)}
 
     def storage_client(self):
         from google.auth.credentials import AnonymousCredentials

@@ -61,7 +61,7 @@ def deploy_flags(f: Callable) -> Callable:
             click.option("--runtime", type=click.Choice(["handler", "tgi", "vllm"]), help="Serving runtime."),
             click.option("--instance", help="Instance/machine type, e.g. ml.g5.xlarge or g2-standard-8."),
             click.option("--accelerator", help="Vertex accelerator override, e.g. NVIDIA_L4:2."),
-            click.option("--image", help="Container image URI (default from the image catalog); `build`: build cloudllm's image and push it to ECR / Artifact Registry."),
+            click.option("--image", help="Container image URI (default from the image catalog); `build`: build cloudllm's image and push it to ECR / Artifact Registry. local: run the server in this image through podman (`build`: build it here)."),
             click.option("--region", help="Cloud region."),
             click.option("--bucket", help="Artifact location: s3://bucket/prefix or gs://bucket/prefix."),
             click.option("--role", help="SageMaker execution role ARN."),

@@ -42,11 +42,24 @@ def contract_run_args(
     storage_uri: str | None = None,
     env: dict[str, str] | None = None,
     user: str | None = None,
+    publish: dict[int, int] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> list[str]:
-    """The `run` arguments (after the engine's name) that start IMAGE under CONTRACT."""
+    """The `run` arguments (after the engine's name) that start IMAGE under CONTRACT.
+
+    By default the container shares the host's network; PUBLISH ({host port: container port})
+    gives it its own instead, those ports published on 127.0.0.1 only.
+    """
     if contract not in CONTRACTS:
         raise UserError(f"unknown container contract {contract!r}", f"pass --contract {' or '.join(CONTRACTS)}")
-    args = ["run", "--rm", "--name", name, "--network", "host", "--pull", "never"]
+    args = ["run", "--rm", "--name", name, "--pull", "never"]
+    if publish:
+        for host_port, container_port in publish.items():
+            args += ["--publish", f"127.0.0.1:{host_port}:{container_port}"]
+    else:
+        args += ["--network", "host"]
+    for key, value in sorted((labels or {}).items()):
+        args += ["--label", f"{key}={value}"]
     if user is not None:
         args += ["--user", user]
     variables = dict(env or {})

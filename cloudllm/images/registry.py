@@ -108,49 +108,112 @@ def _transport(uri: str) -> tuple[str, bool]:
 # Without a terminal skopeo says "Copying blob X" for every layer; only its debug log says which it skipped.
 _BLOB = re.compile(r"^Copying blob (?:sha256:)?([0-9a-f]{12})")
 _SKIPPED = re.compile(r".*Skipping blob (?:sha256:)?([0-9a-f]{12})[0-9a-f]* \(already present\)")
+# docker push: one line per layer as it finishes.
+_DOCKER_LAYER = re.compile(r"^([0-9a-f]{12}): (Pushed|Layer already exists|Mounted from .*)$")
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
 
 
-def copy_image(source: str, uri: str, login: RegistryLogin, *, say: Callable[[str], None] = lambda _: None) -> PushResult:
-    """Copy a local image to URI with skopeo (else the engine's push), one line per layer."""
+def copy_image(source: str, uri: str, login: RegistryLogin, *, say: Callable[[str], None] = lambda _: None, engine: Tool | None = None) -> PushResult:
+    """Copy a local image of ENGINE's store to URI with skopeo (else ENGINE's push), one line per layer."""
     started = time.monotonic()
     target, verify = _transport(uri)
     with tempfile.TemporaryDirectory(prefix="cloudllm-push-") as tmp:
         digest_file = Path(tmp) / "digest"
-        auth_file = Path(tmp) / "auth.json"
+        auth_file = Path(tmp) / "config.json"  # containers-auth.json and docker's config.json share this shape
         _write_auth(auth_file, target.split("/", 1)[0], login)
-        skopeo = shutil.which("skopeo")
+        env = None
+        engine = engine or find_builder()
+        skopeo = shutil.which("skopeo") if engine.name != "docker" else None  # skopeo reads containers-storage, not docker's
         if skopeo:
             tool = Tool("skopeo", skopeo)
             command = [skopeo, "--debug", "copy", "--authfile", str(auth_file), f"--dest-tls-verify={str(verify).lower()}",
                        "--digestfile", str(digest_file), f"containers-storage:{source}", f"docker://{target}"]
         else:
-            tool = find_builder()
-            command = [tool.path, "--log-level=debug", "push", "--authfile", str(auth_file), f"--tls-verify={str(verify).lower()}",
-                       "--digestfile", str(digest_file), source, f"docker://{target}"]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        layers: list[str] = []
-        skipped: set[str] = set()
-        output: list[str] = []
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "level=debug" not in line:
-                output.append(line.rstrip())
-            if match := _BLOB.match(line):
-                layers.append(match.group(1))
-            elif match := _SKIPPED.match(line):
-                skipped.add(match.group(1))
-                say(f"  layer {match.group(1)} already there")
-        if process.wait() != 0:
+            tool = engine
+            if tool.name == "docker":
+                # docker's CLI knows neither an auth file nor TLS flags: its login is DOCKER_CONFIG's config.json,
+                # and the daemon itself takes 127.0.0.0/8 registries over plain HTTP.
+                tool.run("tag", source, target)
+                env = {**os.environ, "DOCKER_CONFIG": tmp}
+                command = [tool.path, "--log-level=debug", "push", target]
+            else:
+                command = [tool.path, "--log-level=debug", "push", "--authfile", str(auth_file), f"--tls-verify={str(verify).lower()}",
+                           "--digestfile", str(digest_file), source, f"docker://{target}"]
+        try:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            sent, skipped, output = _follow_push(process, say)
+        finally:
+            if env is not None:
+                tool.run("rmi", target, check=False)  # the tag made for the push; the image keeps its own name
+        if process.returncode != 0:
             last = next((line for line in reversed(output) if line.strip()), "no output")
             if any(word in last.lower() for word in ("unauthorized", "authentication required", "denied", "401", "403")):
                 raise DeployFailed(f"the registry refused the login for {uri}: {last[-300:]}", "check the credentials and their push permission")
             raise DeployFailed(f"pushing to {uri} failed: {last[-300:]}", "check the registry address and the network")
-        for layer in layers:
-            if layer not in skipped:
-                say(f"  layer {layer} sent")
-        sent = len([layer for layer in layers if layer not in skipped])
-        digest = digest_file.read_text().strip()
-    return PushResult(uri, digest, sent, len(layers) - sent, round(time.monotonic() - started, 2), tool.name)
+        digest = digest_file.read_text().strip() if digest_file.is_file() else manifest_digest(target, login, verify=verify)
+    return PushResult(uri, digest, sent, skipped, round(time.monotonic() - started, 2), tool.name)
+
+
+def _follow_push(process: subprocess.Popen, say: Callable[[str], None]) -> tuple[int, int, list[str]]:
+    """(layers sent, layers skipped, output without debug lines) of a running push, saying one line per layer."""
+    layers: list[str] = []
+    skipped: set[str] = set()
+    output: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "level=debug" not in line:
+            output.append(line.rstrip())
+        if match := _BLOB.match(line):
+            layers.append(match.group(1))
+        elif match := _SKIPPED.match(line):
+            skipped.add(match.group(1))
+            say(f"  layer {match.group(1)} already there")
+        elif match := _DOCKER_LAYER.match(line.strip()):
+            layers.append(match.group(1))
+            if match.group(2) != "Pushed":
+                skipped.add(match.group(1))
+                say(f"  layer {match.group(1)} already there")
+    process.wait()
+    for layer in layers:
+        if layer not in skipped:
+            say(f"  layer {layer} sent")
+    sent = len([layer for layer in layers if layer not in skipped])
+    return sent, len(layers) - sent, output
+
+
+def manifest_digest(reference: str, login: RegistryLogin, *, verify: bool = True) -> str:
+    """The digest the registry holds under REFERENCE (host/repository:tag), from the Registry API v2.
+
+    docker push prints it, but podman standing in for docker does not: the registry is the one
+    answer both agree on. A Bearer challenge (Artifact Registry) is answered with the same login.
+    """
+    import httpx
+
+    host, _, path = reference.partition("/")
+    repository, _, tag = path.rpartition(":")
+    url = f"{'https' if verify else 'http'}://{host}/v2/{repository}/manifests/{tag}"
+    headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+    try:
+        with httpx.Client(verify=verify, timeout=60) as client:
+            answer = client.head(url, headers=headers, auth=(login.username, login.password))
+            challenge = answer.headers.get("www-authenticate", "")
+            if answer.status_code == 401 and challenge.lower().startswith("bearer "):
+                fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+                params = {key: fields[key] for key in ("service", "scope") if key in fields}
+                grant = client.get(fields.get("realm", ""), params=params, auth=(login.username, login.password)).json()
+                token = grant.get("token") or grant.get("access_token")
+                answer = client.head(url, headers={**headers, "Authorization": f"Bearer {token}"})
+    except (httpx.HTTPError, ValueError) as exc:
+        raise DeployFailed(f"cannot read back the digest of {reference}: {exc}", "check the registry address and the network") from None
+    digest = answer.headers.get("docker-content-digest")
+    if answer.status_code != 200 or not digest:
+        raise DeployFailed(f"the registry did not say the digest of {reference} (HTTP {answer.status_code})", "push again; check the credentials' pull permission")
+    return digest
 
 
 def _write_auth(path: Path, registry: str, login: RegistryLogin) -> None:
@@ -190,15 +253,4 @@ def push_image(
         raise UserError(f"cannot push to provider {provider!r}", "pass --provider sagemaker (ECR) or vertex (Artifact Registry)")
     say(f"pushing {image} to {uri}")
     # skopeo wants a fully qualified name or the id; the id is what was checked above.
-    return copy_image(local_id if engine.name != "docker" else image, uri, login, say=say)
-
-
-def pull_by_digest(reference: str, login: RegistryLogin | None = None) -> str:
-    """Pull REFERENCE (repository@sha256:...) into the local store through the stand-in when set; returns the local name."""
-    engine = find_tool(("podman", "docker"), None, "engine")
-    target, verify = _transport(reference)
-    args = ["pull", "--quiet", f"--tls-verify={str(verify).lower()}"]
-    if login is not None:
-        args += ["--creds", f"{login.username}:{login.password}"]
-    engine.run(*args, target, timeout=3600)
-    return target
+    return copy_image(local_id if engine.name != "docker" else image, uri, login, say=say, engine=engine)

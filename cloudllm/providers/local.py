@@ -39,6 +39,7 @@ from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
 from cloudllm.providers.kit import Pending
 from cloudllm.providers.local_adapters import adapter_entry, planned_adapters, serve_arguments, served_names, sync_live, valid_adapters
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
+from cloudllm.providers.local_container import container_for, remove_leftovers
 from cloudllm.records import load_record
 from cloudllm.spec import default_endpoint_name
 
@@ -280,7 +281,7 @@ class LocalProvider(Provider):
             runtime="handler",
             failure_reason=reason,
             fingerprint=Fingerprint(**{k: state.get(k) for k in FINGERPRINT_KEYS}),
-            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port") if k in state},
+            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port", "image", "container") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
@@ -290,6 +291,10 @@ class LocalProvider(Provider):
         root = self._root(name)
         version_dir = root / version
         live = self._state(name)
+        container = container_for(plan, root, version)  # --image: the server runs in that image (local_container.py)
+        if container is not None and planned_adapters(plan):
+            # The adapters live in $CLOUDLLM_HOME, which the container does not mount.
+            raise UserError("LoRA adapters are not served by a local container endpoint yet", "drop --image to serve the adapters, or deploy without --adapter")
         if root.is_dir():  # servers an interrupted deploy started, and a dead live one of this same version
             _stop_started(root, keep=None if live is None or live.get("version") == version else live.get("version"))
         shutil.rmtree(version_dir, ignore_errors=True)
@@ -300,7 +305,7 @@ class LocalProvider(Provider):
         port_file = version_dir / "port"
         grpc_port = _free_port()  # gRPC beside HTTP, for `cloudllm invoke --grpc`
         adapters = planned_adapters(plan)
-        process = start_server(
+        process = (container.start if container else start_server)(
             [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
              "--grpc-port", str(grpc_port), *serve_arguments(adapters)],
             log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -316,6 +321,7 @@ class LocalProvider(Provider):
             "url": None,
             "grpc_port": grpc_port,
             "adapters": adapters,
+            **(container.state if container else {}),
             **plan.fingerprint,
         }
         try:
@@ -463,6 +469,7 @@ def _stop_started(root: Path, keep: str | None = None) -> int:
         if isinstance(server, dict) and alive(server.get("pid"), _serve_py(server.get("artifact"))):
             stop_server(server.get("pid"), _serve_py(server.get("artifact")))
             stopped += 1
+    stopped += remove_leftovers(root, keep)  # containers whose supervisor was killed outright
     return stopped
 
 

@@ -71,6 +71,19 @@ def registry(registry_process):
 
 
 @pytest.fixture(scope="session")
+def small_image(tmp_path_factory: pytest.TempPathFactory):
+    """A one-file image: the push path is the same for any image, and this one goes in a second."""
+    folder = tmp_path_factory.mktemp("small-image")
+    (folder / "hello.txt").write_text("hello\n")
+    image = f"localhost/cloudllm-push-probe:{os.getpid()}"  # one per xdist worker: each removes its own
+    tar = subprocess.run(["tar", "-C", str(folder), "-c", "."], capture_output=True, check=True).stdout
+    made = subprocess.run(["podman", "import", "--quiet", "-", image], input=tar, capture_output=True, check=True)
+    yield image
+    # By id: also the names a test pulled it back under (registry/repository@digest).
+    subprocess.run(["podman", "rmi", "--force", made.stdout.decode().strip()], capture_output=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2 packaged as `cloudllm package` writes it (what SageMaker mounts at /opt/ml/model)."""
     from cloudllm import api
