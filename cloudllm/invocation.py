@@ -197,7 +197,29 @@ def grpc_generate(name: str, target: str, prompt: str, parameters: dict | None =
     """Text from endpoint NAME's gRPC port (target "host:port"): the whole answer, or pieces as they come."""
     import grpc
 
-    from cloudllm.errors import DeployFailed
+    def send(method: str, payload: bytes, streamed: bool) -> Iterator[bytes]:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                if not streamed:  # no serializers: the bytes go and come as they are
+                    yield channel.unary_unary(method)(payload, timeout=300)
+                    return
+                yield from channel.stream_stream(method)(iter([payload]), timeout=300)
+            except grpc.RpcError as exc:
+                detail = exc.details() if hasattr(exc, "details") else str(exc)
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise UserError(f"endpoint {name} rejected the request: {detail}", "fix the prompt or parameters") from None
+                raise DeployFailed(f"endpoint {name}'s gRPC port {target} failed ({exc.code().name}): {detail}",
+                                   f"check its logs: cloudllm logs {name}") from None  # fmt: skip
+
+    return oip_generate(name, send, prompt, parameters, stream=stream)
+
+
+def oip_generate(name: str, send, prompt: str, parameters: dict | None = None, *, stream: bool = False) -> Iterator[str]:
+    """Text of an Open Inference Protocol v2 ModelInfer (or ModelStreamInfer with stream) sent through send.
+
+    send(method, request bytes, streamed) yields the serialized answers: a channel to the
+    server's port, or a platform that forwards raw gRPC (Vertex AI's directRawPredict).
+    """
     from cloudllm_runtime.grpc_service import INPUT_TENSOR, OUTPUT_TENSOR, SERVICE, build_descriptors, decode_bytes_tensor, encode_bytes_tensor
 
     _, m = build_descriptors()
@@ -218,22 +240,12 @@ def grpc_generate(name: str, target: str, prompt: str, parameters: dict | None =
                 for item in decode_bytes_tensor(response.raw_output_contents[index]):
                     yield item.decode("utf-8", errors="replace")
 
-    with grpc.insecure_channel(target) as channel:
-        try:
-            if not stream:
-                call = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=m["ModelInferRequest"].SerializeToString,
-                                           response_deserializer=m["ModelInferResponse"].FromString)  # fmt: skip
-                yield from texts(call(request, timeout=300))
-                return
-            call = channel.stream_stream(f"/{SERVICE}/ModelStreamInfer", request_serializer=m["ModelInferRequest"].SerializeToString,
-                                         response_deserializer=m["ModelStreamInferResponse"].FromString)  # fmt: skip
-            for answer in call(iter([request]), timeout=300):
-                if answer.error_message:
-                    raise UserError(f"endpoint {name} rejected the request: {answer.error_message}", "fix the prompt or parameters")
-                yield from texts(answer.infer_response)
-        except grpc.RpcError as exc:
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise UserError(f"endpoint {name} rejected the request: {detail}", "fix the prompt or parameters") from None
-            raise DeployFailed(f"endpoint {name}'s gRPC port {target} failed ({exc.code().name}): {detail}",
-                               f"check its logs: cloudllm logs {name}") from None  # fmt: skip
+    if not stream:
+        for answer in send(f"/{SERVICE}/ModelInfer", request.SerializeToString(), False):
+            yield from texts(m["ModelInferResponse"].FromString(answer))
+        return
+    for raw in send(f"/{SERVICE}/ModelStreamInfer", request.SerializeToString(), True):
+        answer = m["ModelStreamInferResponse"].FromString(raw)
+        if answer.error_message:
+            raise UserError(f"endpoint {name} rejected the request: {answer.error_message}", "fix the prompt or parameters")
+        yield from texts(answer.infer_response)
