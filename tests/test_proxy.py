@@ -93,8 +93,11 @@ def exercise(url: str, reference: str | None = None) -> str:
     return text
 
 
-def test_local_endpoint_directly_and_through_the_proxy(local_endpoint: Any) -> None:
+def test_local_endpoint_directly_and_through_the_proxy(local_endpoint: Any, module_home: Path) -> None:
     direct = exercise(local_endpoint.url + "/v1")
+    routes = status_routes("chat-local", module_home)
+    assert routes["openai"]["route"] == local_endpoint.url + "/v1"  # what exercise() just used
+    assert routes["grpc"]["route"] == f"127.0.0.1:{local_endpoint.details['grpc_port']}"
     with proxy_for("chat-local", get_provider("local"), upstream=local_endpoint.url) as url:
         assert exercise(url, reference=direct) == direct
         # The body reaches the endpoint as sent: its own errors come back in OpenAI's shape.
@@ -104,12 +107,33 @@ def test_local_endpoint_directly_and_through_the_proxy(local_endpoint: Any) -> N
 
 def test_sagemaker_endpoint_through_the_proxy(sagemaker_emulator, chat_model: Path, local_endpoint: Any, tmp_path_factory) -> None:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CLOUDLLM_HOME", str(tmp_path_factory.mktemp("home")))
+        home = tmp_path_factory.mktemp("home")
+        patch.setenv("CLOUDLLM_HOME", str(home))
         api.deploy(chat_model, provider="sagemaker", name="chat-sm", runtime="handler", instance="ml.m5.xlarge",
                    bucket=f"{sagemaker_emulator.bucket}/models", options={"role": sagemaker_emulator.role})  # fmt: skip
     reference = exercise(local_endpoint.url + "/v1")
     with proxy_for("chat-sm", get_provider("sagemaker")) as url:
         assert exercise(url, reference=reference) == reference
+        routes = status_routes("chat-sm", home)
+    assert routes["native"]["route"].endswith("/endpoints/chat-sm/invocations") and "InvokeEndpoint" in routes["native"]["how"]
+    assert routes["openai"]["route"] == routes["native"]["route"] and '"messages"' in routes["openai"]["how"]
+    assert not routes["grpc"]["available"] and "HTTPS only" in routes["grpc"]["how"]
+    assert "cloudllm proxy chat-sm --provider sagemaker" in routes["proxy"]["how"]
+
+
+def status_routes(name: str, home: Path) -> dict[str, dict]:
+    """`cloudllm status NAME --json`'s routes by protocol; the text form lists the same routes."""
+    import json
+
+    env = {"CLOUDLLM_HOME": str(home)}
+    done = run_cli("status", name, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    routes = {r["protocol"]: r for r in json.loads(done.stdout)["routes"]}
+    assert set(routes) == {"native", "openai", "grpc", "proxy"}
+    text = run_cli("status", name, env=env).stdout
+    for route in routes.values():
+        assert (route["route"] or route["how"]) in text
+    return routes
 
 
 @pytest.mark.slow  # ~25 s: a Vertex AI deploy to the emulator

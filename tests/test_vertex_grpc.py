@@ -54,6 +54,11 @@ def test_invoke_grpc_goes_through_direct_raw_predict(vertex_emulator, grpc_endpo
     streamed = run_cli("invoke", NAME, "Once upon a time", "--max-new-tokens", "6", "--grpc", "--stream", env=env)
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == native.stdout
+    from tests.test_proxy import status_routes
+
+    routes = status_routes(NAME, home)
+    assert routes["grpc"]["available"] and "DirectRawPredict" in routes["grpc"]["how"]
+    assert routes["openai"]["route"] == endpoint.url and "chatCompletions" in routes["openai"]["how"]
     requests = list(vertex_emulator.requests)
     assert not any(":predict" in r or "RawPredict" in r for r in requests[-3:]), "gRPC went over REST predict"
 
@@ -98,6 +103,9 @@ def test_engines_without_grpc_are_refused_with_the_reason(vertex_emulator, tiny_
             assert not spec.grpc_ports and "CLOUDLLM_GRPC_PORT" not in {e.name for e in spec.env}
             with pytest.raises(UserError, match="runs tgi, whose server speaks no Open Inference Protocol gRPC"):
                 list(api.invoke_grpc("grpc-tgi", "hi"))
+            from tests.test_proxy import status_routes
+
+            assert "no Open Inference Protocol gRPC" in status_routes("grpc-tgi", tmp_path)["grpc"]["how"]
             api.delete("grpc-tgi", provider="vertex", purge_artifacts=True)
     finally:
         vertex_emulator.serve_engine_images = True
