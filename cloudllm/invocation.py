@@ -82,8 +82,58 @@ def response_text(result: Any) -> str | None:
     return None
 
 
+class Piece(str):
+    """Streamed text; the empty piece a stream ends with says how it ended, in OpenAI's terms (finish_reason, usage)."""
+
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+# TGI's FinishReason (and the generated server's, which follows it) in OpenAI's words.
+_FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "stop": "stop"}
+
+
+def stream_end(finish_reason: str | None, usage: dict | None) -> Piece:
+    end = Piece("")
+    end.finish_reason, end.usage = finish_reason, usage
+    return end
+
+
+def tgi_stream_end(details: Any) -> Piece | None:
+    """How a TGI-form answer ended, from its "details" (StreamDetails: finish_reason, generated_tokens; the
+    prompt's tokens as input_length or prompt_tokens where the server sends them); None without details."""
+    if not isinstance(details, dict):
+        return None
+    reason = _FINISH_REASONS.get(str(details.get("finish_reason")))
+    generated = details.get("generated_tokens")
+    prompt = details.get("input_length", details.get("prompt_tokens"))
+    usage = None
+    if isinstance(generated, int) and isinstance(prompt, int):
+        usage = {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    elif isinstance(generated, int):
+        usage = {"completion_tokens": generated}  # the prompt's count is not in TGI's or our server's stream
+    return stream_end(reason, usage)
+
+
+def answer_end(result: Any) -> Piece | None:
+    """How a whole (non-streamed) answer ended: an OpenAI completion's finish_reason and usage, or TGI's details."""
+    first = result[0] if isinstance(result, list) and len(result) == 1 else result
+    if not isinstance(first, dict):
+        return None
+    choices = first.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        usage = first.get("usage") if isinstance(first.get("usage"), dict) else None
+        return stream_end(choices[0].get("finish_reason"), usage)
+    return tgi_stream_end(first.get("details"))
+
+
 def iter_sse_tokens(lines: Iterable[str]) -> Iterator[str]:
-    """Token texts from TGI server-sent events. Skips special tokens; raises on an error event."""
+    """Token texts from TGI server-sent events (or OpenAI's chunks). Skips special tokens; raises on an error event.
+
+    When the stream says how it ended (TGI's details, an OpenAI chunk's finish_reason or usage),
+    an empty Piece carrying that comes last.
+    """
+    end: Piece | None = None
     for line in lines:
         line = line.strip()
         if not line.startswith("data:"):
@@ -100,16 +150,26 @@ def iter_sse_tokens(lines: Iterable[str]) -> Iterator[str]:
             message = error.get("message") if isinstance(error, dict) else error  # OpenAI's shape, or TGI's
             raise DeployFailed(f"the endpoint failed mid-stream: {message}", "check the endpoint's logs (cloudllm logs NAME)")
         if isinstance(event.get("choices"), list):  # OpenAI's chunks, chat or completions
-            text = openai_choice_text(event["choices"][0]) if event["choices"] else None
+            choice = event["choices"][0] if event["choices"] else None
+            text = openai_choice_text(choice)
             if text:
                 yield text
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            usage = event.get("usage") if isinstance(event.get("usage"), dict) else None
+            if reason or usage:  # (a Piece is "", so never tested for truth)
+                end = stream_end(reason or getattr(end, "finish_reason", None), usage or getattr(end, "usage", None))
             continue
+        details_end = tgi_stream_end(event.get("details"))
+        if details_end is not None:
+            end = details_end
         token = event.get("token") or {}
         if token.get("special"):
             continue
         text = token.get("text")
         if text:
             yield text
+    if end is not None:
+        yield end
 
 
 def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:

@@ -93,6 +93,19 @@ def exercise(url: str, reference: str | None = None) -> str:
     return text
 
 
+def stream_ending(url: str) -> tuple:
+    """How streamed answers end through the openai client: the chat's finish_reason and usage, the completion's finish_reason."""
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="m", messages=HELLO, stream=True, stream_options={"include_usage": True}, **GREEDY))
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = [c.usage.model_dump() for c in chunks if c.usage is not None]
+    assert len(finish) == 1 and len(usage) == 1 and not chunks[-1].choices  # OpenAI's shape: the usage chunk comes last
+    completion = list(client.completions.create(model="m", prompt="Once upon a time", stream=True, **GREEDY))
+    ended = [c.choices[0].finish_reason for c in completion if c.choices and c.choices[0].finish_reason]
+    assert len(ended) == 1
+    return finish[0], {k: usage[0][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}, ended[0]
+
+
 def test_local_endpoint_directly_and_through_the_proxy(local_endpoint: Any, module_home: Path) -> None:
     direct = exercise(local_endpoint.url + "/v1")
     routes = status_routes("chat-local", module_home)
@@ -114,6 +127,9 @@ def test_sagemaker_endpoint_through_the_proxy(sagemaker_emulator, chat_model: Pa
     reference = exercise(local_endpoint.url + "/v1")
     with proxy_for("chat-sm", get_provider("sagemaker")) as url:
         assert exercise(url, reference=reference) == reference
+        # Not rebuilt: the finish_reason and token counts the endpoint gave (max_tokens 6 on the tiny model: "length").
+        assert stream_ending(url) == stream_ending(local_endpoint.url + "/v1")
+        assert stream_ending(url)[0] == "length" and stream_ending(url)[1]["completion_tokens"] == 6
         routes = status_routes("chat-sm", home)
     assert routes["native"]["route"].endswith("/endpoints/chat-sm/invocations") and "InvokeEndpoint" in routes["native"]["how"]
     assert routes["openai"]["route"] == routes["native"]["route"] and '"messages"' in routes["openai"]["how"]
@@ -144,6 +160,7 @@ def test_vertex_endpoint_through_the_proxy(vertex_emulator, chat_model: Path, lo
     reference = exercise(local_endpoint.url + "/v1")
     with proxy_for("chat-vx", get_provider("vertex")) as url:
         assert exercise(url, reference=reference) == reference
+        assert stream_ending(url) == stream_ending(local_endpoint.url + "/v1")
 
 
 def test_invoke_chat_and_grpc_through_the_cli(local_endpoint: Any, module_home: Path) -> None:
@@ -207,3 +224,21 @@ def test_managed_engines_on_vertex_take_chat_in_their_own_form(vertex_emulator, 
             api.invoke("chat-tgi", "Once upon a time", parameters={"max_new_tokens": 4, "temperature": 0.5})
         for runtime in ("tgi", "vllm"):
             api.delete(f"chat-{runtime}", provider="vertex", purge_artifacts=True)
+
+
+def test_streams_end_with_the_reason_and_counts_the_endpoint_sent() -> None:
+    """TGI's last event (details) and OpenAI's last chunks (finish_reason, then usage) become one empty closing Piece."""
+    from cloudllm.invocation import iter_sse_tokens
+
+    tgi = ['data:{"index":1,"token":{"id":5,"text":"a","special":false},"generated_text":null,"details":null}',
+           'data:{"index":2,"token":{"id":0,"text":"</s>","special":true},"generated_text":"a",'
+           '"details":{"finish_reason":"eos_token","generated_tokens":2,"seed":null,"input_length":3}}']  # fmt: skip
+    *texts, end = iter_sse_tokens(tgi)
+    assert texts == ["a"] and end == "" and end.finish_reason == "stop"
+    assert end.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    chunks = ['data: {"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}',
+              'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}',
+              'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}', "data: [DONE]"]  # fmt: skip
+    *texts, end = iter_sse_tokens(chunks)
+    assert texts == ["b"] and (end.finish_reason, end.usage["total_tokens"]) == ("length", 5)
+    assert list(iter_sse_tokens(['data: {"token": {"text": "c"}}'])) == ["c"]  # a stream that does not say: no closing piece
