@@ -244,9 +244,18 @@ def platform_chat_body(provider: str, runtime: str | None, body: dict) -> dict:
 
 
 def chat_completion(result: Any) -> Any:
-    """The chat completion in a platform's answer ({"predictions": [completion]} on Vertex AI)."""
-    if isinstance(result, dict) and isinstance(result.get("predictions"), list) and len(result["predictions"]) == 1:
-        return result["predictions"][0]
+    """The chat completion in a platform's answer: {"predictions": [completion]} from Vertex AI's predict
+    (the generated server, TGI), {"predictions": completion} from Model Garden's vLLM (through rawPredict).
+
+    Model Garden's vLLM server is Google's build, not upstream vLLM's (vllm-project/vllm
+    vllm/entrypoints/api_server.py has no Vertex route, and no "@requestFormat"); its chat answer's
+    shape is the one public Vertex AI clients read: response["predictions"]["choices"][0]["message"].
+    """
+    predictions = result.get("predictions") if isinstance(result, dict) else None
+    if isinstance(predictions, list) and len(predictions) == 1:
+        return predictions[0]
+    if isinstance(predictions, dict) and "choices" in predictions:
+        return predictions
     return result
 
 

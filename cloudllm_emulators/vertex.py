@@ -1063,8 +1063,8 @@ class VertexEmulator:
                 answer = response.json()
             except ValueError:
                 answer = None
-        if not isinstance(answer, dict) or not isinstance(answer.get("predictions"), list):
-            raise ApiError("INTERNAL", f"The model server answered without \"predictions\": {str(answer)[:300]}")
+        if not isinstance(answer, dict) or not isinstance(answer.get("predictions"), list):  # PredictResponse holds a list only
+            raise ApiError("INTERNAL", f"The model server answered without a \"predictions\" list (use rawPredict): {str(answer)[:300]}")
         with self.lock:
             dm = next((d for d in self._endpoint(name).deployed_models if d.id == replica.deployed_model_id), None)
         result = {"predictions": answer["predictions"], "deployedModelId": replica.deployed_model_id}
@@ -1222,7 +1222,9 @@ class _Engine:
             if item.pop("@requestFormat", "") == "chatCompletions":
                 if item.get("stream"):
                     raise ApiError("UNIMPLEMENTED", "The emulator's vLLM stand-in answers chatCompletions whole, not streamed.")
-                answers.append({"predictions": [self._chat(item)]})
+                # The completion itself, not a list: what public Vertex AI clients of Model Garden's vLLM read
+                # (response["predictions"]["choices"]); its server is Google's build, not upstream vLLM's api_server.py.
+                answers.append({"predictions": self._chat(item)})
                 continue
             if "prompt" not in item:
                 raise _container_error(500, "Internal Server Error")  # KeyError: 'prompt'

@@ -219,6 +219,8 @@ def test_managed_engines_on_vertex_take_chat_in_their_own_form(vertex_emulator, 
             api.deploy(chat_model, provider="vertex", name=name, runtime=runtime, instance="g2-standard-8", bucket=vertex_emulator.bucket)
             answer = api.chat(name, HELLO, parameters={"max_new_tokens": 6})
             assert answer["choices"][0]["message"]["content"] == reference
+        # Model Garden's vLLM answers a chat as {"predictions": {completion}}, which predict cannot carry: rawPredict does.
+        assert vertex_emulator.requests[-1].endswith(":rawPredict")
         # TGI's route would drop temperature without a word: cloudllm refuses it with the reason.
         with pytest.raises(UserError, match="always samples"):
             api.invoke("chat-tgi", "Once upon a time", parameters={"max_new_tokens": 4, "temperature": 0.5})

@@ -73,6 +73,12 @@ def vertex_request(body: dict, runtime: str) -> dict:
     return request
 
 
+def is_chat_request(body: dict) -> bool:
+    """A body of chatCompletions instances (invocation.platform_chat_body's form for Vertex AI)."""
+    instances = body.get("instances")
+    return isinstance(instances, list) and any(isinstance(i, dict) and i.get("@requestFormat") == "chatCompletions" for i in instances)
+
+
 def vllm_stream_request(body: dict) -> dict:
     """The Model Garden vLLM server's streaming body: one instance with "stream": true (it streams one prompt at a time)."""
     request = vertex_request(body, "vllm")
@@ -191,6 +197,8 @@ class VertexInvoke:
         from google.protobuf import json_format
 
         endpoint = self._serving_endpoint(name)
+        if endpoint.runtime == "vllm" and is_chat_request(body):
+            return self._raw_predict(name, endpoint, body)
         kwargs = predict_kwargs(endpoint.details["endpoint"], vertex_request(body, endpoint.runtime or "handler"))
         try:
             response = self.clients().predictions.predict(**kwargs, retry=transient_retry(refused_only=True))
@@ -258,6 +266,18 @@ class VertexInvoke:
                 raise invoke_error(name, exc) from None
 
         return oip_generate(name, send, prompt, parameters, stream=stream)
+
+    def _raw_predict(self, name: str, endpoint: Endpoint, body: dict) -> Any:
+        """rawPredict: the container's JSON as it answered, which predict's PredictResponse (a list of
+        predictions) cannot carry when Model Garden's vLLM answers a chat as {"predictions": {completion}}."""
+        import httpx
+
+        from cloudllm.http import post_json
+
+        try:
+            return post_json(name, f"{self.api_base}/v1/{endpoint.details['endpoint']}:rawPredict", body, self._auth_headers())
+        except httpx.TransportError as exc:
+            raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
 
     def _serving_endpoint(self, name: str) -> Endpoint:
         endpoint = self.get(name)
