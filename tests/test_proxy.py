@@ -244,3 +244,56 @@ def test_streams_end_with_the_reason_and_counts_the_endpoint_sent() -> None:
     *texts, end = iter_sse_tokens(chunks)
     assert texts == ["b"] and (end.finish_reason, end.usage["total_tokens"]) == ("length", 5)
     assert list(iter_sse_tokens(['data: {"token": {"text": "c"}}'])) == ["c"]  # a stream that does not say: no closing piece
+
+
+def test_ctrl_c_in_chat_ends_the_reply_then_the_chat(local_endpoint: Any, module_home: Path) -> None:
+    """A real terminal (a pty) and real SIGINTs: mid-reply, back to the prompt; at the prompt, exit 130; no traceback."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+
+    from .conftest import CLOUDLLM
+
+    master, slave = pty.openpty()
+    chat = subprocess.Popen([CLOUDLLM, "chat", "chat-local", "--max-new-tokens", "150"], stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "CLOUDLLM_HOME": str(module_home)}, start_new_session=True)  # fmt: skip
+    os.close(slave)
+    seen = bytearray()
+
+    def read_until(done) -> bytes:
+        deadline = time.monotonic() + 240  # a guard against hanging, not a speed check
+        while not done(bytes(seen)):
+            assert time.monotonic() < deadline and chat.poll() is None, (chat.returncode, bytes(seen))
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen.extend(os.read(master, 65536))
+                except OSError:  # EIO: the chat closed the terminal (it exited)
+                    chat.wait(60)
+        return bytes(seen)
+
+    server = local_endpoint.details["pid"]
+    try:
+        read_until(lambda out: out.endswith(b"> "))
+        os.write(master, b"Once upon a time\n")
+        read_until(lambda out: len(out.split(b"Once upon a time\r\n", 1)[-1]) > 0 and b"Once upon a time\r\n" in out)
+        os.kill(server, signal.SIGSTOP)  # the reply cannot finish before the Ctrl-C lands: it is mid-stream for sure
+        try:
+            os.kill(chat.pid, signal.SIGINT)
+            read_until(lambda out: b"[interrupted]\r\n> " in out)
+        finally:
+            os.kill(server, signal.SIGCONT)
+        mark = len(seen)
+        os.write(master, b"The quick brown\n")  # the next turn is answered whole: the server was not harmed
+        read_until(lambda out: out[mark:].count(b"\r\n") >= 2 and out.endswith(b"> "))
+        os.kill(chat.pid, signal.SIGINT)  # at the prompt: the chat ends
+        assert chat.wait(60) == 130
+    finally:
+        if chat.poll() is None:
+            chat.kill()
+        os.close(master)
+    assert b"Traceback" not in seen and b"interrupted:" not in seen
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLOUDLLM_HOME", str(module_home))
+        assert api.invoke("chat-local", "Once upon a time", parameters={"max_new_tokens": 4})
