@@ -216,6 +216,8 @@ def invoke_grpc(
         raise UserError("nothing to send", "give a prompt: cloudllm invoke NAME \"text\" --grpc")
     holder = _provider_for_name(name, provider, region, options)
     holder.require({Feature.GRPC})
+    if hasattr(holder, "invoke_grpc"):  # a platform that forwards gRPC itself (Vertex AI's directRawPredict)
+        return holder.invoke_grpc(name, inputs, parameters, stream=stream)
     endpoint = holder.get(name)
     port = (endpoint.details if endpoint else {}).get("grpc_port")
     if not port:

@@ -315,9 +315,11 @@ def status(name: str, where: dict, json_output: bool) -> None:
     """
     from cloudllm import api
 
+    from cloudllm.routes import protocol_routes, route_lines
+
     ep = api.status(name, **where)
     if json_output:
-        _print_json(ep.model_dump(mode="json"))
+        _print_json({**ep.model_dump(mode="json"), "routes": protocol_routes(ep)})
         return
     for label, value in (
         ("name", ep.name), ("provider", ep.provider), ("state", ep.state), ("model", ep.model),
@@ -328,6 +330,9 @@ def status(name: str, where: dict, json_output: bool) -> None:
     for key, value in sorted(ep.details.items()):
         if not key.endswith("_digest"):
             click.echo(f"{key:>9}: {value}")
+    click.echo("   routes:")
+    for line in route_lines(protocol_routes(ep)):
+        click.echo(f"  {line}")
 
 
 @cli.command()

@@ -99,8 +99,58 @@ def response_text(result: Any) -> str | None:
     return None
 
 
+class Piece(str):
+    """Streamed text; the empty piece a stream ends with says how it ended, in OpenAI's terms (finish_reason, usage)."""
+
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+# TGI's FinishReason (and the generated server's, which follows it) in OpenAI's words.
+_FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "stop": "stop"}
+
+
+def stream_end(finish_reason: str | None, usage: dict | None) -> Piece:
+    end = Piece("")
+    end.finish_reason, end.usage = finish_reason, usage
+    return end
+
+
+def tgi_stream_end(details: Any) -> Piece | None:
+    """How a TGI-form answer ended, from its "details" (StreamDetails: finish_reason, generated_tokens; the
+    prompt's tokens as input_length or prompt_tokens where the server sends them); None without details."""
+    if not isinstance(details, dict):
+        return None
+    reason = _FINISH_REASONS.get(str(details.get("finish_reason")))
+    generated = details.get("generated_tokens")
+    prompt = details.get("input_length", details.get("prompt_tokens"))
+    usage = None
+    if isinstance(generated, int) and isinstance(prompt, int):
+        usage = {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    elif isinstance(generated, int):
+        usage = {"completion_tokens": generated}  # the prompt's count is not in TGI's or our server's stream
+    return stream_end(reason, usage)
+
+
+def answer_end(result: Any) -> Piece | None:
+    """How a whole (non-streamed) answer ended: an OpenAI completion's finish_reason and usage, or TGI's details."""
+    first = result[0] if isinstance(result, list) and len(result) == 1 else result
+    if not isinstance(first, dict):
+        return None
+    choices = first.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        usage = first.get("usage") if isinstance(first.get("usage"), dict) else None
+        return stream_end(choices[0].get("finish_reason"), usage)
+    return tgi_stream_end(first.get("details"))
+
+
 def iter_sse_tokens(lines: Iterable[str]) -> Iterator[str]:
-    """Token texts from TGI server-sent events. Skips special tokens; raises on an error event."""
+    """Token texts from TGI server-sent events (or OpenAI's chunks). Skips special tokens; raises on an error event.
+
+    When the stream says how it ended (TGI's details, an OpenAI chunk's finish_reason or usage),
+    an empty Piece carrying that comes last.
+    """
+    end: Piece | None = None
     for line in lines:
         line = line.strip()
         if not line.startswith("data:"):
@@ -117,16 +167,26 @@ def iter_sse_tokens(lines: Iterable[str]) -> Iterator[str]:
             message = error.get("message") if isinstance(error, dict) else error  # OpenAI's shape, or TGI's
             raise DeployFailed(f"the endpoint failed mid-stream: {message}", "check the endpoint's logs (cloudllm logs NAME)")
         if isinstance(event.get("choices"), list):  # OpenAI's chunks, chat or completions
-            text = openai_choice_text(event["choices"][0]) if event["choices"] else None
+            choice = event["choices"][0] if event["choices"] else None
+            text = openai_choice_text(choice)
             if text:
                 yield text
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            usage = event.get("usage") if isinstance(event.get("usage"), dict) else None
+            if reason or usage:  # (a Piece is "", so never tested for truth)
+                end = stream_end(reason or getattr(end, "finish_reason", None), usage or getattr(end, "usage", None))
             continue
+        details_end = tgi_stream_end(event.get("details"))
+        if details_end is not None:
+            end = details_end
         token = event.get("token") or {}
         if token.get("special"):
             continue
         text = token.get("text")
         if text:
             yield text
+    if end is not None:
+        yield end
 
 
 def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
@@ -201,9 +261,18 @@ def platform_chat_body(provider: str, runtime: str | None, body: dict) -> dict:
 
 
 def chat_completion(result: Any) -> Any:
-    """The chat completion in a platform's answer ({"predictions": [completion]} on Vertex AI)."""
-    if isinstance(result, dict) and isinstance(result.get("predictions"), list) and len(result["predictions"]) == 1:
-        return result["predictions"][0]
+    """The chat completion in a platform's answer: {"predictions": [completion]} from Vertex AI's predict
+    (the generated server, TGI), {"predictions": completion} from Model Garden's vLLM (through rawPredict).
+
+    Model Garden's vLLM server is Google's build, not upstream vLLM's (vllm-project/vllm
+    vllm/entrypoints/api_server.py has no Vertex route, and no "@requestFormat"); its chat answer's
+    shape is the one public Vertex AI clients read: response["predictions"]["choices"][0]["message"].
+    """
+    predictions = result.get("predictions") if isinstance(result, dict) else None
+    if isinstance(predictions, list) and len(predictions) == 1:
+        return predictions[0]
+    if isinstance(predictions, dict) and "choices" in predictions:
+        return predictions
     return result
 
 
@@ -214,7 +283,29 @@ def grpc_generate(name: str, target: str, prompt: str, parameters: dict | None =
     """Text from endpoint NAME's gRPC port (target "host:port"): the whole answer, or pieces as they come."""
     import grpc
 
-    from cloudllm.errors import DeployFailed
+    def send(method: str, payload: bytes, streamed: bool) -> Iterator[bytes]:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                if not streamed:  # no serializers: the bytes go and come as they are
+                    yield channel.unary_unary(method)(payload, timeout=300)
+                    return
+                yield from channel.stream_stream(method)(iter([payload]), timeout=300)
+            except grpc.RpcError as exc:
+                detail = exc.details() if hasattr(exc, "details") else str(exc)
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise UserError(f"endpoint {name} rejected the request: {detail}", "fix the prompt or parameters") from None
+                raise DeployFailed(f"endpoint {name}'s gRPC port {target} failed ({exc.code().name}): {detail}",
+                                   f"check its logs: cloudllm logs {name}") from None  # fmt: skip
+
+    return oip_generate(name, send, prompt, parameters, stream=stream)
+
+
+def oip_generate(name: str, send, prompt: str, parameters: dict | None = None, *, stream: bool = False) -> Iterator[str]:
+    """Text of an Open Inference Protocol v2 ModelInfer (or ModelStreamInfer with stream) sent through send.
+
+    send(method, request bytes, streamed) yields the serialized answers: a channel to the
+    server's port, or a platform that forwards raw gRPC (Vertex AI's directRawPredict).
+    """
     from cloudllm_runtime.grpc_service import INPUT_TENSOR, OUTPUT_TENSOR, SERVICE, build_descriptors, decode_bytes_tensor, encode_bytes_tensor
 
     _, m = build_descriptors()
@@ -235,22 +326,12 @@ def grpc_generate(name: str, target: str, prompt: str, parameters: dict | None =
                 for item in decode_bytes_tensor(response.raw_output_contents[index]):
                     yield item.decode("utf-8", errors="replace")
 
-    with grpc.insecure_channel(target) as channel:
-        try:
-            if not stream:
-                call = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=m["ModelInferRequest"].SerializeToString,
-                                           response_deserializer=m["ModelInferResponse"].FromString)  # fmt: skip
-                yield from texts(call(request, timeout=300))
-                return
-            call = channel.stream_stream(f"/{SERVICE}/ModelStreamInfer", request_serializer=m["ModelInferRequest"].SerializeToString,
-                                         response_deserializer=m["ModelStreamInferResponse"].FromString)  # fmt: skip
-            for answer in call(iter([request]), timeout=300):
-                if answer.error_message:
-                    raise UserError(f"endpoint {name} rejected the request: {answer.error_message}", "fix the prompt or parameters")
-                yield from texts(answer.infer_response)
-        except grpc.RpcError as exc:
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise UserError(f"endpoint {name} rejected the request: {detail}", "fix the prompt or parameters") from None
-            raise DeployFailed(f"endpoint {name}'s gRPC port {target} failed ({exc.code().name}): {detail}",
-                               f"check its logs: cloudllm logs {name}") from None  # fmt: skip
+    if not stream:
+        for answer in send(f"/{SERVICE}/ModelInfer", request.SerializeToString(), False):
+            yield from texts(m["ModelInferResponse"].FromString(answer))
+        return
+    for raw in send(f"/{SERVICE}/ModelStreamInfer", request.SerializeToString(), True):
+        answer = m["ModelStreamInferResponse"].FromString(raw)
+        if answer.error_message:
+            raise UserError(f"endpoint {name} rejected the request: {answer.error_message}", "fix the prompt or parameters")
+        yield from texts(answer.infer_response)

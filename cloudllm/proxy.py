@@ -6,7 +6,8 @@ passed through byte for byte. A cloud endpoint is reached through its provider's
 invoke_stream, which sign each request as the platform needs (SigV4 through boto3 for SageMaker,
 an ADC token for Vertex AI): chat goes in the form the platform takes (invocation.platform_chat_body),
 completions in the TGI form every runtime reads, and a stream's pieces go out as OpenAI chunks as
-they arrive. Errors answer in OpenAI's shape: 400 for what the endpoint refused, 502 when it failed.
+they arrive, ending with the finish_reason the endpoint gave (TGI's details, the engine's chunks) and,
+when the client asks with stream_options.include_usage, the usage it counted. Errors answer in OpenAI's shape: 400 for what the endpoint refused, 502 when it failed.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class _Proxy:
         runtime = await self._endpoint_runtime()
         upstream_body = platform_chat_body(self.provider.name, runtime, body)
         if body.get("stream"):
-            return await self._stream(upstream_body, "chat.completion.chunk", self._chat_chunk)
+            return await self._stream(upstream_body, "chat.completion.chunk", self._chat_chunk, _usage_wanted(body))
         return await self._call(lambda: chat_completion(self.provider.invoke(self.name, upstream_body)))
 
     async def completions(self, request: Any) -> Any:
@@ -115,7 +116,9 @@ class _Proxy:
         except UserError as exc:
             return _Error(400, exc.problem).response()
         if body.get("stream"):
-            return await self._stream(native, "text_completion", self._completion_chunk)
+            if await self._endpoint_runtime() != "vllm" or self.provider.name != "vertex":  # Model Garden's vLLM stream has no details
+                native["parameters"]["details"] = True  # TGI's (and our server's) last event then says why it ended, and the tokens
+            return await self._stream(native, "text_completion", self._completion_chunk, _usage_wanted(body))
         return await self._call(lambda: _as_completion(self.provider.invoke(self.name, native), self.name))
 
     # --- a local endpoint: OpenAI's routes already, passed through --------------------------
@@ -163,7 +166,7 @@ class _Proxy:
         except UserError as exc:
             return _Error(_status(exc), exc.problem).response()
 
-    async def _stream(self, body: dict, kind: str, chunk: Any) -> Any:
+    async def _stream(self, body: dict, kind: str, chunk: Any, usage_wanted: bool) -> Any:
         from starlette.concurrency import iterate_in_threadpool
         from starlette.responses import StreamingResponse
 
@@ -181,12 +184,18 @@ class _Proxy:
             created = int(time.time())
             if kind.startswith("chat"):
                 yield _sse(chunk(answer_id, created, {"role": "assistant", "content": ""}, None))
+            end = None  # the provider's last, empty piece says how the answer ended (invocation.Piece)
             try:
-                if first is not None:
-                    yield _sse(chunk(answer_id, created, first, None))
-                async for piece in pieces:
-                    yield _sse(chunk(answer_id, created, piece, None))
-                yield _sse(chunk(answer_id, created, None, "stop"))
+                async for piece in _chain(first, pieces):
+                    if piece:
+                        yield _sse(chunk(answer_id, created, piece, None))
+                    if getattr(piece, "finish_reason", None) or getattr(piece, "usage", None):
+                        end = piece
+                # An engine that does not say (Model Garden vLLM's stream) ended by itself, as far as we know.
+                yield _sse(chunk(answer_id, created, None, getattr(end, "finish_reason", None) or "stop"))
+                usage = getattr(end, "usage", None)
+                if usage_wanted and usage and "prompt_tokens" in usage:  # OpenAI's last chunk: no choices, the usage
+                    yield _sse({**chunk(answer_id, created, None, None), "choices": [], "usage": usage})
             except UserError as exc:
                 yield _sse(_error_body(_status(exc), exc.problem))
             yield b"data: [DONE]\n\n"
@@ -224,6 +233,18 @@ def _status(exc: UserError) -> int:
     from cloudllm.errors import DeployFailed
 
     return 502 if isinstance(exc, DeployFailed) else 400
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for piece in rest:
+        yield piece
+
+
+def _usage_wanted(body: dict) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _sse(body: dict) -> bytes:

@@ -9,7 +9,11 @@ Storage is gcp-storage-emulator, in process. The Vertex fake speaks the v1 REST 
 real `google.cloud.aiplatform_v1` clients use (JSON of the real proto types, enums as
 integers, long-running operations polled at `GET /ui/{operation}`): models (upload as a
 new model or a new version, get, list, update, delete), endpoints (create, get, list, update,
-delete, deploy, undeploy, mutate a deployed model's scaling), predict, rawPredict and streamRawPredict.
+delete, deploy, undeploy, mutate a deployed model's scaling), predict, rawPredict and streamRawPredict;
+and PredictionService over gRPC as well (`grpc_address`): DirectRawPredict and StreamDirectRawPredict
+forward their bytes to the gRPC method they name on the first of the model's grpcPorts, as Vertex
+does (directRawPredict also over REST). A model without grpcPorts gets FAILED_PRECONDITION: "If
+you do not specify this field, gRPC requests to the container will be disabled" (ModelContainerSpec).
 
 A deployed model really serves. The emulator cannot run GPU engines, so:
 - an image of the Hugging Face PyTorch inference family runs its container command on this
@@ -74,6 +78,10 @@ if TYPE_CHECKING:
 
 DEFAULT_PROJECT = "cloudllm-emulator"
 ENDPOINT_ENV = "CLOUDLLM_VERTEX_ENDPOINT"
+GRPC_ENDPOINT_ENV = "CLOUDLLM_VERTEX_GRPC_ENDPOINT"  # host:port of PredictionService over gRPC
+# The emulator runs model servers on this machine's network, so a model's declared gRPC port is moved
+# to a free one (as AIP_HTTP_PORT moves the HTTP port); cloudllm's handler reads it from here.
+GRPC_PORT_ENV = "CLOUDLLM_GRPC_PORT"
 DEFAULT_DEPLOYMENT_TIMEOUT = 1200.0
 AUTOSCALING_METRICS = {
     "aiplatform.googleapis.com/prediction/online/cpu/utilization": (1, 100),
@@ -216,6 +224,7 @@ class _Replica:
     log_path: Path | None = None
     dialect: str | None = None  # "tgi" or "vllm": the engine the generated handler stands in for
     marker: str = field(default_factory=lambda: f"vertex-emulator-{uuid.uuid4().hex}")  # proves a pid is still this server
+    grpc_port: int | None = None  # where the model's first grpcPorts port is served; None: gRPC disabled
 
     @property
     def url(self) -> str:
@@ -309,6 +318,8 @@ class VertexEmulator:
         self.lock = threading.RLock()
         self._storage = None
         self._httpd: ThreadingHTTPServer | None = None
+        self._grpc = None  # grpc.Server of PredictionService, when grpcio is installed
+        self.grpc_port: int | None = None
         self._threads: list[threading.Thread] = []
         self.bucket: str | None = None  # set by the pytest fixture: a gs:// location to deploy to
         # False: deployments of TGI/vLLM images complete without a server (predict answers UNAVAILABLE);
@@ -339,7 +350,56 @@ class VertexEmulator:
         thread.start()
         self._threads.append(thread)
         self._registry = own_registry()
+        self._start_grpc()
         return self
+
+    def _start_grpc(self) -> None:
+        """PredictionService's DirectRawPredict and StreamDirectRawPredict over gRPC (the REST transport has no bidi stream)."""
+        try:
+            import grpc
+        except ImportError:  # the REST API alone, as before
+            return
+        from concurrent import futures
+
+        t = _types()
+
+        def aborting(context, exc: ApiError):
+            context.abort(getattr(grpc.StatusCode, exc.status), exc.message)
+
+        def direct(request, context):
+            try:
+                return t.DirectRawPredictResponse(output=self.direct_raw_predict(request.endpoint, request.method_name, request.input))
+            except ApiError as exc:
+                aborting(context, exc)
+
+        def streamed(requests, context):
+            first = next(requests, None)
+            if first is None:
+                return
+            def inputs():
+                if first.input:
+                    yield first.input
+                for later in requests:
+                    yield later.input
+            try:
+                for output in self.stream_direct_raw_predict(first.endpoint, first.method_name, inputs()):
+                    yield t.StreamDirectRawPredictResponse(output=output)
+            except ApiError as exc:
+                aborting(context, exc)
+
+        handlers = {
+            "DirectRawPredict": grpc.unary_unary_rpc_method_handler(
+                direct, request_deserializer=t.DirectRawPredictRequest.deserialize, response_serializer=t.DirectRawPredictResponse.serialize
+            ),
+            "StreamDirectRawPredict": grpc.stream_stream_rpc_method_handler(
+                streamed, request_deserializer=t.StreamDirectRawPredictRequest.deserialize,
+                response_serializer=t.StreamDirectRawPredictResponse.serialize,
+            ),
+        }  # fmt: skip
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self._grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("google.cloud.aiplatform.v1.PredictionService", handlers)])
+        self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:0")
+        self._grpc.start()
 
     def stop(self) -> None:
         with self.lock:
@@ -349,6 +409,9 @@ class VertexEmulator:
             replica.send(signal.SIGTERM)
         for replica in replicas:
             replica.stop(grace=5.0)
+        if self._grpc is not None:
+            self._grpc.stop(grace=1.0).wait()
+            self._grpc = None
         if self._httpd:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -379,7 +442,10 @@ class VertexEmulator:
     @property
     def env(self) -> dict[str, str]:
         """The environment that points google-cloud-storage and cloudllm's Vertex provider here."""
-        return {"STORAGE_EMULATOR_HOST": self.storage_url, ENDPOINT_ENV: self.url, "GOOGLE_CLOUD_PROJECT": self.project, **registry_env(self._registry)}
+        env = {"STORAGE_EMULATOR_HOST": self.storage_url, ENDPOINT_ENV: self.url, "GOOGLE_CLOUD_PROJECT": self.project, **registry_env(self._registry)}
+        if self.grpc_port:
+            env[GRPC_ENDPOINT_ENV] = f"{self.host}:{self.grpc_port}"
+        return env
 
     def storage_client(self):
         from google.auth.credentials import AnonymousCredentials
@@ -846,6 +912,10 @@ class VertexEmulator:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop(ENDPOINT_ENV, None)
+        env.pop(GRPC_ENDPOINT_ENV, None)
+        if spec.grpc_ports:
+            replica.grpc_port = _free_port()
+            env[GRPC_PORT_ENV] = str(replica.grpc_port)
         timeout = spec.deployment_timeout.total_seconds() if spec.deployment_timeout else DEFAULT_DEPLOYMENT_TIMEOUT
         if self.replica_gate is not None and not self.replica_gate.wait(timeout):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -990,8 +1060,8 @@ class VertexEmulator:
                 answer = response.json()
             except ValueError:
                 answer = None
-        if not isinstance(answer, dict) or not isinstance(answer.get("predictions"), list):
-            raise ApiError("INTERNAL", f"The model server answered without \"predictions\": {str(answer)[:300]}")
+        if not isinstance(answer, dict) or not isinstance(answer.get("predictions"), list):  # PredictResponse holds a list only
+            raise ApiError("INTERNAL", f"The model server answered without a \"predictions\" list (use rawPredict): {str(answer)[:300]}")
         with self.lock:
             dm = next((d for d in self._endpoint(name).deployed_models if d.id == replica.deployed_model_id), None)
         result = {"predictions": answer["predictions"], "deployedModelId": replica.deployed_model_id}
@@ -999,6 +1069,36 @@ class VertexEmulator:
             result.update(model=dm.model, modelVersionId=dm.model_version_id, modelDisplayName=dm.display_name)
         json_format.ParseDict(result, t.PredictResponse.pb(t.PredictResponse()))  # the real type must hold it
         return result
+
+    def _grpc_target(self, name: str, method_name: str) -> tuple[str, str]:
+        """The replica's gRPC address and the method a direct(Raw)Predict names ("/package.Service/Method/")."""
+        method = "/" + method_name.strip("/")
+        if not re.fullmatch(r"/[\w.]+/\w+", method):
+            raise ApiError("INVALID_ARGUMENT", f"method_name {method_name!r} is not of the form /namespace.Service/Method/.")
+        replica = self._pick_replica(name)
+        if replica.grpc_port is None:
+            raise ApiError("FAILED_PRECONDITION", f"gRPC requests to deployed model {replica.deployed_model_id} are disabled: its model declares no grpcPorts.")
+        return f"127.0.0.1:{replica.grpc_port}", method
+
+    def direct_raw_predict(self, name: str, method_name: str, payload: bytes) -> bytes:
+        import grpc
+
+        target, method = self._grpc_target(name, method_name)
+        with grpc.insecure_channel(target) as channel:
+            try:
+                return channel.unary_unary(method)(payload, timeout=600)
+            except grpc.RpcError as exc:
+                raise _grpc_error(exc) from None
+
+    def stream_direct_raw_predict(self, name: str, method_name: str, inputs) -> Any:
+        import grpc
+
+        target, method = self._grpc_target(name, method_name)
+        with grpc.insecure_channel(target) as channel:
+            try:
+                yield from channel.stream_stream(method)(inputs, timeout=600)
+            except grpc.RpcError as exc:
+                raise _grpc_error(exc) from None
 
     def raw_request(self, name: str, body: bytes, content_type: str | None) -> tuple[_Replica, bytes, str]:
         """The container request of raw/streamRawPredict: the HTTP body as is (or an SDK's httpBody)."""
@@ -1013,6 +1113,12 @@ class VertexEmulator:
             payload = base64.b64decode(parsed["httpBody"].get("data", ""))
             ctype = parsed["httpBody"].get("contentType", ctype)
         return self._pick_replica(name), payload, ctype
+
+
+def _grpc_error(exc) -> ApiError:
+    """The container's gRPC status, passed on (a code the emulator has no HTTP twin for is INTERNAL)."""
+    status = exc.code().name
+    return ApiError(status if status in ApiError.CODES else "INTERNAL", exc.details() or status)
 
 
 def _failed_health(response) -> str | None:
@@ -1113,7 +1219,9 @@ class _Engine:
             if item.pop("@requestFormat", "") == "chatCompletions":
                 if item.get("stream"):
                     raise ApiError("UNIMPLEMENTED", "The emulator's vLLM stand-in answers chatCompletions whole, not streamed.")
-                answers.append({"predictions": [self._chat(item)]})
+                # The completion itself, not a list: what public Vertex AI clients of Model Garden's vLLM read
+                # (response["predictions"]["choices"]); its server is Google's build, not upstream vLLM's api_server.py.
+                answers.append({"predictions": self._chat(item)})
                 continue
             if "prompt" not in item:
                 raise _container_error(500, "Internal Server Error")  # KeyError: 'prompt'
@@ -1326,6 +1434,7 @@ _ROUTE_PATTERNS = [
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):predict$", "predict"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):rawPredict$", "raw_predict"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):streamRawPredict$", "stream_raw_predict"),
+    ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):directRawPredict$", "direct_raw_predict"),
 ]
 
 
@@ -1418,6 +1527,10 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
                 self._send_json(200, _to_json(e.update_model(params["name"], body, query)))
             elif action == "predict":
                 self._send_json(200, e.predict(params["name"], body))
+            elif action == "direct_raw_predict":
+                request = _parse(_types().DirectRawPredictRequest, body)
+                output = e.direct_raw_predict(params["name"], request.method_name, request.input)
+                self._send_json(200, _to_json(_types().DirectRawPredictResponse(output=output)))
             elif action in ("raw_predict", "stream_raw_predict"):
                 replica, payload, ctype = e.raw_request(params["name"], body, self.headers.get("Content-Type"))
                 if replica.dialect:

@@ -359,31 +359,44 @@ class GenerationEngine(Engine):
         streamer.flush()
         return self._finish(text, out[0, start:].tolist(), parameters)
 
-    def stream(self, text: str, parameters: dict[str, Any]) -> Iterator[str]:
-        """Yield the text of each generated token as it is produced (generation runs in a thread)."""
+    def stream(
+        self, text: str, parameters: dict[str, Any], *, cancel: threading.Event | None = None,
+        keep: Callable[[Token], bool] | None = None, submit: Callable[[Callable[[], None]], Any] | None = None,
+    ) -> Iterator[str]:  # a generator whose return value is the Prediction
+        """Yield the text of each generated token as it is produced; the generator returns the Prediction.
+
+        Generation runs in a thread of its own, or through submit (an executor's submit: a bounded
+        pool). keep(token) picks the tokens whose text is yielded (default: all). Setting cancel, or
+        closing the generator early, stops generating at the next token.
+        """
         pieces: queue.Queue = queue.Queue()
         done = object()
-        cancel = threading.Event()
-        failure: list[BaseException] = []
+        cancel = cancel or threading.Event()
+        outcome: list[Any] = []  # the Prediction, or the exception handed to the consumer
 
         def work() -> None:
             try:
-                self.generate_stream(text, parameters, lambda token: pieces.put(token.text), cancel)
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                failure.append(exc)
+                outcome.append(self.generate_stream(text, parameters, lambda t: (keep is None or keep(t)) and pieces.put(t.text), cancel))
+            except BaseException as exc:
+                outcome.append(exc)
             finally:
                 pieces.put(done)
 
-        thread = threading.Thread(target=work, name="cloudllm-stream", daemon=True)
-        thread.start()
+        if submit is None:
+            thread = threading.Thread(target=work, name="cloudllm-stream", daemon=True)
+            thread.start()
+            wait = thread.join
+        else:
+            wait = submit(work).result
         try:
             while (piece := pieces.get()) is not done:
                 yield piece
         finally:
             cancel.set()  # the consumer stopped early: stop generating
-            thread.join()
-        if failure:
-            raise failure[0]
+            wait()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     # Generation pieces.
     def _generator(self, parameters: dict[str, Any], rows: int) -> tuple[Any, dict[str, Any]]:

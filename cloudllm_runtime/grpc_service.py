@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import struct
 import threading
 import time
@@ -276,29 +275,21 @@ class InferenceService:
             return
         if len(prompts) != 1:
             raise _Refused(f"streaming takes one {INPUT_TENSOR} element, got {len(prompts)}")
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-        cancel = threading.Event()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                prediction = engine.generate_stream(prompts[0], parameters, lambda t: t.special or pieces.put(t.text), cancel)
-                self.state.metrics.add_tokens(prediction.generated_tokens)
-            except BaseException as exc:  # reported to the client below
-                failure.append(exc)
-            finally:
-                pieces.put(done)
-
-        self.state.stream_executor.submit(work)
+        # Special tokens are not text; a client that leaves closes this generator, which stops generating.
+        pieces = engine.stream(prompts[0], parameters, keep=lambda t: not t.special, submit=self.state.stream_executor.submit)
         try:
-            while (piece := pieces.get()) is not done:
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as end:
+                    self.state.metrics.add_tokens(end.value.generated_tokens)
+                    break
+                except Exception as exc:  # reported to the client as this request's error
+                    raise _Refused(f"generation failed: {exc}") from None
                 if piece:
                     yield wrap(infer_response=self._response(request, [piece]))
         finally:
-            cancel.set()
-        if failure:
-            raise _Refused(f"generation failed: {failure[0]}")
+            pieces.close()
         flag = request.parameters.get("triton_enable_empty_final_response")
         if flag is not None and parameter_value(flag):
             yield wrap(infer_response=self._response(request, [], final=True))

@@ -23,8 +23,9 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
          region: str | None, profile: str | None, project: str | None, target: dict) -> None:  # fmt: skip
     """Talk to endpoint NAME: each line you type is a turn; the history stays for the session.
 
-    Ctrl-C during a reply ends that reply (what came so far stays in the history); Ctrl-C at the
-    prompt, Ctrl-D or /exit ends the chat. /reset forgets the history.
+    Ctrl-C during a reply ends that reply (what came so far stays in the history) and asks for the
+    next turn; Ctrl-C at the prompt ends the chat with exit code 130, Ctrl-D or /exit with 0.
+    /reset forgets the history.
 
     \b
     Examples:
@@ -43,9 +44,12 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
     while True:
         try:
             line = input("> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             click.echo()
             return
+        except KeyboardInterrupt:  # the shell's convention for a program ended by SIGINT, without a traceback
+            click.echo()
+            sys.exit(130)
         if not line.strip():
             continue
         if line.strip() in ("/exit", "/quit"):
@@ -60,10 +64,14 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
                 reply = openai_choice_text(api.chat(name, history, parameters=parameters, **target, **where)["choices"][0]) or ""
                 click.echo(reply, nl=False)
             else:
-                for piece in api.chat_stream(name, history, parameters=parameters, **target, **where):
-                    reply += piece
-                    click.echo(piece, nl=False)
-                    sys.stdout.flush()
+                pieces = api.chat_stream(name, history, parameters=parameters, **target, **where)
+                try:
+                    for piece in pieces:
+                        reply += piece
+                        click.echo(piece, nl=False)
+                        sys.stdout.flush()
+                finally:  # a Ctrl-C between pieces closes the connection now: the server stops generating
+                    getattr(pieces, "close", lambda: None)()
         except KeyboardInterrupt:
             click.echo(" [interrupted]", nl=False)
         except Exception:

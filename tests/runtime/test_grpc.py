@@ -171,3 +171,33 @@ def test_bytes_tensors_and_descriptors() -> None:
         decode_bytes_tensor(b"\x09\x00\x00\x00abc")
     _, classes = build_descriptors()
     assert classes["ModelInferRequest"].DESCRIPTOR.full_name == "inference.ModelInferRequest"
+
+
+def test_one_stream_generator_serves_http_and_grpc(tiny_gpt2: Path) -> None:
+    """engine.stream: pieces, then the Prediction as its return value; keep filters tokens; submit runs it in a
+    pool; closing it early stops generating (the pool's worker comes back before max_new_tokens)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cloudllm_runtime.engine import load_engine
+    from cloudllm_runtime.settings import ServingSettings
+
+    engine = load_engine(str(tiny_gpt2), ServingSettings(task="text-generation", max_input_tokens=64, max_total_tokens=200))
+    params = {"max_new_tokens": 12}
+    whole = engine.predict(["Once upon a time"], params)[0]["generated_text"]
+    with ThreadPoolExecutor(1) as pool:
+        pieces = engine.stream("Once upon a time", params, keep=lambda t: not t.special, submit=pool.submit)
+        texts = []
+        while True:
+            try:
+                texts.append(next(pieces))
+            except StopIteration as end:
+                prediction = end.value
+                break
+        assert "".join(texts) == whole == prediction.output["generated_text"] and prediction.generated_tokens >= len(texts) > 1
+        tokens: list[int] = []
+        engine.on_tokens = tokens.append  # counts each decoding step's tokens: how far generation went
+        early = engine.stream("Once upon a time", {"max_new_tokens": 150}, submit=pool.submit)
+        next(early)
+        early.close()  # cancels and waits for the worker: generation stopped at the next token, not at 150
+        assert sum(tokens) < 150
+        engine.on_tokens = None

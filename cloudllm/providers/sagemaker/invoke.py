@@ -63,13 +63,16 @@ class SageMakerInvoke:
         inference toolkit (handler runtime on the HF PyTorch DLC), which cannot stream and refuses "stream": true."""
         from botocore.exceptions import ClientError
 
-        from cloudllm.invocation import iter_sse_tokens, response_text, split_lines
+        from cloudllm.invocation import answer_end, iter_sse_tokens, response_text, split_lines
 
         self._session()
         if self._runs_toolkit(name):
             result = self.invoke(name, {k: v for k, v in body.items() if k != "stream"}, model=model)
             text = response_text(result)
             yield text if text is not None else json.dumps(result, ensure_ascii=False)
+            end = answer_end(result)
+            if end is not None:  # how the whole answer ended (a chat's finish_reason and usage, TGI's details)
+                yield end
             return
         target, body = self._invoke_target(name, body, model)  # _runs_toolkit found out whether it has components
         try:

@@ -32,7 +32,10 @@ def main() -> None:
     os.chdir(dest)
     host = os.environ.get("CLOUDLLM_SERVE_HOST", "0.0.0.0")
     port = os.environ.get("AIP_HTTP_PORT", "8080")
-    os.execv(sys.executable, [sys.executable, os.path.join(dest, "code", "serve.py"), "serve", "--host", host, "--port", port])
+    argv = [sys.executable, os.path.join(dest, "code", "serve.py"), "serve", "--host", host, "--port", port]
+    if os.environ.get("CLOUDLLM_GRPC_PORT"):  # the model's grpcPorts: Vertex AI forwards directRawPredict there
+        argv += ["--grpc-port", os.environ["CLOUDLLM_GRPC_PORT"]]
+    os.execv(sys.executable, argv)
 
 
 if __name__ == "__main__":

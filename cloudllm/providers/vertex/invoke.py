@@ -12,6 +12,10 @@ from cloudllm.providers.base import Endpoint
 from cloudllm.providers.vertex.labels import deployed_model_id
 from cloudllm.providers.vertex.session import API_ENDPOINT_ENV, invoke_error, transient_retry
 
+# Where the Vertex AI emulator serves PredictionService over gRPC (the REST API is at API_ENDPOINT_ENV):
+# StreamDirectRawPredict is a bidirectional stream, which the REST transport cannot carry.
+GRPC_ENDPOINT_ENV = "CLOUDLLM_VERTEX_GRPC_ENDPOINT"
+
 # TGI-form generation parameters -> the Model Garden vLLM server's (vllm SamplingParams keyword arguments).
 VLLM_PARAMETERS = {
     "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
@@ -67,6 +71,12 @@ def vertex_request(body: dict, runtime: str) -> dict:
     if parameters:
         request["parameters"] = parameters
     return request
+
+
+def is_chat_request(body: dict) -> bool:
+    """A body of chatCompletions instances (invocation.platform_chat_body's form for Vertex AI)."""
+    instances = body.get("instances")
+    return isinstance(instances, list) and any(isinstance(i, dict) and i.get("@requestFormat") == "chatCompletions" for i in instances)
 
 
 def vllm_stream_request(body: dict) -> dict:
@@ -139,6 +149,27 @@ def predict_kwargs(endpoint: str, request: dict) -> dict[str, Any]:
     return kwargs
 
 
+def grpc_prediction_client(region: str):
+    """PredictionServiceClient over gRPC: the emulator's plain channel, or Google's with Application Default Credentials."""
+    from google.cloud import aiplatform_v1 as v1
+
+    address = os.environ.get(GRPC_ENDPOINT_ENV)
+    if address:
+        import grpc
+        from google.cloud.aiplatform_v1.services.prediction_service.transports import PredictionServiceGrpcTransport
+
+        return v1.PredictionServiceClient(transport=PredictionServiceGrpcTransport(channel=grpc.insecure_channel(address)))
+    if os.environ.get(API_ENDPOINT_ENV):
+        raise UserError(f"the Vertex AI API at {os.environ[API_ENDPOINT_ENV]} has no gRPC address", f"set {GRPC_ENDPOINT_ENV} as `cloudllm emulate vertex` prints it")
+    from google.api_core.client_options import ClientOptions
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return v1.PredictionServiceClient(transport="grpc", client_options=ClientOptions(api_endpoint=f"{region}-aiplatform.googleapis.com"))
+    except DefaultCredentialsError as exc:
+        raise UserError(f"no Google Cloud credentials: {str(exc).splitlines()[0]}", "run `gcloud auth application-default login`") from None
+
+
 class VertexInvoke:
     """invoke, invoke_stream and logs of a VertexProvider."""
 
@@ -166,6 +197,8 @@ class VertexInvoke:
         from google.protobuf import json_format
 
         endpoint = self._serving_endpoint(name)
+        if endpoint.runtime == "vllm" and is_chat_request(body):
+            return self._raw_predict(name, endpoint, body)
         kwargs = predict_kwargs(endpoint.details["endpoint"], vertex_request(body, endpoint.runtime or "handler"))
         try:
             response = self.clients().predictions.predict(**kwargs, retry=transient_retry(refused_only=True))
@@ -193,6 +226,56 @@ class VertexInvoke:
                 from cloudllm.http import stream_tokens
 
                 yield from stream_tokens(name, url, {**body, "stream": True}, headers=self._auth_headers())
+        except httpx.TransportError as exc:
+            raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
+
+    def invoke_grpc(self, name: str, prompt: str, parameters: dict | None = None, *, stream: bool = False) -> Iterator[str]:
+        """The Open Inference Protocol v2 through DirectRawPredict (StreamDirectRawPredict with stream).
+
+        Vertex AI forwards their bytes to the gRPC method they name on the first port of the model's
+        grpcPorts (aiplatform_v1 ModelContainerSpec.grpc_ports: "Vertex AI sends gRPC prediction
+        requests that it receives to the first port on this list"), which the handler's server declares.
+        """
+        from google.api_core import exceptions
+        from google.cloud import aiplatform_v1 as v1
+
+        from cloudllm.invocation import oip_generate
+
+        endpoint = self._serving_endpoint(name)
+        runtime = endpoint.runtime or "handler"
+        if runtime != "handler":
+            raise UserError(
+                f"endpoint {name} runs {runtime}, whose server speaks no Open Inference Protocol gRPC (only cloudllm's handler does)",
+                "invoke without --grpc, or deploy with --runtime handler",
+            )
+        resource = endpoint.details["endpoint"]
+        client = grpc_prediction_client(self.region)
+
+        def send(method: str, payload: bytes, streamed: bool) -> Iterator[bytes]:
+            try:
+                if not streamed:
+                    request = v1.DirectRawPredictRequest(endpoint=resource, method_name=method, input=payload)
+                    yield client.direct_raw_predict(request=request, retry=transient_retry(refused_only=True)).output
+                    return
+                requests = iter([v1.StreamDirectRawPredictRequest(endpoint=resource, method_name=method, input=payload)])
+                for answer in client.stream_direct_raw_predict(requests=requests):
+                    yield answer.output
+            except exceptions.FailedPrecondition as exc:
+                raise UserError(f"endpoint {name} takes no gRPC: {exc.message}", f"redeploy it so its model declares grpcPorts: cloudllm deploy ... --name {name}") from None
+            except exceptions.GoogleAPICallError as exc:
+                raise invoke_error(name, exc) from None
+
+        return oip_generate(name, send, prompt, parameters, stream=stream)
+
+    def _raw_predict(self, name: str, endpoint: Endpoint, body: dict) -> Any:
+        """rawPredict: the container's JSON as it answered, which predict's PredictResponse (a list of
+        predictions) cannot carry when Model Garden's vLLM answers a chat as {"predictions": {completion}}."""
+        import httpx
+
+        from cloudllm.http import post_json
+
+        try:
+            return post_json(name, f"{self.api_base}/v1/{endpoint.details['endpoint']}:rawPredict", body, self._auth_headers())
         except httpx.TransportError as exc:
             raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
 

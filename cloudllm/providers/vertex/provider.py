@@ -28,7 +28,6 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
     name = "vertex"
     unsupported = {
         Feature.SCALE_TO_ZERO: "Vertex AI's scale to zero is a v1beta1 preview; use min_instances 1",
-        Feature.GRPC: "cloudllm does not declare the container's grpcPorts on Vertex AI yet; invoke without --grpc",
     }
     default_instance = DEFAULT_MACHINE
     Options = VertexOptions

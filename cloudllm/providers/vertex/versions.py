@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # Runs in the handler's container (python3 + google-cloud-storage, as the HF inference DLCs have) as `python3 -c`:
 # bootstrap.py is real code beside this module (importable, so tests can read it), sent as its source.
 HANDLER_BOOTSTRAP = Path(__file__).with_name("bootstrap.py").read_text()
+# The handler's Open Inference Protocol v2 gRPC port, declared as the model's grpcPorts: Vertex AI
+# forwards DirectRawPredict/StreamDirectRawPredict to the first of them (ModelContainerSpec.grpc_ports).
+GRPC_PORT = 8081
 
 
 class VertexVersions:
@@ -178,12 +181,14 @@ class VertexVersions:
             predict, health, shm = "/generate", "/ping", 16 * 1024
         else:
             command = ["python3", "-c", HANDLER_BOOTSTRAP]
+            env["CLOUDLLM_GRPC_PORT"] = str(GRPC_PORT)  # bootstrap.py serves gRPC there
         return v1.ModelContainerSpec(
             image_uri=image,
             command=command,
             args=args,
             env=[v1.EnvVar(name=k, value=v) for k, v in sorted(env.items())],
             ports=[v1.Port(container_port=SERVING_PORT)],
+            grpc_ports=[v1.Port(container_port=GRPC_PORT)] if "CLOUDLLM_GRPC_PORT" in env else [],
             predict_route=predict,
             health_route=health,
             deployment_timeout=duration_pb2.Duration(seconds=deployment_timeout(plan.bundle.total_bytes)),
