@@ -52,7 +52,7 @@ from moto.sagemaker.exceptions import ValidationError
 from moto.sagemaker.utils import arn_formatter
 from moto.sagemakerruntime import urls as runtime_urls
 
-from cloudllm_emulators.sagemaker import (
+from cloudllm_emulators.sagemaker_hosting import (
     EmulatedRuntimeBackend,
     EmulatedRuntimeResponse,
     EmulatedSageMakerBackend,
