@@ -18,7 +18,7 @@ from cloudllm.commands.emulate import require_free_port, run_until_stopped
 def emulate_vertex(host: str, port: int, storage_port: int, project: str, buckets: tuple[str, ...]) -> None:
     """Run Cloud Storage and the Vertex AI API on loopback until Ctrl-C.
 
-    Prints `export NAME=VALUE` lines (STORAGE_EMULATOR_HOST, CLOUDLLM_VERTEX_ENDPOINT,
+    Prints `export NAME=VALUE` lines (STORAGE_EMULATOR_HOST, CLOUDLLM_VERTEX_ENDPOINT, CLOUDLLM_VERTEX_GRPC_ENDPOINT,
     GOOGLE_CLOUD_PROJECT): run them in another shell, then deploy with --provider vertex as
     usual. Deployed models really serve (the generated handler runs on this machine), so
     invoke returns real model output.

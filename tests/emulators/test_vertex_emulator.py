@@ -245,7 +245,7 @@ def test_emulate_vertex_prints_the_environment_and_stops_on_ctrl_c(tmp_path: Pat
                 exports[key] = value
             elif line.startswith("#"):
                 break
-        assert set(exports) == {"STORAGE_EMULATOR_HOST", "CLOUDLLM_VERTEX_ENDPOINT", "GOOGLE_CLOUD_PROJECT"}
+        assert set(exports) == {"STORAGE_EMULATOR_HOST", "CLOUDLLM_VERTEX_ENDPOINT", "CLOUDLLM_VERTEX_GRPC_ENDPOINT", "GOOGLE_CLOUD_PROJECT"}
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
