@@ -9,7 +9,8 @@ Storage is gcp-storage-emulator, in process. The Vertex fake speaks the v1 REST 
 real `google.cloud.aiplatform_v1` clients use (JSON of the real proto types, enums as
 integers, long-running operations polled at `GET /ui/{operation}`): models (upload as a
 new model or a new version, get, list, update, delete), endpoints (create, get, list, update,
-delete, deploy, undeploy, mutate a deployed model's scaling), predict, rawPredict and streamRawPredict.
+delete, deploy, undeploy, mutate a deployed model's scaling), predict, rawPredict and streamRawPredict;
+v1beta1 DeployModel with scale to zero, and the route to one deployed model (vertex_tenancy.py).
 
 A deployed model really serves. The emulator cannot run GPU engines, so:
 - an image of the Hugging Face PyTorch inference family runs its container command on this

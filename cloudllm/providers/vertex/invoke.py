@@ -178,7 +178,8 @@ class VertexInvoke:
         target = self._model_target(name, endpoint, model)
         if target is not None:  # an added model: straight to its deployed model
             answer = json.loads(b"".join(self._invoke_deployed(name, endpoint, target, request, stream=False)))
-            return {"predictions": answer.get("predictions", []), "deployed_model_id": target}
+            # our server names who answered (AIP_DEPLOYED_MODEL_ID); an engine's raw answer does not
+            return {"predictions": answer.get("predictions", []), "deployed_model_id": answer.get("deployedModelId") or target}
         kwargs = predict_kwargs(endpoint.details["endpoint"], request)
         # At zero a 429 is the wake (cloudllm.api waits through it), not throttling to retry here.
         retry = None if endpoint.details.get("scale_to_zero") else transient_retry(refused_only=True)
