@@ -94,7 +94,12 @@ def loras(tiny_gpt2: Path, tmp_path_factory) -> dict[str, Path]:
 
 def test_adapters_ship_content_addressed_and_answer_per_request(vertex_emulator, clients, tiny_gpt2: Path, loras) -> None:
     endpoints, models = clients
+    first = _deploy(tiny_gpt2, vertex_emulator, "with-loras", adapters={"support": str(loras["support"])})
+    assert first.endpoint.fingerprint.adapters_digest == first.plan.fingerprint["adapters_digest"]
+    # one more adapter: a new model version of the same base, rolled out blue/green
     result = _deploy(tiny_gpt2, vertex_emulator, "with-loras", adapters={k: str(v) for k, v in loras.items()})
+    assert result.action == "update" and any("adapters changed" in r for r in result.reasons), result.reasons
+    assert _deploy(tiny_gpt2, vertex_emulator, "with-loras", adapters={k: str(v) for k, v in loras.items()}).action == "unchanged"
     plan = result.plan
     objects = vertex_emulator.objects("cloudllm-test", "models/with-loras/adapters/")
     for name, digest in plan.adapter_digests.items():

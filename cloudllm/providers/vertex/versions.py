@@ -223,7 +223,7 @@ class VertexVersions:
     def _digest_labels(plan: "Plan") -> dict[str, str]:
         """The plan's fingerprint as model labels: what `get` reads back to compare."""
         fingerprint = plan.fingerprint
-        return {label: encode_digest(fingerprint[key]) for key, label in DIGEST_LABELS.items()}
+        return {label: encode_digest(fingerprint[key]) for key, label in DIGEST_LABELS.items() if fingerprint[key] is not None}
 
     def _run_token(self) -> str:
         """A random token for this provider object's deploys, put on what they create (RUN_LABEL)."""
