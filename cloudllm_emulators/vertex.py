@@ -14,6 +14,7 @@ and PredictionService over gRPC as well (`grpc_address`): DirectRawPredict and S
 forward their bytes to the gRPC method they name on the first of the model's grpcPorts, as Vertex
 does (directRawPredict also over REST). A model without grpcPorts gets FAILED_PRECONDITION: "If
 you do not specify this field, gRPC requests to the container will be disabled" (ModelContainerSpec).
+v1beta1 DeployModel with scale to zero, and the route to one deployed model (vertex_tenancy.py).
 
 A deployed model really serves. The emulator cannot run GPU engines, so:
 - an image of the Hugging Face PyTorch inference family runs its container command on this
@@ -130,6 +131,7 @@ class ApiError(Exception):
         "UNAVAILABLE": (503, 14),
         "UNIMPLEMENTED": (501, 12),
         "DEADLINE_EXCEEDED": (504, 4),
+        "RESOURCE_EXHAUSTED": (429, 8),
     }
 
     def __init__(self, status: str, message: str):
@@ -331,6 +333,9 @@ class VertexEmulator:
         self.crash_when_ready: Callable[[Any], bool] | None = None  # DeployedModel -> True: its server dies once ready
         self._rotation: dict[str, dict[str, int]] = {}  # endpoint id -> smooth weighted round-robin state
         self._registry = None  # the image registry it started itself (containers.own_registry)
+        from cloudllm_emulators.vertex_tenancy import Tenancy
+
+        self.tenancy = Tenancy(self)  # v1beta1 scale to zero, the route to one deployed model
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "VertexEmulator":
@@ -533,7 +538,7 @@ class VertexEmulator:
                 raise ApiError("NOT_FOUND", f"Operation {name} not found.")
             copy = operations_pb2.Operation()
             copy.CopyFrom(op)
-            return copy
+            return self.tenancy.operation_view(copy)
 
     # --- models -------------------------------------------------------------------------
     def upload_model(self, parent: str, body: bytes):
@@ -756,14 +761,15 @@ class VertexEmulator:
         return self._operation(name, lambda: None, _types().DeleteOperationMetadata())
 
     # --- deploy / undeploy --------------------------------------------------------------
-    def deploy_model(self, name: str, body: bytes):
+    def deploy_model(self, name: str, body: bytes, scale_to_zero: dict | None = None):
+        """DeployModel; scale_to_zero: the v1beta1 request's ScaleToZeroSpec (vertex_tenancy), min_replica_count 0 allowed."""
         t = _types()
         request = _parse(t.DeployModelRequest, body)
         dm = request.deployed_model
         with self.lock:
             endpoint = self._endpoint(name)
             model = self._model(dm.model)
-            self._check_resources(dm)
+            self._check_resources(dm, zero_ok=scale_to_zero is not None)
             existing = {d.id for d in endpoint.deployed_models}
             if dm.id and (dm.id in existing or dm.id in self.state.deploying_ids):
                 raise ApiError("ALREADY_EXISTS", f"DeployedModel {dm.id} already exists on {name}.")
@@ -785,6 +791,7 @@ class VertexEmulator:
         def work():
             try:
                 self._start_replica(endpoint, deployed, model)
+                self.tenancy.deployed(deployed.id, scale_to_zero)
             finally:
                 with self.lock:
                     self.state.deploying.get(_last(name), set()).discard(model_ref)
@@ -843,7 +850,7 @@ class VertexEmulator:
 
         return self._operation(name, work, metadata)
 
-    def _check_resources(self, dm) -> None:
+    def _check_resources(self, dm, zero_ok: bool = False) -> None:
         t = _types()
         if not dm.dedicated_resources or not dm.dedicated_resources.machine_spec.machine_type:
             raise ApiError("INVALID_ARGUMENT", "deployed_model.dedicated_resources.machine_spec.machine_type must be set.")
@@ -860,7 +867,7 @@ class VertexEmulator:
                 f"Accelerator \"{accel or 'ACCELERATOR_TYPE_UNSPECIFIED'}\" x {spec.accelerator_count} is not supported "
                 f"for machine type \"{spec.machine_type}\"; supported: {', '.join(options)}.",
             )
-        if res.min_replica_count < 1:
+        if res.min_replica_count < (0 if zero_ok else 1):
             raise ApiError("INVALID_ARGUMENT", "dedicated_resources.min_replica_count must be at least 1.")
         if res.max_replica_count and res.max_replica_count < res.min_replica_count:
             raise ApiError(
@@ -1012,6 +1019,7 @@ class VertexEmulator:
 
         def work():
             self._drop_replica(request.deployed_model_id)
+            self.tenancy.forget(request.deployed_model_id)
             return t.UndeployModelResponse()
 
         return self._operation(name, work, t.UndeployModelOperationMetadata())
@@ -1032,6 +1040,8 @@ class VertexEmulator:
                 rotation[key] = rotation.get(key, 0) + weight
             chosen = max(sorted(split), key=lambda k: rotation[k])
             rotation[chosen] -= sum(split.values())
+        self.tenancy.check_awake(chosen)  # scaled to zero: 429 while it wakes
+        with self.lock:
             replica = self.state.replicas.get(chosen)
         if replica is None or replica.process is None or replica.process.poll() is not None:
             raise ApiError("UNAVAILABLE", f"Deployed model {chosen} is not serving: {replica.log_tail() if replica else 'no process'}")
@@ -1435,12 +1445,14 @@ _ROUTE_PATTERNS = [
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):rawPredict$", "raw_predict"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):streamRawPredict$", "stream_raw_predict"),
     ("POST", rf"^/v1/(?P<name>{_LOC}/endpoints/[^/:]+):directRawPredict$", "direct_raw_predict"),
-]
+]  # + vertex_tenancy.ROUTES (v1beta1 deploy, the route to one deployed model), added where _routes() compiles them
 
 
 @functools.lru_cache(maxsize=1)
 def _routes() -> list[tuple[str, re.Pattern, str]]:
-    return [(method, re.compile(pattern), action) for method, pattern, action in _ROUTE_PATTERNS]
+    from cloudllm_emulators.vertex_tenancy import ROUTES
+
+    return [(method, re.compile(pattern), action) for method, pattern, action in [*_ROUTE_PATTERNS, *ROUTES]]
 
 
 def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
@@ -1490,6 +1502,8 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
         def _run(self, action: str, params: dict, body: bytes, query: dict) -> None:
             import httpx
 
+            from cloudllm_emulators import vertex_tenancy as tenancy
+
             e = emulator
             if action == "get_operation":
                 from google.protobuf import json_format
@@ -1531,6 +1545,8 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
                 request = _parse(_types().DirectRawPredictRequest, body)
                 output = e.direct_raw_predict(params["name"], request.method_name, request.input)
                 self._send_json(200, _to_json(_types().DirectRawPredictResponse(output=output)))
+            elif action in tenancy.ACTIONS:
+                tenancy.serve(self, e, action, params, body)
             elif action in ("raw_predict", "stream_raw_predict"):
                 replica, payload, ctype = e.raw_request(params["name"], body, self.headers.get("Content-Type"))
                 if replica.dialect:
@@ -1556,11 +1572,11 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
             else:
                 self._send_bytes(200, b"".join(stream), "application/json")
 
-        def _stream(self, replica: _Replica, payload: bytes, ctype: str) -> None:
+        def _stream(self, replica: _Replica, payload: bytes, ctype: str, route: str | None = None) -> None:
             import httpx
 
             with httpx.stream(
-                "POST", replica.url + replica.predict_route, content=payload, headers={"Content-Type": ctype},
+                "POST", replica.url + (route or replica.predict_route), content=payload, headers={"Content-Type": ctype},
                 timeout=httpx.Timeout(600, connect=5),
             ) as response:  # fmt: skip
                 if response.status_code != 200:

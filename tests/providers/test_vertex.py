@@ -461,7 +461,7 @@ def test_bad_input_through_the_cli_is_one_line_and_creates_nothing(vertex_emulat
         (dict(instance="g2-standard-8", rollout="linear:10"), "use --rollout all-at-once or --rollout canary:PCT"),
         (dict(instance="g2-standard-8", tags={"Team": "ML"}), "is not a valid Vertex label"),
         (dict(instance="g2-standard-8", bucket="s3://wrong-cloud/models"), "is not a gs:// location"),
-        (dict(instance="g2-standard-8", min_instances=0), "scale to zero"),
+        (dict(instance="g2-standard-8", min_instances=0, scale_in_cooldown=10), "idle time before scaling to zero"),
         (dict(instance="n1-standard-4", quantize="int8"), "pass --image with an image that carries optimum-quanto"),
         (dict(instance="n1-standard-4", rollout="canary:10", options={"rollout_wait": "soon"}), "rollout_wait=soon is not a number"),
     ],

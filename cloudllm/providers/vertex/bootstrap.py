@@ -1,5 +1,8 @@
 """The handler's entry point in the Vertex AI container: copy AIP_STORAGE_URI into a fresh folder, then become code/serve.py.
 
+LoRA adapters (CLOUDLLM_ADAPTER_URIS: gs://.../adapters/<digest>/ prefixes, space-separated) are
+copied to adapters/<digest>/ in that folder, where the server's settings.adapters name them.
+
 Vertex runs it as `python3 -c <this source>` in the HF PyTorch inference DLC, which has python3 and
 google-cloud-storage but not cloudllm: it imports nothing else, and cloudllm never imports it.
 """
@@ -10,13 +13,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 
-def main() -> None:
-    from google.cloud import storage
-
-    bucket, _, prefix = os.environ["AIP_STORAGE_URI"][len("gs://") :].partition("/")
+def copy_prefix(client, uri: str, dest: str) -> int:
+    """Every object under gs:// prefix `uri` into folder `dest`; the number copied."""
+    bucket, _, prefix = uri[len("gs://") :].partition("/")
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    dest = tempfile.mkdtemp(prefix="cloudllm-artifact-")
-    client = storage.Client()
     blobs = [b for b in client.list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
 
     def fetch(blob) -> None:
@@ -28,7 +28,20 @@ def main() -> None:
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(fetch, blobs))
-    print(f"cloudllm: copied {len(blobs)} files from {os.environ['AIP_STORAGE_URI']} to {dest}", flush=True)
+    return len(blobs)
+
+
+def main() -> None:
+    from google.cloud import storage
+
+    dest = tempfile.mkdtemp(prefix="cloudllm-artifact-")
+    client = storage.Client()
+    count = copy_prefix(client, os.environ["AIP_STORAGE_URI"], dest)
+    print(f"cloudllm: copied {count} files from {os.environ['AIP_STORAGE_URI']} to {dest}", flush=True)
+    for uri in os.environ.get("CLOUDLLM_ADAPTER_URIS", "").split():
+        folder = os.path.join(dest, "adapters", uri.rstrip("/").rsplit("/", 1)[-1])
+        os.makedirs(folder, exist_ok=True)
+        print(f"cloudllm: copied adapter {uri} ({copy_prefix(client, uri, folder)} files)", flush=True)
     os.chdir(dest)
     host = os.environ.get("CLOUDLLM_SERVE_HOST", "0.0.0.0")
     port = os.environ.get("AIP_HTTP_PORT", "8080")

@@ -91,10 +91,13 @@ def resources_line(plan: "Plan") -> str:
 
 def main_deployment(endpoint):
     """The deployed model taking the most traffic (the newest on a tie), or None."""
-    if not endpoint.deployed_models:
+    from cloudllm.providers.vertex.models import first_models
+
+    candidates = first_models(endpoint)  # an added model (--add-model) is never the endpoint's main one
+    if not candidates:
         return None
     split = endpoint.traffic_split
-    return max(endpoint.deployed_models, key=lambda d: (split.get(d.id, 0), d.create_time or 0))
+    return max(candidates, key=lambda d: (split.get(d.id, 0), d.create_time or 0))
 
 
 def give_all_to_first(split: dict[str, int]) -> dict[str, int]:
@@ -172,8 +175,7 @@ class VertexChecks:
         if spec.rollout.startswith("linear"):
             raise UserError("Vertex AI moves traffic in one step or a canary", "use --rollout all-at-once or --rollout canary:PCT")
         canary_bake_seconds(plan)
-        if spec.scale_in_cooldown is not None or spec.scale_out_cooldown is not None:
-            raise UserError("Vertex AI chooses its own scaling cooldowns", "drop --scale-in-cooldown/--scale-out-cooldown")
+        self._check_tenancy(plan)  # models.py: adapters per runtime, scale to zero (its idle period is --scale-in-cooldown)
         for key, value in spec.tags.items():
             if not label_ok(key) or not label_ok(value) or not key[:1].isalpha():
                 raise UserError(

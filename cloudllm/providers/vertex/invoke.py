@@ -119,15 +119,21 @@ def vllm_stream(name: str, url: str, body: dict, headers: dict) -> Iterator[str]
         if response.status_code >= 400:
             response.read()
             raise endpoint_error(name, response.status_code, response.text)
-        buffer = b""
-        for chunk in response.iter_bytes():
-            buffer += chunk
-            *frames, buffer = buffer.split(b"\0")
-            for frame in frames:
-                if frame.strip():
-                    yield from vllm_pieces(name, json.loads(frame))
-        if buffer.strip():
-            yield from vllm_pieces(name, json.loads(buffer))
+        yield from vllm_frames(name, response.iter_bytes())
+
+
+def vllm_frames(name: str, chunks: Iterator[bytes]) -> Iterator[str]:
+    import json
+
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *frames, buffer = buffer.split(b"\0")
+        for frame in frames:
+            if frame.strip():
+                yield from vllm_pieces(name, json.loads(frame))
+    if buffer.strip():
+        yield from vllm_pieces(name, json.loads(buffer))
 
 
 def vllm_pieces(name: str, frame: Any) -> Iterator[str]:
@@ -192,26 +198,37 @@ class VertexInvoke:
         else:
             yield f"read: gcloud logging read '{query}' --project {self.project} --order asc"
 
-    def invoke(self, name: str, body: dict) -> Any:
+    def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
+        import json
+
         from google.api_core import exceptions
         from google.protobuf import json_format
 
         endpoint = self._serving_endpoint(name)
-        if endpoint.runtime == "vllm" and is_chat_request(body):
+        target = self._model_target(name, endpoint, model)
+        if target is None and endpoint.runtime == "vllm" and is_chat_request(body):
             return self._raw_predict(name, endpoint, body)
-        kwargs = predict_kwargs(endpoint.details["endpoint"], vertex_request(body, endpoint.runtime or "handler"))
+        request = vertex_request(body, endpoint.runtime or "handler")
+        if target is not None:  # an added model: straight to its deployed model
+            answer = json.loads(b"".join(self._invoke_deployed(name, endpoint, target, request, stream=False)))
+            # our server names who answered (AIP_DEPLOYED_MODEL_ID); an engine's raw answer does not
+            return {"predictions": answer.get("predictions", []), "deployed_model_id": answer.get("deployedModelId") or target}
+        kwargs = predict_kwargs(endpoint.details["endpoint"], request)
+        # At zero a 429 is the wake (cloudllm.api waits through it), not throttling to retry here.
+        retry = None if endpoint.details.get("scale_to_zero") else transient_retry(refused_only=True)
         try:
-            response = self.clients().predictions.predict(**kwargs, retry=transient_retry(refused_only=True))
+            response = self.clients().predictions.predict(**kwargs, retry=retry)
         except exceptions.GoogleAPICallError as exc:
-            raise invoke_error(name, exc) from None
+            raise self._waking(name, endpoint, invoke_error(name, exc) if not isinstance(exc, exceptions.TooManyRequests) else exc) from None
         result = json_format.MessageToDict(type(response).pb(response))
         return {"predictions": result.get("predictions", []), "deployed_model_id": response.deployed_model_id}
 
-    def invoke_stream(self, name: str, body: dict) -> Iterator[str]:
+    def invoke_stream(self, name: str, body: dict, *, model: str | None = None) -> Iterator[str]:
         """streamRawPredict with our own HTTP client (the SDK's raw_predict hard-codes Google's host), in the body each engine takes."""
         import httpx
 
         endpoint = self._serving_endpoint(name)
+        target = self._model_target(name, endpoint, model)
         runtime = endpoint.runtime or "handler"
         if runtime == "tgi":
             raise UserError(
@@ -219,13 +236,16 @@ class VertexInvoke:
                 "invoke without --stream, or deploy with --runtime vllm or --runtime handler to stream",
             )
         url = f"{self.api_base}/v1/{endpoint.details['endpoint']}:streamRawPredict"
+        if target is not None:
+            yield from self._stream_deployed(name, endpoint, target, runtime, body)
+            return
         try:
             if runtime == "vllm":
-                yield from vllm_stream(name, url, vllm_stream_request(body), self._auth_headers())
+                yield from self._wake_guard(name, endpoint, vllm_stream(name, url, vllm_stream_request(body), self._auth_headers()))
             else:
                 from cloudllm.http import stream_tokens
 
-                yield from stream_tokens(name, url, {**body, "stream": True}, headers=self._auth_headers())
+                yield from self._wake_guard(name, endpoint, stream_tokens(name, url, {**body, "stream": True}, headers=self._auth_headers()))
         except httpx.TransportError as exc:
             raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
 

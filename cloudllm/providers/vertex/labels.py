@@ -19,6 +19,7 @@ DIGEST_LABELS = {
     "code_digest": "cloudllm-code",
     "deploy_digest": "cloudllm-deploy",
     "scaling_digest": "cloudllm-scaling",
+    "adapters_digest": "cloudllm-adapters",  # only with adapters (None is left out)
     "digest": "cloudllm-digest",
 }
 

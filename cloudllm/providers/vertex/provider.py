@@ -16,6 +16,7 @@ from cloudllm.providers.vertex.cleanup import VertexCleanup
 from cloudllm.providers.vertex.invoke import VertexInvoke, predict_url
 from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_BY, RUNTIME_LABEL, decode_digest
 from cloudllm.providers.vertex.options import VertexOptions
+from cloudllm.providers.vertex.models import VertexModels, first_models
 from cloudllm.providers.vertex.rollout import VertexRollout
 from cloudllm.providers.vertex.session import Clients, DEFAULT_REGION, VertexSession, deploy_error, transient_retry, unless_gone
 from cloudllm.providers.vertex.versions import VertexVersions
@@ -24,11 +25,10 @@ if TYPE_CHECKING:
     from cloudllm.plan import Plan
 
 
-class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout, VertexCleanup, VertexInvoke, Provider):
+class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout, VertexCleanup, VertexModels, VertexInvoke, Provider):
     name = "vertex"
-    unsupported = {
-        Feature.SCALE_TO_ZERO: "Vertex AI's scale to zero is a v1beta1 preview; use min_instances 1",
-    }
+    offers = frozenset({Feature.ADAPTERS, Feature.MULTI_MODEL})
+    unsupported: dict[Feature, str] = {}  # scale to zero goes through v1beta1, gRPC through grpcPorts
     default_instance = DEFAULT_MACHINE
     Options = VertexOptions
     hashes_while_uploading = True
@@ -39,6 +39,11 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
 
     # --- deploy / update ------------------------------------------------------------------
     def deploy(self, plan: "Plan", reporter: Reporter) -> Endpoint:
+        if plan.spec.add_model:
+            raise UserError(
+                f"there is no Vertex AI endpoint {plan.spec.name} to add model {plan.spec.add_model} to",
+                f"deploy its first model without --add-model, then add this one (see `cloudllm list --provider vertex`)",
+            )
         ledger = Ledger()
         with self._undone_on_failure(ledger, plan, reporter, update=False):
             artifact_uri = self._upload(plan, reporter, ledger)
@@ -65,15 +70,17 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
                 "deploy without --no-wait",
             )
         with self._changing(existing.details["endpoint"], plan):
+            if plan.spec.add_model:
+                return self._add_model(plan, existing, reporter)
             return self._update(plan, existing, reporter)
 
     def _update(self, plan: "Plan", existing: Endpoint, reporter: Reporter) -> Endpoint:
         name = plan.spec.name
         endpoint_name = existing.details["endpoint"]
         endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
-        if plan.rescale_only:
-            return self._rescale(plan, endpoint, reporter)
-        old = list(endpoint.deployed_models)
+        if plan.rescale_only and plan.spec.min_instances != 0 and not existing.details.get("scale_to_zero"):
+            return self._rescale(plan, endpoint, reporter)  # MutateDeployedModel is v1's: a scale to zero goes through a new deploy
+        old = first_models(endpoint)  # the endpoint's other (added) models stay as they are
         main = main_deployment(endpoint)
         before = dict(endpoint.traffic_split)
         rollout = rollout_of(plan.spec, plan.spec.options.get("rollout_wait"))
@@ -186,14 +193,15 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
             artifact_uri=model.artifact_uri,
             image=model.container_spec.image_uri,
             replicas=f"{res.min_replica_count}..{res.max_replica_count or res.min_replica_count}",
+            **self._tenancy_details(endpoint, main, model),
         )
         fingerprint = Fingerprint(**{key: decode_digest(model.labels[label]) for key, label in DIGEST_LABELS.items() if label in model.labels})
         state, reason = ("InService" if endpoint.traffic_split.get(main.id) else "Updating"), None
-        idle = [d.id for d in endpoint.deployed_models if d.id != main.id and not endpoint.traffic_split.get(d.id)]
+        idle = [d.id for d in first_models(endpoint) if d.id != main.id and not endpoint.traffic_split.get(d.id)]
         if idle:
             # an update that stopped after moving traffic: the next deploy finishes it
             state, reason = "Failed", f"deployed model(s) {', '.join(idle)} take no traffic but are still deployed; deploy again to undeploy them"
-        elif len(endpoint.deployed_models) > 1:
+        elif len(first_models(endpoint)) > 1:
             state = "Updating"
         return Endpoint(
             failure_reason=reason,

@@ -28,19 +28,9 @@ class Clients:
 
     @classmethod
     def create(cls, region: str, base_url: str | None) -> "Clients":
-        from google.api_core.gapic_v1.client_info import ClientInfo
-        from google.api_core.client_options import ClientOptions
         from google.cloud import aiplatform_v1 as v1
 
-        from cloudllm import __version__
-
-        kwargs: dict[str, Any] = {"transport": "rest", "client_info": ClientInfo(user_agent=f"cloudllm/{__version__}")}
-        if base_url:
-            from google.auth.credentials import AnonymousCredentials
-
-            kwargs.update(credentials=AnonymousCredentials(), client_options=ClientOptions(api_endpoint=base_url.rstrip("/")))
-        else:
-            kwargs["client_options"] = ClientOptions(api_endpoint=f"{region}-aiplatform.googleapis.com")
+        kwargs = client_kwargs(region, base_url)
         from google.auth.exceptions import DefaultCredentialsError
 
         try:
@@ -50,6 +40,24 @@ class Clients:
                 f"no Google Cloud credentials: {str(exc).splitlines()[0]}",
                 "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS",
             ) from None
+
+
+def client_kwargs(region: str, base_url: str | None = None) -> dict[str, Any]:
+    """What every Vertex client (v1 or v1beta1) is built with: REST, our user agent, the region's host or the emulator."""
+    from google.api_core.client_options import ClientOptions
+    from google.api_core.gapic_v1.client_info import ClientInfo
+
+    from cloudllm import __version__
+
+    base_url = base_url if base_url is not None else os.environ.get(API_ENDPOINT_ENV)
+    kwargs: dict[str, Any] = {"transport": "rest", "client_info": ClientInfo(user_agent=f"cloudllm/{__version__}")}
+    if base_url:
+        from google.auth.credentials import AnonymousCredentials
+
+        kwargs.update(credentials=AnonymousCredentials(), client_options=ClientOptions(api_endpoint=base_url.rstrip("/")))
+    else:
+        kwargs["client_options"] = ClientOptions(api_endpoint=f"{region}-aiplatform.googleapis.com")
+    return kwargs
 
 
 def transient_retry(*, refused_only: bool = False):

@@ -15,7 +15,7 @@ from cloudllm.providers.vertex.checks import (
     resources_line, scale_metric, short_deadline, version_prefix,
 )
 from cloudllm.providers.vertex.labels import (
-    DIGEST_LABELS, MANAGED_BY, NAME_LABEL, RUNTIME_LABEL, RUN_LABEL, decode_digest, deployed_model_id, encode_digest,
+    DIGEST_LABELS, MANAGED_BY, NAME_LABEL, RUNTIME_LABEL, RUN_LABEL, decode_digest, encode_digest,
     label_value,
 )
 from cloudllm.providers.vertex.session import send_once, unless_gone
@@ -52,6 +52,7 @@ class VertexVersions:
     def _upload(self, plan: "Plan", reporter: Reporter, ledger: Ledger) -> str:
         from cloudllm.storage.gcs import GcsArtifacts, GcsUri
 
+        self._upload_adapters(plan, reporter)  # content-addressed and shared by versions: never removed on failure
         store = GcsArtifacts(project=self.project)
         dest = version_prefix(plan)
         ledger.add("artifacts", str(dest), lambda: store.delete(dest))  # before the upload: a half-done one is removed too
@@ -117,13 +118,14 @@ class VertexVersions:
         # Our own DeployedModel id, the same for every deploy of this plan to this endpoint: a DeployModel
         # retried after its answer was lost, or sent again by a re-run of a deploy killed while Vertex AI
         # went on deploying, meets ALREADY_EXISTS, and waits for the one under way instead of adding another.
-        deployed = v1.DeployedModel(
-            id=deployed_model_id(plan.spec.name, plan.digest), model=model, display_name=plan.spec.name, dedicated_resources=self._resources(plan)
-        )
+        from cloudllm.providers.vertex.models import deployed_identity
+
+        deployed_id, display_name = deployed_identity(plan)
+        deployed = v1.DeployedModel(id=deployed_id, model=model, display_name=display_name, dedicated_resources=self._resources(plan))
         what = f"deploying on {resources_line(plan)}"
         fix = "see the model server's log in Cloud Logging (linked from the endpoint in the Vertex AI console), then deploy again"
         try:
-            op = send_once(lambda: self.clients().endpoints.deploy_model(endpoint=endpoint, deployed_model=deployed, traffic_split=split), find=lambda: None)
+            op = send_once(lambda: self._send_deploy(plan, endpoint, deployed, split), find=lambda: None)
         except exceptions.Conflict:  # 409 ALREADY_EXISTS: our id, so our earlier attempt is deploying it
             if not plan.wait:
                 return ""
@@ -182,6 +184,7 @@ class VertexVersions:
         else:
             command = ["python3", "-c", HANDLER_BOOTSTRAP]
             env["CLOUDLLM_GRPC_PORT"] = str(GRPC_PORT)  # bootstrap.py serves gRPC there
+            self._adapter_env(plan, env)
         return v1.ModelContainerSpec(
             image_uri=image,
             command=command,
@@ -215,6 +218,10 @@ class VertexVersions:
         labels[RUN_LABEL] = self._run_token()
         if digests:
             labels[RUNTIME_LABEL] = plan.runtime
+            if not plan.spec.add_model:  # the first model's name, which `invoke --model` also takes
+                from cloudllm.providers.vertex.models import MODEL_LABEL, first_model_name
+
+                labels[MODEL_LABEL] = label_value(first_model_name(plan))
             labels.update(self._digest_labels(plan))
         return labels
 
@@ -222,7 +229,7 @@ class VertexVersions:
     def _digest_labels(plan: "Plan") -> dict[str, str]:
         """The plan's fingerprint as model labels: what `get` reads back to compare."""
         fingerprint = plan.fingerprint
-        return {label: encode_digest(fingerprint[key]) for key, label in DIGEST_LABELS.items()}
+        return {label: encode_digest(fingerprint[key]) for key, label in DIGEST_LABELS.items() if fingerprint[key] is not None}
 
     def _run_token(self) -> str:
         """A random token for this provider object's deploys, put on what they create (RUN_LABEL)."""
