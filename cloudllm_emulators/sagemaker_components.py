@@ -50,7 +50,6 @@ from moto.core.utils import utcnow
 from moto.sagemaker import urls as sagemaker_urls
 from moto.sagemaker.exceptions import ValidationError
 from moto.sagemaker.utils import arn_formatter
-from moto.sagemakerruntime import urls as runtime_urls
 
 from cloudllm_emulators.sagemaker_hosting import (
     EmulatedRuntimeBackend,
@@ -657,17 +656,7 @@ class ComponentRuntimeResponse(EmulatedRuntimeResponse):
 
 
 class ComponentRuntimeBackend(EmulatedRuntimeBackend):
-    @property
-    def _url_module(self) -> Any:
-        dispatch = ComponentRuntimeResponse.dispatch
-        return SimpleNamespace(
-            url_bases=runtime_urls.url_bases,
-            url_paths={
-                "{0}/endpoints/(?P<name>[^/]+)/async-invocations$": dispatch,
-                "{0}/endpoints/(?P<name>[^/]+)/invocations$": dispatch,
-                "{0}/endpoints/(?P<name>[^/]+)/invocations-response-stream$": dispatch,
-            },
-        )
+    response_class = ComponentRuntimeResponse
 
 
 # --- Application Auto Scaling: copy counts of components --------------------------------------------

@@ -562,9 +562,11 @@ class ModelError(ServiceException):
 
 
 class EmulatedRuntimeBackend(SageMakerRuntimeBackend):
+    response_class: Any = None  # the response class moto dispatches to (None: EmulatedRuntimeResponse, below)
+
     @property
     def _url_module(self) -> Any:
-        dispatch = EmulatedRuntimeResponse.dispatch
+        dispatch = (self.response_class or EmulatedRuntimeResponse).dispatch
         return SimpleNamespace(
             url_bases=runtime_urls.url_bases,
             url_paths={

@@ -347,7 +347,7 @@ async def _predict(state: ServerState, request: Request, *, mode: str) -> Respon
     if settings.log_payloads:
         info["payload"] = {"inputs": req.inputs, "parameters": req.parameters}
     if request.headers.get(adapters.SAGEMAKER_ADAPTER_HEADER) and "adapter_id" not in req.parameters:
-        req.parameters["adapter_id"] = adapters.check_name(request.headers[adapters.SAGEMAKER_ADAPTER_HEADER])
+        req.parameters["adapter_id"] = adapters.check_adapter_name(request.headers[adapters.SAGEMAKER_ADAPTER_HEADER])
     adapters.require_adapter(engine, req.parameters.get("adapter_id"))
     sizes = await run_in_threadpool(engine.validate, req.inputs, req.parameters)
     if req.stream:

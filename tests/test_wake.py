@@ -10,19 +10,7 @@ from cloudllm.console import Reporter
 from cloudllm.errors import UserError
 from cloudllm.types import Waking
 from cloudllm.wake import WAKE_BACKOFF, stream_through_wake, through_wake
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.providers.test_kit import FakeClock
 
 
 class Lines(Reporter):
