@@ -73,6 +73,11 @@ from cloudllm_procs import kill as kill_process
 from cloudllm_procs import start as start_process
 from cloudllm_procs import stop as stop_process
 from cloudllm_emulators.containers import own_registry, registry_env, stop_own_registry
+from cloudllm_emulators.vertex_api import LOCATION as _LOC
+from cloudllm_emulators.vertex_api import ApiError
+from cloudllm_emulators.vertex_api import aiplatform_types as _types
+from cloudllm_emulators.vertex_api import parse_message as _parse
+from cloudllm_emulators.vertex_api import to_json as _to_json
 
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -118,39 +123,6 @@ MACHINE_ACCELERATORS: dict[str, set[tuple[str | None, int]]] = {
 log = logging.getLogger("cloudllm_emulators.vertex")
 
 
-class ApiError(Exception):
-    """An error answered the way Google APIs answer: HTTP status + google.rpc code name."""
-
-    CODES = {
-        "INVALID_ARGUMENT": (400, 3),
-        "FAILED_PRECONDITION": (400, 9),
-        "NOT_FOUND": (404, 5),
-        "ALREADY_EXISTS": (409, 6),
-        "ABORTED": (409, 10),
-        "INTERNAL": (500, 13),
-        "UNAVAILABLE": (503, 14),
-        "UNIMPLEMENTED": (501, 12),
-        "DEADLINE_EXCEEDED": (504, 4),
-        "RESOURCE_EXHAUSTED": (429, 8),
-    }
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    @property
-    def http_status(self) -> int:
-        return self.CODES[self.status][0]
-
-    @property
-    def rpc_code(self) -> int:
-        return self.CODES[self.status][1]
-
-    def body(self) -> dict:
-        return {"error": {"code": self.http_status, "message": self.message, "status": self.status}}
-
-
 def _sse_texts(lines) -> Any:
     """Token texts of TGI-style server-sent events (data: {"token": {"text", "special"}}); an error event raises."""
     for line in lines:
@@ -163,35 +135,6 @@ def _sse_texts(lines) -> Any:
         token = event.get("token") or {}
         if token.get("text") and not token.get("special"):
             yield token["text"]
-
-
-def _types():
-    from google.cloud import aiplatform_v1
-
-    return aiplatform_v1
-
-
-def _to_json(message) -> dict:
-    from google.protobuf import json_format
-
-    pb = type(message).pb(message) if hasattr(type(message), "pb") else message
-    return json.loads(json_format.MessageToJson(pb, use_integers_for_enums=True))
-
-
-def _parse(cls, data: bytes | dict):
-    """A request body as the real type. Unknown fields are refused, as Vertex AI refuses them
-    ("Invalid JSON payload received. Unknown name ..."): the clients and this fake share the proto."""
-    from google.protobuf import json_format
-
-    pb = cls.pb(cls())
-    try:
-        if isinstance(data, dict):
-            json_format.ParseDict(data, pb)
-        else:
-            json_format.Parse(data or b"{}", pb)
-    except json_format.ParseError as exc:
-        raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}") from None
-    return cls.wrap(pb)
 
 
 def _new_id() -> str:
@@ -1423,7 +1366,6 @@ def _snake(name: str) -> str:
 
 
 # --- HTTP -----------------------------------------------------------------------------------
-_LOC = r"projects/[^/]+/locations/[^/]+"
 _ROUTE_PATTERNS = [
     ("GET", rf"^/(?:ui|v1)/(?P<name>{_LOC}(?:/[^/]+/[^/]+)?/operations/[^/:]+)$", "get_operation"),
     ("POST", rf"^/v1/(?P<parent>{_LOC})/models:upload$", "upload_model"),

@@ -23,12 +23,12 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cloudllm_emulators.vertex import _LOC, ApiError, _parse, _to_json
-
-if TYPE_CHECKING:
-    from cloudllm_emulators.vertex import VertexEmulator, _Replica
+from cloudllm_emulators.vertex_api import LOCATION as _LOC
+from cloudllm_emulators.vertex_api import ApiError
+from cloudllm_emulators.vertex_api import parse_message as _parse
+from cloudllm_emulators.vertex_api import to_json as _to_json
 
 log = logging.getLogger("cloudllm_emulators.vertex")
 
@@ -55,7 +55,7 @@ def _seconds(duration: str) -> float:
 class Tenancy:
     """The emulator's scale-to-zero state: which deployed models may sleep, which sleep, which wake."""
 
-    def __init__(self, emulator: "VertexEmulator"):
+    def __init__(self, emulator: Any):
         self.emulator = emulator
         self.wake_seconds = 0.2
         self.wakes = 0
@@ -171,7 +171,7 @@ class Tenancy:
         raise ApiError("NOT_FOUND", f"Deployed model {deployed_model_id} not found.")
 
     # --- one deployed model --------------------------------------------------------------------
-    def deployed_replica(self, name: str, deployed_model_id: str) -> "_Replica":
+    def deployed_replica(self, name: str, deployed_model_id: str) -> Any:  # vertex._Replica
         e = self.emulator
         with e.lock:
             if deployed_model_id not in {d.id for d in e._endpoint(name).deployed_models}:
@@ -184,7 +184,7 @@ class Tenancy:
         return replica
 
 
-def serve(handler: Any, emulator: "VertexEmulator", action: str, params: dict, body: bytes) -> None:
+def serve(handler: Any, emulator: Any, action: str, params: dict, body: bytes) -> None:
     """The HTTP side of the routes above, on the emulator's request handler."""
     t = emulator.tenancy
     if action == "deploy_model_v1beta1":

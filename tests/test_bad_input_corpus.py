@@ -566,16 +566,22 @@ def test_secrets_in_flags_and_files_never_reach_the_output(tmp_path: Path, tiny_
     """--option/--tag values and cloudllm.yaml options with credentials: not in --json plans, not in text output."""
     ws = Workspace(tmp_path / "ws", tiny_gpt2)
     ws.root.mkdir()
-    secrets = ["--option", f"hf_token={HF_TOKEN}", "--option", f"note=uses {AWS_SECRET}", "--tag", f"api_key={AWS_KEY_ID}"]
+    options = ["--option", f"hf_token={HF_TOKEN}", "--option", f"note=uses {AWS_SECRET}"]
+    tags = ["--tag", f"api_key={AWS_KEY_ID}"]
     yaml_file = ws.yaml(f"endpoints:\n  - name: a\n    model: models/tiny\n    options:\n      hf_token: {HF_TOKEN}\n      note: uses {AWS_SECRET}\n")
-    for argv in (
-        ["deploy", str(tiny_gpt2), "--provider", "local", "--name", "quiet", "--dry-run", "--json", *secrets],
-        ["deploy", str(tiny_gpt2), "--provider", "local", "--name", "quiet", "--dry-run", *secrets],
-        ["plan", str(tiny_gpt2), "--json", *secrets],
-        ["apply", "-f", yaml_file, "--dry-run", "--json"],
-    ):
+    runs = [
+        # Tags are taken: the plan and its JSON carry them masked.
+        (["deploy", str(tiny_gpt2), "--provider", "local", "--name", "quiet", "--dry-run", "--json", *tags], 0),
+        (["deploy", str(tiny_gpt2), "--provider", "local", "--name", "quiet", "--dry-run", *tags], 0),
+        (["plan", str(tiny_gpt2), "--json", *tags], 0),
+        # Options the local provider does not take are refused, and the refusal does not repeat their values.
+        (["deploy", str(tiny_gpt2), "--provider", "local", "--name", "quiet", "--dry-run", "--json", *options, *tags], 2),
+        (["plan", str(tiny_gpt2), "--json", *options], 2),
+        (["apply", "-f", yaml_file, "--dry-run", "--json"], 2),
+    ]
+    for argv, expected in runs:
         code, out, err = _run_in_process(argv, capsys)
-        assert code == 0, (argv, err)
+        assert code == expected, (argv, err)
         assert not [s for s in (HF_TOKEN, AWS_SECRET, AWS_KEY_ID) if s in out + err], argv
     assert not list(cloudllm_home.glob("endpoints/*")) and not list(cloudllm_home.glob("local/*/state.json"))
 

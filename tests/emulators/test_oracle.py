@@ -61,7 +61,7 @@ def test_vertex_accelerator_names_are_aiplatform_enum_members():
 
 def test_sagemaker_tables_agree_with_the_provider():
     from cloudllm.providers.sagemaker import resources
-    from cloudllm_emulators import sagemaker
+    from cloudllm_emulators import sagemaker_hosting as sagemaker
 
     assert sagemaker.known_instance_types() == resources.known_instance_types()
     for image in ("763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-inference:2.3-gpu", "x/tgi:1"):

@@ -465,9 +465,7 @@ class SageMakerComponents:
     # --- adapters on a live endpoint ----------------------------------------------------------------
     def _live_layout(self, name: str) -> dict:
         self._session()
-        self.options.pop("components", None)
-        self.options.pop("components_read", None)
-        layout = self._layout(name)
+        layout = self._layout(name, fresh=True)
         if layout is None:
             raise UserError(
                 f"endpoint {name} has no inference components, so it cannot take adapters",
@@ -539,12 +537,14 @@ class SageMakerComponents:
             component = adapter_component(name, chosen, adapter)
         return {"InferenceComponentName": component}, body
 
-    def _layout(self, name: str) -> dict | None:
+    def _layout(self, name: str, *, fresh: bool = False) -> dict | None:
         """The endpoint's models and how it takes adapters; from the provider options the local record keeps,
-        else read once from SageMaker. None: an endpoint without inference components."""
-        cached = self.options.get("components")
-        if cached is not None or self.options.get("components_read"):
-            return cached
+        else read once from SageMaker (fresh: read it now). None: an endpoint without inference components."""
+        if not fresh:
+            if name in self._layouts:
+                return self._layouts[name]
+            if self.options.get("components") is not None:
+                return self.options["components"]
         with self._aws(f"read the inference components of {name}"):
             components = self._components(name)
         models = [c["InferenceComponentName"][len(name) + 1 :] for c in components if not c["Specification"].get("BaseInferenceComponentName")]
@@ -556,7 +556,7 @@ class SageMakerComponents:
             image = (model.get("PrimaryContainer") or {}).get("Image")
             layout = {"first_model": models[0], "models": models, "runtime": runtime, "image": image,
                       "adapter_components": takes_adapter_components(runtime, image)}
-        self.options["components"], self.options["components_read"] = layout, True
+        self._layouts[name] = layout
         return layout
 
     def _remember_layout(self, plan: "Plan", endpoint: str) -> None:
@@ -564,10 +564,12 @@ class SageMakerComponents:
             components = self._components(endpoint)
         models = [c["InferenceComponentName"][len(endpoint) + 1 :] for c in components if not c["Specification"].get("BaseInferenceComponentName")]
         image = self._image(plan, self._instance(plan.spec))
-        self.options["components"] = {
+        layout = {
             "first_model": models[0] if models else self._model_key(plan), "models": models, "runtime": plan.runtime, "image": image,
             "adapter_components": takes_adapter_components(plan.runtime, image),
         }
+        self._layouts[endpoint] = layout
+        self.record_options(components=layout)  # the record keeps it: invoke needs no call to find the component
 
 
 def res_log_group(endpoint: str) -> str:

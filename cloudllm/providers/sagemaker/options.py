@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, StrictBool
 
 from cloudllm.providers.kit import RolloutOptions
@@ -25,4 +27,7 @@ class SageMakerOptions(RolloutOptions):
     startup_timeout: int | None = Field(None, ge=60, le=3600, description="Seconds the container may take to answer /ping.")
     bucket: str | None = Field(
         None, description="Where the endpoint's artifacts were uploaded: recorded by deploy, read by `delete --purge-artifacts`."
+    )
+    components: dict[str, Any] | None = Field(
+        None, description="Recorded by deploy: the endpoint's inference components (models, runtime, image); not set by hand."
     )

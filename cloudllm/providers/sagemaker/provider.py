@@ -62,6 +62,7 @@ class SageMakerProvider(
         self._boto_session = None
         self._has_credentials = False
         self._clients: dict[str, Any] = {}
+        self._layouts: dict[str, dict | None] = {}  # endpoint -> its inference components, read once per run
 
     # --- deploy and update ----------------------------------------------------------------
     def deploy(self, plan: "Plan", reporter: Reporter) -> Endpoint:

@@ -10,7 +10,7 @@ from cloudllm.catalog.tgi import TGI_MODEL_TYPES
 from cloudllm.errors import UserError
 from cloudllm.providers.base import Endpoint, ResourceChange
 from cloudllm.providers.kit import DEFAULT_BAKE_SECONDS, rollout_of
-from cloudllm.providers.vertex.invoke import predict_url
+from cloudllm.providers.vertex.invoke import PREDICT_ROUTE, predict_url
 from cloudllm.providers.vertex.labels import label_ok
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ DEFAULT_SCALE_TARGET = 60
 DEFAULT_ROLLOUT_WAIT = DEFAULT_BAKE_SECONDS  # seconds a canary bakes before the rest of the traffic moves
 CANARY_SAMPLES_MAX = 200  # sample requests a canary check sends at most, looking for one the new version serves
 SERVING_PORT = 8080
-PREDICT_ROUTE = "/predict"
 HEALTH_ROUTE = "/health"
 MAX_DEPLOYMENT_TIMEOUT = 7200  # Vertex's limit for container_spec.deployment_timeout
 PROVISIONING_ALLOWANCE = 1800  # getting GPU machines can take longer than loading the model

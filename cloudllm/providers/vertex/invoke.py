@@ -12,6 +12,8 @@ from cloudllm.providers.base import Endpoint
 from cloudllm.providers.vertex.labels import deployed_model_id
 from cloudllm.providers.vertex.session import API_ENDPOINT_ENV, invoke_error, transient_retry
 
+PREDICT_ROUTE = "/predict"  # where our container takes predictions (AIP_PREDICT_ROUTE)
+
 # Where the Vertex AI emulator serves PredictionService over gRPC (the REST API is at API_ENDPOINT_ENV):
 # StreamDirectRawPredict is a bidirectional stream, which the REST transport cannot carry.
 GRPC_ENDPOINT_ENV = "CLOUDLLM_VERTEX_GRPC_ENDPOINT"

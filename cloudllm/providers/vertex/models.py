@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.base import Endpoint, Waking
-from cloudllm.providers.vertex.checks import PREDICT_ROUTE
+from cloudllm.providers.vertex.invoke import PREDICT_ROUTE
 from cloudllm.providers.vertex.labels import deployed_model_id, label_value
 from cloudllm.providers.vertex.session import transient_retry
 
