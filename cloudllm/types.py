@@ -32,7 +32,10 @@ class Fingerprint(BaseModel):
     code_digest: str | None = None
     deploy_digest: str | None = None
     scaling_digest: str | None = None
-    digest: str | None = Field(None, description="Of the four above: equal digests mean no change.")
+    # The spec's tags, apart from deploy_digest so a provider can change them in place. None on
+    # endpoints deployed before it existed: their deploy_digest covers the tags.
+    tags_digest: str | None = None
+    digest: str | None = Field(None, description="Of the digests above: equal digests mean no change.")
 
 
 FINGERPRINT_KEYS = tuple(Fingerprint.model_fields)

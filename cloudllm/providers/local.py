@@ -35,7 +35,7 @@ from cloudllm.home import home_dir, write_atomic
 from cloudllm.http import post_json, stream_tokens
 from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider
-from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
+from cloudllm.types import FINGERPRINT_KEYS, Fingerprint, ResourceChange
 from cloudllm.providers.kit import Pending
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
 from cloudllm.records import load_record
@@ -96,6 +96,10 @@ class LocalProvider(Provider):
         server for one still loading its model, or one that never will.
         """
         old = self._state(plan.spec.name)
+        if plan.retag_only:  # nothing on this machine reads the tags: recorded, the server keeps running
+            state = {**old, **plan.fingerprint, "tags": plan.spec.tags}
+            self._write_state(plan.spec.name, state)
+            return self._endpoint(plan.spec.name, state)
         state = self._start_version(plan, reporter, wait=True)
         self._point_front(plan.spec.name, state)
         self._write_state(plan.spec.name, state)
@@ -104,6 +108,11 @@ class LocalProvider(Provider):
             shutil.rmtree(self._root(plan.spec.name) / old["version"], ignore_errors=True)
             reporter.step(f"stopped the previous server (pid {old.get('pid')})")
         return self._endpoint(plan.spec.name, state)
+
+    def describe_changes(self, plan) -> list[ResourceChange]:
+        if plan.retag_only:
+            return [ResourceChange(resource="endpoint", name=plan.spec.name, action="update", reason="tags only, in place: recorded, the server keeps running")]
+        return super().describe_changes(plan)
 
     def get(self, name: str) -> Endpoint | None:
         state = self._state(name)
@@ -230,7 +239,7 @@ class LocalProvider(Provider):
             runtime="handler",
             failure_reason=reason,
             fingerprint=Fingerprint(**{k: state.get(k) for k in FINGERPRINT_KEYS}),
-            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port") if k in state},
+            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port", "tags") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
@@ -264,6 +273,7 @@ class LocalProvider(Provider):
             "model": plan.model.path,
             "url": None,
             "grpc_port": grpc_port,
+            "tags": plan.spec.tags,
             **plan.fingerprint,
         }
         try:

@@ -39,6 +39,7 @@ FINGERPRINT_TAGS = {
     "code_digest": TAG + "code-digest",
     "deploy_digest": TAG + "deploy-digest",
     "scaling_digest": TAG + "scaling-digest",
+    "tags_digest": TAG + "tags-digest",
     "digest": TAG + "digest",
 }
 MAX_TAGS = 50
@@ -318,8 +319,9 @@ def fingerprint_tags(plan: "Plan") -> dict[str, str]:
 
 def check_user_tags(tags: dict[str, str]) -> None:
     """SageMaker's tag rules, checked before anything is created."""
-    if len(tags) > MAX_TAGS - 10:
-        raise UserError(f"{len(tags)} tags are too many", f"SageMaker allows {MAX_TAGS} per resource and cloudllm uses 10: pass at most {MAX_TAGS - 10}")
+    own = 5 + len(FINGERPRINT_TAGS)  # what version_tags adds on a model and endpoint config
+    if len(tags) > MAX_TAGS - own:
+        raise UserError(f"{len(tags)} tags are too many", f"SageMaker allows {MAX_TAGS} per resource and cloudllm uses {own}: pass at most {MAX_TAGS - own}")
     for key, value in tags.items():
         if not 1 <= len(key) <= 128 or len(value) > 256 or not _TAG_TEXT.match(key) or not _TAG_TEXT.match(value):
             raise UserError(

@@ -14,7 +14,7 @@ from cloudllm.providers.vertex.checks import (
 )
 from cloudllm.providers.vertex.cleanup import VertexCleanup
 from cloudllm.providers.vertex.invoke import VertexInvoke, predict_url
-from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_BY, RUNTIME_LABEL, decode_digest
+from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_BY, RUNTIME_LABEL, decode_digest, user_tags
 from cloudllm.providers.vertex.rollout import VertexRollout
 from cloudllm.providers.vertex.session import Clients, DEFAULT_REGION, VertexSession, deploy_error, transient_retry, unless_gone
 from cloudllm.providers.vertex.versions import VertexVersions
@@ -71,6 +71,8 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
         endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
         if plan.rescale_only:
             return self._rescale(plan, endpoint, reporter)
+        if plan.retag_only:
+            return self._retag(plan, endpoint, reporter)
         old = list(endpoint.deployed_models)
         main = main_deployment(endpoint)
         before = dict(endpoint.traffic_split)
@@ -131,8 +133,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
                 update_mask=mask, retry=transient_retry(),  # setting the same values twice is harmless
             )  # fmt: skip
             self._wait(op, f"scaling to {resources_line(plan)}", deploy_deadline(plan), reporter)  # new replicas load the model
-            labels = {**c.models.get_model(name=version, retry=transient_retry()).labels, **self._digest_labels(plan)}
-            c.models.update_model(model=v1.Model(name=version, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=transient_retry())
+            self._relabel_version(plan, version)
         except StillRunning as exc:
             exc.fix = "the old version keeps serving; once the operation has ended, deploy again to finish, or give the deploy a longer --timeout"
             exc.args = (exc.line(),)
@@ -184,6 +185,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
             artifact_uri=model.artifact_uri,
             image=model.container_spec.image_uri,
             replicas=f"{res.min_replica_count}..{res.max_replica_count or res.min_replica_count}",
+            tags=user_tags(model.labels),  # the serving version's: set with its digests
         )
         fingerprint = Fingerprint(**{key: decode_digest(model.labels[label]) for key, label in DIGEST_LABELS.items() if label in model.labels})
         state, reason = ("InService" if endpoint.traffic_split.get(main.id) else "Updating"), None
