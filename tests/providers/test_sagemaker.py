@@ -20,6 +20,7 @@ from cloudllm_emulators.sagemaker import ROLE_ARN
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.kit import Rollout
 from cloudllm.providers.sagemaker import resources as res
+from cloudllm.testing.faults import FaultProxy
 from tests.conftest import assert_one_line_error, run_cli
 from tests.storage.request_log import s3_requests, s3_writes
 
@@ -163,6 +164,18 @@ def test_invoke_text_stream_and_json(handler: dict, home: dict) -> None:
     raw = run_cli("invoke", "sm-handler", "--json", body, "--raw", "--provider", "sagemaker", env={})  # no record: --provider
     assert raw.returncode == 0, raw.stderr
     assert json.loads(raw.stdout)[0]["generated_text"] == text.stdout.strip("\n")
+
+
+def test_invoke_timeout_reaches_the_runtime_client(handler: dict, home: dict, sagemaker_emulator) -> None:
+    """An invocation the endpoint never answers (the fault proxy parks it): `--timeout` ends it with one line."""
+    with FaultProxy(sagemaker_emulator.url, rate=0.0, flavour="aws") as proxy:
+        proxy.hold(lambda method, path: path.startswith("/endpoints/sm-handler/invocations"))
+        try:
+            parked = run_cli("invoke", "sm-handler", "hi", "--timeout", "1", env={**home, "AWS_ENDPOINT_URL": proxy.url})
+        finally:
+            proxy.release()
+    assert_one_line_error(parked, code=1, contains="endpoint sm-handler did not answer within 1s")
+    assert proxy.held_count == 1  # sent once: botocore does not retry the read timeout
 
 
 def test_status_list_and_logs(handler: dict, home: dict) -> None:

@@ -19,6 +19,7 @@ from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.vertex import decode_digest, deployment_timeout, encode_digest
 from cloudllm.spec import spec_from_kwargs
 from cloudllm.testing import eventually
+from cloudllm.testing.faults import FaultProxy
 from tests.conftest import assert_one_line_error, run_cli
 from tests.storage.request_log import gcs_requests, gcs_writes
 
@@ -288,6 +289,18 @@ def test_invoke_and_stream_through_the_cli(vertex_emulator, handler_demo) -> Non
 
     raw = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex", full_response=True)
     assert len(raw["predictions"]) == 1 and raw["deployed_model_id"]
+
+
+def test_invoke_timeout_reaches_the_predict_call(vertex_emulator, handler_demo) -> None:
+    """A predict the endpoint never answers (the fault proxy parks it): `--timeout` ends it with one line."""
+    with FaultProxy(vertex_emulator.url, rate=0.0, flavour="google") as proxy:
+        proxy.hold(lambda method, path: path.split("?")[0].endswith(":predict"))
+        try:
+            parked = run_cli("invoke", "handler-demo", "hi", "--provider", "vertex", "--timeout", "1", env={"CLOUDLLM_VERTEX_ENDPOINT": proxy.url})
+        finally:
+            proxy.release()
+    assert_one_line_error(parked, code=1, contains="endpoint handler-demo did not answer within 1s")
+    assert proxy.held_count == 1  # sent once: a lost answer is not asked for again
 
 
 def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(vertex_emulator, clients, handler_demo, tiny_gpt2) -> None:

@@ -29,16 +29,20 @@ class SageMakerInvoke:
 
     # --- invoking -------------------------------------------------------------------------
     def invoke(self, name: str, body: dict) -> Any:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, ConnectTimeoutError, ReadTimeoutError
+
+        from cloudllm import http
 
         self._session()
         try:
-            response = self._client("sagemaker-runtime").invoke_endpoint(
+            response = self._runtime_client(http.ASKED_TIMEOUT).invoke_endpoint(
                 EndpointName=name, Body=json.dumps(body).encode(), ContentType="application/json", Accept="application/json"
             )
+            data = response["Body"].read()
         except ClientError as exc:
             raise self._invoke_error(name, exc) from None
-        data = response["Body"].read()
+        except (ReadTimeoutError, ConnectTimeoutError):
+            raise http.timed_out(name) from None
         try:
             return json.loads(data)
         except ValueError:
@@ -70,6 +74,21 @@ class SageMakerInvoke:
             yield from iter_sse_tokens(as_events(split_lines(parts())))
         except ClientError as exc:  # botocore.exceptions.EventStreamError is one too (ModelStreamError)
             raise self._invoke_error(name, exc) from None
+
+    def _runtime_client(self, timeout: float | None):
+        """The sagemaker-runtime client; given `invoke --timeout`, one that waits that long for the answer and
+        does not send the request again when it passes (botocore would retry a read timeout, each try the full wait)."""
+        if timeout is None:
+            return self._client("sagemaker-runtime")
+        from botocore.config import Config
+
+        from cloudllm import __version__
+
+        config = Config(
+            read_timeout=timeout, connect_timeout=min(5.0, timeout), retries={"mode": "standard", "total_max_attempts": 1},
+            user_agent_extra=f"cloudllm/{__version__}",
+        )  # fmt: skip
+        return self._session().client("sagemaker-runtime", config=config)
 
     def _runs_toolkit(self, name: str) -> bool:
         """The endpoint's container is an HF PyTorch inference DLC (read from the model it runs)."""

@@ -162,15 +162,22 @@ class VertexInvoke:
             yield f"read: gcloud logging read '{query}' --project {self.project} --order asc"
 
     def invoke(self, name: str, body: dict) -> Any:
+        import requests
         from google.api_core import exceptions
         from google.protobuf import json_format
 
+        from cloudllm import http
+
         endpoint = self._serving_endpoint(name)
         kwargs = predict_kwargs(endpoint.details["endpoint"], vertex_request(body, endpoint.runtime or "handler"))
+        if http.ASKED_TIMEOUT is not None:  # `invoke --timeout`: the REST transport's wait for the answer
+            kwargs["timeout"] = http.ASKED_TIMEOUT
         try:
             response = self.clients().predictions.predict(**kwargs, retry=transient_retry(refused_only=True))
         except exceptions.GoogleAPICallError as exc:
             raise invoke_error(name, exc) from None
+        except requests.exceptions.Timeout:
+            raise http.timed_out(name) from None
         result = json_format.MessageToDict(type(response).pb(response))
         return {"predictions": result.get("predictions", []), "deployed_model_id": response.deployed_model_id}
 
