@@ -261,7 +261,7 @@ class LocalProvider(Provider):
         process = start_server(
             [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
              "--grpc-port", str(grpc_port)],
-            log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log_path=log_path, cwd=artifact, env=_server_env(),
         )  # fmt: skip
         # Before it loads: a deploy killed from here on (even SIGKILL) leaves a server the next deploy or delete stops.
         write_atomic(version_dir / SERVER_FILE, json.dumps({"pid": process.pid, "artifact": str(artifact)}))
@@ -320,6 +320,13 @@ class LocalProvider(Provider):
             poll, what=f"starting the model server for {plan.spec.name}", deadline=timeout, reporter=reporter,
             late=lambda _: (f"the model server did not become healthy within {timeout}s", f"see its log {log_path}; raise --timeout for large models"),
         )  # fmt: skip
+
+
+def _server_env() -> dict[str, str]:
+    """This shell's environment less what would steer the server away from its artifact: our own variables
+    (a $CLOUDLLM_SETTINGS would override the artifact's settings) and the platforms' (AIP_*, SM_*, SAGEMAKER_*)."""
+    ours = ("CLOUDLLM_", "AIP_", "SM_", "SAGEMAKER_")
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(ours)}, "PYTHONUNBUFFERED": "1"}
 
 
 def _free_port() -> int:

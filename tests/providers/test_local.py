@@ -455,3 +455,17 @@ def test_an_update_keeps_the_url_clients_saved(home: dict, tiny_gpt2: Path) -> N
     with pytest.raises(httpx.TransportError):
         httpx.get(saved + "/ping", timeout=2)
 
+
+def test_the_server_ignores_our_and_the_platforms_variables_in_the_users_shell(home: dict, tiny_gpt2: Path) -> None:
+    """A $CLOUDLLM_SETTINGS (or AIP_*/SM_* of a container being developed) in the shell must not steer the local server."""
+    shell = {**home, "CLOUDLLM_SETTINGS": "{not json", "AIP_PREDICT_ROUTE": "/elsewhere", "AIP_DEPLOYED_MODEL_ID": "7", "SM_MODEL_DIR": "/nowhere"}
+    deployed = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "clean-env", env=shell)
+    assert deployed.returncode == 0, deployed.stderr
+    try:
+        environ = Path(f"/proc/{_state(home, 'clean-env')['pid']}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith((b"CLOUDLLM_", b"AIP_", b"SM_"))]
+        answer = run_cli("invoke", "clean-env", "hi", "--max-new-tokens", "3", "--raw", env=shell)
+        assert answer.returncode == 0, answer.stderr
+        assert "deployed_model_id" not in answer.stdout  # the Vertex shape only where Vertex runs it
+    finally:
+        assert run_cli("delete", "clean-env", "--yes", env=home).returncode == 0
