@@ -314,7 +314,6 @@ def render_code(model: ModelInfo, settings: ServingSettings) -> dict[str, bytes]
     )
     values = {
         "cloudllm_version": __version__,
-        "model_name": Path(model.path).name,
         "task": settings.task,
         "architecture": model.architecture or "unknown",
         "quantization": settings.quantization,

@@ -13,22 +13,24 @@ from cloudllm.invocation import iter_sse_tokens
 
 # Generation can take a while; connecting must not. `invoke --timeout` swaps it for one call (read at call time).
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+# The seconds `invoke --timeout` asked for (None: each client's default): for the SDK clients, whose defaults differ.
+ASKED_TIMEOUT: float | None = None
 
 
 @contextmanager
 def read_timeout(seconds: float | None) -> Iterator[None]:
     """Requests made inside wait at most `seconds` for the endpoint's answer (None: the default)."""
-    global TIMEOUT
-    previous = TIMEOUT
+    global TIMEOUT, ASKED_TIMEOUT
+    previous = TIMEOUT, ASKED_TIMEOUT
     if seconds is not None:
-        TIMEOUT = httpx.Timeout(seconds, connect=min(5.0, seconds))
+        TIMEOUT, ASKED_TIMEOUT = httpx.Timeout(seconds, connect=min(5.0, seconds)), seconds
     try:
         yield
     finally:
-        TIMEOUT = previous
+        TIMEOUT, ASKED_TIMEOUT = previous
 
 
-def _timed_out(name: str) -> DeployFailed:
+def timed_out(name: str) -> DeployFailed:
     return DeployFailed(
         f"endpoint {name} did not answer within {TIMEOUT.read:g}s",
         f"raise --timeout for long generations, or see whether it is stuck: cloudllm status {name}; cloudllm logs {name}",
@@ -51,7 +53,7 @@ def post_json(name: str, url: str, body: dict, headers: dict | None = None) -> A
     try:
         response = httpx.post(url, json=body, headers=headers, timeout=TIMEOUT)
     except httpx.TimeoutException:
-        raise _timed_out(name) from None
+        raise timed_out(name) from None
     if response.status_code >= 400:
         raise endpoint_error(name, response.status_code, response.text)
     return response.json()
@@ -65,4 +67,4 @@ def stream_tokens(name: str, url: str, body: dict, headers: dict | None = None) 
                 raise endpoint_error(name, response.status_code, response.text)
             yield from iter_sse_tokens(response.iter_lines())
     except httpx.TimeoutException:
-        raise _timed_out(name) from None
+        raise timed_out(name) from None

@@ -43,6 +43,8 @@ _OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "roll
 # (SageMaker: the scalable target and policy; Vertex AI: MutateDeployedModel) instead of
 # standing up a second fleet for it.
 _SCALING = {"min_instances", "max_instances", "scale_metric", "scale_target", "scale_in_cooldown", "scale_out_cooldown"}
+# The fingerprint's parts: each says what kind of change a plan makes ("digest" is of them all).
+_PARTS = ("weights_digest", "code_digest", "deploy_digest", "scaling_digest", "tags_digest", "adapters_digest")
 
 
 @dataclass
@@ -66,11 +68,21 @@ class Plan:
 
     @property
     def deploy_digest(self) -> str:
-        settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED | _SCALING | _ADAPTERS)
+        return self.deploy_digest_with_tags(tags=None)
+
+    def deploy_digest_with_tags(self, tags: dict[str, str] | None) -> str:
+        """deploy_digest; given tags, as endpoints deployed before tags_digest existed have it (the tags inside)."""
+        settings = self.spec.model_dump(mode="json", exclude=_NOT_DEPLOYED | _SCALING | _ADAPTERS | {"tags"})
         for key in _OPTIONS_NOT_DEPLOYED:  # --force overrides the fit check; it deploys nothing different
             settings.get("options", {}).pop(key, None)
         settings["runtime"] = self.runtime
+        if tags is not None:
+            settings["tags"] = tags
         return sha256_bytes(json.dumps(settings, sort_keys=True).encode())
+
+    @property
+    def tags_digest(self) -> str:
+        return sha256_bytes(json.dumps(self.spec.tags, sort_keys=True).encode())
 
     @property
     def scaling_digest(self) -> str:
@@ -97,6 +109,7 @@ class Plan:
             "deploy_digest": self.deploy_digest,
             "scaling_digest": self.scaling_digest,
             "adapters_digest": adapters_digest(self.adapter_digests),
+            "tags_digest": self.tags_digest,
         }
         parts["digest"] = fingerprint_digest(parts)
         return parts
@@ -108,24 +121,49 @@ class Plan:
     @property
     def rescale_only(self) -> bool:
         """An update of an InService endpoint whose only change is autoscaling (min/max instances,
-        metric, target, cooldowns): what runs is the same, so a provider that can may apply it in place."""
+        metric, target, cooldowns), tags perhaps too: what runs is the same, so a provider that can
+        may apply it in place (and retag on the way)."""
+        changed = self._changed_in_place()
+        return "scaling_digest" in changed and changed <= {"scaling_digest", "tags_digest"}
+
+    @property
+    def retag_only(self) -> bool:
+        """An update of an InService endpoint whose only change is its tags: a provider that can retags it in place."""
+        return self._changed_in_place() == {"tags_digest"}
+
+    def _changed_in_place(self) -> set[str]:
+        """changed_parts() of an update a provider may make in place (InService, nothing unfinished); else empty."""
         existing = self.existing
         if self.action != "update" or existing is None or existing.state != "InService" or existing.unfinished:
-            return False
-        had, now = existing.fingerprint, self.fingerprint
-        same = all(getattr(had, key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest", "adapters_digest"))
-        return same and had.scaling_digest != now["scaling_digest"]
+            return set()
+        return self.changed_parts()
+
+    def changed_parts(self) -> set[str]:
+        """The fingerprint keys (weights_digest ... tags_digest) whose digest differs from what is deployed.
+
+        An endpoint deployed before tags_digest existed has its tags inside deploy_digest: that digest
+        is recomputed with the tags the provider reports it has (so a change of tags alone is still
+        told apart), or, where it reports none, with the spec's tags (a tags change then reads as a
+        deployment change, as it did when that endpoint was deployed).
+        """
+        if self.existing is None:
+            return set(_PARTS)
+        had, now = self.existing.fingerprint, self.fingerprint
+        changed = {key for key in _PARTS if getattr(had, key) != now[key]}
+        if had.tags_digest is None:
+            reported = reported_tags(self.existing)
+            changed -= {"deploy_digest", "tags_digest"}
+            if had.deploy_digest != self.deploy_digest_with_tags(tags=self.spec.tags if reported is None else reported):
+                changed.add("deploy_digest")
+            if reported is not None and reported != self.spec.tags:
+                changed.add("tags_digest")
+        return changed
 
     @property
     def adapters_only(self) -> bool:
         """An update of an InService endpoint whose only change is its adapters: the base stays as it
         runs, so a provider that can adds and removes adapters in place (no restart, no new fleet)."""
-        existing = self.existing
-        if self.action != "update" or existing is None or existing.state != "InService" or existing.unfinished:
-            return False
-        had, now = existing.fingerprint, self.fingerprint
-        same = all(getattr(had, key) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest", "scaling_digest"))
-        return same and had.adapters_digest != now["adapters_digest"]
+        return self._changed_in_place() == {"adapters_digest"}
 
     @property
     def shards(self) -> int | None:
@@ -247,25 +285,26 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
         return "update", [f"endpoint is {existing.state}"]
     if existing.unfinished:
         return "update", [f"endpoint is {existing.state}: an earlier deploy has not finished"]
-    had = existing.fingerprint.model_dump()
-    now = plan.fingerprint
+    changed = plan.changed_parts()
     reasons = [
         label
         for key, label in (
             ("weights_digest", "weights changed"),
             ("code_digest", "code or serving settings changed"),
         )
-        if had.get(key) != now[key]
+        if key in changed
     ]
     weights_unknown = "weights changed" in reasons and not plan.bundle.exact
     if weights_unknown:  # identities, not hashes: they cannot match a deployed digest
         reasons.remove("weights changed")
-    if had.get("deploy_digest") != now["deploy_digest"]:
+    if "deploy_digest" in changed:
         reasons += _deployment_changes(plan, existing) or ["deployment settings changed"]
-    if had.get("scaling_digest") != now["scaling_digest"]:
+    if "tags_digest" in changed:
+        reasons.append(_tag_changes(plan, existing))
+    if "scaling_digest" in changed:
         spec = plan.spec
         reasons.append(f"autoscaling changed (now {spec.min_instances}-{spec.max_instances} instances)")
-    if had.get("adapters_digest") != now["adapters_digest"]:
+    if "adapters_digest" in changed:
         names = ", ".join(a.name for a in plan.adapters) or "none"
         reasons.append(f"adapters changed (now: {names})")
     if weights_unknown:
@@ -282,15 +321,25 @@ def _deployment_changes(plan: Plan, existing: Endpoint) -> list[str]:
         changed.append(f"instance {existing.instance} -> {asked}")
     if existing.runtime and existing.runtime != plan.runtime:
         changed.append(f"runtime {existing.runtime} -> {plan.runtime}")
-    # SageMaker reports the user's tags ("tags"); Vertex its labels, its own among them ("labels"): removals only from the first.
+    return changed
+
+
+def reported_tags(existing: Endpoint) -> dict[str, str] | None:
+    """The user's tags a provider reports an endpoint has (details["tags"]); None when it reports none."""
+    tags = existing.details.get("tags")
+    return tags if isinstance(tags, dict) else None
+
+
+def _tag_changes(plan: Plan, existing: Endpoint) -> str:
+    """"tags changed (team a -> b, +owner, -old)", from the tags (or, failing them, the labels) the provider reports."""
+    # Labels hold the provider's own among the user's: removals only from tags.
     reported = existing.details.get("tags", existing.details.get("labels"))
+    moved = []
     if isinstance(reported, dict):
         moved = [f"{k} {reported[k]} -> {v}" if k in reported else f"+{k}" for k, v in sorted(plan.spec.tags.items()) if reported.get(k) != v]
-        if isinstance(existing.details.get("tags"), dict):
+        if reported_tags(existing) is not None:
             moved += [f"-{k}" for k in sorted(reported) if k not in plan.spec.tags]
-        if moved:
-            changed.append(f"tags changed ({', '.join(moved)})")
-    return changed
+    return f"tags changed ({', '.join(moved)})" if moved else "tags changed"
 
 
 class Planner(Protocol):

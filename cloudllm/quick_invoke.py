@@ -43,10 +43,10 @@ def local_answer(name: str, body: dict, timeout: float | None, where: dict) -> A
             response = conn.getresponse()
             status, text = response.status, response.read().decode("utf-8", errors="replace")
         except socket.timeout:
-            from cloudllm.http import _timed_out, read_timeout
+            from cloudllm.http import read_timeout, timed_out
 
             with read_timeout(timeout):  # the full path's own line for it
-                raise _timed_out(name) from None
+                raise timed_out(name) from None
     finally:
         conn.close()
     if status >= 400:

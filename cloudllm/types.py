@@ -44,6 +44,9 @@ class Fingerprint(BaseModel):
     deploy_digest: str | None = None
     scaling_digest: str | None = None
     adapters_digest: str | None = Field(None, description="Of the adapters' names and contents (None: no adapters).")
+    # The spec's tags, apart from deploy_digest so a provider can change them in place. None on
+    # endpoints deployed before it existed: their deploy_digest covers the tags.
+    tags_digest: str | None = None
     digest: str | None = Field(None, description="Of the digests above: equal digests mean no change.")
 
 

@@ -332,7 +332,7 @@ def test_vertex_prune_from_a_fresh_machine_finds_the_files_endpoints_by_label(ve
 
 @pytest.mark.slow
 def test_adopting_a_deployed_endpoint_names_the_tag_it_adds(sagemaker_emulator, project: Path) -> None:
-    """`apply` over an endpoint `deploy` made: the reason names what changed (the file's tag), never a bare "settings changed"."""
+    """`apply` over an endpoint `deploy` made: the reason names what changed (the file's tag), and the tag is added in place."""
     flags = ["--provider", "sagemaker", "--runtime", "handler", "--instance", "ml.m5.xlarge",
              "--bucket", f"{sagemaker_emulator.bucket}/models", "--role", sagemaker_emulator.role]  # fmt: skip
     made = run_cli("deploy", str(project / "models" / "tiny"), "--name", "sm-adopt", "--tag", "team=a", *flags)
@@ -343,5 +343,11 @@ def test_adopting_a_deployed_endpoint_names_the_tag_it_adds(sagemaker_emulator, 
     path = write(project, f"file_id: adopt\nendpoints:\n  - name: sm-adopt\n{common}")
     planned = apply_json("-f", str(path), "--dry-run", env={})
     reasons = by_name(planned)["sm-adopt"]["reasons"]
-    assert f"tags changed (+{FILE_TAG})" in reasons and "deployment settings changed" not in reasons, reasons
+    assert reasons == [f"tags changed (+{FILE_TAG})"], reasons  # the model reached through another path is the same model
+    before = json.loads(run_cli("status", "sm-adopt", "--json").stdout)["details"]["endpoint_config"]
+    adopted = apply_json("-f", str(path), env={})
+    assert by_name(adopted)["sm-adopt"]["done"] and by_name(adopted)["sm-adopt"]["changes"][0]["reason"].startswith("tags only, in place")
+    after = json.loads(run_cli("status", "sm-adopt", "--json").stdout)["details"]
+    assert after["endpoint_config"] == before and after["tags"] == {"team": "a", FILE_TAG: "adopt"}  # retagged, not redeployed
+    assert by_name(apply_json("-f", str(path), "--dry-run", env={}))["sm-adopt"]["action"] == "unchanged"
     assert run_cli("delete", "sm-adopt", "--yes").returncode == 0

@@ -117,6 +117,13 @@ def test_digests_split_weights_and_code(tiny_gpt2: Path) -> None:
     assert base.digest != capped.digest
 
 
+def test_the_folder_name_is_not_part_of_the_code(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """The same model under another name (a symlink, a renamed checkout, the path `apply` resolves) deploys the same code: no spurious update."""
+    (tmp_path / "renamed").symlink_to(tiny_gpt2, target_is_directory=True)
+    direct, renamed = _bundle(tiny_gpt2).manifest, _bundle(tmp_path / "renamed").manifest
+    assert (direct.code_digest, direct.digest) == (renamed.code_digest, renamed.digest)
+
+
 def test_tokenizer_config_made_loadable_by_transformers_4(tiny_gpt2: Path, tmp_path: Path) -> None:
     """transformers 5 writes tokenizer_class TokenizersBackend, which 4.x (in the HF containers) lacks."""
     assert json.loads((tiny_gpt2 / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"

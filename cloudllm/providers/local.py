@@ -35,7 +35,7 @@ from cloudllm.home import home_dir, write_atomic
 from cloudllm.http import post_json, stream_tokens
 from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider, StrictOptions
-from cloudllm.types import FINGERPRINT_KEYS, Fingerprint
+from cloudllm.types import FINGERPRINT_KEYS, Fingerprint, ResourceChange
 from cloudllm.providers.kit import Pending
 from cloudllm.providers.local_adapters import adapter_entry, planned_adapters, serve_arguments, served_names, sync_live, valid_adapters
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
@@ -106,6 +106,10 @@ class LocalProvider(Provider):
         server for one still loading its model, or one that never will.
         """
         old = self._state(plan.spec.name)
+        if plan.retag_only:  # nothing on this machine reads the tags: recorded, the server keeps running
+            state = {**old, **plan.fingerprint, "tags": plan.spec.tags}
+            self._write_state(plan.spec.name, state)
+            return self._endpoint(plan.spec.name, state)
         if plan.adapters_only and old and old.get("url"):  # the base keeps running: adapters change in place
             state = sync_live(plan.spec.name, old, planned_adapters(plan), reporter)
             self._write_state(plan.spec.name, state)
@@ -118,6 +122,11 @@ class LocalProvider(Provider):
             shutil.rmtree(self._root(plan.spec.name) / old["version"], ignore_errors=True)
             reporter.step(f"stopped the previous server (pid {old.get('pid')})")
         return self._endpoint(plan.spec.name, state)
+
+    def describe_changes(self, plan) -> list[ResourceChange]:
+        if plan.retag_only:
+            return [ResourceChange(resource="endpoint", name=plan.spec.name, action="update", reason="tags only, in place: recorded, the server keeps running")]
+        return super().describe_changes(plan)
 
     def get(self, name: str) -> Endpoint | None:
         state = self._state(name)
@@ -281,7 +290,7 @@ class LocalProvider(Provider):
             runtime="handler",
             failure_reason=reason,
             fingerprint=Fingerprint(**{k: state.get(k) for k in FINGERPRINT_KEYS}),
-            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port", "image", "container") if k in state},
+            details={k: state[k] for k in ("pid", "log", "artifact", "grpc_port", "image", "container", "tags") if k in state},
         )
 
     def _start_version(self, plan, reporter: Reporter, *, wait: bool) -> dict:
@@ -308,7 +317,7 @@ class LocalProvider(Provider):
         process = (container.start if container else start_server)(
             [sys.executable, str(artifact / "code" / "serve.py"), "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
              "--grpc-port", str(grpc_port), *serve_arguments(adapters)],
-            log_path=log_path, cwd=artifact, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log_path=log_path, cwd=artifact, env=_server_env(),
         )  # fmt: skip
         # Before it loads: a deploy killed from here on (even SIGKILL) leaves a server the next deploy or delete stops.
         write_atomic(version_dir / SERVER_FILE, json.dumps({"pid": process.pid, "artifact": str(artifact)}))
@@ -322,6 +331,7 @@ class LocalProvider(Provider):
             "grpc_port": grpc_port,
             "adapters": adapters,
             **(container.state if container else {}),
+            "tags": plan.spec.tags,
             **plan.fingerprint,
         }
         try:
@@ -368,6 +378,13 @@ class LocalProvider(Provider):
             poll, what=f"starting the model server for {plan.spec.name}", deadline=timeout, reporter=reporter,
             late=lambda _: (f"the model server did not become healthy within {timeout}s", f"see its log {log_path}; raise --timeout for large models"),
         )  # fmt: skip
+
+
+def _server_env() -> dict[str, str]:
+    """This shell's environment less what would steer the server away from its artifact: our own variables
+    (a $CLOUDLLM_SETTINGS would override the artifact's settings) and the platforms' (AIP_*, SM_*, SAGEMAKER_*)."""
+    ours = ("CLOUDLLM_", "AIP_", "SM_", "SAGEMAKER_")
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(ours)}, "PYTHONUNBUFFERED": "1"}
 
 
 def _free_port() -> int:

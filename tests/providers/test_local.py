@@ -133,6 +133,21 @@ def test_unchanged_redeploy_does_nothing(demo: dict, home: dict, tiny_gpt2: Path
     assert _state(home, "demo")["pid"] == before["pid"]
 
 
+def test_a_tags_change_alone_is_recorded_and_the_server_keeps_running(demo: dict, home: dict, tiny_gpt2: Path) -> None:
+    before = _state(home, "demo")
+    planned = run_cli("plan", str(tiny_gpt2), "--provider", "local", "--name", "demo", "--tag", "team=a", env=home)
+    assert planned.returncode == 0, planned.stderr
+    assert "tags only, in place" in planned.stdout and "tags changed (+team)" in planned.stdout
+    result = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", "--tag", "team=a", "--json", env=home)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["reasons"] == ["tags changed (+team)"]
+    after = _state(home, "demo")
+    assert (after["pid"], after["url"], after["version"]) == (before["pid"], before["url"], before["version"]) and after["tags"] == {"team": "a"}
+    assert _pings(int(after["url"].rsplit(":", 1)[1]))
+    again = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", "--tag", "team=a", env=home)
+    assert again.returncode == 0 and "unchanged" in again.stdout, again.stderr
+
+
 def test_changed_deploy_switches_then_stops_the_old_server(demo: dict, home: dict, tiny_gpt2: Path) -> None:
     old = _state(home, "demo")
     result = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "demo", "--max-new-tokens", "40", "--json", env=home)
@@ -464,3 +479,18 @@ def test_an_update_keeps_the_url_clients_saved(home: dict, tiny_gpt2: Path) -> N
     assert run_cli("delete", "steady", env=home).returncode == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(saved + "/ping", timeout=2)
+
+
+def test_the_server_ignores_our_and_the_platforms_variables_in_the_users_shell(home: dict, tiny_gpt2: Path) -> None:
+    """A $CLOUDLLM_SETTINGS (or AIP_*/SM_* of a container being developed) in the shell must not steer the local server."""
+    shell = {**home, "CLOUDLLM_SETTINGS": "{not json", "AIP_PREDICT_ROUTE": "/elsewhere", "AIP_DEPLOYED_MODEL_ID": "7", "SM_MODEL_DIR": "/nowhere"}
+    deployed = run_cli("deploy", str(tiny_gpt2), "--provider", "local", "--name", "clean-env", env=shell)
+    assert deployed.returncode == 0, deployed.stderr
+    try:
+        environ = Path(f"/proc/{_state(home, 'clean-env')['pid']}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith((b"CLOUDLLM_", b"AIP_", b"SM_"))]
+        answer = run_cli("invoke", "clean-env", "hi", "--max-new-tokens", "3", "--raw", env=shell)
+        assert answer.returncode == 0, answer.stderr
+        assert "deployed_model_id" not in answer.stdout  # the Vertex shape only where Vertex runs it
+    finally:
+        assert run_cli("delete", "clean-env", "--yes", env=home).returncode == 0

@@ -20,6 +20,7 @@ from cloudllm_emulators.sagemaker import ROLE_ARN
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.kit import Rollout
 from cloudllm.providers.sagemaker import resources as res
+from cloudllm.testing.faults import FaultProxy
 from tests.conftest import assert_one_line_error, run_cli
 from tests.storage.request_log import s3_requests, s3_writes
 
@@ -165,6 +166,18 @@ def test_invoke_text_stream_and_json(handler: dict, home: dict) -> None:
     raw = run_cli("invoke", "sm-handler", "--json", body, "--raw", "--provider", "sagemaker", env={})  # no record: --provider
     assert raw.returncode == 0, raw.stderr
     assert json.loads(raw.stdout)[0]["generated_text"] == text.stdout.strip("\n")
+
+
+def test_invoke_timeout_reaches_the_runtime_client(handler: dict, home: dict, sagemaker_emulator) -> None:
+    """An invocation the endpoint never answers (the fault proxy parks it): `--timeout` ends it with one line."""
+    with FaultProxy(sagemaker_emulator.url, rate=0.0, flavour="aws") as proxy:
+        proxy.hold(lambda method, path: path.startswith("/endpoints/sm-handler/invocations"))
+        try:
+            parked = run_cli("invoke", "sm-handler", "hi", "--timeout", "1", env={**home, "AWS_ENDPOINT_URL": proxy.url})
+        finally:
+            proxy.release()
+    assert_one_line_error(parked, code=1, contains="endpoint sm-handler did not answer within 1s")
+    assert proxy.held_count == 1  # sent once: botocore does not retry the read timeout
 
 
 def test_status_list_and_logs(handler: dict, home: dict) -> None:
@@ -404,6 +417,73 @@ def test_an_autoscaling_change_alone_is_made_in_place(tgi: dict, aws, sagemaker_
     assert endpoint["ProductionVariants"][0]["CurrentInstanceCount"] == 1
     assert _owned(aws, "sm-tgi")["scaling"] == [] and len(_owned(aws, "sm-tgi")["configs"]) == 1
     assert _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", **same).action == "unchanged"
+
+
+def _user_tags(aws, arn: str) -> dict[str, str]:
+    return {k: v for k, v in res.tag_dict(aws["sagemaker"].list_tags(ResourceArn=arn)["Tags"]).items() if not k.startswith(res.TAG)}
+
+
+def _arns(aws, name: str) -> tuple[str, str, str]:
+    endpoint, config, model = _live(aws, name)
+    return endpoint["EndpointArn"], config["EndpointConfigArn"], model["ModelArn"]
+
+
+# What the tests above deployed on sm-tgi, all but the tags.
+_TGI = dict(runtime="tgi", instance="ml.g5.2xlarge", options={"role": ROLE_ARN, "network_isolation": True, "kms_key": KMS_KEY})
+
+
+def test_a_tags_change_alone_is_made_in_place(tgi: dict, aws, sagemaker_emulator, tiny_gpt2: Path) -> None:
+    """Tags alone (`apply` adopting an endpoint adds its file's tag): AddTags/DeleteTags on the running model,
+    endpoint config and endpoint; no new version, no blue/green update."""
+    _, config_before, model_before = _live(aws, "sm-tgi")
+    wanted = {"team": "platform", "owner": "ml"}  # was {"team": "research"}
+    plan = api.plan(tiny_gpt2, provider="sagemaker", name="sm-tgi", bucket=f"{sagemaker_emulator.bucket}/models", tags=wanted, **_TGI)
+    assert plan.retag_only and not plan.rescale_only
+    assert [(c.resource, c.action) for c in plan.changes] == [("endpoint", "update")]
+    assert "tags only, in place" in plan.changes[0].reason
+
+    recorder = Recorder()
+    result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", tags=wanted, reporter=recorder, **_TGI)
+    assert result.action == "update" and result.reasons == ["tags changed (+owner, team research -> platform)"]
+    assert any("in place" in step for step in recorder.steps) and recorder.uploaded_bytes == 0
+    endpoint, config, model = _live(aws, "sm-tgi")
+    assert (config["EndpointConfigName"], model["ModelName"]) == (config_before["EndpointConfigName"], model_before["ModelName"])
+    assert endpoint["EndpointStatus"] == "InService" and "PendingDeploymentSummary" not in endpoint
+    assert [_user_tags(aws, arn) for arn in _arns(aws, "sm-tgi")] == [wanted] * 3
+    for arn in (config["EndpointConfigArn"], model["ModelArn"]):  # the running version's fingerprint says what runs now
+        assert res.tag_dict(aws["sagemaker"].list_tags(ResourceArn=arn)["Tags"])[res.FINGERPRINT_TAGS["digest"]] == result.plan.digest
+    assert result.endpoint.details["tags"] == wanted and not result.endpoint.unfinished
+
+    # A tag dropped is deleted from all three; the same again changes nothing.
+    dropped = _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", tags={"team": "research"}, **_TGI)
+    assert dropped.reasons == ["tags changed (team platform -> research, -owner)"]
+    assert [_user_tags(aws, arn) for arn in _arns(aws, "sm-tgi")] == [{"team": "research"}] * 3
+    assert _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", tags={"team": "research"}, **_TGI).action == "unchanged"
+    assert len(_owned(aws, "sm-tgi")["configs"]) == 1
+
+
+def test_an_endpoint_deployed_before_tags_had_their_own_digest(tgi: dict, aws, sagemaker_emulator, tiny_gpt2: Path) -> None:
+    """Its deploy digest covers the tags: the same deploy is still unchanged, and a tags change is still made in place."""
+    sm, tags = aws["sagemaker"], {"team": "research"}
+    kwargs = dict(provider="sagemaker", name="sm-tgi", bucket=f"{sagemaker_emulator.bucket}/models", **_TGI)
+    plan = api.plan(tiny_gpt2, tags=tags, **kwargs)
+    assert plan.action == "unchanged"
+    _, config_arn, model_arn = _arns(aws, "sm-tgi")
+    for arn in (config_arn, model_arn):  # as an older cloudllm tagged them
+        sm.delete_tags(ResourceArn=arn, TagKeys=[res.FINGERPRINT_TAGS["tags_digest"]])
+        sm.add_tags(ResourceArn=arn, Tags=res.tag_list({res.FINGERPRINT_TAGS["deploy_digest"]: plan.deploy_digest_with_tags(tags)}))
+    old = api.status("sm-tgi", provider="sagemaker")
+    assert old.fingerprint.tags_digest is None and old.fingerprint.deploy_digest != plan.deploy_digest
+
+    assert api.plan(tiny_gpt2, tags=tags, **kwargs).action == "unchanged"
+    other = api.plan(tiny_gpt2, tags={**tags, "owner": "ml"}, **kwargs)
+    assert other.reasons == ["tags changed (+owner)"] and other.retag_only
+    serving = api.plan(tiny_gpt2, tags=tags, serving={"max_new_tokens": 7}, **kwargs)
+    assert serving.reasons == ["code or serving settings changed"]  # a real change still reads as one
+    result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", tags={**tags, "owner": "ml"}, **_TGI)
+    assert result.action == "update" and result.endpoint.fingerprint.tags_digest == result.plan.tags_digest
+    assert _deploy(sagemaker_emulator, tiny_gpt2, "sm-tgi", tags={**tags, "owner": "ml"}, **_TGI).action == "unchanged"
+    assert len(_owned(aws, "sm-tgi")["configs"]) == 1
 
 
 def test_delete_removes_scaling_and_keeps_artifacts(tgi: dict, aws, home: dict) -> None:

@@ -16,9 +16,10 @@ from cloudllm import api
 from cloudllm.catalog.vertex_images import IMAGES
 from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
-from cloudllm.providers.vertex import decode_digest, deployment_timeout
+from cloudllm.providers.vertex import decode_digest, deployment_timeout, encode_digest
 from cloudllm.spec import spec_from_kwargs
 from cloudllm.testing import eventually
+from cloudllm.testing.faults import FaultProxy
 from tests.conftest import assert_one_line_error, run_cli
 from tests.storage.request_log import gcs_requests, gcs_writes
 
@@ -139,6 +140,51 @@ def test_an_autoscaling_change_alone_is_made_in_place(vertex_emulator, clients, 
     api.delete("tgi-rescale", provider="vertex", purge_artifacts=True)
 
 
+def test_a_tags_change_alone_is_made_in_place(vertex_emulator, clients, tiny_gpt2: Path, no_engine_servers) -> None:
+    """Tags alone: UpdateEndpoint and UpdateModel relabel the endpoint and its serving version; no new version or DeployModel."""
+    from google.protobuf import field_mask_pb2
+
+    endpoints, models = clients
+    base = dict(runtime="tgi", instance="g2-standard-8")
+    first = _deploy(tiny_gpt2, vertex_emulator, "tgi-retag", tags={"team": "research"}, **base)
+    _, deployed, model = _deployed(clients, first)
+    wanted = {"team": "platform", "owner": "ml"}
+    plan = api.plan(tiny_gpt2, provider="vertex", name="tgi-retag", bucket=vertex_emulator.bucket, tags=wanted, **base)
+    assert plan.retag_only and [(c.resource, c.action) for c in plan.changes] == [("endpoint", "update")]
+    assert "tags only, in place" in plan.changes[0].reason
+
+    reporter = Recorder()
+    result = _deploy(tiny_gpt2, vertex_emulator, "tgi-retag", reporter, tags=wanted, **base)
+    assert result.action == "update" and result.reasons == ["tags changed (+owner, team research -> platform)"]
+    assert any("in place" in s for s in reporter.steps) and not any(s.startswith("uploaded ") for s in reporter.steps)
+    endpoint, now, model_now = _deployed(clients, result)
+    assert (now.id, model_now.version_id) == (deployed.id, model.version_id)  # the same copy, the same version
+    assert {k: endpoint.labels[k] for k in wanted} == wanted and "cloudllm-lock" not in endpoint.labels
+    assert {k: model_now.labels[k] for k in wanted} == wanted and decode_digest(model_now.labels["cloudllm-digest"]) == result.plan.digest
+    assert result.endpoint.details["tags"] == wanted
+
+    # A tag dropped goes from both; the same again changes nothing.
+    dropped = _deploy(tiny_gpt2, vertex_emulator, "tgi-retag", tags={"owner": "ml"}, **base)
+    assert dropped.reasons == ["tags changed (-team)"]
+    endpoint, _, model_now = _deployed(clients, dropped)
+    assert "team" not in endpoint.labels and "team" not in model_now.labels and dropped.endpoint.details["tags"] == {"owner": "ml"}
+    assert _deploy(tiny_gpt2, vertex_emulator, "tgi-retag", tags={"owner": "ml"}, **base).action == "unchanged"
+
+    # Deployed before tags had their own digest (its deploy digest covers them): still unchanged, still retagged in place.
+    kwargs = dict(provider="vertex", name="tgi-retag", bucket=vertex_emulator.bucket, **base)
+    plan = api.plan(tiny_gpt2, tags={"owner": "ml"}, **kwargs)
+    labels = {k: v for k, v in model_now.labels.items() if k != "cloudllm-tags"}
+    labels["cloudllm-deploy"] = encode_digest(plan.deploy_digest_with_tags({"owner": "ml"}))
+    models.update_model(model=v1.Model(name=model_now.name + "@" + model_now.version_id, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]))
+    assert api.status("tgi-retag", provider="vertex").fingerprint.tags_digest is None
+    assert api.plan(tiny_gpt2, tags={"owner": "ml"}, **kwargs).action == "unchanged"
+    other = api.plan(tiny_gpt2, tags={"owner": "ml", "team": "x"}, **kwargs)
+    assert other.retag_only and other.reasons == ["tags changed (+team)"]
+    assert _deploy(tiny_gpt2, vertex_emulator, "tgi-retag", tags={"owner": "ml", "team": "x"}, **base).endpoint.fingerprint.tags_digest
+    assert len(endpoints.get_endpoint(name=endpoint.name).deployed_models) == 1
+    api.delete("tgi-retag", provider="vertex", purge_artifacts=True)
+
+
 def test_vllm_deploy_with_an_accelerator_override_and_delete_to_nothing(vertex_emulator, clients, tiny_gpt2: Path, no_engine_servers) -> None:
     result = _deploy(tiny_gpt2, vertex_emulator, "vllm-demo", runtime="vllm", instance="n1-standard-8", accelerator="NVIDIA_TESLA_T4:2")
     _, deployed, model = _deployed(clients, result)
@@ -243,6 +289,18 @@ def test_invoke_and_stream_through_the_cli(vertex_emulator, handler_demo) -> Non
 
     raw = api.invoke("handler-demo", "Once upon a time", parameters={"max_new_tokens": 4}, provider="vertex", full_response=True)
     assert len(raw["predictions"]) == 1 and raw["deployed_model_id"]
+
+
+def test_invoke_timeout_reaches_the_predict_call(vertex_emulator, handler_demo) -> None:
+    """A predict the endpoint never answers (the fault proxy parks it): `--timeout` ends it with one line."""
+    with FaultProxy(vertex_emulator.url, rate=0.0, flavour="google") as proxy:
+        proxy.hold(lambda method, path: path.split("?")[0].endswith(":predict"))
+        try:
+            parked = run_cli("invoke", "handler-demo", "hi", "--provider", "vertex", "--timeout", "1", env={"CLOUDLLM_VERTEX_ENDPOINT": proxy.url})
+        finally:
+            proxy.release()
+    assert_one_line_error(parked, code=1, contains="endpoint handler-demo did not answer within 1s")
+    assert proxy.held_count == 1  # sent once: a lost answer is not asked for again
 
 
 def test_changed_deploy_adds_a_version_moves_traffic_and_undeploys_the_old(vertex_emulator, clients, handler_demo, tiny_gpt2) -> None:

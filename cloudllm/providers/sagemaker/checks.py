@@ -173,6 +173,8 @@ class SageMakerChecks:
         if plan.rescale_only:
             changes = [ResourceChange(resource="endpoint", name=name, action="update", reason="autoscaling only, in place: no new model, config or instances")]
             return changes + self._scaling_changes(plan)
+        if plan.retag_only:
+            return [ResourceChange(resource="endpoint", name=name, action="update", reason="tags only, in place: the running model, endpoint config and endpoint are retagged")]
         version = f"{res.name_prefix(name)}{plan.digest[:8]}-<time>"
         old = (plan.existing.details if plan.existing else {}) or {}
         artifacts = str(self._version_uri(plan))

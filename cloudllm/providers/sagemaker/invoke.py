@@ -36,23 +36,27 @@ class SageMakerInvoke:
 
     # --- invoking -------------------------------------------------------------------------
     def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, ConnectTimeoutError, ReadTimeoutError
+
+        from cloudllm import http
 
         self._session()
         lookup = False
         while True:
             target, sent = self._invoke_target(name, body, model, lookup=lookup)
             try:
-                response = self._client("sagemaker-runtime").invoke_endpoint(
+                response = self._runtime_client(http.ASKED_TIMEOUT).invoke_endpoint(
                     EndpointName=name, Body=json.dumps(sent).encode(), ContentType="application/json", Accept="application/json", **target
                 )
+                data = response["Body"].read()
                 break
             except ClientError as exc:
                 if not lookup and not target and needs_component(exc):
                     lookup = True  # an endpoint of inference components this machine has no record of
                     continue
                 raise self._invoke_error(name, exc, target) from None
-        data = response["Body"].read()
+            except (ReadTimeoutError, ConnectTimeoutError):
+                raise http.timed_out(name) from None
         try:
             return json.loads(data)
         except ValueError:
@@ -88,6 +92,21 @@ class SageMakerInvoke:
             yield from iter_sse_tokens(as_events(split_lines(parts())))
         except ClientError as exc:  # botocore.exceptions.EventStreamError is one too (ModelStreamError)
             raise self._invoke_error(name, exc, target) from None
+
+    def _runtime_client(self, timeout: float | None):
+        """The sagemaker-runtime client; given `invoke --timeout`, one that waits that long for the answer and
+        does not send the request again when it passes (botocore would retry a read timeout, each try the full wait)."""
+        if timeout is None:
+            return self._client("sagemaker-runtime")
+        from botocore.config import Config
+
+        from cloudllm import __version__
+
+        config = Config(
+            read_timeout=timeout, connect_timeout=min(5.0, timeout), retries={"mode": "standard", "total_max_attempts": 1},
+            user_agent_extra=f"cloudllm/{__version__}",
+        )  # fmt: skip
+        return self._session().client("sagemaker-runtime", config=config)
 
     def _runs_toolkit(self, name: str) -> bool:
         """The endpoint's container is an HF PyTorch inference DLC (read from the model it runs)."""

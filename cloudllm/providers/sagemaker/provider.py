@@ -125,6 +125,8 @@ class SageMakerProvider(
             raise UserError(f"endpoint {name} is {existing.state}", f"wait until it is InService (`cloudllm status {name}`), then deploy again")
         if plan.rescale_only:
             return self._rescale(plan, existing, reporter)
+        if plan.retag_only:
+            return self._retag(plan, existing, reporter)
         instance = self._instance(plan.spec)
         sizes = res.sizing(plan, instance)
         with self._aws(f"read endpoint {name}"):
@@ -192,13 +194,7 @@ class SageMakerProvider(
                 )
             reporter.step(f"{name}: {details['instances']} -> {desired} instance(s)")
             self._wait(name, res.sizing(plan, self._instance(plan.spec)).wait_timeout, reporter)
-        fingerprint = res.tag_list(res.fingerprint_tags(plan))
-        with self._aws(f"tag the model and endpoint config of {name}"):
-            for arn in (
-                self._sm.describe_model(ModelName=details["model_name"])["ModelArn"],
-                self._sm.describe_endpoint_config(EndpointConfigName=details["endpoint_config"])["EndpointConfigArn"],
-            ):
-                self._sm.add_tags(ResourceArn=arn, Tags=fingerprint)
+        self._retag_version(plan, details)
         self._retag_endpoint(plan)
         return self._require(name)
 
@@ -243,11 +239,7 @@ class SageMakerProvider(
         name = plan.spec.name
         with self._aws(f"tag endpoint {name}"):
             arn = self._sm.describe_endpoint(EndpointName=name)["EndpointArn"]
-            wanted = {**res.endpoint_tags(plan, str(self._artifact_root(plan))), res.FINISHED_TAG: plan.digest}
-            stale = [k for k in self._tags(arn) if k not in wanted and not k.startswith("aws:")]
-            if stale:
-                self._sm.delete_tags(ResourceArn=arn, TagKeys=stale)
-            self._sm.add_tags(ResourceArn=arn, Tags=res.tag_list(wanted))
+            self._set_tags(arn, {**res.endpoint_tags(plan, str(self._artifact_root(plan))), res.FINISHED_TAG: plan.digest})
 
     # --- waiting --------------------------------------------------------------------------------
     def _wait(self, name: str, timeout: int, reporter: Reporter, *, target_config: str | None = None) -> dict:

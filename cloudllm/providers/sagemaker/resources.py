@@ -40,6 +40,7 @@ FINGERPRINT_TAGS = {
     "deploy_digest": TAG + "deploy-digest",
     "scaling_digest": TAG + "scaling-digest",
     "adapters_digest": TAG + "adapters-digest",  # absent without adapters
+    "tags_digest": TAG + "tags-digest",
     "digest": TAG + "digest",
 }
 MAX_TAGS = 50
@@ -319,8 +320,9 @@ def fingerprint_tags(plan: "Plan") -> dict[str, str]:
 
 def check_user_tags(tags: dict[str, str]) -> None:
     """SageMaker's tag rules, checked before anything is created."""
-    if len(tags) > MAX_TAGS - 11:
-        raise UserError(f"{len(tags)} tags are too many", f"SageMaker allows {MAX_TAGS} per resource and cloudllm uses 11: pass at most {MAX_TAGS - 11}")
+    own = 5 + len(FINGERPRINT_TAGS)  # what version_tags adds on a model and endpoint config
+    if len(tags) > MAX_TAGS - own:
+        raise UserError(f"{len(tags)} tags are too many", f"SageMaker allows {MAX_TAGS} per resource and cloudllm uses {own}: pass at most {MAX_TAGS - own}")
     for key, value in tags.items():
         if not 1 <= len(key) <= 128 or len(value) > 256 or not _TAG_TEXT.match(key) or not _TAG_TEXT.match(value):
             raise UserError(

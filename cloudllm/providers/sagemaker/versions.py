@@ -12,6 +12,7 @@ from cloudllm.storage.s3 import S3Uri
 
 if TYPE_CHECKING:
     from cloudllm.plan import Plan
+    from cloudllm.providers.base import Endpoint
 
 
 class SageMakerVersions:
@@ -88,6 +89,40 @@ class SageMakerVersions:
             self._create_once(lambda: self._sm.create_model(**model), ours=lambda: self._same_version(name, tags) or None)
         ledger.add("model", name, lambda: self._removing(f"model {name}", lambda: self._sm.delete_model(ModelName=name)))
         return name
+
+    # --- retagging the running version in place ------------------------------------------
+    def _retag(self, plan: "Plan", existing: "Endpoint", reporter: Reporter) -> "Endpoint":
+        """Only the tags changed: retag the running model, endpoint config and endpoint; no new version or fleet."""
+        name = plan.spec.name
+        reporter.step(f"only the tags of {name} changed: retagging in place, no new model, config or instances")
+        self._retag_version(plan, existing.details)
+        self._retag_endpoint(plan)
+        return self._require(name)
+
+    def _retag_version(self, plan: "Plan", details: dict) -> None:
+        """The plan's tags and fingerprint on the running model and endpoint config (cloudllm's own tags kept).
+
+        The config goes last: `get` reads what runs from its tags, so a run stopped before it finds
+        the old fingerprint and retags again.
+        """
+        name = plan.spec.name
+        with self._aws(f"tag the model and endpoint config of {name}"):
+            for arn in (
+                self._sm.describe_model(ModelName=details["model_name"])["ModelArn"],
+                self._sm.describe_endpoint_config(EndpointConfigName=details["endpoint_config"])["EndpointConfigArn"],
+            ):
+                ours = {k: v for k, v in self._tags(arn).items() if k.startswith(res.TAG)}
+                self._set_tags(arn, {**ours, **plan.spec.tags, **res.fingerprint_tags(plan)})
+
+    def _set_tags(self, arn: str, wanted: dict[str, str]) -> None:
+        """Make a resource's tags `wanted` (AWS's own aws: tags left alone): DeleteTags the stale, AddTags the changed."""
+        current = self._tags(arn)
+        stale = [k for k in current if k not in wanted and not k.startswith("aws:")]
+        if stale:
+            self._sm.delete_tags(ResourceArn=arn, TagKeys=stale)
+        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+        if changed:
+            self._sm.add_tags(ResourceArn=arn, Tags=res.tag_list(changed))
 
     @staticmethod
     def _create_once(create, *, ours) -> Any:

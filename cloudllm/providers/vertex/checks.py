@@ -219,6 +219,8 @@ class VertexChecks:
             ]
         elif plan.rescale_only:
             return [ResourceChange(resource="deployed-model", name=name, action="update", reason=f"autoscaling only, in place: {resources_line(plan)}")]
+        elif plan.retag_only:
+            return [ResourceChange(resource="endpoint", name=name, action="update", reason="tags only, in place: the endpoint and its serving model version are relabelled")]
         else:
             changes += [
                 ResourceChange(resource="model-version", name=name, action="create", reason="; ".join(plan.reasons)),

@@ -203,8 +203,11 @@ class VertexInvoke:
     def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
         import json
 
+        import requests
         from google.api_core import exceptions
         from google.protobuf import json_format
+
+        from cloudllm import http
 
         endpoint = self._serving_endpoint(name)
         target = self._model_target(name, endpoint, model)
@@ -218,10 +221,14 @@ class VertexInvoke:
         kwargs = predict_kwargs(endpoint.details["endpoint"], request)
         # At zero a 429 is the wake (cloudllm.api waits through it), not throttling to retry here.
         retry = None if endpoint.details.get("scale_to_zero") else transient_retry(refused_only=True)
+        if http.ASKED_TIMEOUT is not None:  # `invoke --timeout`: the REST transport's wait for the answer
+            kwargs["timeout"] = http.ASKED_TIMEOUT
         try:
             response = self.clients().predictions.predict(**kwargs, retry=retry)
         except exceptions.GoogleAPICallError as exc:
             raise self._waking(name, endpoint, invoke_error(name, exc) if not isinstance(exc, exceptions.TooManyRequests) else exc) from None
+        except requests.exceptions.Timeout:
+            raise http.timed_out(name) from None
         result = json_format.MessageToDict(type(response).pb(response))
         return {"predictions": result.get("predictions", []), "deployed_model_id": response.deployed_model_id}
 

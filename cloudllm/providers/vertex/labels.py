@@ -20,8 +20,21 @@ DIGEST_LABELS = {
     "deploy_digest": "cloudllm-deploy",
     "scaling_digest": "cloudllm-scaling",
     "adapters_digest": "cloudllm-adapters",  # only with adapters (None is left out)
+    "tags_digest": "cloudllm-tags",
     "digest": "cloudllm-digest",
 }
+# Every label cloudllm itself writes: the rest of a resource's labels are the spec's tags.
+OWN_LABELS = frozenset({*SYSTEM_LABELS, LOCK_LABEL, RUNTIME_LABEL, *DIGEST_LABELS.values()})
+
+
+def with_tags(labels, tags: dict[str, str]) -> dict[str, str]:
+    """A resource's labels with the user's part replaced by `tags` (cloudllm's own kept)."""
+    return {**{k: v for k, v in labels.items() if k in OWN_LABELS}, **tags}
+
+
+def user_tags(labels) -> dict[str, str]:
+    """The spec's tags among a resource's labels."""
+    return {k: v for k, v in labels.items() if k not in OWN_LABELS}
 
 
 def lock_time(label: str) -> float:

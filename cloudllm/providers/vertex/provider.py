@@ -14,7 +14,7 @@ from cloudllm.providers.vertex.checks import (
 )
 from cloudllm.providers.vertex.cleanup import VertexCleanup
 from cloudllm.providers.vertex.invoke import VertexInvoke, predict_url
-from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_BY, RUNTIME_LABEL, decode_digest
+from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_BY, RUNTIME_LABEL, decode_digest, user_tags
 from cloudllm.providers.vertex.options import VertexOptions
 from cloudllm.providers.vertex.models import VertexModels, first_models
 from cloudllm.providers.vertex.rollout import VertexRollout
@@ -80,6 +80,8 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
         endpoint = self.clients().endpoints.get_endpoint(name=endpoint_name)
         if plan.rescale_only and plan.spec.min_instances != 0 and not existing.details.get("scale_to_zero"):
             return self._rescale(plan, endpoint, reporter)  # MutateDeployedModel is v1's: a scale to zero goes through a new deploy
+        if plan.retag_only:
+            return self._retag(plan, endpoint, reporter)
         old = first_models(endpoint)  # the endpoint's other (added) models stay as they are
         main = main_deployment(endpoint)
         before = dict(endpoint.traffic_split)
@@ -140,8 +142,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
                 update_mask=mask, retry=transient_retry(),  # setting the same values twice is harmless
             )  # fmt: skip
             self._wait(op, f"scaling to {resources_line(plan)}", deploy_deadline(plan), reporter)  # new replicas load the model
-            labels = {**c.models.get_model(name=version, retry=transient_retry()).labels, **self._digest_labels(plan)}
-            c.models.update_model(model=v1.Model(name=version, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=transient_retry())
+            self._relabel_version(plan, version)
         except StillRunning as exc:
             exc.fix = "the old version keeps serving; once the operation has ended, deploy again to finish, or give the deploy a longer --timeout"
             exc.args = (exc.line(),)
@@ -194,6 +195,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
             image=model.container_spec.image_uri,
             replicas=f"{res.min_replica_count}..{res.max_replica_count or res.min_replica_count}",
             **self._tenancy_details(endpoint, main, model),
+            tags=user_tags(model.labels),  # the serving version's: set with its digests
         )
         fingerprint = Fingerprint(**{key: decode_digest(model.labels[label]) for key, label in DIGEST_LABELS.items() if label in model.labels})
         state, reason = ("InService" if endpoint.traffic_split.get(main.id) else "Updating"), None

@@ -12,7 +12,7 @@ from cloudllm.errors import DeployFailed
 from cloudllm.providers.kit import pause
 from cloudllm.providers.vertex.checks import CANARY_SAMPLES_MAX, canary_bake_seconds, sample_body
 from cloudllm.providers.vertex.invoke import predict_kwargs, vertex_request
-from cloudllm.providers.vertex.labels import LOCK_LABEL, LOCK_STALE_SECONDS, SYSTEM_LABELS, lock_time
+from cloudllm.providers.vertex.labels import LOCK_LABEL, LOCK_STALE_SECONDS, lock_time, with_tags
 from cloudllm.providers.vertex.session import RETRY_INITIAL, api_message, transient_retry
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class VertexRollout:
                 if now.labels.get(LOCK_LABEL) == token:
                     labels = {k: v for k, v in now.labels.items() if k != LOCK_LABEL}
                     if updated:  # the tags as the plan declares them (apply --prune finds its endpoints by them)
-                        labels = {**{k: v for k, v in labels.items() if k in SYSTEM_LABELS}, **plan.spec.tags}
+                        labels = with_tags(labels, plan.spec.tags)
                     c.endpoints.update_endpoint(endpoint=v1.Endpoint(name=endpoint_name, labels=labels, etag=now.etag), update_mask=mask, retry=transient_retry())
             except exceptions.GoogleAPICallError:
                 pass  # the lock goes stale; --force takes it over

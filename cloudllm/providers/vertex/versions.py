@@ -16,9 +16,9 @@ from cloudllm.providers.vertex.checks import (
 )
 from cloudllm.providers.vertex.labels import (
     DIGEST_LABELS, MANAGED_BY, NAME_LABEL, RUNTIME_LABEL, RUN_LABEL, decode_digest, encode_digest,
-    label_value,
+    label_value, with_tags,
 )
-from cloudllm.providers.vertex.session import send_once, unless_gone
+from cloudllm.providers.vertex.session import deploy_error, send_once, transient_retry, unless_gone
 
 if TYPE_CHECKING:
     from cloudllm.plan import Plan
@@ -230,6 +230,39 @@ class VertexVersions:
         """The plan's fingerprint as model labels: what `get` reads back to compare."""
         fingerprint = plan.fingerprint
         return {label: encode_digest(fingerprint[key]) for key, label in DIGEST_LABELS.items() if fingerprint[key] is not None}
+
+    # --- relabelling the serving version in place ----------------------------------------------
+    def _retag(self, plan: "Plan", endpoint, reporter: Reporter) -> Endpoint:
+        """Only the tags changed: the endpoint's labels (UpdateEndpoint), then the serving model version's (UpdateModel).
+
+        The model version goes last: its digest labels say what is deployed, so a run stopped
+        before it finds the old digests and relabels again.
+        """
+        from google.cloud import aiplatform_v1 as v1
+        from google.protobuf import field_mask_pb2
+
+        c = self.clients()
+        main = main_deployment(endpoint)
+        reporter.step(f"only the tags of {plan.spec.name} changed: relabelling in place, no new model version or copy")
+        try:
+            now = c.endpoints.get_endpoint(name=endpoint.name, retry=transient_retry())
+            c.endpoints.update_endpoint(
+                endpoint=v1.Endpoint(name=endpoint.name, labels=with_tags(now.labels, plan.spec.tags), etag=now.etag),
+                update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=transient_retry(),
+            )  # fmt: skip
+            self._relabel_version(plan, f"{main.model}@{main.model_version_id}")
+        except Exception as exc:
+            raise deploy_error(exc, plan.spec.name) from None
+        return self._endpoint_or_fail(plan.spec.name)
+
+    def _relabel_version(self, plan: "Plan", version: str) -> None:
+        """The plan's tags and digests on a model version (UpdateModel), cloudllm's other labels kept."""
+        from google.cloud import aiplatform_v1 as v1
+        from google.protobuf import field_mask_pb2
+
+        models = self.clients().models
+        labels = {**with_tags(models.get_model(name=version, retry=transient_retry()).labels, plan.spec.tags), **self._digest_labels(plan)}
+        models.update_model(model=v1.Model(name=version, labels=labels), update_mask=field_mask_pb2.FieldMask(paths=["labels"]), retry=transient_retry())
 
     def _run_token(self) -> str:
         """A random token for this provider object's deploys, put on what they create (RUN_LABEL)."""
