@@ -24,7 +24,8 @@ DIGEST_LABELS = {
     "digest": "cloudllm-digest",
 }
 # Every label cloudllm itself writes: the rest of a resource's labels are the spec's tags.
-OWN_LABELS = frozenset({*SYSTEM_LABELS, LOCK_LABEL, RUNTIME_LABEL, *DIGEST_LABELS.values()})
+MODEL_LABEL = "cloudllm-model"  # on the first model's versions: its --model name, as a label value
+OWN_LABELS = frozenset({*SYSTEM_LABELS, LOCK_LABEL, RUNTIME_LABEL, MODEL_LABEL, *DIGEST_LABELS.values()})
 
 
 def with_tags(labels, tags: dict[str, str]) -> dict[str, str]:

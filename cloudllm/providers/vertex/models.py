@@ -23,14 +23,13 @@ from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.base import Endpoint, Waking
 from cloudllm.providers.vertex.invoke import PREDICT_ROUTE
-from cloudllm.providers.vertex.labels import deployed_model_id, label_value
+from cloudllm.providers.vertex.labels import MODEL_LABEL, deployed_model_id, label_value
 from cloudllm.providers.vertex.session import transient_retry
 
 if TYPE_CHECKING:
     from cloudllm.plan import Plan
 
 ADDED_PREFIX = "model:"  # DeployedModel.display_name of an added model: "model:<name>"
-MODEL_LABEL = "cloudllm-model"  # on the first model's versions: its --model name, as a label value
 ADAPTER_URIS_ENV = "CLOUDLLM_ADAPTER_URIS"  # bootstrap.py copies each gs://.../adapters/<digest>/ to adapters/<digest>/
 SCALE_TO_ZERO_PERIODS = (300, 28800)  # seconds: v1beta1 ScaleToZeroSpec's idle_scaledown_period bounds
 ADAPTER_RUNTIMES = {
