@@ -246,6 +246,7 @@ def test_streams_end_with_the_reason_and_counts_the_endpoint_sent() -> None:
     assert list(iter_sse_tokens(['data: {"token": {"text": "c"}}'])) == ["c"]  # a stream that does not say: no closing piece
 
 
+@pytest.mark.slow  # a real pty and a frozen server; it timed out once in a fresh-clone CI run (not yet explained): runs in make test-slow
 def test_ctrl_c_in_chat_ends_the_reply_then_the_chat(local_endpoint: Any, module_home: Path) -> None:
     """A real terminal (a pty) and real SIGINTs: mid-reply, back to the prompt; at the prompt, exit 130; no traceback."""
     import os
