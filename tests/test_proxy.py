@@ -246,7 +246,6 @@ def test_streams_end_with_the_reason_and_counts_the_endpoint_sent() -> None:
     assert list(iter_sse_tokens(['data: {"token": {"text": "c"}}'])) == ["c"]  # a stream that does not say: no closing piece
 
 
-@pytest.mark.slow  # a real pty and a frozen server; it timed out once in a fresh-clone CI run (not yet explained): runs in make test-slow
 def test_ctrl_c_in_chat_ends_the_reply_then_the_chat(local_endpoint: Any, module_home: Path) -> None:
     """A real terminal (a pty) and real SIGINTs: mid-reply, back to the prompt; at the prompt, exit 130; no traceback."""
     import os
@@ -263,10 +262,10 @@ def test_ctrl_c_in_chat_ends_the_reply_then_the_chat(local_endpoint: Any, module
     os.close(slave)
     seen = bytearray()
 
-    def read_until(done) -> bytes:
+    def read_until(done, exited_ok: bool = False) -> bytes:
         deadline = time.monotonic() + 240  # a guard against hanging, not a speed check
         while not done(bytes(seen)):
-            assert time.monotonic() < deadline and chat.poll() is None, (chat.returncode, bytes(seen))
+            assert time.monotonic() < deadline and (exited_ok or chat.poll() is None), (chat.returncode, bytes(seen))
             if select.select([master], [], [], 0.2)[0]:
                 try:
                     seen.extend(os.read(master, 65536))
@@ -287,8 +286,15 @@ def test_ctrl_c_in_chat_ends_the_reply_then_the_chat(local_endpoint: Any, module
             os.kill(server, signal.SIGCONT)
         mark = len(seen)
         os.write(master, b"The quick brown\n")  # the next turn is answered whole: the server was not harmed
-        read_until(lambda out: out[mark:].count(b"\r\n") >= 2 and out.endswith(b"> "))
-        os.kill(chat.pid, signal.SIGINT)  # at the prompt: the chat ends
+        read_until(lambda out: out[mark:].count(b"\r\n") >= 2 and out.endswith(b"\r\n> "))
+        # The prompt is the marker; a reply may itself end a read in "\n> ", so a Ctrl-C that lands
+        # mid-reply after all shows " [interrupted]" and the prompt again: then the next one ends the chat.
+        for _ in range(3):
+            mark = len(seen)
+            os.kill(chat.pid, signal.SIGINT)  # at the prompt: the chat ends
+            read_until(lambda out: chat.poll() is not None or b"[interrupted]\r\n> " in out[mark:], exited_ok=True)
+            if chat.poll() is not None:
+                break
         assert chat.wait(60) == 130
     finally:
         if chat.poll() is None:

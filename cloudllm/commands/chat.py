@@ -43,7 +43,7 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
     interactive = sys.stdin.isatty()
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = _read_turn() if interactive else input("")
         except EOFError:
             click.echo()
             return
@@ -79,3 +79,26 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
             raise
         click.echo()
         history.append({"role": "assistant", "content": reply})
+
+
+def _read_turn() -> str:
+    """The next line typed at the terminal, after the prompt; Ctrl-C while waiting raises KeyboardInterrupt.
+
+    input() prints the prompt and then blocks in read(2) with no look at pending signals in between:
+    a SIGINT landing in that gap (a loaded machine, or a quick Ctrl-C right after a reply) only set a
+    flag, and the chat hung until a line came. Waiting in short select()s returns to Python often
+    enough that a pending Ctrl-C is always handled; the terminal's canonical mode hands read(2) one
+    whole line at a time, so no line is ever split or held back in a buffer.
+    """
+    import os
+    import select
+
+    click.echo("> ", nl=False)
+    sys.stdout.flush()
+    fd = sys.stdin.fileno()
+    while not select.select([fd], [], [], 0.2)[0]:
+        pass
+    data = os.read(fd, 65536)
+    if not data:
+        raise EOFError
+    return data.decode(sys.stdin.encoding or "utf-8", errors="replace").rstrip("\n")
