@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Iterator
 
 import click
 
@@ -64,14 +65,10 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
                 reply = openai_choice_text(api.chat(name, history, parameters=parameters, **target, **where)["choices"][0]) or ""
                 click.echo(reply, nl=False)
             else:
-                pieces = api.chat_stream(name, history, parameters=parameters, **target, **where)
-                try:
-                    for piece in pieces:
-                        reply += piece
-                        click.echo(piece, nl=False)
-                        sys.stdout.flush()
-                finally:  # a Ctrl-C between pieces closes the connection now: the server stops generating
-                    getattr(pieces, "close", lambda: None)()
+                for piece in _pieces_interruptibly(api.chat_stream(name, history, parameters=parameters, **target, **where)):
+                    reply += piece
+                    click.echo(piece, nl=False)
+                    sys.stdout.flush()
         except KeyboardInterrupt:
             click.echo(" [interrupted]", nl=False)
         except Exception:
@@ -102,3 +99,46 @@ def _read_turn() -> str:
     if not data:
         raise EOFError
     return data.decode(sys.stdin.encoding or "utf-8", errors="replace").rstrip("\n")
+
+
+def _pieces_interruptibly(pieces: Iterator[str]) -> Iterator[str]:
+    """pieces, read by a helper thread so that Ctrl-C always ends the turn at once.
+
+    A SIGINT that lands just before the socket read blocks is only noted, and the read waits for the
+    next token (for ever from a stalled server, up to the read timeout). Here the main thread waits in
+    short steps and so always sees it; the helper closes the stream (the server stops generating) as
+    soon as its read returns.
+    """
+    import queue
+    import threading
+
+    handed: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    end = object()
+
+    def read() -> None:
+        try:
+            for piece in pieces:
+                if stop.is_set():
+                    break
+                handed.put(piece)
+            handed.put(end)
+        except BaseException as exc:  # handed to the main thread, which raises it there
+            handed.put(exc)
+        finally:
+            getattr(pieces, "close", lambda: None)()
+
+    threading.Thread(target=read, name="cloudllm-chat-reply", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = handed.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
