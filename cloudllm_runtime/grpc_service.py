@@ -253,7 +253,6 @@ class InferenceService:
         self._validate(engine, prompts, parameters, context)
         future = asyncio.run_coroutine_threadsafe(self.state.batcher.submit(prompts, parameters), self.loop)
         predictions = self._result(future, context)
-        self.state.metrics.add_tokens(sum(p.generated_tokens for p in predictions))
         return self._response(request, [_text(self.state, p, parameters) for p in predictions])
 
     def ModelStreamInfer(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
@@ -281,8 +280,7 @@ class InferenceService:
             while True:
                 try:
                     piece = next(pieces)
-                except StopIteration as end:
-                    self.state.metrics.add_tokens(end.value.generated_tokens)
+                except StopIteration:  # the engine counted the tokens as it decoded (engine.on_tokens)
                     break
                 except Exception as exc:  # reported to the client as this request's error
                     raise _Refused(f"generation failed: {exc}") from None

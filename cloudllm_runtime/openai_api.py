@@ -506,8 +506,7 @@ async def _read_json(state: ServerState, request: Request) -> Any:
 async def _run(state: ServerState, request: Request, prompts: list[str], parameters: dict[str, Any]) -> list[Prediction]:
     predictions: list[Prediction] = await state.batcher.submit(prompts, parameters)
     tokens = sum(p.generated_tokens for p in predictions)
-    _http()._note(request, tokens=tokens)
-    state.metrics.add_tokens(tokens)
+    _http()._note(request, tokens=tokens)  # the metric is counted by the engine as it decodes (engine.on_tokens)
     return predictions
 
 
@@ -655,7 +654,6 @@ async def _streamed(state, request, engine, prompt, parameters) -> AsyncIterator
         async for event in generated_pieces(state, engine, prompt, parameters):
             if isinstance(event, Prediction):
                 _http()._note(request, tokens=event.generated_tokens)
-                state.metrics.add_tokens(event.generated_tokens)
             yield event
     except RequestError as exc:
         yield _sse(error_body(400 if exc.status == 422 else exc.status, exc.message, exc.error_type))

@@ -624,3 +624,27 @@ def test_model_is_copied_from_aip_storage_uri(storage_emulator: str, tiny_gpt2: 
     monkeypatch.setattr(server, "GCS_DOWNLOAD_DIR", str(tmp_path / "other"))
     with pytest.raises(server.StartupError):
         server.resolve_model_dir(str(tmp_path / "empty-mount"))
+
+
+def test_generated_tokens_are_counted_once_on_every_route(sm: str) -> None:
+    """The engine counts tokens as it decodes; the protocol routes must not add them again."""
+
+    def counted() -> float:
+        return float(re.search(r"^cloudllm_generated_tokens_total (\S+)$", httpx.get(sm + "/metrics").text, re.M).group(1))
+
+    def native() -> int:
+        return post(sm + "/invocations", {"inputs": "count me", "parameters": {"max_new_tokens": 3, "details": True}}).json()[0]["details"]["generated_tokens"]
+
+    def openai_completions() -> int:
+        return post(sm + "/v1/completions", {"model": "m", "prompt": "count me", "max_tokens": 3}).json()["usage"]["completion_tokens"]
+
+    def openai_stream() -> int:
+        body = {"model": "m", "prompt": "count me", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+        events = [json.loads(line[6:]) for line in httpx.post(sm + "/v1/completions", json=body, timeout=60).text.splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        return next(e["usage"]["completion_tokens"] for e in reversed(events) if e.get("usage"))
+
+    for route in (native, openai_completions, openai_stream):
+        before = counted()
+        made = route()
+        assert made > 0 and counted() - before == made, route.__name__
