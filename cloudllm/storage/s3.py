@@ -33,12 +33,14 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "cloudllm.json"
 UPLOAD_WORKERS = 10
-# 16 MiB parts: a stream's parts are held in memory until sent (s3transfer buffers every part of a
-# file object, seekable or not; only a path is read by range), so the parts in memory, not the model's
-# size, set the CLI's peak RSS: IN_MEMORY_PARTS x PART_BYTES = 160 MiB. 10,000 parts (S3's limit) x
+# 16 MiB parts: a file object's parts are held in memory until sent (s3transfer buffers every part of
+# one, seekable or not; only a path is read by range), so the parts in memory, not the model's size,
+# set the CLI's peak RSS: (IN_MEMORY_PARTS + SUBMISSION_THREADS) x PART_BYTES = 240 MiB at most (each
+# submission thread reads its file's next part before it waits for room). 10,000 parts (S3's limit) x
 # 16 MiB covers a 156 GiB file; s3transfer widens the parts of a bigger one by itself.
 PART_BYTES = 16 * 1024 * 1024
 IN_MEMORY_PARTS = UPLOAD_WORKERS  # one part per worker being sent; fewer would idle workers
+SUBMISSION_THREADS = 5  # s3transfer's default, named for the bound above
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,9 @@ class S3Artifacts:
         config = TransferConfig(
             multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=UPLOAD_WORKERS
         )
-        config.max_in_memory_upload_chunks = IN_MEMORY_PARTS  # s3transfer's setting; boto3's __init__ does not take it
+        # s3transfer's settings, which boto3's __init__ does not take
+        config.max_in_memory_upload_chunks = IN_MEMORY_PARTS
+        config.max_submission_concurrency = SUBMISSION_THREADS
         extra = encryption_args(kms_key)
         with create_transfer_manager(self.client, config) as manager:
             copies = []
