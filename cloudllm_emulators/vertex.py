@@ -252,8 +252,12 @@ class VertexEmulator:
         storage_port: int = 0,
         project: str = DEFAULT_PROJECT,
         workdir: str | Path | None = None,
+        objects_on_disk: bool = False,
     ):
         self.host = host
+        # Objects in workdir/storage rather than in memory: a multi-GB model then costs this process disk,
+        # not memory (gcp-storage-emulator still holds one upload's bytes while it appends a chunk).
+        self.objects_on_disk = objects_on_disk
         self.port = port
         self.storage_port = storage_port
         self.project = project
@@ -286,7 +290,8 @@ class VertexEmulator:
 
         logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
         _remember_finished_uploads()
-        self._storage = create_server(self.host, self.storage_port, in_memory=True)
+        on_disk = str(self.workdir / "storage") if self.objects_on_disk else None
+        self._storage = create_server(self.host, self.storage_port, in_memory=not self.objects_on_disk, data_dir=on_disk)
         self._storage.start()
         self.storage_port = self._storage._api._httpd.server_address[1]
         from http.server import ThreadingHTTPServer

@@ -14,8 +14,12 @@ from cloudllm.commands.emulate import require_free_port, run_until_stopped
 @click.option("--port", type=int, default=8090, show_default=True, help="Vertex AI API port (0: any free port).")
 @click.option("--storage-port", type=int, default=9023, show_default=True, help="Cloud Storage port (0: any free port).")
 @click.option("--project", default="cloudllm-emulator", show_default=True, help="The project clients are told to use.")
+@click.option(
+    "--objects-on-disk", is_flag=True,
+    help="Keep Cloud Storage objects in the emulator's temporary folder rather than in memory (multi-GB models).",
+)
 @click.option("--bucket", "buckets", multiple=True, metavar="NAME", help="Create this bucket at start (repeatable).")
-def emulate_vertex(host: str, port: int, storage_port: int, project: str, buckets: tuple[str, ...]) -> None:
+def emulate_vertex(host: str, port: int, storage_port: int, project: str, objects_on_disk: bool, buckets: tuple[str, ...]) -> None:
     """Run Cloud Storage and the Vertex AI API on loopback until Ctrl-C.
 
     Prints `export NAME=VALUE` lines (STORAGE_EMULATOR_HOST, CLOUDLLM_VERTEX_ENDPOINT, CLOUDLLM_VERTEX_GRPC_ENDPOINT,
@@ -34,7 +38,7 @@ def emulate_vertex(host: str, port: int, storage_port: int, project: str, bucket
     require_free_port(host, storage_port, "--storage-port")
     from cloudllm_emulators.vertex import VertexEmulator
 
-    with VertexEmulator(host=host, port=port, storage_port=storage_port, project=project) as emulator:
+    with VertexEmulator(host=host, port=port, storage_port=storage_port, project=project, objects_on_disk=objects_on_disk) as emulator:
         for bucket in buckets:
             emulator.create_bucket(bucket)
         for key, value in emulator.env.items():

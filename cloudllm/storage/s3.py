@@ -33,7 +33,14 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "cloudllm.json"
 UPLOAD_WORKERS = 10
-PART_BYTES = 64 * 1024 * 1024  # 10,000 parts (S3's limit) x 64 MiB covers a 625 GiB file
+# 16 MiB parts: a file object's parts are held in memory until sent (s3transfer buffers every part of
+# one, seekable or not; only a path is read by range), so the parts in memory, not the model's size,
+# set the CLI's peak RSS: (IN_MEMORY_PARTS + SUBMISSION_THREADS) x PART_BYTES = 240 MiB at most (each
+# submission thread reads its file's next part before it waits for room). 10,000 parts (S3's limit) x
+# 16 MiB covers a 156 GiB file; s3transfer widens the parts of a bigger one by itself.
+PART_BYTES = 16 * 1024 * 1024
+IN_MEMORY_PARTS = UPLOAD_WORKERS  # one part per worker being sent; fewer would idle workers
+SUBMISSION_THREADS = 5  # s3transfer's default, named for the bound above
 
 
 @dataclass(frozen=True)
@@ -228,6 +235,9 @@ class S3Artifacts:
         config = TransferConfig(
             multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=UPLOAD_WORKERS
         )
+        # s3transfer's settings, which boto3's __init__ does not take
+        config.max_in_memory_upload_chunks = IN_MEMORY_PARTS
+        config.max_submission_concurrency = SUBMISSION_THREADS
         extra = encryption_args(kms_key)
         with create_transfer_manager(self.client, config) as manager:
             copies = []
@@ -241,7 +251,8 @@ class S3Artifacts:
                     uploads = []
                     for f in to_upload:
                         # A file named by identity is read once, by the upload, which hashes it (s3transfer
-                        # reads a stream's parts in order); a hashed one is read by s3transfer's own threads.
+                        # reads a file object's parts in order, holding at most IN_MEMORY_PARTS of them); a
+                        # hashed one is read by range by s3transfer's own threads.
                         if is_identity(f.sha256):
                             body = HashingReader(f)
                         else:
