@@ -5,7 +5,11 @@ What the emulator copies from Vertex AI:
   process). predict, rawPredict and streamRawPredict go where traffic_split sends them.
 - `POST /v1/{endpoint}/deployedModels/{id}/invoke/{route}` (PredictionService.Invoke's HTTP form)
   reaches that deployed model whatever the split: the body goes to its container at `/{route}`
-  (a TGI or vLLM image: to the engine the emulator speaks for it).
+  (a TGI or vLLM image: to the engine the emulator speaks for it). The path is Vertex's documented
+  REST method projects.locations.endpoints.deployedModels.invoke.invoke (v1 and v1beta1 reference,
+  "post .../v1/{endpoint}/deployedModels/{deployedModelId}/invoke/**"). The real service also asks
+  the Model's container_spec.invoke_route_prefix "/*" (then :predict/:rawPredict are off for it) and a
+  dedicated endpoint (docs: predictions/use-arbitrary-custom-routes); the emulator does not check those.
 - Scale to zero exists in v1beta1 only: DeployModel with `dedicated_resources.min_replica_count` 0
   and `scale_to_zero_spec {min_scaleup_period, idle_scaledown_period}` (each 300..28800 s). v1's
   DeployModel refuses min 0, and v1's types have no scale_to_zero_spec. A deployment starts with one
