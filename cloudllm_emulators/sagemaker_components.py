@@ -25,18 +25,25 @@ backends and responses (installed by `cloudllm_emulators.sagemaker.install`):
 - DeleteEndpoint refuses an endpoint that still hosts components, and a base component cannot be
   deleted while adapters use it, as SageMaker refuses both.
 
+- scale-in by idleness: a component with a TargetTrackingScaling policy on its copy-count target
+  that has had no invocation for `idle_seconds` is scaled to the target's MinCapacity (0: no copy;
+  the next request gets the no-capacity 400 and wakes it as above). Real target tracking scales in
+  after its low alarm's 15 one-minute datapoints; `idle_seconds` (default 900, env
+  CLOUDLLM_EMULATOR_SAGEMAKER_IDLE_SECONDS, or set on the backend) shortens that for tests.
+
 Left out: placement against the instance's memory and accelerators (the emulator has no catalog of
-instance sizes), rolling-update batch sizes, and scale-in by idleness (tests lower the copy count
-with UpdateInferenceComponentRuntimeConfig, as Application Auto Scaling would).
+instance sizes), rolling-update batch sizes.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -69,6 +76,7 @@ NO_CAPACITY = (
     "(if configured) or try to increase the capacity by invoking UpdateInferenceComponentRuntimeConfig API."
 )
 DEFAULT_WAKE_SECONDS = 3.0
+DEFAULT_IDLE_SECONDS = 900.0
 
 
 class Component:
@@ -88,6 +96,7 @@ class Component:
         self.tags = list(tags or [])
         self.adapter_dir: Path | None = None  # an adapter's downloaded artifact
         self.waking: threading.Timer | None = None
+        self.last_invoked = time.monotonic()  # idleness counts from creation until the first invocation
 
     @property
     def base(self) -> str | None:
@@ -131,10 +140,37 @@ class ComponentBackend(EmulatedSageMakerBackend):
     """The emulated SageMaker with inference components."""
 
     wake_seconds = DEFAULT_WAKE_SECONDS
+    idle_seconds = float(os.environ.get("CLOUDLLM_EMULATOR_SAGEMAKER_IDLE_SECONDS") or DEFAULT_IDLE_SECONDS)
 
     def __init__(self, region_name: str, account_id: str):
         super().__init__(region_name, account_id)
         self.components: dict[str, Component] = {}
+        self._idle_watcher: threading.Thread | None = None
+
+    def _watch_idle(self) -> None:
+        """Target tracking's scale-in: components idle past idle_seconds go to their target's MinCapacity."""
+        while True:
+            time.sleep(min(max(self.idle_seconds / 4, 0.05), 1.0))
+            now = time.monotonic()
+            with self.control_lock:
+                for component in list(self.components.values()):
+                    if component.base is not None or component.desired == 0 or component.waking is not None:
+                        continue
+                    if now - component.last_invoked < self.idle_seconds:
+                        continue
+                    floor = self._scale_in_floor(component)
+                    if floor is not None and floor < component.desired:
+                        self._set_copies(component, floor)
+
+    def _scale_in_floor(self, component: Component) -> int | None:
+        """The MinCapacity a target-tracking policy may scale this component in to (None: no such policy)."""
+        scaling = applicationautoscaling_backends[self.account_id][self.region_name]
+        resource = f"inference-component/{component.name}"
+        target = scaling.targets.get(COPY_DIMENSION, {}).get(resource)
+        tracking = [p for p in scaling.policies.values() if p.resource_id == resource and p.policy_type == "TargetTrackingScaling"]
+        if target is None or not any(not (p.target_tracking_scaling_policy_configuration or {}).get("DisableScaleIn") for p in tracking):
+            return None
+        return int(target.min_capacity or 0)
 
     @property
     def _url_module(self) -> Any:
@@ -233,6 +269,9 @@ class ComponentBackend(EmulatedSageMakerBackend):
             copies = self._check_spec(endpoint_name, spec, runtime)
             component = Component(self, name, endpoint, variant, spec, copies, tags)
             self.components[name] = component
+            if self._idle_watcher is None:
+                self._idle_watcher = threading.Thread(target=self._watch_idle, name="sagemaker-idle-scale-in", daemon=True)
+                self._idle_watcher.start()
             if component.base is not None:
                 threading.Thread(target=self._attach_adapter, args=(component,), daemon=True).start()
             else:
@@ -299,6 +338,8 @@ class ComponentBackend(EmulatedSageMakerBackend):
         if component.waking is not None:  # an explicit count replaces a pending wake
             component.waking.cancel()
             component.waking = None
+        if component.desired == 0:
+            component.last_invoked = time.monotonic()  # idleness counts again from the scale-out
         component.desired = copies
         self._scale(component)
         self._count_instances(component.endpoint.endpoint_name)
@@ -469,6 +510,7 @@ class ComponentBackend(EmulatedSageMakerBackend):
         if not hosts:
             self._no_capacity(component)
             raise RuntimeValidationError(NO_CAPACITY)
+        component.last_invoked = time.monotonic()
         component.turn = getattr(component, "turn", -1) + 1
         return hosts[component.turn % len(hosts)], adapter
 
@@ -520,6 +562,7 @@ class ComponentBackend(EmulatedSageMakerBackend):
                 return
             component.waking = None
             if component.desired == 0:
+                component.last_invoked = time.monotonic()  # the request that woke it counts
                 component.desired = copies
                 component.status = "Updating"
                 self._start_copies(component, copies, delay=0.0)  # the provisioning delay has passed already

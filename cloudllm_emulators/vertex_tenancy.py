@@ -5,12 +5,21 @@ What the emulator copies from Vertex AI:
   process). predict, rawPredict and streamRawPredict go where traffic_split sends them.
 - `POST /v1/{endpoint}/deployedModels/{id}/invoke/{route}` (PredictionService.Invoke's HTTP form)
   reaches that deployed model whatever the split: the body goes to its container at `/{route}`
-  (a TGI or vLLM image: to the engine the emulator speaks for it).
+  (a TGI or vLLM image: to the engine the emulator speaks for it). The path is Vertex's documented
+  REST method projects.locations.endpoints.deployedModels.invoke.invoke (v1 and v1beta1 reference,
+  "post .../v1/{endpoint}/deployedModels/{deployedModelId}/invoke/**"). The real service also asks
+  the Model's container_spec.invoke_route_prefix "/*" (then :predict/:rawPredict are off for it) and a
+  dedicated endpoint (docs: predictions/use-arbitrary-custom-routes); the emulator does not check those.
 - Scale to zero exists in v1beta1 only: DeployModel with `dedicated_resources.min_replica_count` 0
   and `scale_to_zero_spec {min_scaleup_period, idle_scaledown_period}` (each 300..28800 s). v1's
   DeployModel refuses min 0, and v1's types have no scale_to_zero_spec. A deployment starts with one
   replica; once the idle period has passed it has none, and a request meanwhile is answered 429
   RESOURCE_EXHAUSTED and starts one.
+
+Scale-in by idleness: a deployed model with a scale_to_zero_spec that has had no request for its
+idle_scaledown_period (3600 s when unset, Vertex's documented default) is scaled to zero by a watcher
+thread. `emulator.tenancy.idle_seconds` (or env CLOUDLLM_EMULATOR_VERTEX_IDLE_SECONDS) overrides every
+period so tests take seconds.
 
 Hooks for tests: `emulator.tenancy.scale_to_zero(deployed_model_id)` (its idle period passes now: the
 process stops), `emulator.tenancy.wake_seconds` (how long after the first request at zero the replica
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -32,6 +42,8 @@ from cloudllm_emulators.vertex_api import to_json as _to_json
 
 log = logging.getLogger("cloudllm_emulators.vertex")
 
+IDLE_ENV = "CLOUDLLM_EMULATOR_VERTEX_IDLE_SECONDS"
+DEFAULT_IDLE_SCALEDOWN = 3600.0  # seconds: ScaleToZeroSpec.idle_scaledown_period when the request leaves it unset
 SCALE_TO_ZERO_PERIODS = (300, 28800)  # seconds: v1beta1 ScaleToZeroSpec's MinValue and MaxValue
 
 ROUTES = [
@@ -62,6 +74,10 @@ class Tenancy:
         self.zero_specs: dict[str, dict] = {}  # deployed model id -> its ScaleToZeroSpec as JSON
         self._asleep: dict[str, threading.Thread | None] = {}  # deployed model id -> its wake (None: none started)
         self._beta_ops: set[str] = set()
+        configured = os.environ.get(IDLE_ENV)
+        self.idle_seconds: float | None = float(configured) if configured else None  # None: each spec's own period
+        self._last_request: dict[str, float] = {}  # deployed model id -> monotonic time of its last request
+        self._watcher: threading.Thread | None = None
 
     # --- v1beta1 -----------------------------------------------------------------------------
     def deploy_v1beta1(self, name: str, body: bytes):
@@ -105,6 +121,34 @@ class Tenancy:
         if spec is not None:
             with self.emulator.lock:
                 self.zero_specs[deployed_model_id] = spec
+                self._last_request[deployed_model_id] = time.monotonic()
+                if self._watcher is None:
+                    self._watcher = threading.Thread(target=self._watch_idle, name="vertex-idle-scaledown", daemon=True)
+                    self._watcher.start()
+
+    def idle_period(self, deployed_model_id: str) -> float:
+        """Seconds without a request after which this deployed model has no replica."""
+        if self.idle_seconds is not None:
+            return self.idle_seconds
+        period = self.zero_specs.get(deployed_model_id, {}).get("idleScaledownPeriod")
+        return _seconds(period) if period else DEFAULT_IDLE_SCALEDOWN
+
+    def _watch_idle(self) -> None:
+        """Vertex's scale-in: each awake deployed model idle past its period goes to zero."""
+        while True:
+            with self.emulator.lock:
+                now = time.monotonic()
+                idle = [
+                    dm for dm in self.zero_specs
+                    if dm not in self._asleep and now - self._last_request.get(dm, now) >= self.idle_period(dm)
+                ]
+                tick = min([self.idle_period(dm) for dm in self.zero_specs] or [1.0]) / 4
+            for deployed_model_id in idle:
+                try:
+                    self.scale_to_zero(deployed_model_id)
+                except (ValueError, ApiError):  # undeployed meanwhile
+                    pass
+            time.sleep(min(max(tick, 0.05), 1.0))
 
     # --- at zero -----------------------------------------------------------------------------
     def forget(self, deployed_model_id: str) -> None:
@@ -112,6 +156,7 @@ class Tenancy:
         with self.emulator.lock:
             self.zero_specs.pop(deployed_model_id, None)
             self._asleep.pop(deployed_model_id, None)
+            self._last_request.pop(deployed_model_id, None)
 
     def scale_to_zero(self, deployed_model_id: str) -> None:
         """Its idle_scaledown_period passed: no replica is left (the process stops)."""
@@ -134,6 +179,8 @@ class Tenancy:
         """At zero: 429, and the first such request starts a replica (after wake_seconds, then its load)."""
         with self.emulator.lock:
             if deployed_model_id not in self._asleep:
+                if deployed_model_id in self._last_request:
+                    self._last_request[deployed_model_id] = time.monotonic()
                 return
             self.wakes += 1
             if self._asleep[deployed_model_id] is None:
@@ -162,6 +209,7 @@ class Tenancy:
         with e.lock:
             deployed.status.available_replica_count = 1
             self._asleep.pop(deployed_model_id, None)
+            self._last_request[deployed_model_id] = time.monotonic()  # the request that woke it counts
 
     def _find(self, deployed_model_id: str):
         for endpoint in self.emulator.state.endpoints.values():

@@ -138,9 +138,17 @@ def test_zero_copies_answer_no_capacity_and_the_step_policy_wakes_them(aws, endp
         StepScalingPolicyConfiguration={"AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Maximum", "Cooldown": 60,
                                         "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]},
     )  # fmt: skip
-    # Application Auto Scaling scales an idle component in to zero; here the count is set as it would.
-    sm.update_inference_component_runtime_config(InferenceComponentName="ic-zero", DesiredRuntimeConfig={"CopyCount": 0})
+    scaling.put_scaling_policy(
+        PolicyName="track", ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension="sagemaker:inference-component:DesiredCopyCount",
+        PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={"TargetValue": 4.0, "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerInferenceComponentInvocationsPerCopy"}},
+    )  # fmt: skip
+    # Target tracking scales the idle component in to MinCapacity 0 by itself, on the emulator's short idle clock.
+    monkeypatch.setattr(ComponentBackend, "idle_seconds", 1.0)
+    eventually(lambda: sm.describe_inference_component(InferenceComponentName="ic-zero")["RuntimeConfig"]["DesiredCopyCount"] == 0, what="ic-zero scaled in", within=120)
     assert _settled(sm, "ic-zero")["RuntimeConfig"]["CurrentCopyCount"] == 0
+    assert _settled(sm, "ic-base")["RuntimeConfig"]["DesiredCopyCount"] >= 1  # no scaling policy: never scaled in
+    monkeypatch.setattr(ComponentBackend, "idle_seconds", 900.0)  # the wake below must not be scaled in again meanwhile
     assert sm.describe_endpoint(EndpointName=endpoint)["ProductionVariants"][0]["CurrentInstanceCount"] >= 1  # ic-base still runs
     with pytest.raises(ClientError) as refused:
         _invoke(aws, endpoint, "ic-zero")

@@ -131,3 +131,27 @@ def test_at_zero_requests_get_429_and_the_first_one_wakes_a_replica(vertex_emula
 
     clients["endpoints"].undeploy_model(endpoint=endpoint, deployed_model_id=deployed.id).result(timeout=60)
     assert deployed.id not in tenancy.zero_specs
+
+
+def test_idle_past_its_period_a_deployed_model_scales_to_zero_by_itself(vertex_emulator, clients, v1, beta, artifact: str) -> None:  # noqa: F811
+    """No test hook: the emulator's clock (idle_seconds, as the env var sets it) does what idle_scaledown_period does."""
+    from google.api_core import exceptions
+
+    beta_types, beta_endpoints = beta
+    tenancy = vertex_emulator.tenancy
+    model, endpoint = _setup(clients, v1, artifact, "zero-idle")
+    op = beta_endpoints.deploy_model(endpoint=endpoint, deployed_model=beta_types.DeployedModel(model=model, dedicated_resources=_zero_resources(beta_types, v1)))
+    deployed = op.result(timeout=300).deployed_model
+    assert tenancy.idle_period(deployed.id) == 600  # the spec's own period
+    tenancy.idle_seconds = 1.0
+    try:
+        assert _predict(clients, endpoint).deployed_model_id == deployed.id
+        eventually(lambda: tenancy.asleep(deployed.id), what="the idle deployed model scaled to zero")
+        assert deployed.id not in vertex_emulator.state.replicas
+        assert clients["endpoints"].get_endpoint(name=endpoint).deployed_models[0].dedicated_resources.min_replica_count == 0
+        with pytest.raises(exceptions.TooManyRequests, match="scaled to zero"):
+            _predict(clients, endpoint)
+    finally:
+        tenancy.idle_seconds = None
+    clients["endpoints"].undeploy_model(endpoint=endpoint, deployed_model_id=deployed.id).result(timeout=60)
+    assert deployed.id not in tenancy.zero_specs

@@ -146,6 +146,19 @@ def test_scale_to_zero_deploys_through_v1beta1_and_wakes_on_the_first_request(ve
         provider.invoke("sleepy", {"inputs": "hello there", "parameters": GREEDY})
     answer = eventually(lambda: _woken(provider), what="the woken deployed model answering")  # what api's wait loop does with Waking
     assert answer["predictions"] and vertex_emulator.tenancy.wakes >= 1
+
+    # End to end through api.invoke's wait: the emulator's idle clock scales it to zero by itself.
+    tenancy = vertex_emulator.tenancy
+    tenancy.idle_seconds, tenancy.wake_seconds = 1.0, 3.0
+    try:
+        eventually(lambda: tenancy.asleep(deployed.id), what="sleepy idle, scaled to zero")
+    finally:
+        tenancy.idle_seconds = None
+    with pytest.raises(UserError, match="did not wake from zero within 0s") as short:
+        _invoke("sleepy", wake_timeout=0.1)
+    assert "--wake-timeout" in short.value.fix
+    assert _invoke("sleepy", wake_timeout=300)["deployed_model_id"] == deployed.id  # waits through the 429s
+    assert not tenancy.asleep(deployed.id)
     api.delete("sleepy", provider="vertex")
 
 

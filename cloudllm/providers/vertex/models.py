@@ -190,6 +190,10 @@ class VertexModels:
         from cloudllm.http import TIMEOUT, endpoint_error
 
         route = endpoint.details.get("predict_routes", {}).get(deployed_id, PREDICT_ROUTE)
+        # Vertex's REST reference: projects.locations.endpoints.deployedModels.invoke.invoke,
+        # "post /v1/{endpoint}/deployedModels/{deployedModelId}/invoke/**". The real service serves it only
+        # for a Model uploaded with container_spec.invoke_route_prefix "/*" on a dedicated endpoint
+        # (docs: vertex-ai/docs/predictions/use-arbitrary-custom-routes); see issue #17's note.
         url = f"{self.api_base}/v1/{endpoint.details['endpoint']}/deployedModels/{deployed_id}/invoke{route}"
         try:
             with httpx.stream("POST", url, json=body, headers=self._auth_headers(), timeout=TIMEOUT) as response:
