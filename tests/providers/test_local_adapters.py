@@ -155,3 +155,40 @@ def test_add_and_remove_through_the_api_without_a_restart(home, lora, shared, mo
     api.remove_adapter(shared, "legal")
     assert [a["name"] for a in api.list_adapters(shared)] == ["support"]
     assert _state(home, shared)["pid"] == pid
+
+
+@pytest.mark.slow  # three deploys on a home of its own
+def test_stored_adapter_copies_go_once_no_endpoint_references_them(lora, tiny_gpt2, tmp_path):
+    own = {"CLOUDLLM_HOME": str(tmp_path)}
+    stored = tmp_path / "adapters"
+    try:
+        _deploy(own, tiny_gpt2, "--adapter", f"support={lora['support']}", name="one")
+        _deploy(own, tiny_gpt2, "--adapter", f"support={lora['support']}", "--adapter", f"legal={lora['legal']}", name="two")
+        support, legal = (_state(own, "two")["adapters"][n]["digest"] for n in ("support", "legal"))
+        # Folders cloudllm did not write: a digest-named one with a file of someone else's, and another name.
+        foreign = stored / ("0" * 64)
+        foreign.mkdir()
+        (foreign / "adapter_model.safetensors").write_bytes(b"x")
+        (foreign / "notes.txt").write_text("mine")
+        (stored / "keep-me").mkdir()
+        assert {p.name for p in stored.iterdir()} == {support, legal, "0" * 64, "keep-me"}
+
+        # `adapters remove`: legal's copy was two's alone.
+        assert _cli(own, "adapters", "remove", "two", "legal").returncode == 0
+        assert not (stored / legal).exists() and (stored / support).is_dir()
+        # A re-deploy that drops support: one still references it, so the copy stays; legal's comes back.
+        _deploy(own, tiny_gpt2, "--adapter", f"legal={lora['legal']}", name="two")
+        assert (stored / support).is_dir() and (stored / legal).is_dir()
+        assert _answer(own, "--adapter", "legal", name="two") != _answer(own, "--adapter", "support", name="one")
+        # `delete`: one was support's last user; two still serves legal.
+        assert _cli(own, "delete", "one", "--yes").returncode == 0
+        assert not (stored / support).exists() and (stored / legal).is_dir()
+        assert _cli(own, "delete", "two", "--yes").returncode == 0
+        assert {p.name for p in stored.iterdir()} == {"0" * 64, "keep-me"}
+        assert (foreign / "notes.txt").read_text() == "mine"
+    finally:
+        for state in (tmp_path / "local").glob("*/state.json"):
+            try:
+                os.killpg(json.loads(state.read_text()).get("pid"), signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
