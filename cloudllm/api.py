@@ -204,16 +204,21 @@ def invoke_grpc(
     *,
     parameters: dict | None = None,
     stream: bool = False,
+    adapter: str | None = None,
     provider: str | None = None,
     region: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> Iterator[str]:
-    """Generated text over the endpoint's gRPC port (Open Inference Protocol v2): whole, or pieces with stream."""
+    """Generated text over the endpoint's gRPC port (Open Inference Protocol v2): whole, or pieces with stream.
+    adapter picks a LoRA adapter (the request parameter `adapter_id`, as the REST routes take it)."""
+    from cloudllm.adapters import check_adapter_name
     from cloudllm.invocation import grpc_generate
     from cloudllm.providers.base import Feature
 
     if inputs is None:
         raise UserError("nothing to send", "give a prompt: cloudllm invoke NAME \"text\" --grpc")
+    if adapter is not None:
+        parameters = {**(parameters or {}), "adapter_id": check_adapter_name(adapter)}
     holder = _provider_for_name(name, provider, region, options)
     holder.require({Feature.GRPC})
     if hasattr(holder, "invoke_grpc"):  # a platform that forwards gRPC itself (Vertex AI's directRawPredict)

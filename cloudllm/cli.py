@@ -247,9 +247,9 @@ def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None,
     if use_grpc:
         if chat_text is not None or system is not None:
             raise UserError("--grpc sends a plain prompt; it cannot go with --chat or --system", "drop --grpc to chat")
-        if target["adapter"] or target["model"]:
-            raise UserError("--grpc cannot pick an adapter or a model", "drop --grpc to use --adapter or --model")
-        pieces = api.invoke_grpc(name, prompt, parameters=parameters or None, stream=stream, **where)
+        if target["model"]:
+            raise UserError("--grpc cannot pick a model", "drop --grpc to use --model")
+        pieces = api.invoke_grpc(name, prompt, parameters=parameters or None, stream=stream, adapter=target["adapter"], **where)
     else:
         if chat_text is None:
             raise UserError("--system goes with --chat", "add --chat \"your message\"")

@@ -294,6 +294,8 @@ def grpc_generate(name: str, target: str, prompt: str, parameters: dict | None =
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise UserError(f"endpoint {name} rejected the request: {detail}", "fix the prompt or parameters") from None
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise UserError(f"endpoint {name}: {detail}", f"pick one it has (see `cloudllm adapters list {name}`)") from None
                 raise DeployFailed(f"endpoint {name}'s gRPC port {target} failed ({exc.code().name}): {detail}",
                                    f"check its logs: cloudllm logs {name}") from None  # fmt: skip
 

@@ -7,6 +7,8 @@ optional ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stre
 ``sampling_parameters`` (the vLLM backend's), or the same names as request parameters. Sampling
 follows the OpenAI routes (temperature 1 unless 0). ModelStreamInfer with ``stream`` true answers
 one response per piece of text and a last empty one marked ``triton_final_response``.
+A LoRA adapter is picked as the REST routes pick it: the ``adapter_id`` request parameter (TGI's
+name) or a ``model_name`` naming the adapter (as OpenAI's "model"); an unknown one is NOT_FOUND.
 Also ``grpc.health.v1.Health`` (SERVING once the model is loaded) and server reflection.
 
 The messages are built here from a table (field numbers as in KServe's grpc_predict_v2.proto and
@@ -296,8 +298,29 @@ class InferenceService:
     def _check_model(self, name: str, context: Any) -> None:
         import grpc
 
-        if name and name != self.model_name:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no model {name!r} here; this server serves {self.model_name!r}")
+        if name and name != self.model_name and name not in self._adapter_names():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no model {name!r} here; this server has: {', '.join([self.model_name, *self._adapter_names()])}")
+
+    def _adapter_names(self) -> list[str]:
+        engine = self.state.engine
+        return list(engine.adapters.names) if engine is not None and engine.adapters is not None else []
+
+    def _adapter(self, model_name: str, adapter_id: Any, context: Any, streaming: bool) -> str | None:
+        """The LoRA adapter a request asks for, as the REST routes read it: the `adapter_id` parameter
+        (TGI's name) or a model_name naming an adapter (as OpenAI's "model" does); None for the base."""
+        import grpc
+
+        held = self._adapter_names()
+        self._check_model(model_name, context)
+        by_name = model_name if model_name in held else None
+        if adapter_id is None:
+            return by_name
+        if not isinstance(adapter_id, str) or adapter_id not in held:
+            has = f"this server has: {', '.join(held)}" if held else "this server has no adapters"
+            self._abort(context, grpc.StatusCode.NOT_FOUND, f"unknown adapter {json.dumps(adapter_id)}; {has}", streaming)
+        if by_name is not None and by_name != adapter_id:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"model_name {model_name!r} and adapter_id {adapter_id!r} name different adapters; send one", streaming)
+        return adapter_id
 
     def _engine(self, context: Any, streaming: bool = False) -> Any:
         import grpc
@@ -317,9 +340,9 @@ class InferenceService:
         from .openai_api import SAMPLING_FIELDS, sampling_parameters
         from .protocol import RequestError
 
-        self._check_model(request.model_name, context)
         try:
             fields: dict[str, Any] = {k: parameter_value(v) for k, v in request.parameters.items() if not k.startswith("triton_")}
+            adapter = self._adapter(request.model_name, fields.pop("adapter_id", None), context, streaming)
             prompts: list[str] | None = None
             for index, tensor in enumerate(request.inputs):
                 values = tensor_values(request, index)
@@ -346,6 +369,8 @@ class InferenceService:
             for key in [k for k, v in fields.items() if isinstance(v, float) and k in ("max_tokens", "top_k", "seed") and v.is_integer()]:
                 fields[key] = int(fields[key])
             parameters, n, stream = sampling_parameters(fields, self.state.settings)
+            if adapter is not None:
+                parameters["adapter_id"] = adapter
             if n != 1:
                 raise ValueError("n must be 1 over gRPC (send the prompt several times instead)")
             return prompts, parameters, stream

@@ -37,7 +37,16 @@ from cloudllm.logtime import line_time
 from cloudllm.providers.base import Endpoint, Feature, Provider, StrictOptions
 from cloudllm.types import FINGERPRINT_KEYS, Fingerprint, ResourceChange
 from cloudllm.providers.kit import Pending
-from cloudllm.providers.local_adapters import adapter_entry, planned_adapters, serve_arguments, served_names, sync_live, valid_adapters
+from cloudllm.providers.local_adapters import (
+    adapter_entry,
+    planned_adapters,
+    release_stored,
+    serve_arguments,
+    served_names,
+    stored_digests,
+    sync_live,
+    valid_adapters,
+)
 from cloudllm.providers.kit.server import alive, runs, start_server, stop_server, wait_healthy
 from cloudllm.providers.local_container import container_for, remove_leftovers
 from cloudllm.records import load_record
@@ -113,6 +122,7 @@ class LocalProvider(Provider):
         if plan.adapters_only and old and old.get("url"):  # the base keeps running: adapters change in place
             state = sync_live(plan.spec.name, old, planned_adapters(plan), reporter)
             self._write_state(plan.spec.name, state)
+            _release_dropped(old, state, reporter)
             return self._endpoint(plan.spec.name, state)
         state = self._start_version(plan, reporter, wait=True)
         self._point_front(plan.spec.name, state)
@@ -121,6 +131,7 @@ class LocalProvider(Provider):
             stop_server(old.get("pid"), _serve_py(old.get("artifact")))
             shutil.rmtree(self._root(plan.spec.name) / old["version"], ignore_errors=True)
             reporter.step(f"stopped the previous server (pid {old.get('pid')})")
+        _release_dropped(old, state, reporter)
         return self._endpoint(plan.spec.name, state)
 
     def describe_changes(self, plan) -> list[ResourceChange]:
@@ -157,6 +168,7 @@ class LocalProvider(Provider):
             return
         stop_server(state.get("pid"), _serve_py(state.get("artifact")))
         shutil.rmtree(root, ignore_errors=True)
+        _release_dropped(state, {}, reporter or Reporter())
 
     def invoke(self, name: str, body: dict, *, model: str | None = None) -> Any:
         url = self._live_url(name, model)
@@ -202,7 +214,9 @@ class LocalProvider(Provider):
     # --- adapters on the live server, no restart (cloudllm/providers/local_adapters.py) ----------
     def add_adapter(self, name: str, adapter, reporter: Reporter) -> None:
         state = self._running_state(name)
-        self._write_state(name, sync_live(name, state, {**(state.get("adapters") or {}), adapter.name: adapter_entry(adapter)}, reporter))
+        new = sync_live(name, state, {**(state.get("adapters") or {}), adapter.name: adapter_entry(adapter)}, reporter)
+        self._write_state(name, new)
+        _release_dropped(state, new, reporter)
 
     def remove_adapter(self, name: str, adapter: str, reporter: Reporter) -> None:
         state = self._running_state(name)
@@ -210,7 +224,9 @@ class LocalProvider(Provider):
         if adapter not in have:
             held = f"; it has: {', '.join(sorted(have))}" if have else "; it has none"
             raise UserError(f"endpoint {name} has no adapter {adapter!r}{held}", f"see `cloudllm adapters list {name}`")
-        self._write_state(name, sync_live(name, state, {n: e for n, e in have.items() if n != adapter}, reporter))
+        new = sync_live(name, state, {n: e for n, e in have.items() if n != adapter}, reporter)
+        self._write_state(name, new)
+        _release_dropped(state, new, reporter)
 
     def list_adapters(self, name: str) -> list[dict]:
         state = self._state(name)
@@ -510,3 +526,11 @@ def _last_line(log: str | None) -> str:
         fh.seek(max(0, os.path.getsize(log) - 4096))
         lines = [line.strip() for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+def _release_dropped(old: dict | None, new: dict, reporter: Reporter) -> None:
+    """Remove the stored adapter copies old served and new does not, once no endpoint references them."""
+    dropped = stored_digests((old or {}).get("adapters")) - stored_digests(new.get("adapters"))
+    removed = release_stored(dropped)
+    if removed:
+        reporter.step(f"removed {len(removed)} adapter cop{'y' if len(removed) == 1 else 'ies'} no endpoint uses from $CLOUDLLM_HOME/adapters")

@@ -9,14 +9,16 @@ the next plan compares.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from cloudllm.adapters import ADAPTER_WEIGHTS, AdapterInfo, adapter_digest, adapter_files, adapters_digest
+from cloudllm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, adapter_digest, adapter_files, adapters_digest
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.home import home_dir
 from cloudllm.http import endpoint_error
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from cloudllm.console import Reporter
     from cloudllm.plan import Plan
 
+_DIGEST_NAME = re.compile(r"^[0-9a-f]{64}$")
 ADMIN_TIMEOUT = httpx.Timeout(120.0, connect=5.0)  # loading an adapter waits for the batch running now
 
 
@@ -49,6 +52,57 @@ def stored_adapter(adapter: AdapterInfo, digest: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def stored_digests(adapters: dict[str, dict[str, Any]] | None) -> set[str]:
+    return {entry["digest"] for entry in (adapters or {}).values() if isinstance(entry, dict) and isinstance(entry.get("digest"), str)}
+
+
+def referenced_digests() -> set[str] | None:
+    """Every stored adapter some local endpoint's state.json names; None when a state cannot be read
+    (then nothing is provably unreferenced, so nothing is removed)."""
+    found: set[str] = set()
+    for state_file in home_dir("local").glob("*/state.json"):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict):
+            return None
+        found |= stored_digests(state.get("adapters"))
+    return found
+
+
+def release_stored(dropped: set[str]) -> list[str]:
+    """Remove the stored copies among `dropped` that no endpoint references any more; returns their digests.
+
+    Only folders this module writes are removed: a digest-named folder directly under
+    $CLOUDLLM_HOME/adapters holding nothing but an adapter's config and weights. A folder with
+    anything else in it was touched by someone else and is left alone.
+    """
+    if not dropped:
+        return []
+    referenced = referenced_digests()
+    if referenced is None:
+        return []
+    removed = []
+    root = home_dir("adapters")
+    for digest in sorted(dropped - referenced):
+        folder = root / digest
+        if _DIGEST_NAME.match(digest) and _is_stored_copy(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(digest)
+    return removed
+
+
+def _is_stored_copy(folder: Path) -> bool:
+    if folder.is_symlink() or not (folder / ADAPTER_WEIGHTS).is_file():
+        return False
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    return all(e.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) and e.is_file() and not e.is_symlink() for e in entries)
 
 
 def planned_adapters(plan: "Plan") -> dict[str, dict[str, Any]]:

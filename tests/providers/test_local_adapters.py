@@ -155,3 +155,80 @@ def test_add_and_remove_through_the_api_without_a_restart(home, lora, shared, mo
     api.remove_adapter(shared, "legal")
     assert [a["name"] for a in api.list_adapters(shared)] == ["support"]
     assert _state(home, shared)["pid"] == pid
+
+
+@pytest.mark.slow  # three deploys on a home of its own
+def test_stored_adapter_copies_go_once_no_endpoint_references_them(lora, tiny_gpt2, tmp_path):
+    own = {"CLOUDLLM_HOME": str(tmp_path)}
+    stored = tmp_path / "adapters"
+    try:
+        _deploy(own, tiny_gpt2, "--adapter", f"support={lora['support']}", name="one")
+        _deploy(own, tiny_gpt2, "--adapter", f"support={lora['support']}", "--adapter", f"legal={lora['legal']}", name="two")
+        support, legal = (_state(own, "two")["adapters"][n]["digest"] for n in ("support", "legal"))
+        # Folders cloudllm did not write: a digest-named one with a file of someone else's, and another name.
+        foreign = stored / ("0" * 64)
+        foreign.mkdir()
+        (foreign / "adapter_model.safetensors").write_bytes(b"x")
+        (foreign / "notes.txt").write_text("mine")
+        (stored / "keep-me").mkdir()
+        assert {p.name for p in stored.iterdir()} == {support, legal, "0" * 64, "keep-me"}
+
+        # `adapters remove`: legal's copy was two's alone.
+        assert _cli(own, "adapters", "remove", "two", "legal").returncode == 0
+        assert not (stored / legal).exists() and (stored / support).is_dir()
+        # A re-deploy that drops support: one still references it, so the copy stays; legal's comes back.
+        _deploy(own, tiny_gpt2, "--adapter", f"legal={lora['legal']}", name="two")
+        assert (stored / support).is_dir() and (stored / legal).is_dir()
+        assert _answer(own, "--adapter", "legal", name="two") != _answer(own, "--adapter", "support", name="one")
+        # `delete`: one was support's last user; two still serves legal.
+        assert _cli(own, "delete", "one", "--yes").returncode == 0
+        assert not (stored / support).exists() and (stored / legal).is_dir()
+        assert _cli(own, "delete", "two", "--yes").returncode == 0
+        assert {p.name for p in stored.iterdir()} == {"0" * 64, "keep-me"}
+        assert (foreign / "notes.txt").read_text() == "mine"
+    finally:
+        for state in (tmp_path / "local").glob("*/state.json"):
+            try:
+                os.killpg(json.loads(state.read_text()).get("pid"), signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+
+
+@pytest.mark.slow  # a deploy and a dozen CLI runs
+def test_grpc_picks_the_adapter_as_the_rest_route_does(home, lora, tiny_gpt2):
+    """adapter_id (a request parameter) or model_name picks the adapter over gRPC; tritonclient and `invoke --grpc --adapter`."""
+    import numpy as np
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    _deploy(home, tiny_gpt2, "--adapter", f"support={lora['support']}", "--adapter", f"legal={lora['legal']}", name="grpcflow")
+    rest = {a: _answer(home, *(("--adapter", a) if a else ()), name="grpcflow").rstrip("\n") for a in (None, "support", "legal")}
+    assert len(set(rest.values())) == 3
+
+    client = triton.InferenceServerClient(f"127.0.0.1:{_state(home, 'grpcflow')['grpc_port']}")
+    base_name = client.get_model_metadata("").name
+
+    def infer(model_name: str = "", **parameters) -> str:
+        prompt = triton.InferInput("text_input", [1], "BYTES")
+        prompt.set_data_from_numpy(np.array([b"Once upon a time"], dtype=object))
+        result = client.infer(model_name, [prompt], parameters={"max_tokens": 8, "temperature": 0, **parameters})
+        return result.as_numpy("text_output")[0].decode()
+
+    assert infer() == infer(base_name) == rest[None]
+    for adapter in ("support", "legal"):
+        assert infer(adapter_id=adapter) == infer(adapter) == infer(base_name, adapter_id=adapter) == rest[adapter]
+    for call, fragment in ((lambda: infer(adapter_id="ghost"), 'unknown adapter "ghost"; this server has: legal, support'),
+                           (lambda: infer("ghost"), "no model 'ghost' here; this server has: ")):  # fmt: skip
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert "NOT_FOUND" in str(refused.value.status()) and fragment in refused.value.message()
+    with pytest.raises(InferenceServerException) as clash:
+        infer("support", adapter_id="legal")
+    assert "INVALID_ARGUMENT" in str(clash.value.status())
+
+    # The CLI: --grpc --adapter sends adapter_id; an unknown one is one line naming those it has.
+    for adapter in ("support", "legal"):
+        assert _answer(home, "--grpc", "--adapter", adapter, name="grpcflow").rstrip("\n") == rest[adapter]
+    assert _answer(home, "--grpc", name="grpcflow").rstrip("\n") == rest[None]
+    assert_one_line_error(_cli(home, "invoke", "grpcflow", "hi", "--grpc", "--adapter", "ghost"), contains="this server has: legal, support")
+    assert_one_line_error(_cli(home, "invoke", "grpcflow", "hi", "--grpc", "--model", "x"), contains="--grpc cannot pick a model")
