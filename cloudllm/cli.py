@@ -203,8 +203,11 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
     if stream:
         from cloudllm import api
 
+        from cloudllm.commands.streaming import pieces_interruptibly
+
         pieces = []
-        for piece in api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, **target, **where):
+        stream_pieces = api.invoke_stream(name, prompt, parameters=parameters or None, json_body=json_body, timeout=timeout, **target, **where)
+        for piece in pieces_interruptibly(stream_pieces):
             pieces.append(piece)
             if not json_output:
                 click.echo(piece, nl=False)
@@ -262,7 +265,9 @@ def _invoke_other_protocol(name: str, prompt: str | None, json_body: str | None,
             click.echo(text if text is not None else json.dumps(result, indent=2, ensure_ascii=False))
             return
         pieces = api.chat_stream(name, chat_text, system=system, parameters=parameters or None, **target, **where)
-    for piece in pieces:
+    from cloudllm.commands.streaming import pieces_interruptibly
+
+    for piece in pieces_interruptibly(pieces):
         click.echo(piece, nl=False)
         sys.stdout.flush()
     click.echo()

@@ -44,7 +44,7 @@ def through_wake(
             elapsed = clock.monotonic() - start
             if elapsed >= timeout:
                 raise UserError(
-                    f"endpoint {name} did not wake from zero within {timeout:.0f}s ({waking.detail})",
+                    f"endpoint {name} did not wake from zero within {timeout:g}s ({waking.detail})",
                     f"it is still starting: invoke again in a minute, or wait longer with --wake-timeout {max(2 * timeout, 60):.0f}",
                 )
             update(f"no capacity yet: {waking.detail}")  # the reporter adds the seconds waited

@@ -304,3 +304,33 @@ def test_ctrl_c_in_chat_ends_the_reply_then_the_chat(local_endpoint: Any, module
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CLOUDLLM_HOME", str(module_home))
         assert api.invoke("chat-local", "Once upon a time", parameters={"max_new_tokens": 4})
+
+
+def test_ctrl_c_ends_a_streamed_invoke_at_once_even_from_a_stalled_server(local_endpoint: Any, module_home: Path) -> None:
+    """invoke --stream: a SIGINT while the server is frozen mid-stream ends the command (exit 130, no traceback).
+
+    The race the stream reader closes (a SIGINT just before the read blocks) is too narrow to hit on
+    purpose; this pins the behaviour users see, which the reader must keep."""
+    import os
+    import signal
+    import subprocess
+
+    from .conftest import CLOUDLLM
+
+    invoke = subprocess.Popen([CLOUDLLM, "invoke", "chat-local", "Once upon a time", "--stream", "--max-new-tokens", "150"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "CLOUDLLM_HOME": str(module_home)})  # fmt: skip
+    server = local_endpoint.details["pid"]
+    try:
+        assert invoke.stdout.read(1), invoke.stderr.read()  # a token came: the stream is open
+        os.kill(server, signal.SIGSTOP)  # no further token can arrive: the read would wait for ever
+        try:
+            os.kill(invoke.pid, signal.SIGINT)
+            code = invoke.wait(120)  # a guard against hanging, not a speed check
+        finally:
+            os.kill(server, signal.SIGCONT)
+    finally:
+        if invoke.poll() is None:
+            invoke.kill()
+    errors = invoke.stderr.read().decode()
+    assert code == 130, errors
+    assert "Traceback" not in errors

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterator
 
 import click
 
 from cloudllm.commands.flags import target_flags
+from cloudllm.commands.streaming import pieces_interruptibly
 
 
 @click.command("chat")
@@ -65,7 +65,7 @@ def chat(name: str, system: str | None, max_new_tokens: int | None, no_stream: b
                 reply = openai_choice_text(api.chat(name, history, parameters=parameters, **target, **where)["choices"][0]) or ""
                 click.echo(reply, nl=False)
             else:
-                for piece in _pieces_interruptibly(api.chat_stream(name, history, parameters=parameters, **target, **where)):
+                for piece in pieces_interruptibly(api.chat_stream(name, history, parameters=parameters, **target, **where)):
                     reply += piece
                     click.echo(piece, nl=False)
                     sys.stdout.flush()
@@ -99,46 +99,3 @@ def _read_turn() -> str:
     if not data:
         raise EOFError
     return data.decode(sys.stdin.encoding or "utf-8", errors="replace").rstrip("\n")
-
-
-def _pieces_interruptibly(pieces: Iterator[str]) -> Iterator[str]:
-    """pieces, read by a helper thread so that Ctrl-C always ends the turn at once.
-
-    A SIGINT that lands just before the socket read blocks is only noted, and the read waits for the
-    next token (for ever from a stalled server, up to the read timeout). Here the main thread waits in
-    short steps and so always sees it; the helper closes the stream (the server stops generating) as
-    soon as its read returns.
-    """
-    import queue
-    import threading
-
-    handed: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    end = object()
-
-    def read() -> None:
-        try:
-            for piece in pieces:
-                if stop.is_set():
-                    break
-                handed.put(piece)
-            handed.put(end)
-        except BaseException as exc:  # handed to the main thread, which raises it there
-            handed.put(exc)
-        finally:
-            getattr(pieces, "close", lambda: None)()
-
-    threading.Thread(target=read, name="cloudllm-chat-reply", daemon=True).start()
-    try:
-        while True:
-            try:
-                item = handed.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()

@@ -154,7 +154,7 @@ def test_scale_to_zero_deploys_through_v1beta1_and_wakes_on_the_first_request(ve
         eventually(lambda: tenancy.asleep(deployed.id), what="sleepy idle, scaled to zero")
     finally:
         tenancy.idle_seconds = None
-    with pytest.raises(UserError, match="did not wake from zero within 0s") as short:
+    with pytest.raises(UserError, match="did not wake from zero within 0.1s") as short:
         _invoke("sleepy", wake_timeout=0.1)
     assert "--wake-timeout" in short.value.fix
     assert _invoke("sleepy", wake_timeout=300)["deployed_model_id"] == deployed.id  # waits through the 429s
