@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from cloudllm import __version__
+from cloudllm.entry import sigterm_interrupts
 from cloudllm.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 
 EPILOG_EXIT_CODES = "Exit codes: 0 ok or nothing to change, 1 failed, 2 bad input, 3 plan refused."
@@ -481,22 +482,9 @@ def _add_command_modules() -> None:
 _add_command_modules()
 
 
-def _sigterm_interrupts() -> None:
-    """SIGTERM (what CI runners and `timeout` send) unwinds like Ctrl-C, so a deploy cleans up what it
-    started instead of dying with a model server half-loaded; commands with their own handler keep it."""
-    import signal
-    import threading
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, interrupt)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and a documented exit code."""
-    _sigterm_interrupts()
+    sigterm_interrupts()
     try:
         cli.main(args=argv, prog_name="cloudllm", standalone_mode=False)
     except UserError as exc:
