@@ -5,7 +5,11 @@ machine's load falls on every path alike:
 
   curl (relay)   curl POST to the endpoint's stable URL (the local relay, cloudllm/local_front.py);
   curl (direct)  curl POST to the live server's own port;
-  invoke         `cloudllm invoke NAME PROMPT --max-new-tokens 1` (a new process each time);
+  invoke         `cloudllm invoke NAME PROMPT --max-new-tokens 1` (a new process each time), through
+                 the console script pip writes for `cloudllm.entry:main` (pyproject.toml), made here in
+                 a temp dir against this tree, so an older install's script (cloudllm.cli:main) is
+                 not what is timed;
+  via cli        the same invoke through cloudllm.cli.main (click first), the script before entry.py;
   python         `python -c pass` (the interpreter's own start).
 
 and, in this process, the relay's hop alone: the same request over a new connection, relay against
@@ -51,12 +55,23 @@ def _post(url: str) -> float:
     return time.perf_counter() - start
 
 
+def _entry_script(work: Path) -> str:
+    """The wrapper pip writes for the console script `cloudllm = cloudllm.entry:main`."""
+    script = work / "bin" / "cloudllm"
+    script.parent.mkdir(parents=True)
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom cloudllm.entry import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    return str(script)
+
+
 def main() -> dict:
     from cloudllm.testing.tiny_models import build_tiny_gpt2
 
     work = Path(tempfile.mkdtemp(prefix="cloudllm-bench-invoke-", dir="/tmp"))
     env = {**os.environ, "CLOUDLLM_HOME": str(work / "home")}
     cloudllm = str(BIN / "cloudllm")
+    entry_script = _entry_script(work)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     model = build_tiny_gpt2(work / "tiny-gpt2")
     subprocess.run([cloudllm, "deploy", str(model), "--provider", "local", "--name", "bench"], env=env, check=True, capture_output=True)
     try:
@@ -68,7 +83,10 @@ def main() -> dict:
             "python -c pass": [sys.executable, "-c", "pass"],
             "curl (relay)": [curl, "-sf", "-X", "POST", "-H", "Content-Type: application/json", "-d", body, f"{front}/invocations"],
             "curl (direct)": [curl, "-sf", "-X", "POST", "-H", "Content-Type: application/json", "-d", body, f"{direct}/invocations"],
-            "cloudllm invoke": [cloudllm, "invoke", "bench", "Once upon a time", "--max-new-tokens", "1"],
+            "cloudllm invoke": [entry_script, "invoke", "bench", "Once upon a time", "--max-new-tokens", "1"],
+            # The same through click and cloudllm.cli first (the script before cloudllm/entry.py): the baseline.
+            "via cloudllm.cli": [sys.executable, "-c", "import sys\nfrom cloudllm.cli import main\nmain(sys.argv[1:])",
+                                 "invoke", "bench", "Once upon a time", "--max-new-tokens", "1"],
         }
         for args in paths.values():  # warm the page cache and the server
             subprocess.run(args, env=env, check=True, capture_output=True)

@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from cloudllm import __version__
-from cloudllm.entry import sigterm_interrupts
 from cloudllm.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+from cloudllm.interrupts import sigterm_interrupts
 
 EPILOG_EXIT_CODES = "Exit codes: 0 ok or nothing to change, 1 failed, 2 bad input, 3 plan refused."
 

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int | None:
     args = sys.argv[1:] if argv is None else list(argv)
     plain = _plain_invoke(args)
     if plain is not None:
+        from cloudllm.interrupts import sigterm_interrupts
+
         sigterm_interrupts()
         try:
             code = _quick_invoke(*plain)
@@ -118,16 +120,3 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except Exception:  # click's isatty: a stream that cannot say is not a terminal
         return False
-
-
-def sigterm_interrupts() -> None:
-    """SIGTERM (what CI runners and `timeout` send) unwinds like Ctrl-C, so a deploy cleans up what it
-    started instead of dying with a model server half-loaded; commands with their own handler keep it."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, interrupt)
