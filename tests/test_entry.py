@@ -98,12 +98,12 @@ def test_anything_else_falls_through_to_the_full_cli(demo: dict, home: dict, arg
     assert result.stdout.strip() or result.stderr.startswith("error: ")
 
 
-def test_a_quick_invoke_imports_neither_click_nor_torch(demo: dict, home: dict) -> None:
+def test_a_quick_invoke_imports_neither_click_nor_torch_nor_http_client(demo: dict, home: dict) -> None:
     code = (
         "import sys\n"
         "from cloudllm.entry import main\n"
         "code = main(['invoke', 'demo', 'Once upon a time', '--max-new-tokens', '4'])\n"
-        "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'click', 'torch', 'pydantic', 'httpx', 'rich'}))\n"
+        "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'click', 'torch', 'pydantic', 'httpx', 'rich', 'http', 'email'}))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **home})
     assert result.returncode == 0, result.stderr
