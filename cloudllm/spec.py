@@ -54,6 +54,9 @@ class ServingOptions(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, le=1024, description="Requests run together in one forward pass.")
     max_batch_wait_ms: float | None = Field(None, ge=0, le=10_000, description="How long the server waits to fill a batch.")
     max_concurrent_requests: int | None = Field(None, ge=1, le=100_000, description="In-flight requests before 429.")
+    intra_op_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads in the handler server; default: the CPUs the container may use."
+    )
     dtype: str | None = Field(None, description="Serving dtype: auto, float32, float16, bfloat16.")
     log_payloads: bool | None = Field(None, description="Log prompt text (off by default: prompts can hold secrets).")
 

@@ -308,9 +308,19 @@ async def _info(state: ServerState, request: Request) -> Response:
             "max_new_tokens": s.max_new_tokens,
             "max_batch_size": s.max_batch_size,
             "max_concurrent_requests": s.max_concurrent_requests,
+            "intra_op_threads": _intra_op_threads(engine, s),
             "streaming": state.task in GENERATION_TASKS,
         }
     )
+
+
+def _intra_op_threads(engine: Any, settings: Any) -> int:
+    """torch's own count once the engine loaded (it set it); before that, what it will set."""
+    if engine is None:
+        return settings.resolved_intra_op_threads()
+    import torch  # already imported by the engine: a dictionary lookup
+
+    return torch.get_num_threads()
 
 
 async def _metrics(state: ServerState, request: Request) -> Response:

@@ -86,10 +86,20 @@ def load_engine(model_dir: str, settings: Any) -> "Engine":
     """Load the model and tokenizer in model_dir for settings.task, placed per settings.device/dtype."""
     task = normalize_task(settings.task)
     engine_cls = ENGINES[task]
+    apply_intra_op_threads(settings)
     tokenizer = _load_tokenizer(model_dir, settings)
     _require_vocabulary(tokenizer, model_dir)
     model = _load_model(engine_cls.auto_class, model_dir, settings)
     return engine_cls(task=task, model=model, tokenizer=tokenizer, settings=settings, model_dir=model_dir)
+
+
+def apply_intra_op_threads(settings: Any) -> int:
+    """Set torch's intra-op threads from the settings (default: the CPUs this process may use); returns the count."""
+    import torch
+
+    threads = settings.resolved_intra_op_threads()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _load_tokenizer(model_dir: str, settings: Any) -> Any:

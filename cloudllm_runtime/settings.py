@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -48,15 +49,34 @@ class ServingSettings:
     grpc_port: int | None = None
     # LoRA adapters loaded at start beside the model: name -> folder (relative to the artifact root, or absolute).
     adapters: dict = field(default_factory=dict)
+    # torch's intra-op threads (torch.set_num_threads at model load); None: the CPUs this process
+    # may use (its affinity, capped by the cgroup's CPU quota), not torch's count of the host's cores.
+    intra_op_threads: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        threads = self.intra_op_threads
+        # bool is an int to Python: `true` in settings.json is a mistake, not one thread.
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(
+                f"intra_op_threads must be a whole number of threads, at least 1 (got {threads!r}); "
+                "leave it out (null) to use the CPUs this process may use"
+            )
+
+    def resolved_intra_op_threads(self) -> int:
+        """The thread count to give torch: the setting, else the CPUs this process may use."""
+        return self.intra_op_threads if self.intra_op_threads is not None else usable_cpus()
 
     def to_json(self) -> str:
         return json.dumps(self._fields(), indent=2, sort_keys=True) + "\n"
 
     def _fields(self) -> dict:
         fields = dataclasses.asdict(self)
-        if not fields["adapters"]:  # settings written before adapters existed stay byte for byte the same (their digest too)
+        # Settings written before these fields existed stay byte for byte the same (their digest too).
+        if not fields["adapters"]:
             del fields["adapters"]
+        if fields["intra_op_threads"] is None:
+            del fields["intra_op_threads"]
         return fields
 
     @classmethod
@@ -82,3 +102,41 @@ class ServingSettings:
     def load(cls, code_dir: str) -> "ServingSettings":
         with open(os.path.join(code_dir, SETTINGS_FILE), encoding="utf-8") as fh:
             return cls.from_dict(json.load(fh))
+
+
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def cgroup_cpu_limit(cpu_max: str) -> int | None:
+    """The CPUs a cgroup v2 cpu.max line ("QUOTA PERIOD", or "max PERIOD") allows; None when unlimited or unreadable.
+
+    A fractional quota rounds up (1.5 CPUs: 2 threads), and never below 1.
+    """
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def usable_cpus(cpu_max_path: str = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity mask, capped by the cgroup v2 CPU quota when there is one.
+
+    torch's default counts the host's cores, so a container limited to 2 CPUs of 64 would run 64
+    threads that the quota throttles.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        cpus = os.cpu_count() or 1
+    try:
+        with open(cpu_max_path, encoding="utf-8") as fh:
+            limit = cgroup_cpu_limit(fh.read())
+    except OSError:  # no cgroup v2 (v1, macOS, a sandbox)
+        limit = None
+    return max(1, min(cpus, limit) if limit is not None else cpus)

@@ -255,3 +255,9 @@ def test_the_store_bundle_leaves_settings_to_the_environment_the_runtime_reads(t
     monkeypatch.setenv("CLOUDLLM_SETTINGS", "[1")
     with pytest.raises(StartupError, match="CLOUDLLM_SETTINGS"):
         load_settings(str(out))
+
+
+def test_serving_intra_op_threads_reaches_the_servers_settings(tiny_gpt2: Path) -> None:
+    """spec serving.intra_op_threads is the runtime's setting; unset, settings.json does not carry it (old digests hold)."""
+    assert _bundle(tiny_gpt2, serving={"intra_op_threads": 3}).manifest.settings["intra_op_threads"] == 3
+    assert "intra_op_threads" not in _bundle(tiny_gpt2).manifest.settings

@@ -33,6 +33,8 @@ def test_default_name_from_folder(tmp_path) -> None:
         ({"rollout": "canary:0"}, "rollout"),
         ({"serving": {"max_new_tokens": 0}}, "serving.max_new_tokens"),
         ({"serving": {"bogus": 1}}, "unknown setting 'serving.bogus'"),
+        ({"serving": {"intra_op_threads": 0}}, "serving.intra_op_threads"),
+        ({"serving": {"intra_op_threads": "many"}}, "serving.intra_op_threads"),
         ({"runtime": "triton"}, "runtime"),
         ({"name": "bad_name"}, "invalid endpoint name"),
     ],
