@@ -45,3 +45,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *, code: int = 2,
     assert lines[0].startswith("error: ")
     assert contains.lower() in lines[0].lower(), lines[0]
     return lines[0]
+
+
+def shared_local_home(tmp_path_factory: pytest.TempPathFactory):
+    """A CLOUDLLM_HOME for a whole test module (one deployed endpoint serves its tests); the local
+    servers started under it are killed at the end. Use as `yield from shared_local_home(...)`."""
+    import json
+    import signal
+
+    path = tmp_path_factory.mktemp("home")
+    yield {"CLOUDLLM_HOME": str(path)}
+    for state in (path / "local").glob("*/state.json"):
+        try:
+            os.killpg(json.loads(state.read_text()).get("pid"), signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass

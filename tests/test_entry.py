@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, shared_local_home
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One CLOUDLLM_HOME for the module, so one deployed endpoint serves every test."""
-    path = tmp_path_factory.mktemp("home")
-    yield {"CLOUDLLM_HOME": str(path)}
-    for state in (path / "local").glob("*/state.json"):
-        try:
-            os.killpg(json.loads(state.read_text()).get("pid"), signal.SIGKILL)
-        except (ProcessLookupError, TypeError):
-            pass
+    """One CLOUDLLM_HOME for the module, so one deployed endpoint serves several tests."""
+    yield from shared_local_home(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,13 @@ import pytest
 
 from cloudllm.providers.kit.server import alive
 from cloudllm.testing import eventually
-from tests.conftest import CLOUDLLM, assert_one_line_error, run_cli
+from tests.conftest import CLOUDLLM, assert_one_line_error, run_cli, shared_local_home
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One CLOUDLLM_HOME for the module, so a deployed endpoint serves several tests."""
-    path = tmp_path_factory.mktemp("home")
-    yield {"CLOUDLLM_HOME": str(path)}
-    for state in (path / "local").glob("*/state.json"):
-        pid = json.loads(state.read_text()).get("pid")
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, TypeError):
-            pass
+    """One CLOUDLLM_HOME for the module, so one deployed endpoint serves several tests."""
+    yield from shared_local_home(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
