@@ -203,7 +203,6 @@ def invoke(name: str, prompt: str | None, json_body: str | None, stream: bool, m
         return
     if stream:
         from cloudllm import api
-
         from cloudllm.commands.streaming import pieces_interruptibly
 
         pieces = []

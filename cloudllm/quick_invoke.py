@@ -43,13 +43,18 @@ def local_answer(name: str, body: dict, timeout: float | None, where: dict) -> A
 
             with read_timeout(timeout):  # the full path's own line for it
                 raise timed_out(name) from None
+        except (OSError, ValueError, IndexError):
+            return None  # reset mid-answer or not HTTP: the full path sends it again and reports what it gets
     finally:
         sock.close()
     if status >= 400:
         from cloudllm.http import endpoint_error
 
         raise endpoint_error(name, status, text)
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None  # not JSON: the full path decides what to show
 
 
 def _post(sock: Any, port: int, payload: bytes) -> tuple[int, str]:
