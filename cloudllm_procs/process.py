@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import IO
 
@@ -19,6 +20,7 @@ from cloudllm_procs.waiting import SYSTEM_CLOCK, Backoff, Clock, Pending, poll_u
 # The environment variable `start(marker=...)` sets, which `alive` reads back from /proc/PID/environ.
 MARKER_ENV = "CLOUDLLM_PROCS_MARKER"
 _STOP_BACKOFF = Backoff(first=0.05, floor=0.05, most=0.05)
+_EXEC_SETTLE_SECONDS = 1.0
 
 
 def start(
@@ -53,7 +55,27 @@ def alive(pid: int | None, marker: str | None) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):  # PermissionError: another user's process, never ours
         return False
-    return runs(pid, marker) or _carries(pid, marker)
+    # A process we have just started may still be inside execve: its errpipe closed on exec (so Popen
+    # has returned) before the kernel filled in the new command line and environment, which read empty
+    # for those microseconds. Look again until they settle rather than call our own process a stranger.
+    settle_by = time.monotonic() + _EXEC_SETTLE_SECONDS
+    while True:
+        if runs(pid, marker) or _carries(pid, marker):
+            return True
+        if not _mid_exec(pid) or time.monotonic() > settle_by:
+            return False
+        time.sleep(0.002)
+
+
+def _mid_exec(pid: int) -> bool:
+    """pid is a user process whose command line is empty (exec under way), not a zombie or a kernel thread."""
+    try:
+        if Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return False
+    return state not in ("Z", "X") and ppid != "2" and pid != 2  # kthreadd (2) and its children have no command line
 
 
 def runs(pid: int, *words: str) -> bool:

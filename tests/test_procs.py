@@ -36,6 +36,16 @@ def test_a_marker_in_the_command_line_or_the_environment_proves_the_pid(processe
     assert not alive(by_env.pid, None) and not alive(1, "env-marker") and not alive(True, "env-marker")  # type: ignore[arg-type]
 
 
+def test_a_process_is_ours_from_the_moment_start_returns(processes) -> None:
+    """Popen returns once exec has begun, a few microseconds before the kernel fills in the new command
+    line and environment. A stop in that window once found neither marker, sent no SIGTERM, and left
+    the server running (a CI flake in the emulators' stop). Many fresh starts make the window likely."""
+    for number in range(200):
+        process = start(["sleep", "120"], stdout=subprocess.DEVNULL, marker=f"fresh-{number}")
+        processes.append(process)
+        assert alive(process.pid, f"fresh-{number}"), f"start #{number} was not recognised as ours"
+
+
 def test_a_pid_now_running_something_else_is_never_signalled(processes) -> None:
     """A record whose pid the kernel gave to another process (here: one started without our marker)."""
     stranger = start(SLEEPER, stdout=subprocess.DEVNULL)
