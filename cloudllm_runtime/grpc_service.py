@@ -255,7 +255,7 @@ class InferenceService:
         self._validate(engine, prompts, parameters, context)
         future = asyncio.run_coroutine_threadsafe(self.state.batcher.submit(prompts, parameters), self.loop)
         predictions = self._result(future, context)
-        return self._response(request, [_text(self.state, p, parameters) for p in predictions])
+        return self._response(request, [_text(self.state, p, parameters) for p in predictions], parameters)
 
     def ModelStreamInfer(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
         for request in requests:
@@ -272,7 +272,7 @@ class InferenceService:
         if not stream:
             future = asyncio.run_coroutine_threadsafe(self.state.batcher.submit(prompts, parameters), self.loop)
             predictions = self._result(future, context, streaming=True)
-            yield wrap(infer_response=self._response(request, [_text(self.state, p, parameters) for p in predictions]))
+            yield wrap(infer_response=self._response(request, [_text(self.state, p, parameters) for p in predictions], parameters))
             return
         if len(prompts) != 1:
             raise _Refused(f"streaming takes one {INPUT_TENSOR} element, got {len(prompts)}")
@@ -287,12 +287,12 @@ class InferenceService:
                 except Exception as exc:  # reported to the client as this request's error
                     raise _Refused(f"generation failed: {exc}") from None
                 if piece:
-                    yield wrap(infer_response=self._response(request, [piece]))
+                    yield wrap(infer_response=self._response(request, [piece], parameters))
         finally:
             pieces.close()
         flag = request.parameters.get("triton_enable_empty_final_response")
         if flag is not None and parameter_value(flag):
-            yield wrap(infer_response=self._response(request, [], final=True))
+            yield wrap(infer_response=self._response(request, [], parameters, final=True))
 
     # Pieces.
     def _check_model(self, name: str, context: Any) -> None:
@@ -404,8 +404,10 @@ class InferenceService:
             raise _Refused(message)
         context.abort(code, message)
 
-    def _response(self, request: Any, texts: list[str], *, final: bool = False) -> Any:
-        response = self.m["ModelInferResponse"](model_name=self.model_name, model_version="1", id=request.id)
+    def _response(self, request: Any, texts: list[str], parameters: dict[str, Any], *, final: bool = False) -> Any:
+        # model_name says which model answered, as Triton's does: the adapter when one was picked.
+        answered_by = parameters.get("adapter_id") or self.model_name
+        response = self.m["ModelInferResponse"](model_name=answered_by, model_version="1", id=request.id)
         if final:
             response.parameters[FINAL_RESPONSE].bool_param = True
             return response

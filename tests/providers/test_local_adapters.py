@@ -207,6 +207,7 @@ def test_grpc_picks_the_adapter_as_the_rest_route_does(home, lora, tiny_gpt2):
         prompt = triton.InferInput("text_input", [1], "BYTES")
         prompt.set_data_from_numpy(np.array([b"Once upon a time"], dtype=object))
         result = client.infer(model_name, [prompt], parameters={"max_tokens": 8, "temperature": 0, **parameters})
+        assert result.get_response().model_name == parameters.get("adapter_id", model_name or base_name)  # who answered
         return result.as_numpy("text_output")[0].decode()
 
     assert infer() == infer(base_name) == rest[None]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -201,3 +202,31 @@ def test_one_stream_generator_serves_http_and_grpc(tiny_gpt2: Path) -> None:
         early.close()  # cancels and waits for the worker: generation stopped at the next token, not at 150
         assert sum(tokens) < 150
         engine.on_tokens = None
+
+
+def test_generated_tokens_are_counted_once_over_grpc(client: triton.InferenceServerClient, server: ServerProcess) -> None:
+    """The engine counts tokens as it decodes; ModelInfer and ModelStreamInfer must not add them again."""
+
+    def counted() -> float:
+        return float(re.search(r"^cloudllm_generated_tokens_total (\S+)$", httpx.get(server.url + "/metrics").text, re.M).group(1))
+
+    made = httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5, "details": True}},
+                      timeout=60).json()["details"]["generated_tokens"]  # fmt: skip
+    before = counted()
+    client.infer("", text_inputs(max_tokens=5, temperature=0.0))
+    assert counted() - before == made > 0
+
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        before = counted()
+        client.async_stream_infer("", text_inputs(max_tokens=5, temperature=0.0, stream=True), enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error.message()
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    finally:
+        client.stop_stream()
+    assert counted() - before == made
