@@ -1,8 +1,9 @@
 """The bad input corpus: one table of mistakes across CLI flags, cloudllm.yaml files, model folders
 and request bodies, each answered the documented way.
 
-CLI, file and folder cases run the real `cloudllm` entry point (in-process through
-cloudllm.cli.main, the same edge the console script uses; a few in a real subprocess) and must
+CLI, file and folder cases run the CLI in-process through cloudllm.cli.main (the console script,
+cloudllm.entry:main, answers a plain local `invoke` itself and hands everything else to it; a few
+cases run the real console script in a subprocess) and must
 give: the documented exit code (README "Exit codes": 2 bad input, 1 failed, 3 plan refused),
 exactly one stderr line "error: <problem>...", no traceback, and nothing created (no endpoint
 record, no server process, no partial output folder). Request bodies go to ONE real model server
