@@ -308,7 +308,7 @@ def oip_generate(name: str, send, prompt: str, parameters: dict | None = None, *
     send(method, request bytes, streamed) yields the serialized answers: a channel to the
     server's port, or a platform that forwards raw gRPC (Vertex AI's directRawPredict).
     """
-    from cloudllm_runtime.grpc_service import INPUT_TENSOR, OUTPUT_TENSOR, SERVICE, build_descriptors, decode_bytes_tensor, encode_bytes_tensor
+    from cloudllm_runtime.grpc_protocol import INPUT_TENSOR, OUTPUT_TENSOR, SERVICE, build_descriptors, decode_bytes_tensor, encode_bytes_tensor
 
     _, m = build_descriptors()
     request = m["ModelInferRequest"]()

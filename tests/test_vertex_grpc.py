@@ -70,7 +70,7 @@ def test_invoke_grpc_goes_through_direct_raw_predict(vertex_emulator, grpc_endpo
     # The same request through the REST transport's directRawPredict, with the real client and message types.
     from google.cloud import aiplatform_v1 as v1
 
-    from cloudllm_runtime.grpc_service import SERVICE, build_descriptors, decode_bytes_tensor, encode_bytes_tensor
+    from cloudllm_runtime.grpc_protocol import SERVICE, build_descriptors, decode_bytes_tensor, encode_bytes_tensor
 
     _, m = build_descriptors()
     infer = m["ModelInferRequest"]()

@@ -165,7 +165,7 @@ def test_without_grpcio_the_server_serves_http_and_says_so(tiny_gpt2: Path, arti
 
 
 def test_bytes_tensors_and_descriptors() -> None:
-    from cloudllm_runtime.grpc_service import build_descriptors, decode_bytes_tensor, encode_bytes_tensor
+    from cloudllm_runtime.grpc_protocol import build_descriptors, decode_bytes_tensor, encode_bytes_tensor
 
     assert decode_bytes_tensor(encode_bytes_tensor([b"a", b"", "é".encode()])) == [b"a", b"", "é".encode()]
     with pytest.raises(ValueError, match="past the end"):
