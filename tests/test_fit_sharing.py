@@ -49,6 +49,7 @@ def test_host_memory_and_cpu_cores_count_too() -> None:
     heavy = ComponentReservation(component="ep-a", model="a", copies=3, memory_mb=6000, cpu_cores=1, planned=True)
     shared = fit_together(cpu, 1, [heavy], endpoint="ep")
     assert not shared.fits and shared.instances_needed == 2  # two 6,000 MiB copies per 16,384 MiB instance
+    assert "--min-instances 2" in shared.fix and "--max-instances 2" in shared.fix
     cores = ComponentReservation(component="ep-b", model="b", copies=1, memory_mb=1024, cpu_cores=8, planned=True)
     too_big = fit_together(cpu, 4, [cores], endpoint="ep")
     assert not too_big.fits and too_big.instances_needed is None
@@ -115,6 +116,7 @@ def test_the_emulator_refuses_what_the_plan_refuses(sagemaker_emulator, shared_e
     result = run_cli(*_add_model_args(sagemaker_emulator, tiny_gpt2, "deploy", "--force"))
     line = _one_error_line(result, "Insufficient capacity to place 1 copies of inference component fit-shared-second")
     assert "(MaxInstanceCount 1)" in line and "require 2 accelerator devices" in line
+    assert "more --max-instances" in line and "quota" not in line  # the fix for placement, not for an account quota
     sm = boto3.client("sagemaker")
     names = [c["InferenceComponentName"] for c in sm.list_inference_components(EndpointNameEquals=shared_endpoint)["InferenceComponents"]]
     assert comp.model_component(shared_endpoint, "second") not in names

@@ -119,9 +119,22 @@ def fit_together(instance: InstanceType, max_instances: int, components: list[Co
     else:
         summary = f"the {models} models of {endpoint} do not fit together: {len(copies)} copies need {needed}, more than {offered} hold"
         more = f"--max-instances {least}" if least else "more --max-instances"
-        fix = f"use a bigger --instance, fewer copies (--min-instances), or {more}"
+        fewer = _fewer_copies(capacity, max_instances, components)
+        fix = f"use a bigger --instance, {f'--min-instances {fewer}' if fewer else 'fewer copies (--min-instances)'}, or {more}"
     if any(not c.planned for c in components):
         fix += f" (the endpoint's instance type and maximum are set when it is created: `cloudllm delete {endpoint}` and deploy it again with them)"
     return SharedFit(fits=False, summary=summary, fix=fix, instance=instance.name, max_instances=max_instances, instances_needed=least,
                      accelerators_per_instance=instance.accelerator_count, memory_mb_per_instance=int(capacity[1]),
                      cpu_cores_per_instance=instance.vcpu, components=components)  # fmt: skip
+
+
+def _fewer_copies(capacity: tuple[float, float, float], instances: int, components: list[ComponentReservation]) -> int | None:
+    """The most copies of the planned model that fit beside the others (None: not even one, or nothing planned)."""
+    planned = next((c for c in components if c.planned), None)
+    if planned is None:
+        return None
+    others = [c for c in components if c is not planned for _ in range(c.copies)]
+    for copies in range(planned.copies - 1, 0, -1):
+        if _placeable(capacity, instances, others + [planned] * copies):
+            return copies
+    return None
