@@ -144,3 +144,15 @@ def check_placement(variant: dict, component: str, needs: CopyNeeds, copies: int
             f"All copies together require {total[0]:g} accelerator devices, {total[1]:g} MB memory and {total[2]:g} CPU cores; "
             f"each instance provides {instance.accelerators}, {instance.memory_mb} MB and {instance.cpu_cores}."
         )
+
+
+def most_copies(variant: dict, needs: CopyNeeds, copies: int, others: list[tuple[CopyNeeds, int]]) -> int:
+    """How many of `copies` the instances can place beside the others: what a scale-out by Application Auto
+    Scaling gets, the rest waiting for room (it is not refused: nobody is there to answer)."""
+    instance = instance_resources(variant.get("InstanceType", ""))
+    if instance is None:
+        return copies
+    placed = copies
+    while placed > 0 and _unplaced(instance, instance_limit(variant), [needs] * placed + [n for n, count in others for _ in range(count)]):
+        placed -= 1
+    return placed

@@ -33,7 +33,8 @@ backends and responses (installed by `cloudllm_emulators.sagemaker.install`):
 
 - placement: a component's copies must fit, beside the endpoint's other components, on the variant's
   MaxInstanceCount instances (sagemaker_capacity.py; ResourceLimitExceeded otherwise) when it is
-  created, updated or given a copy count. Scale-out by Application Auto Scaling is not checked.
+  created, updated or given a copy count; a wake by Application Auto Scaling places only the copies
+  that fit (the rest wait for room; DesiredCopyCount says what was asked).
 
 Left out: rolling-update batch sizes.
 """
@@ -61,7 +62,7 @@ from moto.sagemaker import urls as sagemaker_urls
 from moto.sagemaker.exceptions import ValidationError
 from moto.sagemaker.utils import arn_formatter
 
-from cloudllm_emulators.sagemaker_capacity import check_placement, copy_needs
+from cloudllm_emulators.sagemaker_capacity import check_placement, copy_needs, most_copies
 from cloudllm_emulators.sagemaker_hosting import (
     EmulatedRuntimeBackend,
     EmulatedRuntimeResponse,
@@ -339,17 +340,22 @@ class ComponentBackend(EmulatedSageMakerBackend):
             component.modified = utcnow()
             return component
 
+    def _room_for(self, component: Component, copies: int) -> int:
+        """How many of `copies` fit beside the endpoint's other model components."""
+        config = self.endpoint_configs.get(component.endpoint.endpoint_config_name)
+        if config is None or not config.production_variants:
+            return copies
+        return most_copies(config.production_variants[0], copy_needs(component.name, component.spec), copies, self._others(component.endpoint, component.name))
+
+    def _others(self, endpoint, name: str) -> list:
+        return [(copy_needs(c.name, c.spec), c.desired) for c in self.components.values() if c.endpoint is endpoint and c.base is None and c.name != name]
+
     def _check_room(self, endpoint, name: str, spec: dict, copies: int) -> None:
         """ResourceLimitExceeded unless `copies` of component `name` fit beside the endpoint's other model components."""
         config = self.endpoint_configs.get(endpoint.endpoint_config_name)
         if spec.get("BaseInferenceComponentName") or config is None or not config.production_variants:
             return
-        others = [
-            (copy_needs(c.name, c.spec), c.desired)
-            for c in self.components.values()
-            if c.endpoint is endpoint and c.base is None and c.name != name
-        ]  # fmt: skip
-        check_placement(config.production_variants[0], name, copy_needs(name, spec), copies, others)
+        check_placement(config.production_variants[0], name, copy_needs(name, spec), copies, self._others(endpoint, name))
 
     @staticmethod
     def _settled_or_refuse(component: Component) -> None:
@@ -587,7 +593,10 @@ class ComponentBackend(EmulatedSageMakerBackend):
                 component.last_invoked = time.monotonic()  # the request that woke it counts
                 component.desired = copies
                 component.status = "Updating"
-                self._start_copies(component, copies, delay=0.0)  # the provisioning delay has passed already
+                placed = self._room_for(component, copies)
+                self._start_copies(component, placed, delay=0.0)  # the provisioning delay has passed already
+                if not placed:
+                    component.status = "InService"  # nothing fits beside the others: it stays without capacity
                 self._count_instances(component.endpoint.endpoint_name)
 
 

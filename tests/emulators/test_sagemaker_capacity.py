@@ -14,6 +14,7 @@ from cloudllm import api
 from cloudllm.testing import eventually
 from cloudllm_emulators.sagemaker import ROLE_ARN
 from cloudllm_emulators.sagemaker_capacity import instance_resources
+from cloudllm_emulators.sagemaker_components import ComponentBackend
 
 BUCKET = "cloudllm-emulator"
 SERVE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cloudllm-serve:latest"
@@ -120,4 +121,45 @@ def test_managed_instance_scaling_places_copies_up_to_max_instances(sm) -> None:
     message = _refused(lambda: _create(sm, endpoint, "cap-third", ONE_GPU))
     assert "(MaxInstanceCount 2)" in message and "require 3 accelerator devices" in message
     for name in ("cap-first", "cap-second"):
+        sm.delete_inference_component(InferenceComponentName=name)
+
+
+def test_a_wake_with_no_room_left_places_no_copy(sm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Application Auto Scaling asks for a copy; with the only GPU taken by another model meanwhile, none is placed."""
+    monkeypatch.setattr(ComponentBackend, "wake_seconds", 0.3)
+    endpoint = _endpoint(sm, "cap-wake", max_instances=1)
+    _create(sm, endpoint, "cap-sleeper", ONE_GPU)
+    _in_service(sm, "cap-sleeper")
+    sm.update_inference_component_runtime_config(InferenceComponentName="cap-sleeper", DesiredRuntimeConfig={"CopyCount": 0})
+    eventually(lambda: sm.describe_inference_component(InferenceComponentName="cap-sleeper")["RuntimeConfig"]["CurrentCopyCount"] == 0, what="asleep")
+    _create(sm, endpoint, "cap-squatter", ONE_GPU)  # the sleeper reserves nothing at zero copies
+    _in_service(sm, "cap-squatter")
+
+    scaling, cloudwatch = boto3.client("application-autoscaling"), boto3.client("cloudwatch")
+    keys = {"ServiceNamespace": "sagemaker", "ResourceId": "inference-component/cap-sleeper", "ScalableDimension": "sagemaker:inference-component:DesiredCopyCount"}
+    scaling.register_scalable_target(**keys, MinCapacity=0, MaxCapacity=1)
+    policy = scaling.put_scaling_policy(
+        PolicyName="wake", PolicyType="StepScaling", **keys,
+        StepScalingPolicyConfiguration={"AdjustmentType": "ChangeInCapacity", "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]},
+    )  # fmt: skip
+    cloudwatch.put_metric_alarm(
+        AlarmName="cap-sleeper-wake", Namespace="AWS/SageMaker", MetricName="NoCapacityInvocationFailures",
+        Dimensions=[{"Name": "InferenceComponentName", "Value": "cap-sleeper"}], Statistic="Maximum", Period=30, EvaluationPeriods=1,
+        Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold", AlarmActions=[policy["PolicyARN"]],
+    )  # fmt: skip
+    runtime = boto3.client("sagemaker-runtime")
+
+    def invoke():
+        return runtime.invoke_endpoint(EndpointName=endpoint, InferenceComponentName="cap-sleeper", Body=b'{"inputs": "hi"}', ContentType="application/json")
+
+    with pytest.raises(ClientError, match="no capacity"):
+        invoke()  # fires the alarm: the step policy asks for one copy
+    woken = eventually(lambda: (d := sm.describe_inference_component(InferenceComponentName="cap-sleeper"))["RuntimeConfig"]["DesiredCopyCount"] == 1 and d,
+                       what="the wake's copy count")  # fmt: skip
+    assert woken["RuntimeConfig"]["CurrentCopyCount"] == 0  # asked for, not placed: no GPU is free
+    with pytest.raises(ClientError, match="no capacity"):
+        invoke()
+    cloudwatch.delete_alarms(AlarmNames=["cap-sleeper-wake"])
+    scaling.deregister_scalable_target(**keys)
+    for name in ("cap-squatter", "cap-sleeper"):
         sm.delete_inference_component(InferenceComponentName=name)
