@@ -17,6 +17,7 @@ from cloudllm.adapters import AdapterInfo
 from cloudllm.catalog.instances import InstanceType
 from cloudllm.errors import PlanRefused, UserError
 from cloudllm.fit import CostEstimate, FitReport
+from cloudllm.fit.sharing import SharedFit
 from cloudllm.hashing import sha256_bytes
 from cloudllm.model_source import ModelInfo
 from cloudllm.types import Endpoint, Feature, ResourceChange
@@ -65,6 +66,7 @@ class Plan:
     quantize_pending: str | None = None  # "int8"/"int4": not quantized yet (plan, --dry-run); sizes are estimates
     adapters: list[AdapterInfo] = field(default_factory=list)  # spec.adapters, inspected and checked against the base
     warnings: list[str] = field(default_factory=list)  # worth saying, not worth refusing (an adapter trained on another base name)
+    sharing: SharedFit | None = None  # several models on one endpoint: do all their reservations fit its instances together
 
     @property
     def deploy_digest(self) -> str:
@@ -195,6 +197,8 @@ class Plan:
         line = f"{self.action} endpoint {self.spec.name} ({self.spec.provider}){where} ({self.runtime}{shards})"
         if self.fit:
             line += f": {self.fit.summary}"
+        if self.sharing:
+            line += "; its models together: " + (f"fit on {self.sharing.instances_needed} instance(s)" if self.sharing.fits else "do not fit")
         if self.cost and self.cost.per_hour_min is not None:
             line += f"; ${self.cost.per_hour_min:,.2f}" + (
                 f"-${self.cost.per_hour_max:,.2f}/h" if self.cost.per_hour_max != self.cost.per_hour_min else "/h"
@@ -218,6 +222,10 @@ class Plan:
             fit_lines = self.fit.lines()
             lines.append(f"  fit:      {fit_lines[0]}")
             lines += [f"            {line}" for line in fit_lines[1:]]
+        if self.sharing:
+            shared = self.sharing.lines()
+            lines.append(f"  shared:   {shared[0]}")
+            lines += [f"            {line}" for line in shared[1:]]
         for adapter in self.adapters:
             lines.append(f"  adapter:  {adapter.name}: rank {adapter.rank}, {len(adapter.target_modules)} modules, {adapter.weight_bytes:,} bytes ({adapter.path})")
         for warning in self.warnings:
@@ -243,7 +251,10 @@ def fingerprint_digest(parts: dict[str, str | None]) -> str:
 
 
 def refuse_unless_fits(plan: Plan) -> None:
-    """PlanRefused when the verdict is "does not fit" and the spec has no force option."""
+    """PlanRefused when the verdict is "does not fit" (the model alone, or the endpoint's models together) and the spec has no force option."""
+    shared = plan.sharing
+    if shared is not None and not shared.fits and not plan.spec.options.get("force"):
+        raise PlanRefused(shared.summary, f"{shared.fix}, or pass --force to deploy anyway")
     fit = plan.fit
     if fit is None or fit.fits is not False or plan.spec.options.get("force"):
         return
@@ -393,6 +404,8 @@ def make_plan(spec: DeploySpec, provider: Planner, reporter: "Reporter | None" =
             raise
         plan.action, plan.reasons = "unknown", [f"cannot read what is deployed: {exc.line()}"]
         return plan
+    shared_fit = getattr(provider, "shared_fit", None)  # providers whose endpoints hold several models' reservations
+    plan.sharing = shared_fit(plan) if shared_fit else None
     if mode != "plan" and plan.existing is not None and not plan.bundle.exact:
         from cloudllm.bundle import build_bundle
 
@@ -511,6 +524,9 @@ class PlanReport(BaseModel):
     )
     adapters: list[PlanAdapter] = Field(default_factory=list, description="LoRA adapters served beside the model.")
     warnings: list[str] = Field(default_factory=list, description="Checks that passed with a remark (an adapter trained on another base name).")
+    sharing: SharedFit | None = Field(
+        None, description="Several models on one endpoint: each component's reservation and cost, and whether they fit its instances together."
+    )
 
     @classmethod
     def from_plan(cls, plan: Plan) -> "PlanReport":
@@ -549,6 +565,7 @@ class PlanReport(BaseModel):
                 for a in plan.adapters
             ],
             warnings=plan.warnings,
+            sharing=plan.sharing,
         )
 
 

@@ -31,8 +31,12 @@ backends and responses (installed by `cloudllm_emulators.sagemaker.install`):
   after its low alarm's 15 one-minute datapoints; `idle_seconds` (default 900, env
   CLOUDLLM_EMULATOR_SAGEMAKER_IDLE_SECONDS, or set on the backend) shortens that for tests.
 
-Left out: placement against the instance's memory and accelerators (the emulator has no catalog of
-instance sizes), rolling-update batch sizes.
+- placement: a component's copies must fit, beside the endpoint's other components, on the variant's
+  MaxInstanceCount instances (sagemaker_capacity.py; ResourceLimitExceeded otherwise) when it is
+  created, updated or given a copy count; a wake by Application Auto Scaling places only the copies
+  that fit (the rest wait for room; DesiredCopyCount says what was asked).
+
+Left out: rolling-update batch sizes.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from moto.sagemaker import urls as sagemaker_urls
 from moto.sagemaker.exceptions import ValidationError
 from moto.sagemaker.utils import arn_formatter
 
+from cloudllm_emulators.sagemaker_capacity import check_placement, copy_needs, most_copies
 from cloudllm_emulators.sagemaker_hosting import (
     EmulatedRuntimeBackend,
     EmulatedRuntimeResponse,
@@ -267,6 +272,7 @@ class ComponentBackend(EmulatedSageMakerBackend):
             if variant not in variants:
                 raise ValidationError(message=f"Could not find variant {variant} in endpoint {endpoint_name}.")
             copies = self._check_spec(endpoint_name, spec, runtime)
+            self._check_room(endpoint, name, spec, copies)
             component = Component(self, name, endpoint, variant, spec, copies, tags)
             self.components[name] = component
             if self._idle_watcher is None:
@@ -307,6 +313,10 @@ class ComponentBackend(EmulatedSageMakerBackend):
             if spec:
                 merged = {**component.spec, **spec}
                 self._check_spec(component.endpoint.endpoint_name, merged, runtime or ({"CopyCount": component.desired} if component.base is None else None))
+            if component.base is None and (spec or runtime is not None):
+                copies = int(runtime["CopyCount"]) if runtime is not None else component.desired
+                self._check_room(component.endpoint, name, {**component.spec, **(spec or {})}, copies)
+            if spec:
                 changed = merged != component.spec
                 component.spec = merged
                 if changed and component.base is not None:
@@ -325,9 +335,27 @@ class ComponentBackend(EmulatedSageMakerBackend):
             if component.base is not None:
                 raise ValidationError(message=f"Inference component {name} is an adapter: it has no copies of its own.")
             self._settled_or_refuse(component)
+            self._check_room(component.endpoint, name, component.spec, copies)
             self._set_copies(component, copies)
             component.modified = utcnow()
             return component
+
+    def _room_for(self, component: Component, copies: int) -> int:
+        """How many of `copies` fit beside the endpoint's other model components."""
+        config = self.endpoint_configs.get(component.endpoint.endpoint_config_name)
+        if config is None or not config.production_variants:
+            return copies
+        return most_copies(config.production_variants[0], copy_needs(component.name, component.spec), copies, self._others(component.endpoint, component.name))
+
+    def _others(self, endpoint, name: str) -> list:
+        return [(copy_needs(c.name, c.spec), c.desired) for c in self.components.values() if c.endpoint is endpoint and c.base is None and c.name != name]
+
+    def _check_room(self, endpoint, name: str, spec: dict, copies: int) -> None:
+        """ResourceLimitExceeded unless `copies` of component `name` fit beside the endpoint's other model components."""
+        config = self.endpoint_configs.get(endpoint.endpoint_config_name)
+        if spec.get("BaseInferenceComponentName") or config is None or not config.production_variants:
+            return
+        check_placement(config.production_variants[0], name, copy_needs(name, spec), copies, self._others(endpoint, name))
 
     @staticmethod
     def _settled_or_refuse(component: Component) -> None:
@@ -565,7 +593,10 @@ class ComponentBackend(EmulatedSageMakerBackend):
                 component.last_invoked = time.monotonic()  # the request that woke it counts
                 component.desired = copies
                 component.status = "Updating"
-                self._start_copies(component, copies, delay=0.0)  # the provisioning delay has passed already
+                placed = self._room_for(component, copies)
+                self._start_copies(component, placed, delay=0.0)  # the provisioning delay has passed already
+                if not placed:
+                    component.status = "InService"  # nothing fits beside the others: it stays without capacity
                 self._count_instances(component.endpoint.endpoint_name)
 
 

@@ -3,6 +3,7 @@
 memory.py   what the model needs on one device (weights, KV cache, activations, overhead)
 verdict.py  placing that on an instance's devices or this machine's RAM; instances that would fit
 cost.py     the catalog's indicative price x instances
+sharing.py  several models on one endpoint: their reservations placed on its instances together, cost per model
 
 Everything public is importable from cloudllm.fit.
 """
@@ -28,6 +29,7 @@ from cloudllm.fit.memory import (
     workload_for_model,
     workload_from_spec,
 )
+from cloudllm.fit.sharing import ComponentReservation, SharedFit, fit_together
 from cloudllm.fit.verdict import (
     GPU_USABLE_FRACTION,
     HOST_USABLE_FRACTION,
@@ -58,12 +60,14 @@ __all__ = [
     "QUANTIZE_TO_TRY",
     "RUNTIME_OVERHEAD_BYTES",
     "SUGGESTIONS",
+    "ComponentReservation",
     "CostEstimate",
     "FitReport",
     "GiB",
     "InstanceSuggestion",
     "MemoryEstimate",
     "ModelDims",
+    "SharedFit",
     "Workload",
     "check_max_total_tokens",
     "cheapest_fits",
@@ -73,6 +77,7 @@ __all__ = [
     "fit_instance",
     "fit_local",
     "fit_table",
+    "fit_together",
     "gib",
     "kv_bytes_per_token",
     "machine_ram_bytes",

@@ -34,6 +34,7 @@ from cloudllm.providers.sagemaker.components import SageMakerComponents, check_c
 from cloudllm.providers.sagemaker.invoke import SageMakerInvoke, log_group
 from cloudllm.providers.sagemaker.options import SageMakerOptions
 from cloudllm.providers.sagemaker.scaling import SageMakerScaling
+from cloudllm.providers.sagemaker.sharing import SageMakerSharing
 from cloudllm.providers.sagemaker.session import NOT_FOUND, SageMakerSession, aws_error, in_progress, message_of, retried
 from cloudllm.providers.sagemaker.versions import SageMakerVersions
 from cloudllm.storage.s3 import S3Uri
@@ -46,7 +47,7 @@ UNFINISHED = ("Creating", "Updating", "SystemUpdating")  # SageMaker is still wo
 
 
 class SageMakerProvider(
-    SageMakerSession, SageMakerChecks, SageMakerVersions, SageMakerScaling, SageMakerCleanup, SageMakerComponents, SageMakerInvoke, Provider
+    SageMakerSession, SageMakerChecks, SageMakerVersions, SageMakerScaling, SageMakerCleanup, SageMakerComponents, SageMakerSharing, SageMakerInvoke, Provider
 ):
     name = "sagemaker"
     offers = frozenset({Feature.ADAPTERS, Feature.MULTI_MODEL})  # as inference components (components.py)

@@ -200,6 +200,8 @@ class SageMakerSession:
             code, message = aws_error(exc)
             if code in DENIED:
                 raise UserError(f"AWS refused to {what}: {message}", "check your credentials and the IAM permissions they carry") from None
+            if code == "ResourceLimitExceeded" and "inference component" in what:  # copies that do not fit the endpoint's instances
+                raise UserError(f"cannot {what}: {message}", "use a bigger --instance, fewer copies (--min-instances) or more --max-instances (`cloudllm plan` shows each model's reservation)") from None
             if code == "ResourceLimitExceeded":
                 raise UserError(f"cannot {what}: {message}", "request a quota increase in Service Quotas, or pick another --instance") from None
             raise DeployFailed(f"cannot {what}: {message}", "fix what SageMaker names, then deploy again") from None
