@@ -285,7 +285,7 @@ class VertexEmulator:
         self.tenancy = Tenancy(self)  # v1beta1 scale to zero, the route to one deployed model
         from cloudllm_emulators.vertex_dedicated import Dedicated
 
-        self.dedicated = Dedicated(self)  # dedicated endpoints' own DNS on loopback, invoke-enabled models
+        self.dedicated = Dedicated(self, _handler_for)  # dedicated endpoints' own DNS on loopback, invoke-enabled models
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "VertexEmulator":

@@ -39,8 +39,9 @@ def _endpoint_id(name: str) -> str:
 class Dedicated:
     """The dedicated listeners of an emulator, and the checks on invoke-enabled models."""
 
-    def __init__(self, emulator: Any):
+    def __init__(self, emulator: Any, handler_for: Any):
         self.emulator = emulator
+        self._handler_for = handler_for  # vertex._handler_for, passed in: this module sits below vertex.py
         self._listeners: dict[str, tuple[Any, threading.Thread]] = {}  # endpoint id -> (ThreadingHTTPServer, its thread)
 
     # --- endpoints ---------------------------------------------------------------------------
@@ -51,10 +52,8 @@ class Dedicated:
             return
         from http.server import ThreadingHTTPServer
 
-        from cloudllm_emulators.vertex import _handler_for
-
         endpoint_id = _endpoint_id(endpoint.name)
-        httpd = ThreadingHTTPServer((self.emulator.host, 0), _handler_for(self.emulator, dedicated_for=endpoint_id))
+        httpd = ThreadingHTTPServer((self.emulator.host, 0), self._handler_for(self.emulator, dedicated_for=endpoint_id))
         httpd.daemon_threads = True
         thread = threading.Thread(target=httpd.serve_forever, name=f"vertex-dedicated-{endpoint_id}", daemon=True)
         thread.start()
