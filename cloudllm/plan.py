@@ -39,7 +39,8 @@ _NOT_DEPLOYED = {"name", "model", "rollout", "timeout", "task", "allow_pickle", 
 # provider can add or remove them in place (plan.adapters_only) and a moved folder changes nothing.
 _ADAPTERS = {"adapters"}
 # Provider options of the same kind: credentials, rollout pacing and safety nets.
-_OPTIONS_NOT_DEPLOYED = {"force", "profile", "project", "rollback_alarms", "rollout_wait"}
+# dedicated_endpoint: the endpoint's own, fixed when it is created and checked against it (vertex/routes.py).
+_OPTIONS_NOT_DEPLOYED = {"dedicated_endpoint", "force", "profile", "project", "rollback_alarms", "rollout_wait"}
 # How the fleet scales: digested apart, so a provider can change autoscaling in place
 # (SageMaker: the scalable target and policy; Vertex AI: MutateDeployedModel) instead of
 # standing up a second fleet for it.

@@ -283,6 +283,9 @@ class VertexEmulator:
         from cloudllm_emulators.vertex_tenancy import Tenancy
 
         self.tenancy = Tenancy(self)  # v1beta1 scale to zero, the route to one deployed model
+        from cloudllm_emulators.vertex_dedicated import Dedicated
+
+        self.dedicated = Dedicated(self, _handler_for)  # dedicated endpoints' own DNS on loopback, invoke-enabled models
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "VertexEmulator":
@@ -362,6 +365,7 @@ class VertexEmulator:
             replica.send(signal.SIGTERM)
         for replica in replicas:
             replica.stop(grace=5.0)
+        self.dedicated.stop()
         if self._grpc is not None:
             self._grpc.stop(grace=1.0).wait()
             self._grpc = None
@@ -501,6 +505,7 @@ class VertexEmulator:
         _check_encryption(model.encryption_spec, parent)
         if model.container_spec.deployment_timeout and model.container_spec.deployment_timeout.total_seconds() > 7200:
             raise ApiError("INVALID_ARGUMENT", "container_spec.deployment_timeout must be at most 2 hours.")
+        self.dedicated.check_upload(model)
         if model.artifact_uri:
             self._check_artifacts(model.artifact_uri)
         with self.lock:
@@ -646,6 +651,7 @@ class VertexEmulator:
             endpoint.traffic_split = {}
             endpoint.create_time = endpoint.update_time = _now()
             endpoint.etag = uuid.uuid4().hex
+            self.dedicated.created(endpoint)
             self.state.endpoints[endpoint_id] = endpoint
         created = t.Endpoint(endpoint)
         return self._operation(endpoint.name, lambda: created, t.CreateEndpointOperationMetadata())
@@ -706,6 +712,7 @@ class VertexEmulator:
                 )
             del self.state.endpoints[_last(name)]
             self.state.deploying.pop(_last(name), None)
+            self.dedicated.deleted(_last(name))
         return self._operation(name, lambda: None, _types().DeleteOperationMetadata())
 
     # --- deploy / undeploy --------------------------------------------------------------
@@ -717,6 +724,7 @@ class VertexEmulator:
         with self.lock:
             endpoint = self._endpoint(name)
             model = self._model(dm.model)
+            self.dedicated.check_deploy(endpoint, model)
             self._check_resources(dm, zero_ok=scale_to_zero is not None)
             existing = {d.id for d in endpoint.deployed_models}
             if dm.id and (dm.id in existing or dm.id in self.state.deploying_ids):
@@ -1003,6 +1011,7 @@ class VertexEmulator:
 
         data = json.loads(body or b"{}")
         replica = self._pick_replica(name)
+        self.dedicated.check_predict(name, replica.deployed_model_id)
         forward = _integral({"instances": data.get("instances", [])})
         if "parameters" in data:
             forward["parameters"] = _integral(data["parameters"])
@@ -1033,7 +1042,9 @@ class VertexEmulator:
         method = "/" + method_name.strip("/")
         if not re.fullmatch(r"/[\w.]+/\w+", method):
             raise ApiError("INVALID_ARGUMENT", f"method_name {method_name!r} is not of the form /namespace.Service/Method/.")
+        self.dedicated.gate("direct_raw_predict", name, None)  # this gRPC server is the shared host's
         replica = self._pick_replica(name)
+        self.dedicated.check_predict(name, replica.deployed_model_id)
         if replica.grpc_port is None:
             raise ApiError("FAILED_PRECONDITION", f"gRPC requests to deployed model {replica.deployed_model_id} are disabled: its model declares no grpcPorts.")
         return f"127.0.0.1:{replica.grpc_port}", method
@@ -1070,7 +1081,9 @@ class VertexEmulator:
         if isinstance(parsed, dict) and set(parsed) == {"httpBody"}:
             payload = base64.b64decode(parsed["httpBody"].get("data", ""))
             ctype = parsed["httpBody"].get("contentType", ctype)
-        return self._pick_replica(name), payload, ctype
+        replica = self._pick_replica(name)
+        self.dedicated.check_predict(name, replica.deployed_model_id)
+        return replica, payload, ctype
 
 
 def _grpc_error(exc) -> ApiError:
@@ -1402,7 +1415,8 @@ def _routes() -> list[tuple[str, re.Pattern, str]]:
     return [(method, re.compile(pattern), action) for method, pattern, action in [*_ROUTE_PATTERNS, *ROUTES]]
 
 
-def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
+def _handler_for(emulator: VertexEmulator, dedicated_for: str | None = None) -> type["BaseHTTPRequestHandler"]:
+    """The request handler of the API host, or (dedicated_for: an endpoint id) of that endpoint's dedicated DNS."""
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
@@ -1452,6 +1466,7 @@ def _handler_for(emulator: VertexEmulator) -> type["BaseHTTPRequestHandler"]:
             from cloudllm_emulators import vertex_tenancy as tenancy
 
             e = emulator
+            e.dedicated.gate(action, params.get("name"), dedicated_for)  # which host may answer it (vertex_dedicated)
             if action == "get_operation":
                 from google.protobuf import json_format
 

@@ -9,7 +9,7 @@ What the emulator copies from Vertex AI:
   REST method projects.locations.endpoints.deployedModels.invoke.invoke (v1 and v1beta1 reference,
   "post .../v1/{endpoint}/deployedModels/{deployedModelId}/invoke/**"). The real service also asks
   the Model's container_spec.invoke_route_prefix "/*" (then :predict/:rawPredict are off for it) and a
-  dedicated endpoint (docs: predictions/use-arbitrary-custom-routes); the emulator does not check those.
+  dedicated endpoint (docs: predictions/use-arbitrary-custom-routes); vertex_dedicated.py checks both.
 - Scale to zero exists in v1beta1 only: DeployModel with `dedicated_resources.min_replica_count` 0
   and `scale_to_zero_spec {min_scaleup_period, idle_scaledown_period}` (each 300..28800 s). v1's
   DeployModel refuses min 0, and v1's types have no scale_to_zero_spec. A deployment starts with one
@@ -240,6 +240,7 @@ def serve(handler: Any, emulator: Any, action: str, params: dict, body: bytes) -
     elif action == "get_endpoint_v1beta1":
         handler._send_json(200, t.get_endpoint_v1beta1(params["name"]))
     elif action == "invoke_deployed":
+        emulator.dedicated.check_invoke(params["name"], params["deployed"], params["route"])  # vertex_dedicated: its preconditions
         replica = t.deployed_replica(params["name"], params["deployed"])
         if replica.dialect:
             try:

@@ -47,33 +47,39 @@ def _zero_resources(beta_types, v1, idle: str | None = "600s", min_replicas: int
 def test_two_deployed_models_each_with_its_own_server_and_the_route_to_either(vertex_emulator, clients, v1, artifact: str) -> None:  # noqa: F811
     from google.api_core import exceptions
 
-    model, endpoint = _setup(clients, v1, artifact, "two-deployed")
-    endpoints = clients["endpoints"]
+    from tests.emulators.test_vertex_dedicated_emulator import _invoke_enabled_model
+
+    endpoints, parent = clients["endpoints"], clients["parent"]
+    model = clients["models"].upload_model(parent=parent, model=_handler_model(v1, artifact, "two-deployed")).result(timeout=30).model
+    added = clients["models"].upload_model(parent=parent, model=_invoke_enabled_model(v1, artifact, "two-deployed")).result(timeout=30).model
+    endpoint = endpoints.create_endpoint(parent=parent, endpoint=v1.Endpoint(display_name="two-deployed", dedicated_endpoint_enabled=True)).result(timeout=30)
+    dns_base = f"http://{endpoint.dedicated_endpoint_dns}/v1/{endpoint.name}"
     first = endpoints.deploy_model(
-        endpoint=endpoint, deployed_model=v1.DeployedModel(model=model, dedicated_resources=_resources(v1)), traffic_split={"0": 100}
+        endpoint=endpoint.name, deployed_model=v1.DeployedModel(model=model, dedicated_resources=_resources(v1)), traffic_split={"0": 100}
     ).result(timeout=300).deployed_model  # fmt: skip
     second = endpoints.deploy_model(
-        endpoint=endpoint, deployed_model=v1.DeployedModel(model=model, dedicated_resources=_resources(v1, machine="n1-standard-8")),
+        endpoint=endpoint.name, deployed_model=v1.DeployedModel(model=added, dedicated_resources=_resources(v1, machine="n1-standard-8")),
         traffic_split={first.id: 100, "0": 0},
     ).result(timeout=300).deployed_model  # fmt: skip
     replicas = vertex_emulator.state.replicas
     assert replicas[first.id].process.pid != replicas[second.id].process.pid  # one server each
-    assert {_predict(clients, endpoint).deployed_model_id for _ in range(3)} == {first.id}  # the split sends all to the first
+    split = {httpx.post(f"{dns_base}:predict", json=PROMPT, timeout=60).json()["deployedModelId"] for _ in range(3)}
+    assert split == {first.id}  # the split sends all to the first
 
-    url = f"{vertex_emulator.url}/v1/{endpoint}/deployedModels"
-    direct = httpx.post(f"{url}/{second.id}/invoke/predict", json=PROMPT, timeout=60)
+    # /invoke/invocations reaches the container as /invocations, a route our server always serves
+    direct = httpx.post(f"{dns_base}/deployedModels/{second.id}/invoke/invocations", json=PROMPT, timeout=60)
     assert direct.status_code == 200 and len(direct.json()["predictions"]) == 1
-    # the server says who answered (AIP_DEPLOYED_MODEL_ID): each route reaches its own deployed model
+    # the server says who answered (AIP_DEPLOYED_MODEL_ID): the route reached the added deployed model
     assert direct.json()["deployedModelId"] == second.id
-    again = httpx.post(f"{url}/{first.id}/invoke/predict", json=PROMPT, timeout=60).json()
-    assert again["deployedModelId"] == first.id and again["predictions"] == direct.json()["predictions"]  # same model, greedy
-    missing = httpx.post(f"{url}/123/invoke/predict", json=PROMPT, timeout=60)
+    plain = httpx.post(f"{dns_base}/deployedModels/{first.id}/invoke/predict", json=PROMPT, timeout=60)  # uploaded without the prefix
+    assert plain.status_code == 400 and "invoke_route_prefix" in plain.json()["error"]["message"]
+    missing = httpx.post(f"{dns_base}/deployedModels/123/invoke/invocations", json=PROMPT, timeout=60)
     assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
 
     with pytest.raises(exceptions.BadRequest, match="min_replica_count must be at least 1"):
-        endpoints.deploy_model(endpoint=endpoint, deployed_model=v1.DeployedModel(model=model, dedicated_resources=_resources(v1, min_replicas=0)))
+        endpoints.deploy_model(endpoint=endpoint.name, deployed_model=v1.DeployedModel(model=model, dedicated_resources=_resources(v1, min_replicas=0)))
     for deployed in (second, first):
-        endpoints.undeploy_model(endpoint=endpoint, deployed_model_id=deployed.id).result(timeout=60)
+        endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=deployed.id).result(timeout=60)
     assert first.id not in replicas and second.id not in replicas
 
 

@@ -13,6 +13,7 @@ from cloudllm.errors import UserError
 from cloudllm.providers.base import get_provider
 from cloudllm.testing import eventually
 from cloudllm.types import Waking
+from tests.conftest import assert_one_line_error, run_cli
 
 v1 = pytest.importorskip("google.cloud.aiplatform_v1")
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
@@ -42,11 +43,12 @@ def _invoke(name: str, **kwargs):
 
 def test_a_second_model_gets_its_own_deployed_model_and_answers_by_name(vertex_emulator, clients, tiny_gpt2: Path) -> None:
     endpoints, models = clients
-    first = _deploy(tiny_gpt2, vertex_emulator, "two-models")
+    first = _deploy(tiny_gpt2, vertex_emulator, "two-models", options={"dedicated_endpoint": True})
     second = _deploy(tiny_gpt2, vertex_emulator, "two-models", add_model="small", instance="n1-standard-8")
     assert second.action == "update"
 
     endpoint = endpoints.get_endpoint(name=first.endpoint.details["endpoint"])
+    assert endpoint.dedicated_endpoint_enabled and endpoint.dedicated_endpoint_dns  # created so: Vertex AI sets it only then
     by_name = {d.display_name: d for d in endpoint.deployed_models}
     assert set(by_name) == {"two-models", "model:small"}
     main, small = by_name["two-models"], by_name["model:small"]
@@ -55,10 +57,16 @@ def test_a_second_model_gets_its_own_deployed_model_and_answers_by_name(vertex_e
     assert main.dedicated_resources.machine_spec.machine_type == "n1-standard-4"
     assert {k: v for k, v in endpoint.traffic_split.items() if v} == {main.id: 100}
     assert small.model != main.model  # its own Model resource
+    small_spec = models.get_model(name=f"{small.model}@{small.model_version_id}").container_spec
+    main_spec = models.get_model(name=f"{main.model}@{main.model_version_id}").container_spec
+    # the added model is invoke-enabled (so no predict route, no gRPC); the first one keeps :predict
+    assert (small_spec.invoke_route_prefix, small_spec.predict_route, list(small_spec.grpc_ports)) == ("/*", "", [])
+    assert (main_spec.invoke_route_prefix, main_spec.predict_route) == ("", "/predict")
     assert models.get_model(name=small.model).display_name == "two-models"
 
     described = get_provider("vertex").get("two-models")
     assert described.state == "InService" and described.details["models"] == {"small": small.id}
+    assert described.url.startswith(f"http://{endpoint.dedicated_endpoint_dns}/")
 
     assert _invoke("two-models")["deployed_model_id"] == main.id
     assert _invoke("two-models", model="small")["deployed_model_id"] == small.id
@@ -66,15 +74,45 @@ def test_a_second_model_gets_its_own_deployed_model_and_answers_by_name(vertex_e
     assert "".join(api.invoke_stream("two-models", "hello there", parameters=GREEDY, provider="vertex", model="small"))
     with pytest.raises(UserError, match="has no model 'nope'"):
         _invoke("two-models", model="nope")
+    # through the CLI, as a user runs it: the same text from the added model as from the first (the same tiny model, greedy)
+    texts = [
+        run_cli("invoke", "two-models", "hello there", "--max-new-tokens", "6", "--provider", "vertex", *extra)
+        for extra in ((), ("--model", "small"))
+    ]
+    assert all(t.returncode == 0 for t in texts), [t.stderr for t in texts]
+    assert texts[0].stdout.strip() and texts[0].stdout == texts[1].stdout
+    assert any(f"/deployedModels/{small.id}/invoke/invocations" in r for r in vertex_emulator.requests)
 
-    again = _deploy(tiny_gpt2, vertex_emulator, "two-models", add_model="small", instance="n1-standard-8")
-    assert len(endpoints.get_endpoint(name=first.endpoint.details["endpoint"]).deployed_models) == 2, again.action
+    versions = sum(len(v) for v in vertex_emulator.state.models.values())
+    _deploy(tiny_gpt2, vertex_emulator, "two-models", add_model="small", instance="n1-standard-8")  # "already this version"
+    first_again = _deploy(tiny_gpt2, vertex_emulator, "two-models")  # the option is the endpoint's: not repeating it changes nothing
+    assert first_again.action == "unchanged"
+    assert sum(len(v) for v in vertex_emulator.state.models.values()) == versions
+    assert {d.id for d in endpoints.get_endpoint(name=first.endpoint.details["endpoint"]).deployed_models} == {main.id, small.id}
 
     model_names = {main.model, small.model}
     api.delete("two-models", provider="vertex")
     assert not [e for e in vertex_emulator.state.endpoints.values() if e.display_name == "two-models"]
     listed = {m.name for m in models.list_models(parent=f"projects/{vertex_emulator.project}/locations/us-central1")}
     assert not model_names & listed
+
+
+def test_add_model_to_an_endpoint_without_a_dedicated_dns_is_refused_before_anything_is_created(vertex_emulator, clients, tiny_gpt2: Path) -> None:
+    endpoints, _ = clients
+    first = _deploy(tiny_gpt2, vertex_emulator, "one-model")
+    assert _invoke("one-model")["deployed_model_id"]  # not dedicated: predictions through the API host, as before
+    common = ("--provider", "vertex", "--name", "one-model", "--runtime", "handler", "--instance", "n1-standard-4", "--bucket", vertex_emulator.bucket)
+    models_before = sum(len(v) for v in vertex_emulator.state.models.values())
+    for extra, words in (
+        (("--add-model", "small"), "was created without a dedicated DNS"),
+        (("--option", "dedicated_endpoint=true"), "has no dedicated DNS"),
+    ):
+        for verb in ("plan", "deploy"):
+            refused = run_cli(verb, str(tiny_gpt2), *common, *extra)
+            assert_one_line_error(refused, code=2, contains=words)
+    assert sum(len(v) for v in vertex_emulator.state.models.values()) == models_before
+    assert len(endpoints.get_endpoint(name=first.endpoint.details["endpoint"]).deployed_models) == 1
+    api.delete("one-model", provider="vertex")
 
 
 def test_add_model_needs_the_endpoint_and_a_name_of_its_own(vertex_emulator, tiny_gpt2: Path) -> None:

@@ -206,6 +206,9 @@ class VertexChecks:
         GcsArtifacts(project=self.project).check_bucket(GcsUri.parse(plan.spec.bucket))
 
     def describe_changes(self, plan: "Plan") -> list[ResourceChange]:
+        from cloudllm.providers.vertex.routes import check_endpoint_kind, wants_dedicated
+
+        check_endpoint_kind(plan, plan.existing, wants_dedicated(self.options))  # an endpoint's DNS is fixed once it exists
         name = plan.spec.name
         if plan.action == "unchanged":
             return [ResourceChange(resource="endpoint", name=name, action="unchanged")]

@@ -218,6 +218,8 @@ class VertexInvoke:
             answer = json.loads(b"".join(self._invoke_deployed(name, endpoint, target, request, stream=False)))
             # our server names who answered (AIP_DEPLOYED_MODEL_ID); an engine's raw answer does not
             return {"predictions": answer.get("predictions", []), "deployed_model_id": answer.get("deployedModelId") or target}
+        if endpoint.details.get("dedicated"):  # the shared host refuses a dedicated endpoint's requests
+            return self._dedicated_predict(name, endpoint, request)
         kwargs = predict_kwargs(endpoint.details["endpoint"], request)
         # At zero a 429 is the wake (cloudllm.api waits through it), not throttling to retry here.
         retry = None if endpoint.details.get("scale_to_zero") else transient_retry(refused_only=True)
@@ -244,7 +246,7 @@ class VertexInvoke:
                 f"endpoint {name} runs TGI, whose Vertex AI route answers whole predictions only and cannot stream",
                 "invoke without --stream, or deploy with --runtime vllm or --runtime handler to stream",
             )
-        url = f"{self.api_base}/v1/{endpoint.details['endpoint']}:streamRawPredict"
+        url = f"{self._prediction_base(name, endpoint)}/v1/{endpoint.details['endpoint']}:streamRawPredict"
         if target is not None:
             yield from self._stream_deployed(name, endpoint, target, runtime, body)
             return
@@ -277,6 +279,11 @@ class VertexInvoke:
                 f"endpoint {name} runs {runtime}, whose server speaks no Open Inference Protocol gRPC (only cloudllm's handler does)",
                 "invoke without --grpc, or deploy with --runtime handler",
             )
+        if endpoint.details.get("dedicated"):
+            raise UserError(
+                f"endpoint {name} is a dedicated endpoint, which Vertex AI serves only on its own DNS, where cloudllm sends no gRPC",
+                "invoke without --grpc",
+            )
         resource = endpoint.details["endpoint"]
         client = grpc_prediction_client(self.region)
 
@@ -304,9 +311,41 @@ class VertexInvoke:
         from cloudllm.http import post_json
 
         try:
-            return post_json(name, f"{self.api_base}/v1/{endpoint.details['endpoint']}:rawPredict", body, self._auth_headers())
+            return post_json(name, f"{self._prediction_base(name, endpoint)}/v1/{endpoint.details['endpoint']}:rawPredict", body, self._auth_headers())
         except httpx.TransportError as exc:
             raise DeployFailed(f"cannot reach {self.api_base}: {exc}", "check your network, or CLOUDLLM_VERTEX_ENDPOINT") from None
+
+    def _prediction_base(self, name: str, endpoint: Endpoint) -> str:
+        """Where this endpoint's predictions go: its dedicated DNS, or the API host."""
+        from cloudllm.providers.vertex.routes import prediction_base
+
+        dns = endpoint.details.get("dedicated_endpoint_dns")
+        if endpoint.details.get("dedicated") and not dns:
+            raise DeployFailed(f"endpoint {name} is dedicated but Vertex AI has not given it a DNS name yet", f"try again shortly; see `cloudllm status {name}`")
+        return prediction_base(self.api_base, dns)
+
+    def _dedicated_predict(self, name: str, endpoint: Endpoint, request: dict) -> Any:
+        """:predict on the dedicated DNS, as JSON over HTTPS (what aiplatform's Endpoint.predict sends there):
+        the generated PredictionServiceClient talks to the regional API host only."""
+        import httpx
+
+        from cloudllm import http
+
+        url = f"{self._prediction_base(name, endpoint)}/v1/{endpoint.details['endpoint']}:predict"
+        try:
+            response = httpx.post(url, json=request, headers=self._auth_headers(), timeout=http.TIMEOUT)
+        except httpx.TimeoutException:
+            raise http.timed_out(name) from None
+        except httpx.TransportError as exc:
+            raise DeployFailed(f"cannot reach {url}: {exc}", "check your network, or the endpoint's dedicated DNS (cloudllm status)") from None
+        if response.status_code == 429 and endpoint.details.get("scale_to_zero"):
+            from cloudllm.providers.base import Waking
+
+            raise Waking(f"{name} is scaled to zero and a replica is starting")
+        if response.status_code >= 400:
+            raise http.endpoint_error(name, response.status_code, response.text)
+        answer = response.json()
+        return {"predictions": answer.get("predictions", []), "deployed_model_id": answer.get("deployedModelId")}
 
     def _serving_endpoint(self, name: str) -> Endpoint:
         endpoint = self.get(name)

@@ -3,7 +3,9 @@
 - Each added model is its own Model and DeployedModel on the endpoint, with its own
   DedicatedResources sized from its plan, and no share of the traffic split: the first model keeps
   it all, and a request for an added model goes to its deployed model directly
-  (`{endpoint}/deployedModels/{id}/invoke/{route}`, PredictionService.Invoke's HTTP route).
+  (`{endpoint}/deployedModels/{id}/invoke/{route}` on the dedicated DNS). Vertex AI serves that route
+  only for a Model uploaded with invoke_route_prefix "/*" on a dedicated endpoint: routes.py and
+  docs/vertex-multi-model.md say why and what is refused.
 - Adapters (handler runtime): each is uploaded content-addressed to `<bucket>/<name>/adapters/<digest>/`
   (only when absent); the model version's container copies them beside the model at start
   (CLOUDLLM_ADAPTER_URIS, read by bootstrap.py) and our server loads them (settings.adapters). A
@@ -23,7 +25,8 @@ from cloudllm.console import Reporter
 from cloudllm.errors import DeployFailed, UserError
 from cloudllm.providers.base import Endpoint, Waking
 from cloudllm.providers.vertex.invoke import PREDICT_ROUTE
-from cloudllm.providers.vertex.labels import MODEL_LABEL, deployed_model_id, label_value
+from cloudllm.providers.vertex.labels import MODEL_LABEL, RUNTIME_LABEL, deployed_model_id, label_value
+from cloudllm.providers.vertex.routes import invoke_route
 from cloudllm.providers.vertex.session import transient_retry
 
 if TYPE_CHECKING:
@@ -190,11 +193,9 @@ class VertexModels:
         from cloudllm.http import TIMEOUT, endpoint_error
 
         route = endpoint.details.get("predict_routes", {}).get(deployed_id, PREDICT_ROUTE)
-        # Vertex's REST reference: projects.locations.endpoints.deployedModels.invoke.invoke,
-        # "post /v1/{endpoint}/deployedModels/{deployedModelId}/invoke/**". The real service serves it only
-        # for a Model uploaded with container_spec.invoke_route_prefix "/*" on a dedicated endpoint
-        # (docs: vertex-ai/docs/predictions/use-arbitrary-custom-routes); see issue #17's note.
-        url = f"{self.api_base}/v1/{endpoint.details['endpoint']}/deployedModels/{deployed_id}/invoke{route}"
+        # REST reference v1 endpoints.deployedModels.invoke: "post {endpoint}/deployedModels/{id}/invoke/**", on the
+        # dedicated DNS, for a Model uploaded with invoke_route_prefix "/*" (routes.py); /invoke/x reaches the container as /x.
+        url = f"{self._prediction_base(name, endpoint)}/v1/{endpoint.details['endpoint']}/deployedModels/{deployed_id}/invoke{route}"
         try:
             with httpx.stream("POST", url, json=body, headers=self._auth_headers(), timeout=TIMEOUT) as response:
                 if response.status_code >= 400:
@@ -236,8 +237,12 @@ class VertexModels:
                 models[added] = deployed.id
         for deployed_id in models.values():
             deployed = next(d for d in endpoint.deployed_models if d.id == deployed_id)
-            spec = self.clients().models.get_model(name=f"{deployed.model}@{deployed.model_version_id}", retry=transient_retry()).container_spec
-            routes[deployed_id] = spec.predict_route or PREDICT_ROUTE
+            added = self.clients().models.get_model(name=f"{deployed.model}@{deployed.model_version_id}", retry=transient_retry())
+            spec = added.container_spec
+            if spec.invoke_route_prefix:  # Vertex sets its own AIP_PREDICT_ROUTE then: a path the runtime always serves
+                routes[deployed_id] = invoke_route(added.labels.get(RUNTIME_LABEL))
+            else:  # uploaded before added models were invoke-enabled: the shared host's invoke refuses it (see routes.py)
+                routes[deployed_id] = spec.predict_route or PREDICT_ROUTE
         return {
             "first_model": model.labels.get(MODEL_LABEL),
             "models": models,

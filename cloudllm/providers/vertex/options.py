@@ -16,3 +16,9 @@ class VertexOptions(RolloutOptions):
     kms_key: str | None = Field(
         None, description="Cloud KMS key (projects/P/locations/L/keyRings/R/cryptoKeys/K) for the model, endpoint and artifacts."
     )
+    dedicated_endpoint: bool | None = Field(
+        None,
+        description="Create the endpoint with a dedicated DNS (Vertex AI's dedicated_endpoint_enabled), which --add-model needs: "
+        "Vertex AI reaches one model of several only through a dedicated endpoint's invoke route. Fixed once the endpoint exists; "
+        "its requests then go to that DNS only.",
+    )

@@ -18,6 +18,7 @@ from cloudllm.providers.vertex.labels import DIGEST_LABELS, LOCK_LABEL, MANAGED_
 from cloudllm.providers.vertex.options import VertexOptions
 from cloudllm.providers.vertex.models import VertexModels, first_models
 from cloudllm.providers.vertex.rollout import VertexRollout
+from cloudllm.providers.vertex.routes import check_endpoint_kind, dedicated_details, prediction_base, wants_dedicated
 from cloudllm.providers.vertex.session import Clients, DEFAULT_REGION, VertexSession, deploy_error, transient_retry, unless_gone
 from cloudllm.providers.vertex.versions import VertexVersions
 
@@ -69,6 +70,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
                 "a Vertex AI update cannot return early: the old deployed model is undeployed once the new one serves",
                 "deploy without --no-wait",
             )
+        check_endpoint_kind(plan, existing, wants_dedicated(self.options))  # also at plan time (describe_changes)
         with self._changing(existing.details["endpoint"], plan):
             if plan.spec.add_model:
                 return self._add_model(plan, existing, reporter)
@@ -175,10 +177,11 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
             "traffic_split": dict(endpoint.traffic_split),
             "deployed_models": [d.id for d in endpoint.deployed_models],
             "labels": {k: v for k, v in endpoint.labels.items() if k != LOCK_LABEL},  # the spec's tags among them
+            **dedicated_details(endpoint),  # where its predictions go (routes.py)
         }
         if main is None:
             return Endpoint(
-                name=name, provider=self.name, state="Failed", url=predict_url(self.api_base, endpoint.name),
+                name=name, provider=self.name, state="Failed", url=predict_url(prediction_base(self.api_base, endpoint.dedicated_endpoint_dns), endpoint.name),
                 failure_reason="no model is deployed on the endpoint (yet, if a deploy is still running)", details=details,
             )  # fmt: skip
         model = self.clients().models.get_model(name=f"{main.model}@{main.model_version_id}")
@@ -210,7 +213,7 @@ class VertexProvider(VertexSession, VertexChecks, VertexVersions, VertexRollout,
             name=name,
             provider=self.name,
             state=state,
-            url=predict_url(self.api_base, endpoint.name),
+            url=predict_url(prediction_base(self.api_base, endpoint.dedicated_endpoint_dns), endpoint.name),
             model=model.description or model.display_name,
             digest=fingerprint.digest,
             instance=instance,

@@ -98,7 +98,12 @@ class VertexVersions:
     def _create_endpoint(self, plan: "Plan", reporter: Reporter) -> str:
         from google.cloud import aiplatform_v1 as v1
 
-        endpoint = v1.Endpoint(display_name=plan.spec.name, labels=self._labels(plan, digests=False))
+        from cloudllm.providers.vertex.routes import wants_dedicated
+
+        # A dedicated DNS only now: Vertex AI sets it when it creates the endpoint (an added model needs it).
+        endpoint = v1.Endpoint(
+            display_name=plan.spec.name, labels=self._labels(plan, digests=False), dedicated_endpoint_enabled=bool(wants_dedicated(self.options)),
+        )
         kms = self.options.get("kms_key")
         if kms:
             endpoint.encryption_spec = v1.EncryptionSpec(kms_key_name=kms)
@@ -185,6 +190,14 @@ class VertexVersions:
             command = ["python3", "-c", HANDLER_BOOTSTRAP]
             env["CLOUDLLM_GRPC_PORT"] = str(GRPC_PORT)  # bootstrap.py serves gRPC there
             self._adapter_env(plan, env)
+        invoke_prefix = ""
+        if plan.spec.add_model:
+            from cloudllm.providers.vertex.routes import INVOKE_ROUTE_PREFIX
+
+            # Reached through its deployed model's invoke route only: Vertex AI takes one of predict_route and
+            # invoke_route_prefix, and an invoke-enabled model takes no gRPC.
+            predict, invoke_prefix = "", INVOKE_ROUTE_PREFIX
+            env.pop("CLOUDLLM_GRPC_PORT", None)
         return v1.ModelContainerSpec(
             image_uri=image,
             command=command,
@@ -193,6 +206,7 @@ class VertexVersions:
             ports=[v1.Port(container_port=SERVING_PORT)],
             grpc_ports=[v1.Port(container_port=GRPC_PORT)] if "CLOUDLLM_GRPC_PORT" in env else [],
             predict_route=predict,
+            invoke_route_prefix=invoke_prefix,
             health_route=health,
             deployment_timeout=duration_pb2.Duration(seconds=deployment_timeout(plan.bundle.total_bytes)),
             shared_memory_size_mb=shm,
