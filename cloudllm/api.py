@@ -423,12 +423,18 @@ def delete(
     region: str | None = None,
     options: dict[str, Any] | None = None,
     purge_artifacts: bool = False,
+    model: str | None = None,
     reporter: Reporter | None = None,
 ) -> None:
-    """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts)."""
+    """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts);
+    with model, only that model added with --add-model (the endpoint and its other models stay)."""
     check_endpoint_name(name)
     target = _provider_for_name(name, provider, region, options)
     reporter = reporter or Reporter()
+    if model is not None:
+        with endpoint_lock(name), _interrupt_advice(f"run `cloudllm delete {name} --model {model}` again to finish"):
+            target.remove_model(name, model, reporter)
+        return
     with endpoint_lock(name), _interrupt_advice(f"run `cloudllm delete {name}` again to finish"):
         try:
             target.delete(name, purge_artifacts=purge_artifacts, reporter=reporter)

@@ -249,12 +249,12 @@ class LocalProvider(Provider):
         ]
 
     # --- more models on the endpoint (cloudllm/providers/local_models.py) ------------------------
-    def remove_model(self, name: str, model: str, reporter: Reporter | None = None) -> None:
+    def remove_model(self, name: str, model: str, reporter: Reporter) -> None:
         """Stop the added model `model` of endpoint `name`; the endpoint and its other models keep serving."""
         state = self._state(name)
         if state is None:
             raise UserError(f"no local endpoint named {name!r}", "see `cloudllm list`")
-        remove_model(self._root(name), name, model, state, reporter or Reporter())
+        remove_model(self._root(name), name, model, state, reporter)
 
     def _running_state(self, name: str) -> dict:
         """The live version's state, once its server is known to run and answer."""

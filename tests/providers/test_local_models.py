@@ -12,6 +12,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloudllm.testing import eventually
@@ -162,9 +163,7 @@ def test_an_added_model_that_fails_to_load_leaves_nothing(shared: dict, home: di
     assert _invoke(home, "shared", PROMPT, "--model", "embed") == shared["embedder_alone"]
 
 
-def test_removing_an_added_model_stops_only_it(shared: dict, home: dict, embedder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cloudllm.providers.local import LocalProvider
-
+def test_removing_an_added_model_stops_only_it(shared: dict, home: dict, embedder: Path) -> None:
     added = run_cli("deploy", str(embedder), "--provider", "local", "--name", "shared", "--add-model", "other", env=home)
     assert added.returncode == 0, added.stderr
     models = _status(home, "shared")["details"]["models"]
@@ -173,8 +172,8 @@ def test_removing_an_added_model_stops_only_it(shared: dict, home: dict, embedde
     relays = _relay_pids(folder)
     assert relays and all(_running(pid) for pid in relays)
 
-    monkeypatch.setenv("CLOUDLLM_HOME", home["CLOUDLLM_HOME"])
-    LocalProvider().remove_model("shared", "other")
+    removed = run_cli("delete", "shared", "--model", "other", env=home)
+    assert removed.returncode == 0 and removed.stdout.strip() == "model other of endpoint shared deleted", removed.stderr
     eventually(lambda: not _running(other_pid) and not any(_running(pid) for pid in relays), what="model other's server and relay gone")
     assert not folder.exists()
     assert _running(embed_pid) and _running(shared["base_pid"])
@@ -182,6 +181,29 @@ def test_removing_an_added_model_stops_only_it(shared: dict, home: dict, embedde
     assert _invoke(home, "shared", PROMPT, "--model", "embed") == shared["embedder_alone"]
     line = assert_one_line_error(run_cli("invoke", "shared", PROMPT, "--model", "other", env=home), contains="no model 'other'")
     assert "tiny-gpt2, embed" in line
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [("nope", "endpoint shared has no model 'nope'; its models are: tiny-gpt2, embed"), ("tiny-gpt2", "tiny-gpt2 is endpoint shared's first model")],
+)
+def test_removing_a_model_the_endpoint_lacks_or_its_first_is_one_line(shared: dict, home: dict, model: str, message: str) -> None:
+    assert_one_line_error(run_cli("delete", "shared", "--model", model, env=home), contains=message)
+    assert sorted(_status(home, "shared")["details"]["models"]) == ["embed"]
+
+
+def test_a_new_version_of_an_added_model_replaces_it_behind_the_same_url(shared: dict, home: dict, tmp_path: Path) -> None:
+    newer = build_tiny_bert(tmp_path / "embedder", head="base", seed=1)
+    before = _status(home, "shared")["details"]["models"]["embed"]
+    updated = run_cli("deploy", str(newer), "--provider", "local", "--name", "shared", "--add-model", "embed", env=home)
+    assert updated.returncode == 0, updated.stderr
+    after = _status(home, "shared")["details"]["models"]["embed"]
+    assert after["url"] == before["url"] and after["pid"] != before["pid"] and after["digest"] != before["digest"]
+    eventually(lambda: not _running(before["pid"]), what="the previous server of model embed gone")
+    answer = _invoke(home, "shared", PROMPT, "--model", "embed")
+    assert answer != shared["embedder_alone"]
+    assert httpx.post(after["url"] + "/invocations", json={"inputs": PROMPT}, timeout=60).json() == answer  # the relay reaches the new one
+    assert _status(home, "shared")["details"]["pid"] == shared["base_pid"]
 
 
 def test_delete_stops_every_model_and_relay(shared: dict, home: dict) -> None:
