@@ -140,7 +140,7 @@ class LocalProvider(Provider):
             added = models_details(self._root(plan.spec.name), plan.spec.name).get(model)
             if added is None:
                 return [ResourceChange(resource="model", name=f"{plan.spec.name}/{model}", action="create", reason="a server of its own beside the endpoint's")]
-            same = added.get("digest") == plan.fingerprint.get("digest") and added["state"] == "InService"
+            same = added.get("version") == plan.digest[:12] and added["state"] == "InService"
             return [ResourceChange(resource="model", name=f"{plan.spec.name}/{model}", action="unchanged" if same else "update",
                                    reason="already serves this version" if same else "the new version starts beside the old one")]  # fmt: skip
         if plan.retag_only:

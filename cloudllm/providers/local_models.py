@@ -146,7 +146,7 @@ def model_url(root: Path, name: str, model: str | None, base: dict) -> str | Non
 
 
 def models_details(root: Path, name: str) -> dict[str, dict]:
-    """What `cloudllm status` shows of each added model: its state, URL, pid, source folder and digest."""
+    """What `cloudllm status` shows of each added model: its state, URL, pid, source folder and version (its digest's start)."""
     details = {}
     for model, state in model_states(root, name).items():
         status, reason, _ = server_state(state, f"its log {state.get('log')}")
@@ -155,7 +155,7 @@ def models_details(root: Path, name: str) -> dict[str, dict]:
             "url": state.get("front_url") or state.get("url"),
             "pid": state.get("pid"),
             "model": state.get("model"),
-            "digest": state.get("digest"),
+            "version": state.get("version"),
             **({"failure": reason} if reason else {}),
         }
     return details

@@ -123,6 +123,11 @@ def test_the_python_api_picks_the_model(shared: dict, home: dict, monkeypatch: p
 
 def test_deploying_the_same_added_model_again_changes_nothing(shared: dict, home: dict, embedder: Path) -> None:
     before = _status(home, "shared")["details"]["models"]["embed"]
+    plan = run_cli("plan", str(embedder), "--provider", "local", "--name", "shared", "--add-model", "embed", "--json", env=home)
+    assert plan.returncode == 0, plan.stderr
+    diff = json.loads(plan.stdout)["diff"]
+    assert diff["reasons"] == ["model embed beside the endpoint's first model"]
+    assert [(c["action"], c["resource"], c["name"]) for c in diff["changes"]] == [("unchanged", "model", "shared/embed")]
     again = run_cli("deploy", str(embedder), "--provider", "local", "--name", "shared", "--add-model", "embed", env=home)
     assert again.returncode == 0, again.stderr
     assert "already serves this version" in again.stderr
@@ -198,7 +203,7 @@ def test_a_new_version_of_an_added_model_replaces_it_behind_the_same_url(shared:
     updated = run_cli("deploy", str(newer), "--provider", "local", "--name", "shared", "--add-model", "embed", env=home)
     assert updated.returncode == 0, updated.stderr
     after = _status(home, "shared")["details"]["models"]["embed"]
-    assert after["url"] == before["url"] and after["pid"] != before["pid"] and after["digest"] != before["digest"]
+    assert after["url"] == before["url"] and after["pid"] != before["pid"] and after["version"] != before["version"]
     eventually(lambda: not _running(before["pid"]), what="the previous server of model embed gone")
     answer = _invoke(home, "shared", PROMPT, "--model", "embed")
     assert answer != shared["embedder_alone"]
