@@ -381,6 +381,8 @@ def list_adapters(name: str, *, provider: str | None = None, region: str | None 
 def _with_added_adapters(spec: DeploySpec, reporter: Reporter) -> DeploySpec:
     """spec plus the adapters `cloudllm adapters add` put on the endpoint since (a deploy that does not
     name them keeps them; `cloudllm adapters remove` is how one goes)."""
+    if spec.add_model:  # the adapters added live are the first model's, not the added one's
+        return spec
     record = load_record(spec.name)
     kept = {n: p for n, p in (record.adapters if record and record.provider == spec.provider else {}).items() if n not in spec.adapters}
     for adapter, path in sorted(kept.items()):
@@ -421,12 +423,18 @@ def delete(
     region: str | None = None,
     options: dict[str, Any] | None = None,
     purge_artifacts: bool = False,
+    model: str | None = None,
     reporter: Reporter | None = None,
 ) -> None:
-    """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts)."""
+    """Remove the endpoint and everything deploy created for it (artifacts too with purge_artifacts);
+    with model, only that model added with --add-model (the endpoint and its other models stay)."""
     check_endpoint_name(name)
     target = _provider_for_name(name, provider, region, options)
     reporter = reporter or Reporter()
+    if model is not None:
+        with endpoint_lock(name), _interrupt_advice(f"run `cloudllm delete {name} --model {model}` again to finish"):
+            target.remove_model(name, model, reporter)
+        return
     with endpoint_lock(name), _interrupt_advice(f"run `cloudllm delete {name}` again to finish"):
         try:
             target.delete(name, purge_artifacts=purge_artifacts, reporter=reporter)
@@ -499,10 +507,11 @@ def _provider_for_name(name: str, provider: str | None, region: str | None, opti
 def _save(spec: DeploySpec, provider: Provider, endpoint: Endpoint | None) -> None:
     """Record the endpoint; with no endpoint yet, the intent to create it (pending)."""
     previous = load_record(spec.name)
+    first_model = previous.model if spec.add_model and previous else None  # an added model is not the endpoint's model
     record = EndpointRecord(
         name=spec.name,
         provider=spec.provider,
-        model=str(Path(spec.model).expanduser().resolve()),
+        model=first_model or str(Path(spec.model).expanduser().resolve()),
         region=provider.region,
         url=endpoint.url if endpoint else None,
         digest=endpoint.digest if endpoint else None,
@@ -512,7 +521,7 @@ def _save(spec: DeploySpec, provider: Provider, endpoint: Endpoint | None) -> No
     if previous:
         record.created_at = previous.created_at
         # Still live-added: those the deploy kept as they were (one the spec names with another folder is now the spec's).
-        record.adapters = {n: p for n, p in previous.adapters.items() if spec.adapters.get(n) == p}
+        record.adapters = {n: p for n, p in previous.adapters.items() if spec.add_model or spec.adapters.get(n) == p}
     save_record(record)
 
 

@@ -345,16 +345,18 @@ def status(name: str, where: dict, json_output: bool) -> None:
 @click.option("--purge-artifacts", is_flag=True, help="Also delete the uploaded artifacts.")
 @click.option("--bucket", help="With --purge-artifacts: where deploy uploaded them, when the endpoint that said so is gone.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask before deleting a cloud endpoint (never asked off a terminal or in CI).")
+@click.option("--model", "model", metavar="MODEL", help="Remove only MODEL, a model added with --add-model; the endpoint and its other models keep serving.")
 @_where_flags
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
-def delete(name: str, purge_artifacts: bool, bucket: str | None, yes: bool, where: dict, json_output: bool) -> None:
-    """Delete endpoint NAME and everything deploy created for it.
+def delete(name: str, purge_artifacts: bool, bucket: str | None, yes: bool, model: str | None, where: dict, json_output: bool) -> None:
+    """Delete endpoint NAME and everything deploy created for it (with --model, only that added model).
 
     On a terminal, deleting a cloud endpoint asks first (--yes skips the question).
 
     \b
     Examples:
       cloudllm delete demo
+      cloudllm delete shared --model embed
       cloudllm delete chat --provider sagemaker --purge-artifacts --bucket s3://my-bucket/models --yes
     """
     import os
@@ -363,6 +365,8 @@ def delete(name: str, purge_artifacts: bool, bucket: str | None, yes: bool, wher
     from cloudllm.records import load_record
     from cloudllm.spec import check_endpoint_name
 
+    if model is not None and purge_artifacts:
+        raise click.UsageError("--model removes one model and keeps the endpoint's artifacts; drop --purge-artifacts")
     if bucket:
         if not purge_artifacts:
             raise click.UsageError("--bucket goes with --purge-artifacts")
@@ -371,14 +375,15 @@ def delete(name: str, purge_artifacts: bool, bucket: str | None, yes: bool, wher
     provider = where["provider"] or (record.provider if record else None)
     if provider and provider != "local" and not yes and sys.stdin.isatty() and not os.environ.get("CI"):
         also = " and its uploaded artifacts" if purge_artifacts else ""
-        if not click.confirm(f"delete {provider} endpoint {name}{also}? This cannot be undone", default=False, err=True):
+        what = f"model {model} of {provider} endpoint {name}" if model else f"{provider} endpoint {name}{also}"
+        if not click.confirm(f"delete {what}? This cannot be undone", default=False, err=True):
             raise UserError(f"endpoint {name} not deleted", "answer y to delete it, or pass --yes")
 
-    api.delete(name, purge_artifacts=purge_artifacts, reporter=_reporter(json_output), **where)
+    api.delete(name, purge_artifacts=purge_artifacts, model=model, reporter=_reporter(json_output), **where)
     if json_output:
-        _print_json({"name": name, "deleted": True})
+        _print_json({"name": name, "deleted": True, **({"model": model} if model else {})})
     else:
-        click.echo(f"endpoint {name} deleted")
+        click.echo(f"model {model} of endpoint {name} deleted" if model else f"endpoint {name} deleted")
 
 
 @cli.command()

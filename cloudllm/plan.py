@@ -293,6 +293,8 @@ def compare(plan: Plan) -> tuple[Action, list[str]]:
         return "create", ["new endpoint"]
     if plan.quantize_pending:
         return "unknown", [f"the {plan.quantize_pending} weights are not quantized on this machine yet: deploy quantizes them, then compares"]
+    if plan.spec.add_model:  # existing's fingerprint is its first model's: the provider's changes say what happens to this one
+        return "update", [f"model {plan.spec.add_model} beside the endpoint's first model"]
     if existing.state.lower() in ("failed", "stopped", "dead"):
         return "update", [f"endpoint is {existing.state}"]
     if existing.unfinished:

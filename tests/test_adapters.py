@@ -164,7 +164,7 @@ def test_plan_refuses_an_adapter_for_another_architecture(bases, gpt2_lora, echo
         (["--adapter", "legal=./a", "--adapter", "legal=./b"], "--adapter legal is given twice"),
         (["--adapter", "legal=./no-such-folder"], "is not a folder"),
         (["--add-model", "bad name"], "model name 'bad name'"),
-        (["--add-model", "embed"], "several models on one endpoint (--add-model) is not available on the local provider"),
+        (["--add-model", "embed"], "there is no local endpoint shared to add model embed to"),
     ],
 )
 def test_bad_adapter_flags_are_one_line_and_create_nothing(bases, flags, message, echo_free_home):

@@ -142,6 +142,12 @@ class Provider(ABC):
         self.require({Feature.ADAPTERS})
         return PlanRefused(f"{Feature.ADAPTERS.value} is not available on the {self.name} provider: it cannot change them on a live endpoint")
 
+    # --- more models on one endpoint (Feature.MULTI_MODEL, --add-model) --------------------------
+    def remove_model(self, name: str, model: str, reporter: Reporter) -> None:
+        """Remove the model `model` added to endpoint `name`; the endpoint and its other models keep serving."""
+        self.require({Feature.MULTI_MODEL})
+        raise PlanRefused(f"the {self.name} provider cannot remove one model of an endpoint yet", f"delete the endpoint with `cloudllm delete {name}`")
+
     def logs(self, name: str, *, follow: bool = False, since: float | None = None) -> Iterator[str]:
         raise UserError(f"the {self.name} provider has no logs command", "look in the platform's console")
 

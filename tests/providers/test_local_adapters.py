@@ -123,7 +123,7 @@ def test_adapters_live_on_a_local_endpoint(home, lora, tiny_gpt2):
         (("adapters", "add", "nowhere", "x", "SUPPORT"), "no endpoint named 'nowhere'"),
         (("adapters", "remove", "shared", "ghost"), "endpoint shared has no adapter 'ghost'"),
         (("invoke", "shared", "hi", "--adapter", "ghost"), 'unknown adapter "ghost"'),
-        (("invoke", "shared", "hi", "--model", "other"), "endpoint shared has one model"),
+        (("invoke", "shared", "hi", "--model", "other"), "endpoint shared has no model 'other'; its models are: tiny-gpt2"),
         (("deploy", "MODEL", "--name", "shared", "--adapter", "llama=LLAMA"), "does not have: q_proj, v_proj"),
     ],
 )
