@@ -98,4 +98,6 @@ def test_a_corrupted_resumable_upload_is_caught_by_its_crc32c(vertex_emulator, t
     vertex_emulator.corrupt_next_upload(lambda name: name == dest.object_name("model.safetensors"))
     with pytest.raises(DeployFailed, match=r"arrived corrupted.*run the same deploy again"):
         GcsArtifacts(vertex_emulator.storage_client()).upload(bundle, dest, Bytes())
-    assert dest.object_name("cloudllm.json") not in vertex_emulator.objects("cloudllm-test", "storage-test/corrupt/")  # never complete
+    stored = vertex_emulator.objects("cloudllm-test", "storage-test/corrupt/")
+    assert dest.object_name("cloudllm.json") not in stored  # never complete
+    assert dest.object_name("model.safetensors") not in stored  # deleted: a re-run must not keep it by its identity
