@@ -11,7 +11,8 @@ after the other:
             (an empty hash cache: each byte read once);
   settings  a re-deploy with only the serving settings changed (nothing may move).
 
-Each process reports its wall time after its imports and its peak RSS (VmHWM). Goals (issue 15): first/raw
+Each process reports its wall time after its imports and its own peak RSS (VmHWM: the CLI's work alone;
+the emulators run in processes of their own and are not counted). Goals (issue 15): first/raw
 flat across sizes (seconds per GB flat), peak RSS not growing with the size, settings < 2 s
 with zero bytes moved.  Run: python -m benchmarks.bench_growth
 """

@@ -35,9 +35,11 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "cloudllm.json"
 UPLOAD_WORKERS = 8
-# A multiple of 256 KiB, as resumable uploads require; the client library's default. Each of the
-# UPLOAD_WORKERS holds one chunk in memory; fewer, larger requests are what make uploads fast.
-CHUNK_BYTES = 100 * 1024 * 1024
+# Files up to this size go in one request (the client library's own limit for that, which reads them
+# whole: UPLOAD_WORKERS x 8 MiB at most); bigger ones as one streamed resumable upload each
+# (cloudllm.storage.gcs_stream), which holds a 1 MiB block per worker instead of the library's 100 MiB
+# chunks (two per worker: 1.2-1.6 GB of RSS at 1.3-4.2 GB of weights).
+SINGLE_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -240,18 +242,19 @@ class GcsArtifacts:
             raise DeployFailed(f"copying {f.name} inside GCS changed its checksum", "run the same deploy again")
 
     def _upload_files(self, bucket, dest: GcsUri, files: list["BundleFile"], reporter: Reporter, kms_key, result) -> None:
-        """Upload in parallel, each file with its size, so the client picks the cheapest protocol.
+        """Upload in parallel, each file with its size: small ones in one request, the rest streamed.
 
         transfer_manager.upload_many takes one set of upload arguments for all files, so it
         cannot pass each stream's size; without it every file, however small, becomes a
-        resumable upload of unknown length (an extra round trip each). With the size, files up
-        to 8 MB go in one request and larger ones as resumable uploads of CHUNK_BYTES chunks.
+        resumable upload of unknown length (an extra round trip each). Files up to
+        SINGLE_REQUEST_BYTES go in one request; larger ones as one streamed resumable upload each.
         """
         from concurrent.futures import ThreadPoolExecutor
 
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         from cloudllm.hashing import is_identity
+        from cloudllm.storage.gcs_stream import upload_streamed
 
         # The client retries an upload only when it is conditional; ours may always be sent again
         # (same name, same bytes, under a version prefix nothing serves yet), e.g. when an answer is lost.
@@ -260,14 +263,18 @@ class GcsArtifacts:
         with reporter.transfer(total, f"uploading {len(files)} file(s) to {dest}") as advance:
             jobs = []
             for f in files:
-                blob = bucket.blob(dest.object_name(f.name), kms_key_name=kms_key, chunk_size=CHUNK_BYTES)
+                blob = bucket.blob(dest.object_name(f.name), kms_key_name=kms_key)
                 blob.metadata = object_metadata(f)
                 jobs.append((f, blob, HashingReader(f, advance, crc32c=True)))
 
             def upload(job) -> None:
                 f, blob, reader = job
                 with reader:
-                    blob.upload_from_file(reader, size=f.size, checksum="crc32c", content_type="application/octet-stream", retry=retry)
+                    if f.size <= SINGLE_REQUEST_BYTES:
+                        blob.upload_from_file(reader, size=f.size, checksum="crc32c", content_type="application/octet-stream", retry=retry)
+                    else:
+                        resource = upload_streamed(blob, reader, f.size, retry_seconds(), content_type="application/octet-stream")
+                        blob._set_properties(resource)  # as upload_from_file does with its answer: crc32c, generation
 
             with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="cloudllm-gcs") as pool:
                 for _ in pool.map(upload, jobs):  # re-raises the first failure
@@ -338,9 +345,11 @@ def _same(blob, f: "BundleFile", hashes: dict[str, str]) -> bool:
 
 
 def _verify(blob, local_crc32c: str, name: str) -> None:
+    """The object holds the bytes read here; one that does not is deleted (a re-run must not keep it)."""
     if not blob.crc32c:
         raise DeployFailed(f"GCS reported no crc32c for {name}", "run the same deploy again")
     if blob.crc32c != local_crc32c:
+        blob.delete()
         raise DeployFailed(
             f"{name} arrived corrupted (crc32c {blob.crc32c} on the server, {local_crc32c} here)",
             "run the same deploy again; it uploads the file anew",

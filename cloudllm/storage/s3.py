@@ -26,21 +26,22 @@ from typing import TYPE_CHECKING, Any
 
 from cloudllm.console import Reporter, human_bytes
 from cloudllm.errors import DeployFailed, UserError
-from cloudllm.storage import SHA256_KEY, HashingReader, UploadResult, hash_of, holds, object_metadata
+from cloudllm.storage import SHA256_KEY, HashingReader, UploadResult, hash_of, holds, object_metadata, return_freed_buffers
 
 if TYPE_CHECKING:
     from cloudllm.bundle import Bundle, BundleFile
 
 MANIFEST_NAME = "cloudllm.json"
 UPLOAD_WORKERS = 10
-# 16 MiB parts: a file object's parts are held in memory until sent (s3transfer buffers every part of
-# one, seekable or not; only a path is read by range), so the parts in memory, not the model's size,
-# set the CLI's peak RSS: (IN_MEMORY_PARTS + SUBMISSION_THREADS) x PART_BYTES = 240 MiB at most (each
-# submission thread reads its file's next part before it waits for room). 10,000 parts (S3's limit) x
-# 16 MiB covers a 156 GiB file; s3transfer widens the parts of a bigger one by itself.
-PART_BYTES = 16 * 1024 * 1024
+# 8 MiB parts (the AWS CLI's own default): a file object's parts are held in memory until sent
+# (s3transfer buffers every part of one, seekable or not; only a path is read by range), so the parts
+# in memory, not the model's size, set the CLI's peak RSS: (IN_MEMORY_PARTS + SUBMISSION_THREADS) x
+# PART_BYTES = 96 MiB at most (each submission thread reads its file's next part before it waits for
+# room). 10,000 parts (S3's limit) x 8 MiB covers a 78 GiB file; s3transfer widens the parts of a
+# bigger one by itself. Measured in BENCHMARKS.md ("Upload memory flat"): 16 MiB x 15 held 240 MiB.
+PART_BYTES = 8 * 1024 * 1024
 IN_MEMORY_PARTS = UPLOAD_WORKERS  # one part per worker being sent; fewer would idle workers
-SUBMISSION_THREADS = 5  # s3transfer's default, named for the bound above
+SUBMISSION_THREADS = 2  # each reads (and hashes) one file in order; two keep the workers fed
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ class S3Artifacts:
         # s3transfer's settings, which boto3's __init__ does not take
         config.max_in_memory_upload_chunks = IN_MEMORY_PARTS
         config.max_submission_concurrency = SUBMISSION_THREADS
+        return_freed_buffers()  # the parts held, not the allocator's leftovers, set the peak RSS
         extra = encryption_args(kms_key)
         with create_transfer_manager(self.client, config) as manager:
             copies = []

@@ -35,6 +35,11 @@ def _bundle(folder: Path) -> Bundle:
     return Bundle(files=files, manifest=manifest)
 
 
+def bundle_big_file_streamed() -> bool:
+    """_bundle's 9 MB file is over the one-request limit: it goes as a streamed resumable upload."""
+    return 9 * 1024 * 1024 + 12345 > gcs.SINGLE_REQUEST_BYTES
+
+
 class Bytes(Reporter):
     def __init__(self) -> None:
         self.advanced = 0
@@ -53,7 +58,7 @@ class Bytes(Reporter):
 
 
 def test_every_file_arrives_whole_with_its_sha256(vertex_emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gcs, "CHUNK_BYTES", 4 * 1024 * 1024)  # the big file goes in three resumable chunks
+    assert bundle_big_file_streamed()  # the 9 MB file goes as a streamed resumable upload
     bundle = _bundle(tmp_path / "model")
     client = vertex_emulator.storage_client()
     dest = GcsUri("cloudllm-test", "storage-test/v1")
@@ -87,10 +92,12 @@ def test_the_bucket_check_lists_one_object_and_names_a_missing_bucket(vertex_emu
 def test_a_corrupted_resumable_upload_is_caught_by_its_crc32c(vertex_emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cloudllm.errors import DeployFailed
 
-    monkeypatch.setattr(gcs, "CHUNK_BYTES", 4 * 1024 * 1024)  # the 9 MB file goes as a resumable upload
+    assert bundle_big_file_streamed()
     bundle = _bundle(tmp_path / "model")
     dest = GcsUri("cloudllm-test", "storage-test/corrupt")
     vertex_emulator.corrupt_next_upload(lambda name: name == dest.object_name("model.safetensors"))
     with pytest.raises(DeployFailed, match=r"arrived corrupted.*run the same deploy again"):
         GcsArtifacts(vertex_emulator.storage_client()).upload(bundle, dest, Bytes())
-    assert dest.object_name("cloudllm.json") not in vertex_emulator.objects("cloudllm-test", "storage-test/corrupt/")  # never complete
+    stored = vertex_emulator.objects("cloudllm-test", "storage-test/corrupt/")
+    assert dest.object_name("cloudllm.json") not in stored  # never complete
+    assert dest.object_name("model.safetensors") not in stored  # deleted: a re-run must not keep it by its identity

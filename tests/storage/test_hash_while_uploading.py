@@ -65,7 +65,7 @@ class S3Store:
 
 class GcsStore:
     def __init__(self, emulator, monkeypatch) -> None:
-        monkeypatch.setattr(gcs, "CHUNK_BYTES", 4 * MiB)  # the weights go in three resumable chunks
+        monkeypatch.setattr(gcs, "SINGLE_REQUEST_BYTES", 4 * MiB)  # the weights go as streamed resumable uploads
         self.client = emulator.storage_client()
         self.artifacts = gcs.GcsArtifacts(self.client)
         self.root = gcs.GcsUri.parse(emulator.bucket).child("hash-while-uploading")
