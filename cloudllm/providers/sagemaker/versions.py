@@ -76,6 +76,10 @@ class SageMakerVersions:
             "Environment": res.container_env(plan, instance, sizes, self.region),
             "ModelDataSource": {"S3DataSource": {"S3Uri": str(version), "S3DataType": "S3Prefix", "CompressionType": "None"}},
         }
+        adapters = self._model_adapter_container(plan)  # tgi_adapters.py: TGI's adapters ride in its model
+        if adapters:
+            container["Environment"].update(adapters.pop("Environment"))
+            container.update(adapters)
         model: dict[str, Any] = {
             "ModelName": name,
             "ExecutionRoleArn": spec.options["role"],
