@@ -452,8 +452,10 @@ class ComponentBackend(EmulatedSageMakerBackend):
         try:
             directory = Path(tempfile.mkdtemp(prefix=f"{component.name}-", dir=self.work_dir()))
             self._download_artifact(component.spec["Container"]["ArtifactUrl"], directory)
-            old, component.adapter_dir = component.adapter_dir, directory
             parent = self.components.get(component.base or "")
+            if parent is not None:
+                self._check_lmi_lora(parent, directory)
+            old, component.adapter_dir = component.adapter_dir, directory
             for host in parent.ready_hosts() if parent else []:
                 _register(host, component)
             if old is not None:
@@ -462,6 +464,22 @@ class ComponentBackend(EmulatedSageMakerBackend):
         except Exception as exc:  # the reason becomes the component's FailureReason
             component.status, component.failure_reason = "Failed", str(exc)
         component.modified = utcnow()
+
+    def _check_lmi_lora(self, base: Component, adapter_dir: Path) -> None:
+        """LMI (djl-inference) loads an adapter only when its vLLM was started with LoRA on
+        (OPTION_ENABLE_LORA=true) and a max rank (OPTION_MAX_LORA_RANK, vLLM's default 16) that holds it."""
+        import json
+
+        container = self.describe_model(base.spec["ModelName"]).primary_container or {}
+        if "djl-inference" not in container.get("Image", ""):
+            return
+        env = container.get("Environment") or {}
+        if str(env.get("OPTION_ENABLE_LORA", "")).lower() != "true":
+            raise RuntimeError("the container cannot load adapters: LoRA is not enabled (OPTION_ENABLE_LORA) in the base model")
+        rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 0)
+        limit = int(env.get("OPTION_MAX_LORA_RANK") or 16)
+        if rank > limit:
+            raise RuntimeError(f"the container cannot load the adapter: LoRA rank {rank} is greater than max_lora_rank {limit}")
 
     def _download_artifact(self, url: str, target: Path) -> None:
         """An S3 prefix ending in / (uncompressed files) or one .tar.gz object, into target."""

@@ -153,14 +153,31 @@ def test_deleting_the_tgi_endpoint_leaves_nothing(tgi: str, aws) -> None:
 
 
 # --- vllm (LMI): adapter inference components on a Llama base -----------------------------------------
-def test_vllm_adapters_are_components_on_a_llama_base(sagemaker_emulator, aws, tiny_llama: Path, loras: dict[str, Path]) -> None:
+def test_vllm_adapters_are_components_on_a_llama_base(sagemaker_emulator, aws, tiny_llama: Path, loras: dict[str, Path], tmp_path: Path) -> None:
     name = "sm-vllm-lora"
     _deploy(sagemaker_emulator, tiny_llama, name, runtime="vllm", adapters={"legal": str(loras["legal"])})
     key = tiny_llama.name.lower()
     spec = aws["sagemaker"].describe_inference_component(InferenceComponentName=comp.adapter_component(name, key, "legal"))["Specification"]
     assert spec["BaseInferenceComponentName"] == comp.model_component(name, key) and "/adapters/" in spec["Container"]["ArtifactUrl"]
-    assert LORA_ENV not in _model_of(aws, name, key)["PrimaryContainer"]["Environment"]
+    env = _model_of(aws, name, key)["PrimaryContainer"]["Environment"]
+    assert LORA_ENV not in env
+    # LMI loads adapter components only with LoRA on, up to the rank it started with (vLLM's default 16 at least)
+    assert (env["OPTION_ENABLE_LORA"], env["OPTION_MAX_LORA_RANK"], env["OPTION_MAX_LORAS"]) == ("true", "16", "4")
     assert _answer(name, "legal") != _answer(name)
+
+    wide = build_tiny_lora(tiny_llama, tmp_path / "wide", rank=32, seed=4)
+    with pytest.raises(UserError) as live:
+        api.add_adapter(name, "wide", wide, provider="sagemaker")
+    assert "has rank 32, above what endpoint sm-vllm-lora's LMI started with" in live.value.line()
+    assert comp.adapter_component(name, key, "wide") not in {
+        c["InferenceComponentName"] for c in aws["sagemaker"].list_inference_components(EndpointNameEquals=name)["InferenceComponents"]
+    }
+    before = _model_of(aws, name, key)["ModelName"]
+    redeployed = _deploy(sagemaker_emulator, tiny_llama, name, runtime="vllm", adapters={"legal": str(loras["legal"]), "wide": str(wide)})
+    assert redeployed.action == "update"
+    after = _model_of(aws, name, key)
+    assert after["ModelName"] != before and after["PrimaryContainer"]["Environment"]["OPTION_MAX_LORA_RANK"] == "32"
+    assert _answer(name, "wide") not in (_answer(name), _answer(name, "legal"))
     api.delete(name, provider="sagemaker")
     _nothing_of(aws, name)
 

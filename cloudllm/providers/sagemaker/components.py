@@ -406,6 +406,9 @@ class SageMakerComponents(TgiAdapters):
         now = plan.fingerprint
         in_model = ("weights_digest", "code_digest", "deploy_digest") + (("adapters_digest",) if plan.runtime in ADAPTERS_IN_MODEL else ())
         same_model = all(model_tags.get(res.FINGERPRINT_TAGS[key]) == now[key] for key in in_model)
+        if same_model and current is not None and plan.runtime == "vllm":  # LMI loads adapters only up to the rank its model started with
+            with self._aws(f"read the model of {component}"):
+                same_model = self._lmi_rank_fits(current["Specification"]["ModelName"], plan.adapters)
         if current is None or not same_model:
             ledger = Ledger()
             with self._undone_on_failure(name, ledger, reporter):
@@ -498,6 +501,15 @@ class SageMakerComponents(TgiAdapters):
         layout = self._live_layout(name)
         if not layout["adapter_components"]:
             refuse_live_change(name, layout)
+        if layout.get("runtime") == "vllm":
+            with self._aws(f"read the model of {name}"):
+                base = self._describe_component(model_component(name, layout["first_model"]))
+                fits = base is not None and self._lmi_rank_fits(base["Specification"]["ModelName"], [adapter])
+            if not fits:
+                raise UserError(
+                    f"adapter {adapter.name} has rank {adapter.rank}, above what endpoint {name}'s LMI started with (OPTION_MAX_LORA_RANK)",
+                    f"deploy {name} again with --adapter {adapter.name}=PATH: its model is replaced with one that holds that rank",
+                )
         with self._aws(f"read endpoint {name}"):
             desc = self._describe_endpoint(name)
             root = self._tags(desc["EndpointArn"]).get(res.ARTIFACTS_TAG) if desc else None

@@ -10,6 +10,11 @@ tgi model holds at most five adapters.
 
 TGI answers a request for an adapter it does not hold with the base model and no error
 (flash_causal_lm.py: ADAPTER_TO_INDEX.get(adapter_id, 0)), so invoke checks the name here first.
+
+The vllm runtime's model (LMI) takes its adapters as adapter inference components, loaded live,
+but only when its vLLM started with LoRA on: OPTION_ENABLE_LORA, OPTION_MAX_LORAS and
+OPTION_MAX_LORA_RANK (at least 16, vLLM's default, so small adapters added later fit) go in its
+environment whenever it is deployed on components. An adapter above that rank needs a new model.
 """
 
 from __future__ import annotations
@@ -24,6 +29,17 @@ if TYPE_CHECKING:
 LORA_ENV = "LORA_ADAPTERS"
 CHANNEL_ROOT = "/opt/ml/additional-model-data-sources"
 MAX_SOURCES = 5  # botocore: ContainerDefinition.AdditionalModelDataSources, max 5
+LMI_RANK_ENV = "OPTION_MAX_LORA_RANK"
+LMI_MIN_RANK = 16  # vLLM's default max_lora_rank
+LMI_MIN_LORAS = 4  # adapters one batch may mix (OPTION_MAX_LORAS); more are swapped in from host memory
+
+
+def lmi_lora_env(adapters) -> dict[str, str]:
+    """LMI's LoRA settings for a base that serves adapter components (now or added later)."""
+    from cloudllm.adapters import vllm_max_lora_rank
+
+    rank = max(LMI_MIN_RANK, vllm_max_lora_rank(list(adapters)))
+    return {"OPTION_ENABLE_LORA": "true", "OPTION_MAX_LORAS": str(max(LMI_MIN_LORAS, len(adapters))), LMI_RANK_ENV: str(rank)}
 
 
 def check_tgi_adapters(plan: "Plan") -> None:
@@ -62,6 +78,10 @@ class TgiAdapters:
 
     def _model_adapter_container(self, plan: "Plan") -> dict[str, Any]:
         """PrimaryContainer fields for the plan's adapters (tgi only): each adapter uploaded, mounted, named in LORA_ADAPTERS."""
+        from cloudllm.providers.sagemaker.components import uses_components
+
+        if plan.runtime == "vllm" and uses_components(plan.spec):
+            return {"Environment": lmi_lora_env(plan.adapters)}
         if plan.runtime != "tgi" or not plan.adapters:
             return {}
         root = self._artifact_root(plan)
@@ -73,6 +93,11 @@ class TgiAdapters:
             for adapter in sorted(plan.adapters, key=lambda a: a.name)
         ]
         return {"AdditionalModelDataSources": sources, "Environment": {LORA_ENV: lora_adapters_value([a.name for a in plan.adapters])}}
+
+    def _lmi_rank_fits(self, model_name: str, adapters) -> bool:
+        """The LMI model started with LoRA on and a max rank that holds these adapters (else it needs a new model)."""
+        env = (self._sm.describe_model(ModelName=model_name).get("PrimaryContainer") or {}).get("Environment") or {}
+        return env.get("OPTION_ENABLE_LORA") == "true" and int(env.get(LMI_RANK_ENV) or 0) >= int(lmi_lora_env(adapters)[LMI_RANK_ENV])
 
     def _check_model_adapter(self, name: str, layout: dict, adapter: str) -> None:
         """Refuse a request for an adapter the endpoint's TGI does not hold (it would answer with the base model)."""
