@@ -65,6 +65,7 @@ from cloudllm_emulators.sagemaker_hosting import (
     EmulatedSageMakerResponse,
     HostedModel,
     RuntimeValidationError,
+    copy_s3_prefix,
 )
 
 COPY_DIMENSION = "sagemaker:inference-component:DesiredCopyCount"
@@ -488,27 +489,19 @@ class ComponentBackend(EmulatedSageMakerBackend):
         if not url.startswith("s3://"):
             raise RuntimeError(f"ArtifactUrl {url} is not an s3:// location")
         bucket_name, _, key = url[len("s3://") :].partition("/")
+        if not key.endswith((".tar.gz", ".tgz")):
+            copy_s3_prefix(self, url, target, "the adapter")
+            return
         s3 = s3_backends[self.account_id][self.partition]
         try:
             bucket = s3.get_bucket(bucket_name)
         except Exception:
             raise RuntimeError(f"Failed to download the adapter from {url}: the bucket does not exist") from None
-        if key.endswith((".tar.gz", ".tgz")):
-            obj = bucket.keys.get(key)
-            if obj is None:
-                raise RuntimeError(f"Failed to download the adapter from {url}: no such object")
-            with tarfile.open(fileobj=io.BytesIO(obj.value), mode="r:gz") as archive:
-                archive.extractall(target, filter="data")
-            return
-        count = 0
-        for name, obj in list(bucket.keys.items()):
-            if name.startswith(key) and not name.endswith("/") and hasattr(obj, "value"):
-                path = target / name[len(key) :].lstrip("/")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(obj.value)
-                count += 1
-        if count == 0:
-            raise RuntimeError(f"Failed to download the adapter from {url}: no objects under that prefix")
+        obj = bucket.keys.get(key)
+        if obj is None:
+            raise RuntimeError(f"Failed to download the adapter from {url}: no such object")
+        with tarfile.open(fileobj=io.BytesIO(obj.value), mode="r:gz") as archive:
+            archive.extractall(target, filter="data")
 
     # --- invoking and waking -----------------------------------------------------------------------
     def component_target(self, endpoint_name: str, name: str) -> tuple[HostedModel, str | None]:

@@ -73,7 +73,7 @@ ADDITIONAL_SOURCES = "additional-model-data-sources"  # under /opt/ml in the con
 CONTAINER_SOURCES = "/opt/ml/" + ADDITIONAL_SOURCES
 
 
-def _copy_s3_prefix(backend, uri: str, dest: Path, what: str) -> int:
+def copy_s3_prefix(backend, uri: str, dest: Path, what: str) -> int:
     """Every object under an s3:// prefix of moto's S3, written below dest (as SageMaker downloads model data)."""
     bucket_name, _, prefix = uri[len("s3://") :].partition("/")
     from moto.s3.models import s3_backends
@@ -142,10 +142,10 @@ class HostedModel:
                 f"model {model.model_name} has {json.dumps(source or model.primary_container.get('ModelDataUrl'))}"
             )
         artifact = self.dir / "model"  # what /opt/ml/model holds
-        _copy_s3_prefix(self.backend, source["S3Uri"], artifact, "model data")
+        copy_s3_prefix(self.backend, source["S3Uri"], artifact, "model data")
         for extra in (model.primary_container or {}).get("AdditionalModelDataSources") or []:
             # SageMaker copies channel NAME to /opt/ml/additional-model-data-sources/NAME/ (botocore allows up to 5).
-            _copy_s3_prefix(self.backend, extra["S3DataSource"]["S3Uri"], self.dir / ADDITIONAL_SOURCES / extra["ChannelName"], "model data")
+            copy_s3_prefix(self.backend, extra["S3DataSource"]["S3Uri"], self.dir / ADDITIONAL_SOURCES / extra["ChannelName"], "model data")
         entry = "inference.py" if runs_toolkit(self.image) else "serve.py"
         if not (artifact / "code" / entry).is_file():
             raise RuntimeError(f"{source['S3Uri']} has no code/{entry}: the emulator serves cloudllm artifacts only")

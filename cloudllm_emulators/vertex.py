@@ -28,7 +28,8 @@ A deployed model really serves. The emulator cannot run GPU engines, so:
   Model Garden vLLM server takes {"instances": [{"prompt", <SamplingParams>, "stream",
   "raw_response"}]} (500 on a missing prompt or an unknown parameter, as its KeyError and
   TypeError), prefixes "Prompt:/Output:" unless raw_response, and streams NUL-separated
-  {"predictions": [text]} objects.
+  {"predictions": [text]} objects; an instance's "dynamic-lora" (a gs:// adapter folder) is
+  downloaded and served when the server was started with --enable-lora, up to --max-lora-rank.
 One process stands for all replicas of a deployed model. Traffic is split by smooth weighted
 round-robin, so a test sees exactly the share it set (one of every four requests at 25%).
 

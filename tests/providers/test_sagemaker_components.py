@@ -220,19 +220,8 @@ def test_adapters_need_a_container_that_loads_them_live(sagemaker_emulator, aws,
 
 # --- adapters as adapter inference components (vllm: LMI loads them while it serves) ---------------
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vLLM serves LoRA only on models that implement SupportsLoRA (Llama-shaped; GPT-2 does not)."""
-    from cloudllm.testing.tiny_models import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def loras(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from cloudllm.testing.tiny_adapters import build_tiny_lora
-
-    root = tmp_path_factory.mktemp("loras")
-    return {name: build_tiny_lora(tiny_llama, root / name, seed=seed) for name, seed in (("legal", 1), ("support", 2), ("extra", 3))}
+def loras(llama_loras: dict[str, Path]) -> dict[str, Path]:
+    return llama_loras  # vLLM serves LoRA only on models that implement SupportsLoRA (Llama-shaped; GPT-2 does not)
 
 
 @pytest.fixture(scope="module")

@@ -38,17 +38,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cloudllm.testing.tiny_models import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def loras(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """q_proj/v_proj adapters built by peft on the tiny Llama: each answers differently."""
-    root = tmp_path_factory.mktemp("llama-loras")
-    return {name: build_tiny_lora(tiny_llama, root / name, seed=seed) for name, seed in (("legal", 1), ("support", 2), ("extra", 3))}
+def loras(llama_loras: dict[str, Path]) -> dict[str, Path]:
+    return llama_loras  # tests/conftest.py: q_proj/v_proj adapters of the tiny Llama
 
 
 def _deploy(emulator, model: Path, name: str, **kwargs):
@@ -168,7 +159,7 @@ def test_vllm_adapters_are_components_on_a_llama_base(sagemaker_emulator, aws, t
     wide = build_tiny_lora(tiny_llama, tmp_path / "wide", rank=32, seed=4)
     with pytest.raises(UserError) as live:
         api.add_adapter(name, "wide", wide, provider="sagemaker")
-    assert "has rank 32, above what endpoint sm-vllm-lora's LMI started with" in live.value.line()
+    assert "endpoint sm-vllm-lora's LMI was not started to load an adapter of rank 32" in live.value.line()
     assert comp.adapter_component(name, key, "wide") not in {
         c["InferenceComponentName"] for c in aws["sagemaker"].list_inference_components(EndpointNameEquals=name)["InferenceComponents"]
     }

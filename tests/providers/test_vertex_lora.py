@@ -40,16 +40,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cloudllm.testing.tiny_models import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def loras(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("llama-loras")
-    return {name: build_tiny_lora(tiny_llama, root / name, seed=seed) for name, seed in (("support", 1), ("legal", 2))}
+def loras(llama_loras: dict[str, Path]) -> dict[str, Path]:
+    return {name: llama_loras[name] for name in ("support", "legal")}  # tests/conftest.py
 
 
 def _deploy(model: Path, emulator, name: str, **kwargs):

@@ -507,7 +507,8 @@ class SageMakerComponents(TgiAdapters):
                 fits = base is not None and self._lmi_rank_fits(base["Specification"]["ModelName"], [adapter])
             if not fits:
                 raise UserError(
-                    f"adapter {adapter.name} has rank {adapter.rank}, above what endpoint {name}'s LMI started with (OPTION_MAX_LORA_RANK)",
+                    f"endpoint {name}'s LMI was not started to load an adapter of rank {adapter.rank} ({adapter.name}): "
+                    "its model's OPTION_ENABLE_LORA / OPTION_MAX_LORA_RANK are read only at start",
                     f"deploy {name} again with --adapter {adapter.name}=PATH: its model is replaced with one that holds that rank",
                 )
         with self._aws(f"read endpoint {name}"):
