@@ -20,6 +20,7 @@ from cloudllm import api
 from cloudllm.errors import EXIT_BAD_INPUT, UserError
 from cloudllm.providers.sagemaker import components as comp
 from cloudllm.providers.sagemaker.tgi_adapters import CHANNEL_ROOT, LORA_ENV
+from cloudllm.testing import eventually
 from cloudllm.testing.tiny_adapters import build_tiny_lora
 from cloudllm_emulators.sagemaker import ROLE_ARN
 from tests.conftest import assert_one_line_error, run_cli
@@ -163,6 +164,19 @@ def test_vllm_adapters_are_components_on_a_llama_base(sagemaker_emulator, aws, t
     assert comp.adapter_component(name, key, "wide") not in {
         c["InferenceComponentName"] for c in aws["sagemaker"].list_inference_components(EndpointNameEquals=name)["InferenceComponents"]
     }
+    # what cloudllm refuses there, the emulator's LMI refuses too: straight through boto3, the component fails
+    bucket = sagemaker_emulator.bucket.removeprefix("s3://").split("/", 1)[0]
+    for path in wide.iterdir():
+        aws["s3"].upload_file(str(path), bucket, f"by-hand/wide/{path.name}")
+    sm = aws["sagemaker"]
+    sm.create_inference_component(InferenceComponentName=f"{name}-by-hand", EndpointName=name,
+                                  Specification={"BaseInferenceComponentName": comp.model_component(name, key),
+                                                 "Container": {"ArtifactUrl": f"s3://{bucket}/by-hand/wide/"}})  # fmt: skip
+    failed = eventually(lambda: (d := sm.describe_inference_component(InferenceComponentName=f"{name}-by-hand"))["InferenceComponentStatus"] == "Failed" and d)
+    assert "LoRA rank 32 is greater than max_lora_rank 16" in failed["FailureReason"]
+    sm.delete_inference_component(InferenceComponentName=f"{name}-by-hand")
+    eventually(lambda: f"{name}-by-hand" not in {c["InferenceComponentName"] for c in sm.list_inference_components(EndpointNameEquals=name)["InferenceComponents"]})
+
     before = _model_of(aws, name, key)["ModelName"]
     redeployed = _deploy(sagemaker_emulator, tiny_llama, name, runtime="vllm", adapters={"legal": str(loras["legal"]), "wide": str(wide)})
     assert redeployed.action == "update"

@@ -531,7 +531,7 @@ class SageMakerComponents(TgiAdapters):
     def list_adapters(self, name: str) -> list[dict]:
         layout = self._live_layout(name)
         if layout.get("runtime") in ADAPTERS_IN_MODEL:
-            return self._model_adapters(name, layout)
+            return self._model_adapters(name, model_component(name, layout["first_model"]))
         base = model_component(name, layout["first_model"])
         with self._aws(f"read the adapters of {name}"):
             components = [c for c in self._components(name) if c["Specification"].get("BaseInferenceComponentName") == base]

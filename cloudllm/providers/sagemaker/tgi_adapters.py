@@ -76,11 +76,9 @@ def model_adapter_names(model: dict) -> list[str]:
 class TgiAdapters:
     """The tgi runtime's adapters in the model (mixed into SageMakerComponents)."""
 
-    def _model_adapter_container(self, plan: "Plan") -> dict[str, Any]:
+    def _model_adapter_container(self, plan: "Plan", *, components: bool) -> dict[str, Any]:
         """PrimaryContainer fields for the plan's adapters (tgi only): each adapter uploaded, mounted, named in LORA_ADAPTERS."""
-        from cloudllm.providers.sagemaker.components import uses_components
-
-        if plan.runtime == "vllm" and uses_components(plan.spec):
+        if plan.runtime == "vllm" and components:
             return {"Environment": lmi_lora_env(plan.adapters)}
         if plan.runtime != "tgi" or not plan.adapters:
             return {}
@@ -111,11 +109,8 @@ class TgiAdapters:
                 f"use one of: {', '.join(held)}" if held else f"invoke without --adapter; deploy {name} with --adapter NAME=PATH to add one",
             )
 
-    def _model_adapters(self, name: str, layout: dict) -> list[dict]:
+    def _model_adapters(self, name: str, component: str) -> list[dict]:
         """`cloudllm adapters list` of a tgi endpoint: the adapters in its first model's component."""
-        from cloudllm.providers.sagemaker.components import model_component
-
-        component = model_component(name, layout["first_model"])
         with self._aws(f"read the adapters of {name}"):
             described = self._describe_component(component)
             if described is None:

@@ -76,7 +76,10 @@ class SageMakerVersions:
             "Environment": res.container_env(plan, instance, sizes, self.region),
             "ModelDataSource": {"S3DataSource": {"S3Uri": str(version), "S3DataType": "S3Prefix", "CompressionType": "None"}},
         }
-        adapters = self._model_adapter_container(plan)  # tgi_adapters.py: TGI's adapters ride in its model
+        from cloudllm.providers.sagemaker.components import uses_components
+
+        # tgi_adapters.py: TGI's adapters ride in its model; LMI on components starts with LoRA on
+        adapters = self._model_adapter_container(plan, components=uses_components(spec))
         if adapters:
             container["Environment"].update(adapters.pop("Environment"))
             container.update(adapters)
