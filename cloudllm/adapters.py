@@ -21,8 +21,11 @@ from cloudllm_runtime.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE  # one nam
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # peft names a LoRA tensor <module path>.lora_A.weight / .lora_B.weight (optionally with the
-# adapter name before .weight) under the wrapper's "base_model.model." prefix.
-_LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+# adapter name before .weight) under the wrapper's "base_model.model." prefix; an embedding's are
+# <module path>.lora_embedding_A / _B, parameters with no .weight.
+_LORA_TENSOR = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<part>[AB])(?:\.[^.]+)?\.weight|embedding_(?P<embedding_part>[AB])(?:\.[^.]+)?)$"
+)
 
 
 class AdapterInfo(BaseModel):
@@ -133,7 +136,7 @@ def _lora_modules(name: str, file_name: str, header: dict) -> tuple[set[str], in
         dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + count
         match = _LORA_TENSOR.match(tensor)
         if match:
-            modules.setdefault(match["module"], set()).add(match["part"])
+            modules.setdefault(match["module"], set()).add(match["part"] or match["embedding_part"])
     if not modules:
         raise UserError(f"adapter {name!r}: {file_name} holds no LoRA tensors (lora_A/lora_B)", "re-save the adapter with peft's save_pretrained")
     half = sorted(m for m, parts in modules.items() if parts != {"A", "B"})
@@ -205,7 +208,7 @@ def _find_module(base: dict[str, tuple[int, int]], module: str) -> tuple[int, in
 def _tensor_shape(header: dict, module: str, part: str) -> list[int]:
     for tensor, info in header.items():
         match = _LORA_TENSOR.match(tensor)
-        if match and match["module"] == module and match["part"] == part:
+        if match and match["module"] == module and (match["part"] or match["embedding_part"]) == part:
             return info["shape"]
     raise AssertionError(f"{module}.lora_{part} vanished between two reads")  # inspect_adapter checked both exist
 
@@ -243,3 +246,52 @@ def inspect_adapters(adapters: dict[str, str], model: ModelInfo) -> tuple[list[A
         warnings += check_adapter_against_base(info, model)
         infos.append(info)
     return infos, warnings
+
+
+# --- what the serving engines load -------------------------------------------------------------
+# TGI loads LoRA only into its flash models whose layers it can look up by Llama's names
+# (server/text_generation_server/utils/adapter.py, build_layer_weight_lookup: model.layers[i]
+# .self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj); anything else fails at start. vLLM
+# serves LoRA only for models that implement SupportsLoRA (GPT-2 does not), with the same module
+# names. Both are checked here, at plan time, rather than found out when the engine loads.
+LLAMA_LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+ENGINE_LORA_ARCHITECTURES: dict[str, frozenset[str]] = {
+    "tgi": frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}),
+    "vllm": frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}),
+}
+# vLLM's --max-lora-rank takes one of these (vllm/config: MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def check_engine_adapters(runtime: str, architecture: str | None, adapters: list[AdapterInfo]) -> None:
+    """Refuse, in one line, adapters the runtime's engine would refuse when it loads them.
+
+    Runtimes not in ENGINE_LORA_ARCHITECTURES (handler: cloudllm's own server, peft) take any
+    adapter check_adapter_against_base accepted."""
+    if not adapters or runtime not in ENGINE_LORA_ARCHITECTURES:
+        return
+    supported = ENGINE_LORA_ARCHITECTURES[runtime]
+    if architecture not in supported:
+        raise UserError(
+            f"the {runtime} runtime serves LoRA adapters only on Llama-shaped models ({', '.join(sorted(supported))}), "
+            f"not on {architecture or 'a model without architectures in config.json'}",
+            "deploy with --runtime handler (cloudllm's server loads adapters with peft), or merge the adapter into the model",
+        )
+    for adapter in adapters:
+        other = sorted({module.rsplit(".", 1)[-1] for module in adapter.target_modules} - LLAMA_LORA_MODULES)
+        if other:
+            raise UserError(
+                f"adapter {adapter.name!r} changes {', '.join(other)}, which {runtime} does not load LoRA into "
+                f"(it takes {', '.join(sorted(LLAMA_LORA_MODULES))})",
+                "train the adapter on those modules only, or deploy with --runtime handler",
+            )
+    if runtime == "vllm":
+        top = max(adapter.rank for adapter in adapters)
+        if top > VLLM_LORA_RANKS[-1]:
+            raise UserError(f"adapter rank {top} is above vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}", "use adapters of rank 512 or less")
+
+
+def vllm_max_lora_rank(adapters: list[AdapterInfo]) -> int:
+    """The smallest --max-lora-rank vLLM takes that holds every adapter (a larger one reserves more GPU memory)."""
+    top = max((adapter.rank for adapter in adapters), default=1)
+    return next(rank for rank in VLLM_LORA_RANKS if rank >= top)

@@ -70,6 +70,7 @@ from cloudllm_emulators.sagemaker_hosting import (
     EmulatedSageMakerResponse,
     HostedModel,
     RuntimeValidationError,
+    copy_s3_prefix,
 )
 
 COPY_DIMENSION = "sagemaker:inference-component:DesiredCopyCount"
@@ -480,8 +481,10 @@ class ComponentBackend(EmulatedSageMakerBackend):
         try:
             directory = Path(tempfile.mkdtemp(prefix=f"{component.name}-", dir=self.work_dir()))
             self._download_artifact(component.spec["Container"]["ArtifactUrl"], directory)
-            old, component.adapter_dir = component.adapter_dir, directory
             parent = self.components.get(component.base or "")
+            if parent is not None:
+                self._check_lmi_lora(parent, directory)
+            old, component.adapter_dir = component.adapter_dir, directory
             for host in parent.ready_hosts() if parent else []:
                 _register(host, component)
             if old is not None:
@@ -491,6 +494,22 @@ class ComponentBackend(EmulatedSageMakerBackend):
             component.status, component.failure_reason = "Failed", str(exc)
         component.modified = utcnow()
 
+    def _check_lmi_lora(self, base: Component, adapter_dir: Path) -> None:
+        """LMI (djl-inference) loads an adapter only when its vLLM was started with LoRA on
+        (OPTION_ENABLE_LORA=true) and a max rank (OPTION_MAX_LORA_RANK, vLLM's default 16) that holds it."""
+        import json
+
+        container = self.describe_model(base.spec["ModelName"]).primary_container or {}
+        if "djl-inference" not in container.get("Image", ""):
+            return
+        env = container.get("Environment") or {}
+        if str(env.get("OPTION_ENABLE_LORA", "")).lower() != "true":
+            raise RuntimeError("the container cannot load adapters: LoRA is not enabled (OPTION_ENABLE_LORA) in the base model")
+        rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 0)
+        limit = int(env.get("OPTION_MAX_LORA_RANK") or 16)
+        if rank > limit:
+            raise RuntimeError(f"the container cannot load the adapter: LoRA rank {rank} is greater than max_lora_rank {limit}")
+
     def _download_artifact(self, url: str, target: Path) -> None:
         """An S3 prefix ending in / (uncompressed files) or one .tar.gz object, into target."""
         from moto.s3.models import s3_backends
@@ -498,27 +517,19 @@ class ComponentBackend(EmulatedSageMakerBackend):
         if not url.startswith("s3://"):
             raise RuntimeError(f"ArtifactUrl {url} is not an s3:// location")
         bucket_name, _, key = url[len("s3://") :].partition("/")
+        if not key.endswith((".tar.gz", ".tgz")):
+            copy_s3_prefix(self, url, target, "the adapter")
+            return
         s3 = s3_backends[self.account_id][self.partition]
         try:
             bucket = s3.get_bucket(bucket_name)
         except Exception:
             raise RuntimeError(f"Failed to download the adapter from {url}: the bucket does not exist") from None
-        if key.endswith((".tar.gz", ".tgz")):
-            obj = bucket.keys.get(key)
-            if obj is None:
-                raise RuntimeError(f"Failed to download the adapter from {url}: no such object")
-            with tarfile.open(fileobj=io.BytesIO(obj.value), mode="r:gz") as archive:
-                archive.extractall(target, filter="data")
-            return
-        count = 0
-        for name, obj in list(bucket.keys.items()):
-            if name.startswith(key) and not name.endswith("/") and hasattr(obj, "value"):
-                path = target / name[len(key) :].lstrip("/")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(obj.value)
-                count += 1
-        if count == 0:
-            raise RuntimeError(f"Failed to download the adapter from {url}: no objects under that prefix")
+        obj = bucket.keys.get(key)
+        if obj is None:
+            raise RuntimeError(f"Failed to download the adapter from {url}: no such object")
+        with tarfile.open(fileobj=io.BytesIO(obj.value), mode="r:gz") as archive:
+            archive.extractall(target, filter="data")
 
     # --- invoking and waking -----------------------------------------------------------------------
     def component_target(self, endpoint_name: str, name: str) -> tuple[HostedModel, str | None]:

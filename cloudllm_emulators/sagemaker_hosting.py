@@ -69,6 +69,33 @@ def runs_toolkit(image: str) -> bool:
     return repository in TOOLKIT_REPOSITORIES
 
 
+ADDITIONAL_SOURCES = "additional-model-data-sources"  # under /opt/ml in the container, under the host's dir here
+CONTAINER_SOURCES = "/opt/ml/" + ADDITIONAL_SOURCES
+
+
+def copy_s3_prefix(backend, uri: str, dest: Path, what: str) -> int:
+    """Every object under an s3:// prefix of moto's S3, written below dest (as SageMaker downloads model data)."""
+    bucket_name, _, prefix = uri[len("s3://") :].partition("/")
+    from moto.s3.models import s3_backends
+
+    s3 = s3_backends[backend.account_id][backend.partition]
+    try:
+        bucket = s3.get_bucket(bucket_name)
+    except Exception:
+        raise RuntimeError(f"Failed to download {what} from {uri}: the bucket does not exist") from None
+    count = 0
+    for key_name, key in list(bucket.keys.items()):
+        if not key_name.startswith(prefix) or key_name.endswith("/") or not hasattr(key, "value"):
+            continue
+        target = dest / key_name[len(prefix) :].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(key.value)
+        count += 1
+    if count == 0:
+        raise RuntimeError(f"Failed to download {what} from {uri}: no objects under that prefix")
+    return count
+
+
 # --- hosting: an endpoint version served by the artifact's generated server ---------------------
 class HostedModel:
     """One endpoint config's model running locally: downloaded artifact + `code/serve.py` process."""
@@ -114,29 +141,14 @@ class HostedModel:
                 "the emulator serves uncompressed S3Prefix model data (ModelDataSource) only; "
                 f"model {model.model_name} has {json.dumps(source or model.primary_container.get('ModelDataUrl'))}"
             )
-        uri = source["S3Uri"]
-        bucket_name, _, prefix = uri[len("s3://") :].partition("/")
-        from moto.s3.models import s3_backends
-
-        s3 = s3_backends[self.backend.account_id][self.backend.partition]
-        try:
-            bucket = s3.get_bucket(bucket_name)
-        except Exception:
-            raise RuntimeError(f"Failed to download model data from {uri}: the bucket does not exist") from None
         artifact = self.dir / "model"  # what /opt/ml/model holds
-        count = 0
-        for key_name, key in list(bucket.keys.items()):
-            if not key_name.startswith(prefix) or key_name.endswith("/") or not hasattr(key, "value"):
-                continue
-            target = artifact / key_name[len(prefix) :].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(key.value)
-            count += 1
-        if count == 0:
-            raise RuntimeError(f"Failed to download model data from {uri}: no objects under that prefix")
+        copy_s3_prefix(self.backend, source["S3Uri"], artifact, "model data")
+        for extra in (model.primary_container or {}).get("AdditionalModelDataSources") or []:
+            # SageMaker copies channel NAME to /opt/ml/additional-model-data-sources/NAME/ (botocore allows up to 5).
+            copy_s3_prefix(self.backend, extra["S3DataSource"]["S3Uri"], self.dir / ADDITIONAL_SOURCES / extra["ChannelName"], "model data")
         entry = "inference.py" if runs_toolkit(self.image) else "serve.py"
         if not (artifact / "code" / entry).is_file():
-            raise RuntimeError(f"{uri} has no code/{entry}: the emulator serves cloudllm artifacts only")
+            raise RuntimeError(f"{source['S3Uri']} has no code/{entry}: the emulator serves cloudllm artifacts only")
         return artifact
 
     def _command(self, artifact: Path, port_file: Path) -> list[str]:
@@ -160,6 +172,8 @@ class HostedModel:
             env.update(container_env)
         elif "CLOUDLLM_SETTINGS" in container_env:  # the stand-in for an engine image serves with the settings deploy gave it
             env["CLOUDLLM_SETTINGS"] = container_env["CLOUDLLM_SETTINGS"]
+        if container_env.get("LORA_ADAPTERS") and not runs_toolkit(self.image):
+            env["CLOUDLLM_SETTINGS"] = self._tgi_adapters(container_env, env.get("CLOUDLLM_SETTINGS"))
         self.process = start_process(self._command(artifact, port_file), cwd=artifact, env=env, stdout=subprocess.PIPE, marker=self.marker)
         threading.Thread(target=self._pump_logs, name=f"logs-{self.endpoint}", daemon=True).start()
         timeout = self.variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or DEFAULT_STARTUP_TIMEOUT
@@ -195,6 +209,40 @@ class HostedModel:
             f"The primary container for production variant {self.variant['VariantName']} did not pass the ping health check "
             f"within {timeout}s. Check the CloudWatch logs of this endpoint."
         )
+
+    def _tgi_adapters(self, container_env: dict, settings: str | None) -> str:
+        """TGI's LORA_ADAPTERS as the stand-in server's adapters: each `id=path` must be a folder the
+        container has (a data source channel); TGI stops at start otherwise, and so does this."""
+        adapters = {}
+        for pair in container_env["LORA_ADAPTERS"].split(","):
+            adapter_id, _, path = pair.strip().partition("=")
+            path = path.split("@", 1)[0]
+            if not path.startswith(CONTAINER_SOURCES + "/"):
+                raise RuntimeError(f"LORA_ADAPTERS names {adapter_id}={path or '(a hub id)'}: the emulator has no hub; mount it as an AdditionalModelDataSource")
+            local = self.dir / ADDITIONAL_SOURCES / path[len(CONTAINER_SOURCES) + 1 :]
+            if not (local / "adapter_config.json").is_file():
+                raise RuntimeError(f"The primary container for production variant {self.variant['VariantName']} exited: no adapter_config.json in {path}")
+            adapters[adapter_id] = str(local)
+        self.tgi_adapters = sorted(adapters)
+        loaded = json.loads(settings or "{}")
+        loaded["adapters"] = adapters
+        return json.dumps(loaded)
+
+    def engine_body(self, body: bytes) -> bytes:
+        """A request as TGI reads it: an adapter_id it did not load at start is the base model
+        (flash_causal_lm.py: ADAPTER_TO_INDEX.get(adapter_id, 0)), never an error."""
+        held = getattr(self, "tgi_adapters", None)
+        if held is None or "tgi" not in self.image:
+            return body
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError:
+            return body
+        parameters = request.get("parameters") if isinstance(request, dict) else None
+        if isinstance(parameters, dict) and parameters.get("adapter_id") is not None and parameters["adapter_id"] not in held:
+            del parameters["adapter_id"]
+            return json.dumps(request).encode()
+        return body
 
     def _pump_logs(self) -> None:
         """The server's output to a local file and to CloudWatch Logs, line by line."""
@@ -594,7 +642,7 @@ class EmulatedRuntimeResponse(SageMakerRuntimeResponse):
     def invoke_endpoint(self):
         host = self._host()
         try:
-            response = httpx.post(f"{host.url}/invocations", content=self.body, headers=self._forward_headers(), timeout=INVOKE_TIMEOUT)
+            response = httpx.post(f"{host.url}/invocations", content=host.engine_body(self.body), headers=self._forward_headers(), timeout=INVOKE_TIMEOUT)
         except httpx.TimeoutException:
             raise ModelError(host, 408, "Your invocation timed out while waiting for a response from container primary.") from None
         except httpx.HTTPError as exc:
@@ -613,7 +661,7 @@ class EmulatedRuntimeResponse(SageMakerRuntimeResponse):
         host = self._host()
         client = httpx.Client(timeout=httpx.Timeout(INVOKE_TIMEOUT, connect=5.0))
         try:
-            upstream = client.send(client.build_request("POST", f"{host.url}/invocations", content=self.body, headers=self._forward_headers()), stream=True)
+            upstream = client.send(client.build_request("POST", f"{host.url}/invocations", content=host.engine_body(self.body), headers=self._forward_headers()), stream=True)
         except httpx.HTTPError as exc:
             client.close()
             raise ModelError(host, 500, f"the container did not answer: {exc}") from None

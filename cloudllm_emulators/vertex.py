@@ -28,7 +28,8 @@ A deployed model really serves. The emulator cannot run GPU engines, so:
   Model Garden vLLM server takes {"instances": [{"prompt", <SamplingParams>, "stream",
   "raw_response"}]} (500 on a missing prompt or an unknown parameter, as its KeyError and
   TypeError), prefixes "Prompt:/Output:" unless raw_response, and streams NUL-separated
-  {"predictions": [text]} objects.
+  {"predictions": [text]} objects; an instance's "dynamic-lora" (a gs:// adapter folder) is
+  downloaded and served when the server was started with --enable-lora, up to --max-lora-rank.
 One process stands for all replicas of a deployed model. Traffic is split by smooth weighted
 round-robin, so a test sees exactly the share it set (one of every four requests at 25%).
 
@@ -170,6 +171,9 @@ class _Replica:
     dialect: str | None = None  # "tgi" or "vllm": the engine the generated handler stands in for
     marker: str = field(default_factory=lambda: f"vertex-emulator-{uuid.uuid4().hex}")  # proves a pid is still this server
     grpc_port: int | None = None  # where the model's first grpcPorts port is served; None: gRPC disabled
+    engine_args: list = field(default_factory=list)  # the container's args: what the engine was started with (--enable-lora)
+    fetch: Callable[[str, Path], Path] | None = None  # copies a gs:// folder to a local one (the vLLM server's dynamic-lora)
+    loras: dict = field(default_factory=dict)  # dynamic-lora gs:// folder -> the adapter name the stand-in holds it under
 
     @property
     def url(self) -> str:
@@ -906,6 +910,7 @@ class VertexEmulator:
             argv = [sys.executable, str(entry), "serve", "--host", "127.0.0.1", "--port", str(port)]
             cwd = artifact
             replica.dialect = "tgi" if "text-generation-inference" in spec.image_uri else "vllm" if "vllm" in spec.image_uri else None
+            replica.engine_args, replica.fetch = list(spec.args), self._download
             if replica.dialect and not self.serve_engine_images:
                 shutil.rmtree(workdir, ignore_errors=True)
                 return
@@ -1198,13 +1203,15 @@ class _Engine:
                 raise _container_error(500, "Internal Server Error")  # KeyError: 'prompt'
             prompt = item.pop("prompt")
             stream, raw = item.pop("stream", False), item.pop("raw_response", False)
-            item.pop("dynamic-lora", None)
+            lora = item.pop("dynamic-lora", None)
             if stream and len(items) > 1:
                 raise _container_error(400, json.dumps({"detail": "stream=True can only be used with a single prompt."}))
             unknown = sorted(set(item) - _VLLM_SAMPLING)
             if unknown:
                 raise _container_error(500, "Internal Server Error")  # TypeError: SamplingParams got an unexpected keyword argument
             parameters = _vllm_to_handler(item)
+            if lora is not None:
+                parameters["adapter_id"] = self._dynamic_lora(lora)
             if stream:
                 return None, self._vllm_stream(prompt, parameters, raw)
             text, tokens = self._generate(prompt, parameters)
@@ -1213,6 +1220,35 @@ class _Engine:
             else:
                 answers.append({"predictions": [f"Prompt:\n{str(prompt).strip()}\nOutput:\n{text.strip(chr(10))}"]})
         return (answers[0] if len(answers) == 1 else {"predictions": answers}), None
+
+    def _dynamic_lora(self, uri: Any) -> str:
+        """The Model Garden server's per-request adapter: a folder it downloads once and serves as a LoRARequest.
+
+        vLLM refuses a LoRARequest without --enable-lora ("Got lora_request ... but LoRA is not
+        enabled!") and an adapter above --max-lora-rank (default 16), each a ValueError: a 500."""
+        import httpx
+
+        replica = self.replica
+        if uri in replica.loras:
+            return replica.loras[uri]
+        if "--enable-lora" not in replica.engine_args:
+            raise _container_error(500, "Internal Server Error")  # ValueError: LoRA is not enabled
+        if not isinstance(uri, str) or not uri.startswith("gs://") or replica.fetch is None:
+            raise _container_error(500, "Internal Server Error")  # the stand-in reads gs:// folders only
+        folder = replica.fetch(uri, replica.workdir / "loras" / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex)
+        try:
+            rank = json.loads((folder / "adapter_config.json").read_text())["r"]
+        except (OSError, ValueError, KeyError):
+            raise _container_error(500, "Internal Server Error") from None  # no adapter there
+        limit = next((int(a.split("=", 1)[1]) for a in replica.engine_args if a.startswith("--max-lora-rank=")), 16)
+        if rank > limit:
+            raise _container_error(500, "Internal Server Error")  # ValueError: LoRA rank is greater than max_lora_rank
+        name = f"lora-{uuid.uuid5(uuid.NAMESPACE_URL, uri).hex[:16]}"
+        response = httpx.post(replica.url + "/adapters", json={"name": name, "path": str(folder)}, timeout=httpx.Timeout(600, connect=5))
+        if response.status_code != 200:
+            raise _container_error(500, "Internal Server Error")
+        replica.loras[uri] = name
+        return name
 
     def _vllm_stream(self, prompt: str, parameters: dict, raw: bool):
         """The stream's chunks; the handler is asked first, so a refusal is an error answer, not a broken stream."""

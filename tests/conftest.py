@@ -47,6 +47,23 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *, code: int = 2,
     return lines[0]
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (nn.Linear q/k/v/o and gate/up/down projections): the shape TGI's and vLLM's LoRA support takes."""
+    from cloudllm.testing.tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def llama_loras(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three q_proj/v_proj LoRA adapters of tiny_llama built by peft; each answers differently from the base and the others."""
+    from cloudllm.testing.tiny_adapters import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("llama-loras")
+    return {name: build_tiny_lora(tiny_llama, root / name, seed=seed) for name, seed in (("legal", 1), ("support", 2), ("extra", 3))}
+
+
 def shared_local_home(tmp_path_factory: pytest.TempPathFactory):
     """A CLOUDLLM_HOME for a whole test module (one deployed endpoint serves its tests); the local
     servers started under it are killed at the end. Use as `yield from shared_local_home(...)`."""

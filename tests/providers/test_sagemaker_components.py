@@ -220,17 +220,14 @@ def test_adapters_need_a_container_that_loads_them_live(sagemaker_emulator, aws,
 
 # --- adapters as adapter inference components (vllm: LMI loads them while it serves) ---------------
 @pytest.fixture(scope="module")
-def loras(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from cloudllm.testing.tiny_adapters import build_tiny_lora
-
-    root = tmp_path_factory.mktemp("loras")
-    return {name: build_tiny_lora(tiny_gpt2, root / name, seed=seed) for name, seed in (("legal", 1), ("support", 2), ("extra", 3))}
+def loras(llama_loras: dict[str, Path]) -> dict[str, Path]:
+    return llama_loras  # vLLM serves LoRA only on models that implement SupportsLoRA (Llama-shaped; GPT-2 does not)
 
 
 @pytest.fixture(scope="module")
-def tenants(sagemaker_emulator, tiny_gpt2: Path, loras: dict[str, Path]) -> str:
+def tenants(sagemaker_emulator, tiny_llama: Path, loras: dict[str, Path]) -> str:
     adapters = {name: str(loras[name]) for name in ("legal", "support")}
-    result = _deploy(sagemaker_emulator, tiny_gpt2, "sm-lora", runtime="vllm", instance="ml.g5.xlarge", adapters=adapters)
+    result = _deploy(sagemaker_emulator, tiny_llama, "sm-lora", runtime="vllm", instance="ml.g5.xlarge", adapters=adapters)
     assert result.endpoint.state == "InService"
     return "sm-lora"
 
@@ -239,11 +236,11 @@ def _answer(name: str, adapter: str | None = None) -> str:
     return api.invoke(name, "Hello there", provider="sagemaker", parameters=PARAMETERS, adapter=adapter)
 
 
-def test_each_adapter_is_a_component_and_answers_differently(tenants: str, aws, tiny_gpt2: Path) -> None:
-    base = comp.model_component(tenants, tiny_gpt2.name.lower())
+def test_each_adapter_is_a_component_and_answers_differently(tenants: str, aws, tiny_llama: Path) -> None:
+    base = comp.model_component(tenants, tiny_llama.name.lower())
     components = _components(aws, tenants)
     for adapter in ("legal", "support"):
-        spec = components[comp.adapter_component(tenants, tiny_gpt2.name.lower(), adapter)]["Specification"]
+        spec = components[comp.adapter_component(tenants, tiny_llama.name.lower(), adapter)]["Specification"]
         assert spec["BaseInferenceComponentName"] == base
         assert "/adapters/" in spec["Container"]["ArtifactUrl"]
     answers = {adapter: _answer(tenants, adapter) for adapter in (None, "legal", "support")}
@@ -251,8 +248,8 @@ def test_each_adapter_is_a_component_and_answers_differently(tenants: str, aws, 
     assert _answer(tenants, "legal") == answers["legal"]  # and each the same every time
 
 
-def test_adapters_are_added_and_removed_live(tenants: str, aws, loras: dict[str, Path], tiny_gpt2: Path) -> None:
-    base = comp.model_component(tenants, tiny_gpt2.name.lower())
+def test_adapters_are_added_and_removed_live(tenants: str, aws, loras: dict[str, Path], tiny_llama: Path) -> None:
+    base = comp.model_component(tenants, tiny_llama.name.lower())
     copies_before = aws["sagemaker"].describe_inference_component(InferenceComponentName=base)["LastModifiedTime"]
     api.add_adapter(tenants, "extra", loras["extra"], provider="sagemaker")
     assert {a["name"] for a in api.list_adapters(tenants, provider="sagemaker")} == {"legal", "support", "extra"}
@@ -268,16 +265,16 @@ def test_adapters_are_added_and_removed_live(tenants: str, aws, loras: dict[str,
     assert aws["sagemaker"].describe_inference_component(InferenceComponentName=base)["LastModifiedTime"] == copies_before
 
 
-def test_a_changed_model_moves_its_component_and_keeps_the_adapters(tenants: str, aws, sagemaker_emulator, tiny_gpt2: Path, loras: dict[str, Path]) -> None:
+def test_a_changed_model_moves_its_component_and_keeps_the_adapters(tenants: str, aws, sagemaker_emulator, tiny_llama: Path, loras: dict[str, Path]) -> None:
     sm = aws["sagemaker"]
     adapters = {name: str(loras[name]) for name in ("legal", "support")}
-    same = _deploy(sagemaker_emulator, tiny_gpt2, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters)
+    same = _deploy(sagemaker_emulator, tiny_llama, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters)
     assert same.action == "unchanged"
-    base = comp.model_component(tenants, tiny_gpt2.name.lower())
+    base = comp.model_component(tenants, tiny_llama.name.lower())
     old_model = sm.describe_inference_component(InferenceComponentName=base)["Specification"]["ModelName"]
     config = sm.describe_endpoint(EndpointName=tenants)["EndpointConfigName"]
 
-    changed = _deploy(sagemaker_emulator, tiny_gpt2, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters, serving={"max_new_tokens": 16})
+    changed = _deploy(sagemaker_emulator, tiny_llama, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters, serving={"max_new_tokens": 16})
     assert changed.action == "update"
     assert sm.describe_endpoint(EndpointName=tenants)["EndpointConfigName"] == config  # the endpoint stays as it is
     new_model = sm.describe_inference_component(InferenceComponentName=base)["Specification"]["ModelName"]
@@ -286,7 +283,7 @@ def test_a_changed_model_moves_its_component_and_keeps_the_adapters(tenants: str
         sm.describe_model(ModelName=old_model)  # swept once the component moved
     answers = {adapter: _answer(tenants, adapter) for adapter in (None, "legal", "support")}
     assert len(set(answers.values())) == 3, answers  # the new copies serve the adapters too
-    again = _deploy(sagemaker_emulator, tiny_gpt2, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters, serving={"max_new_tokens": 16})
+    again = _deploy(sagemaker_emulator, tiny_llama, tenants, runtime="vllm", instance="ml.g5.xlarge", adapters=adapters, serving={"max_new_tokens": 16})
     assert again.action == "unchanged"
 
 

@@ -213,7 +213,7 @@ def _woken(provider):
         (dict(min_instances=0, max_instances=1, scale_in_cooldown=60), "which takes 300..28800 s"),
         (dict(min_instances=0, max_instances=1, scale_out_cooldown=60), "drop --scale-out-cooldown"),
         (dict(runtime="tgi", instance="g2-standard-8", adapters={"support": "LORA"}), "TGI's Vertex AI route reads only"),
-        (dict(runtime="vllm", instance="g2-standard-8", adapters={"support": "LORA"}), "no per-request adapter"),
+        (dict(runtime="vllm", instance="g2-standard-8", adapters={"support": "LORA"}), "only on Llama-shaped models"),  # GPT-2: no SupportsLoRA in vLLM
     ],
 )
 def test_what_vertex_cannot_do_is_refused_before_anything_is_created(vertex_emulator, tiny_gpt2: Path, loras, settings, contains) -> None:

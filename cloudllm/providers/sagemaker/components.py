@@ -13,9 +13,12 @@ A spec that asks for adapters, --add-model or --min-instances 0 deploys this way
 
 Adapters: the vllm runtime (LMI) loads adapter components at run time: SageMaker registers each on
 the base's copies and routes a request for the adapter's component to them, so adding or removing
-one restarts nothing. TGI reads LORA_ADAPTERS and the handler its settings at start: their
-adapters ship with the model, and a change replaces the model component's copies (the endpoint
-and the other models stay). The request names the adapter in `parameters.adapter_id` there.
+one restarts nothing. TGI reads LORA_ADAPTERS only when it starts: its adapters ship with the model
+(tgi_adapters.py: AdditionalModelDataSources mounted under /opt/ml/additional-model-data-sources/),
+so a change is a new model for the component, replaced copy by copy (the endpoint and the other
+models stay), and `cloudllm adapters add/remove` refuse it with that redeploy as the fix. The
+request names the adapter in `parameters.adapter_id` there; TGI answers an adapter it does not
+hold with the base model, without a word, so invoke checks the name first.
 
 InvokeEndpoint names the component (InferenceComponentName). With no copies (scaled to zero)
 SageMaker answers a 400 "no capacity": `invoke` raises types.Waking and the API waits
@@ -33,6 +36,7 @@ from cloudllm.providers.base import ResourceChange
 from cloudllm.providers.kit import Pending, wait_until
 import cloudllm.providers.sagemaker.resources as res
 from cloudllm.providers.sagemaker.session import aws_error, gone_already
+from cloudllm.providers.sagemaker.tgi_adapters import TgiAdapters, check_tgi_adapters
 
 if TYPE_CHECKING:
     from cloudllm.plan import Plan
@@ -41,6 +45,7 @@ COPY_DIMENSION = "sagemaker:inference-component:DesiredCopyCount"
 WAKE_POLICY = "cloudllm-wake-from-zero"
 NO_CAPACITY_METRIC = "NoCapacityInvocationFailures"
 ADAPTER_COMPONENTS = ("vllm",)  # runtimes whose container loads adapter components at run time (LMI)
+ADAPTERS_IN_MODEL = ("tgi",)  # runtimes whose adapters ride in the model (LORA_ADAPTERS, read at start)
 MiB = 1024**2
 NAME_LIMIT = 63
 # What SageMaker documents for a wake from zero: an instance, the image, the model (minutes).
@@ -127,7 +132,11 @@ def check_components(plan: "Plan", instance: str) -> None:
             "drop --rollout (components are replaced copy by copy), or deploy without adapters, --add-model and --min-instances 0",
         )
     if getattr(spec, "adapters", None):
+        from cloudllm.adapters import check_engine_adapters
+
         check_adapter_runtime(plan.runtime, spec.image)
+        check_engine_adapters(plan.runtime, plan.model.architecture, plan.adapters)
+        check_tgi_adapters(plan)
     if spec.min_instances == 0 and not plan.wait:
         raise UserError(
             "--no-wait cannot set up scale to zero: its scaling is registered once the component is InService",
@@ -141,13 +150,8 @@ def takes_adapter_components(runtime: str | None, image: str | None) -> bool:
 
 
 def check_adapter_runtime(runtime: str, image: str | None) -> None:
-    if takes_adapter_components(runtime, image):
+    if takes_adapter_components(runtime, image) or runtime in ADAPTERS_IN_MODEL:
         return
-    if runtime == "tgi":
-        raise UserError(
-            "adapters on SageMaker are adapter inference components, which TGI's container does not load while it serves",
-            "deploy with --runtime vllm (LMI loads them live), or --runtime handler with --image of cloudllm's serving image",
-        )
     raise UserError(
         "adapters on SageMaker are adapter inference components, and the Hugging Face inference container (the handler's "
         "default image) cannot load them while it serves",
@@ -155,7 +159,17 @@ def check_adapter_runtime(runtime: str, image: str | None) -> None:
     )
 
 
-class SageMakerComponents:
+def refuse_live_change(name: str, layout: dict) -> None:
+    """`cloudllm adapters add/remove` on an endpoint whose container reads its adapters only at start."""
+    if layout.get("runtime") in ADAPTERS_IN_MODEL:
+        raise UserError(
+            f"endpoint {name} runs TGI, which reads its adapters (LORA_ADAPTERS) only when it starts, so they cannot change live",
+            f"deploy {name} again with the --adapter set you want: a new model for its component, replaced copy by copy (only new adapters are uploaded)",
+        )
+    check_adapter_runtime(layout.get("runtime") or "", layout.get("image"))
+
+
+class SageMakerComponents(TgiAdapters):
     """Deploy, read, invoke and delete inference components (mixed into SageMakerProvider)."""
 
     # --- reading -----------------------------------------------------------------------------------
@@ -390,7 +404,11 @@ class SageMakerComponents:
             current = self._describe_component(component)
             model_tags = self._tags(self._sm.describe_model(ModelName=current["Specification"]["ModelName"])["ModelArn"]) if current else {}
         now = plan.fingerprint
-        same_model = all(model_tags.get(res.FINGERPRINT_TAGS[key]) == now[key] for key in ("weights_digest", "code_digest", "deploy_digest"))
+        in_model = ("weights_digest", "code_digest", "deploy_digest") + (("adapters_digest",) if plan.runtime in ADAPTERS_IN_MODEL else ())
+        same_model = all(model_tags.get(res.FINGERPRINT_TAGS[key]) == now[key] for key in in_model)
+        if same_model and current is not None and plan.runtime == "vllm":  # LMI loads adapters only up to the rank its model started with
+            with self._aws(f"read the model of {component}"):
+                same_model = self._lmi_rank_fits(current["Specification"]["ModelName"], plan.adapters)
         if current is None or not same_model:
             ledger = Ledger()
             with self._undone_on_failure(name, ledger, reporter):
@@ -429,7 +447,7 @@ class SageMakerComponents:
             return
         root = self._artifact_root(plan)
         wanted = set()
-        for adapter in plan.adapters:
+        for adapter in plan.adapters if plan.runtime not in ADAPTERS_IN_MODEL else ():  # TGI's are in its model
             wanted.add(adapter_component(name, key, adapter.name))
             self._put_adapter(name, key, adapter.name, self._upload_adapter(root, adapter), sizes.wait_timeout, reporter)
         for stale in sorted(present - wanted):
@@ -453,8 +471,12 @@ class SageMakerComponents:
         changes.append(ResourceChange(resource="model", name=f"{res.name_prefix(name)}{plan.digest[:8]}-<time>", action="create", reason=f"{plan.runtime} on {instance}"))
         changes.append(ResourceChange(resource="inference-component", name=component, action="create" if plan.action == "create" else "update",
                                       reason=f"{max(1, spec.min_instances)} cop{'y' if max(1, spec.min_instances) == 1 else 'ies'} of {reserved} each"))  # fmt: skip
-        for adapter in plan.adapters:
+        for adapter in plan.adapters if plan.runtime not in ADAPTERS_IN_MODEL else ():
             changes.append(ResourceChange(resource="inference-component", name=adapter_component(name, key, adapter.name), action="create", reason=f"adapter {adapter.name} on {component}"))
+        if plan.adapters and plan.runtime in ADAPTERS_IN_MODEL:
+            names = ", ".join(a.name for a in plan.adapters)
+            changes.append(ResourceChange(resource="model-data-source", name=f"{len(plan.adapters)} adapter channel(s)", action="create",
+                                          reason=f"LORA_ADAPTERS={names}: read by TGI at start, so a change of adapters is a new model for {component}"))  # fmt: skip
         if spec.min_instances == 0:
             changes.append(ResourceChange(
                 resource="scaling", name=scaling_resource(component), action="create",
@@ -478,7 +500,17 @@ class SageMakerComponents:
 
         layout = self._live_layout(name)
         if not layout["adapter_components"]:
-            check_adapter_runtime(layout.get("runtime") or "", layout.get("image"))
+            refuse_live_change(name, layout)
+        if layout.get("runtime") == "vllm":
+            with self._aws(f"read the model of {name}"):
+                base = self._describe_component(model_component(name, layout["first_model"]))
+                fits = base is not None and self._lmi_rank_fits(base["Specification"]["ModelName"], [adapter])
+            if not fits:
+                raise UserError(
+                    f"endpoint {name}'s LMI was not started to load an adapter of rank {adapter.rank} ({adapter.name}): "
+                    "its model's OPTION_ENABLE_LORA / OPTION_MAX_LORA_RANK are read only at start",
+                    f"deploy {name} again with --adapter {adapter.name}=PATH: its model is replaced with one that holds that rank",
+                )
         with self._aws(f"read endpoint {name}"):
             desc = self._describe_endpoint(name)
             root = self._tags(desc["EndpointArn"]).get(res.ARTIFACTS_TAG) if desc else None
@@ -489,6 +521,8 @@ class SageMakerComponents:
 
     def remove_adapter(self, name: str, adapter: str, reporter: Reporter) -> None:
         layout = self._live_layout(name)
+        if not layout["adapter_components"]:
+            refuse_live_change(name, layout)
         served = {a["name"] for a in self.list_adapters(name)}
         if adapter not in served:
             raise UserError(f"endpoint {name} has no adapter named {adapter}", f"it has: {', '.join(sorted(served)) or 'none'} (`cloudllm adapters list {name}`)")
@@ -496,6 +530,8 @@ class SageMakerComponents:
 
     def list_adapters(self, name: str) -> list[dict]:
         layout = self._live_layout(name)
+        if layout.get("runtime") in ADAPTERS_IN_MODEL:
+            return self._model_adapters(name, model_component(name, layout["first_model"]))
         base = model_component(name, layout["first_model"])
         with self._aws(f"read the adapters of {name}"):
             components = [c for c in self._components(name) if c["Specification"].get("BaseInferenceComponentName") == base]
@@ -529,6 +565,8 @@ class SageMakerComponents:
         component = model_component(name, chosen)
         parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
         adapter = parameters.get("adapter_id") or (body.get("model") if "messages" in body else None)
+        if adapter and adapter != chosen and chosen == layout["first_model"] and layout.get("runtime") in ADAPTERS_IN_MODEL:
+            self._check_model_adapter(name, layout, adapter)
         if adapter and adapter != chosen and layout["adapter_components"]:
             # The adapter is a component: SageMaker tells the container which one (X-Amzn-SageMaker-Adapter-Identifier).
             body = {**body, "parameters": {k: v for k, v in parameters.items() if k != "adapter_id"}} if "adapter_id" in parameters else body
@@ -556,6 +594,10 @@ class SageMakerComponents:
             image = (model.get("PrimaryContainer") or {}).get("Image")
             layout = {"first_model": models[0], "models": models, "runtime": runtime, "image": image,
                       "adapter_components": takes_adapter_components(runtime, image)}
+            if runtime in ADAPTERS_IN_MODEL:
+                from cloudllm.providers.sagemaker.tgi_adapters import model_adapter_names
+
+                layout["adapters"] = model_adapter_names(model)
         self._layouts[name] = layout
         return layout
 
@@ -568,6 +610,9 @@ class SageMakerComponents:
             "first_model": models[0] if models else self._model_key(plan), "models": models, "runtime": plan.runtime, "image": image,
             "adapter_components": takes_adapter_components(plan.runtime, image),
         }
+        if plan.runtime in ADAPTERS_IN_MODEL:  # the first model's adapters: an added model's deploy keeps them
+            before = self._layouts.get(endpoint) or self.options.get("components") or {}
+            layout["adapters"] = before.get("adapters", []) if plan.spec.add_model else sorted(a.name for a in plan.adapters)
         self._layouts[endpoint] = layout
         self.record_options(components=layout)  # the record keeps it: invoke needs no call to find the component
 

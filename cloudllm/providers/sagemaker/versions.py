@@ -76,6 +76,13 @@ class SageMakerVersions:
             "Environment": res.container_env(plan, instance, sizes, self.region),
             "ModelDataSource": {"S3DataSource": {"S3Uri": str(version), "S3DataType": "S3Prefix", "CompressionType": "None"}},
         }
+        from cloudllm.providers.sagemaker.components import uses_components
+
+        # tgi_adapters.py: TGI's adapters ride in its model; LMI on components starts with LoRA on
+        adapters = self._model_adapter_container(plan, components=uses_components(spec))
+        if adapters:
+            container["Environment"].update(adapters.pop("Environment"))
+            container.update(adapters)
         model: dict[str, Any] = {
             "ModelName": name,
             "ExecutionRoleArn": spec.options["role"],

@@ -90,6 +90,13 @@ def vllm_stream_request(body: dict) -> dict:
     return {"instances": [{**instances[0], "stream": True}]}
 
 
+def with_dynamic_lora(request: dict, lora: str | None) -> dict:
+    """The Model Garden vLLM server's request with its per-instance adapter (a gs:// folder), when one is asked for."""
+    if lora is None:
+        return request
+    return {**request, "instances": [{**i, "dynamic-lora": lora} for i in request["instances"]]}
+
+
 def vllm_parameters(parameters: dict) -> dict:
     """TGI-form generation parameters as vLLM sampling parameters: greedy unless asked to sample, as TGI and the handler."""
     params = {k: v for k, v in parameters.items() if v is not None}  # null means "not set", as the handler reads it
@@ -213,7 +220,8 @@ class VertexInvoke:
         target = self._model_target(name, endpoint, model)
         if target is None and endpoint.runtime == "vllm" and is_chat_request(body):
             return self._raw_predict(name, endpoint, body)
-        request = vertex_request(body, endpoint.runtime or "handler")
+        body, lora = self._dynamic_lora(name, endpoint, body)  # models.py: vllm's adapter rides as "dynamic-lora"
+        request = with_dynamic_lora(vertex_request(body, endpoint.runtime or "handler"), lora)
         if target is not None:  # an added model: straight to its deployed model
             answer = json.loads(b"".join(self._invoke_deployed(name, endpoint, target, request, stream=False)))
             # our server names who answered (AIP_DEPLOYED_MODEL_ID); an engine's raw answer does not
@@ -252,7 +260,9 @@ class VertexInvoke:
             return
         try:
             if runtime == "vllm":
-                yield from self._wake_guard(name, endpoint, vllm_stream(name, url, vllm_stream_request(body), self._auth_headers()))
+                body, lora = self._dynamic_lora(name, endpoint, body)
+                request = with_dynamic_lora(vllm_stream_request(body), lora)
+                yield from self._wake_guard(name, endpoint, vllm_stream(name, url, request, self._auth_headers()))
             else:
                 from cloudllm.http import stream_tokens
 

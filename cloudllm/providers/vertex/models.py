@@ -11,6 +11,12 @@
   (CLOUDLLM_ADAPTER_URIS, read by bootstrap.py) and our server loads them (settings.adapters). A
   Vertex model version is immutable and only Vertex reaches the container, so adding or removing
   an adapter is a new model version rolled out blue/green: no base re-upload, but a redeploy.
+- Adapters (vllm runtime): the Model Garden vLLM server runs with --enable-lora (--max-loras,
+  --max-lora-rank, --max-cpu-loras) and takes an adapter per request as the instance's
+  "dynamic-lora" field, a gs:// folder it downloads itself. The names map to those folders in the
+  model version's env (LORA_URIS_ENV, which the server ignores): invoke refuses a name that is not
+  there, because the server would load any folder it is given. Llama-shaped bases only
+  (cloudllm.adapters.check_engine_adapters).
 - Scale to zero (--min-instances 0) exists only in v1beta1: DeployModel with min_replica_count 0 and
   a scale_to_zero_spec; while a deployed model has no replica, requests are answered 429 and start
   one, which invoke reports as cloudllm.types.Waking.
@@ -35,10 +41,10 @@ if TYPE_CHECKING:
 ADDED_PREFIX = "model:"  # DeployedModel.display_name of an added model: "model:<name>"
 ADAPTER_URIS_ENV = "CLOUDLLM_ADAPTER_URIS"  # bootstrap.py copies each gs://.../adapters/<digest>/ to adapters/<digest>/
 SCALE_TO_ZERO_PERIODS = (300, 28800)  # seconds: v1beta1 ScaleToZeroSpec's idle_scaledown_period bounds
+LORA_URIS_ENV = "CLOUDLLM_LORA_ADAPTERS"  # vllm: {"name": "gs://.../adapters/<digest>/"}, what "dynamic-lora" is sent
+DYNAMIC_LORA = "dynamic-lora"  # the Model Garden vLLM server's per-instance adapter field
 ADAPTER_RUNTIMES = {
     "tgi": "TGI's Vertex AI route reads only max_new_tokens and seed from a request, so it cannot pick an adapter",
-    "vllm": "the vllm runtime runs vLLM's api_server, whose /generate has no per-request adapter (--lora-modules are served only "
-    "by its OpenAI server, which Vertex AI's predict route does not reach)",
 }
 
 
@@ -98,8 +104,12 @@ class VertexModels:
         spec = plan.spec
         if plan.adapters and plan.runtime in ADAPTER_RUNTIMES:
             raise UserError(
-                f"LoRA adapters on Vertex AI: {ADAPTER_RUNTIMES[plan.runtime]}", "deploy with --runtime handler to serve --adapter"
+                f"LoRA adapters on Vertex AI: {ADAPTER_RUNTIMES[plan.runtime]}", "deploy with --runtime vllm or --runtime handler to serve --adapter"
             )
+        if plan.adapters:
+            from cloudllm.adapters import check_engine_adapters
+
+            check_engine_adapters(plan.runtime, plan.model.architecture, plan.adapters)
         if spec.min_instances == 0:
             if spec.max_instances < 1:
                 raise UserError("--min-instances 0 with --max-instances 0 never serves", "set --max-instances 1 or more")
@@ -243,7 +253,9 @@ class VertexModels:
                 routes[deployed_id] = invoke_route(added.labels.get(RUNTIME_LABEL))
             else:  # uploaded before added models were invoke-enabled: the shared host's invoke refuses it (see routes.py)
                 routes[deployed_id] = spec.predict_route or PREDICT_ROUTE
+        lora = next((e.value for e in model.container_spec.env if e.name == LORA_URIS_ENV), None)
         return {
+            "lora_adapters": json.loads(lora) if lora else {},  # vllm: name -> gs:// folder ("dynamic-lora")
             "first_model": model.labels.get(MODEL_LABEL),
             "models": models,
             "predict_routes": routes,
@@ -268,6 +280,34 @@ class VertexModels:
         settings["adapters"] = {name: f"adapters/{digest}" for name, digest in sorted(digests.items())}
         env[SETTINGS_ENV] = json.dumps(settings, separators=(",", ":"), sort_keys=True)
         env[ADAPTER_URIS_ENV] = " ".join(str(root.child(d)) for d in sorted(set(digests.values())))
+
+    def _vllm_lora(self, plan: "Plan", env: dict[str, str], args: list[str]) -> None:
+        """The Model Garden vLLM server's LoRA flags, and the adapters' gs:// folders by name (what invoke sends)."""
+        if not plan.adapters:
+            return
+        from cloudllm.adapters import vllm_max_lora_rank
+
+        count = len(plan.adapters)
+        args += ["--enable-lora", f"--max-loras={count}", f"--max-lora-rank={vllm_max_lora_rank(plan.adapters)}", f"--max-cpu-loras={count}"]
+        root = self._adapter_root(plan)
+        env[LORA_URIS_ENV] = json.dumps({name: str(root.child(digest)) for name, digest in sorted(plan.adapter_digests.items())}, separators=(",", ":"))
+
+    def _dynamic_lora(self, name: str, endpoint: Endpoint, body: dict) -> tuple[dict, str | None]:
+        """(body without its adapter_id, the adapter's gs:// folder) for a vllm endpoint; body as it is elsewhere.
+
+        The server downloads and serves whatever folder "dynamic-lora" names, so a name the
+        endpoint was not deployed with is refused here."""
+        parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+        adapter = parameters.get("adapter_id")
+        if endpoint.runtime != "vllm" or adapter is None:
+            return body, None
+        held: dict[str, str] = endpoint.details.get("lora_adapters") or {}
+        if adapter not in held:
+            raise UserError(
+                f"endpoint {name} has no adapter named {adapter}",
+                f"use one of: {', '.join(sorted(held))}" if held else f"invoke without --adapter; deploy {name} with --adapter NAME=PATH to add one",
+            )
+        return {**body, "parameters": {k: v for k, v in parameters.items() if k != "adapter_id"}}, held[adapter]
 
     def _adapter_root(self, plan: "Plan"):
         from cloudllm.storage.gcs import GcsUri
@@ -311,6 +351,9 @@ class VertexModels:
         endpoint = self._serving_endpoint(name)
         model = self.clients().models.get_model(name=f"{endpoint.details['model']}@{endpoint.details['model_version_id']}", retry=transient_retry())
         env = {e.name: e.value for e in model.container_spec.env}
+        if LORA_URIS_ENV in env:  # vllm
+            uris = json.loads(env[LORA_URIS_ENV])
+            return [{"name": a, "rank": None, "digest": uri.rstrip("/").rsplit("/", 1)[-1], "status": "serving"} for a, uri in sorted(uris.items())]
         adapters = json.loads(env.get(SETTINGS_ENV) or "{}").get("adapters", {})
         return [{"name": a, "rank": None, "digest": folder.rsplit("/", 1)[-1], "status": "serving"} for a, folder in sorted(adapters.items())]
 

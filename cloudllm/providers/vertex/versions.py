@@ -185,6 +185,7 @@ class VertexVersions:
                 args.append(f"--quantization={plan.spec.quantize}")
             if plan.spec.trust_remote_code:
                 args.append("--trust-remote-code")
+            self._vllm_lora(plan, env, args)  # models.py: --enable-lora and the adapters' gs:// folders
             predict, health, shm = "/generate", "/ping", 16 * 1024
         else:
             command = ["python3", "-c", HANDLER_BOOTSTRAP]
