@@ -21,7 +21,9 @@ Goals (issue 7): at 16 clients, batched throughput >= 4x unbatched and batched p
 p99; cold start within 1.3x of the bare load; `cloudllm invoke` under 0.5 s. No GPU here.
 Issue 15: the 4x with the default settings. A batch's budget is max_batch_size x max_total_tokens
 tokens (the KV cache GPU plans size), so the default server batches these short requests 16 at
-a time, as on16 does.
+a time, as on16 does. Since issue 15's last goal, generation is continuously batched: a request
+joins the running batch at the next decode step (cloudllm_runtime/continuous.py), and the
+unbatched server (max_batch_size=1) runs the same loop one sequence at a time.
 
     python -m benchmarks.bench_serving
 """

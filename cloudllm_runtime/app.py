@@ -139,7 +139,7 @@ class ServerState:
         self.status = "loading"
         self.error: str | None = None
         self.in_flight = 0  # requests being served: body read, not yet answered
-        self.metrics = Metrics(lambda: self.batcher.queue_depth, lambda: self.in_flight)
+        self.metrics = Metrics(self._queue_depth, lambda: self.in_flight)
         self.batcher = Batcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
@@ -150,9 +150,14 @@ class ServerState:
             key=batch_key,
             on_batch=self.metrics.observe_batch,
             row_parameter="adapter_id",  # requests for different LoRA adapters share a batch
+            # Generation joins the engine's running batch between decode steps (continuous batching).
+            schedule=self._schedule,
         )
-        # Streams bypass the batcher; their generate() calls still take the engine's lock in turn.
-        self.stream_executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cloudllm-stream")
+        # Streams bypass the batcher: each waits in a thread for its tokens from the engine's decode
+        # loop (or, where generate() serves it, for the engine's lock), so one thread per stream.
+        self.stream_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(4, settings.max_concurrent_requests), thread_name_prefix="cloudllm-stream"
+        )
         self.deployed_model_id = os.environ.get("AIP_DEPLOYED_MODEL_ID") or None
 
     def start_loading(self) -> None:
@@ -170,9 +175,18 @@ class ServerState:
             log_event("model_load_failed", level="error", error=self.error, traceback=traceback.format_exc())
             return
         engine.on_tokens = self.metrics.add_tokens
+        engine.on_batch = self.metrics.observe_batch
         self.engine = engine
         self.status = "ready"
         log_event("model_loaded", task=self.task, seconds=round(time.monotonic() - started, 3), device=str(getattr(engine, "device", "")))
+
+    def _schedule(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> concurrent.futures.Future | None:
+        submit = getattr(self.engine, "submit", None)
+        return submit(inputs, parameters, cancels) if submit is not None else None
+
+    def _queue_depth(self) -> float:
+        loop = getattr(self.engine, "decode_loop", None)
+        return self.batcher.queue_depth + (loop.waiting if loop is not None else 0)
 
     def _run_batch(self, inputs: list[Any], parameters: dict[str, Any], cancels: list[Any]) -> list[Prediction]:
         assert self.engine is not None

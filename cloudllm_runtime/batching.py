@@ -17,6 +17,11 @@ run_batch(inputs, parameters, cancels) call is told through cancels[i] to stop i
 
 ``max_batch_size=1`` turns batching off: every input runs alone, in arrival order.
 
+``schedule(inputs, parameters, cancels)`` hands a request to a model that schedules its own rows
+(the generation engine's continuous batching, which lets requests join a running batch between
+decode steps): it answers a concurrent future of the results, which the caller awaits without
+gathering or queueing here, or None for a request the batcher should gather as above.
+
 ``row_parameter`` names a parameter rows of one call may differ in (the LoRA adapter): it is left
 out of the batch key, and run_batch gets it as a list, one value per input, so requests for
 different adapters share a call instead of waiting for each other's batch.
@@ -67,6 +72,7 @@ class Batcher:
         key: Callable[[dict[str, Any]], Hashable | None] | None = None,
         on_batch: Callable[[int], None] | None = None,
         row_parameter: str | None = None,
+        schedule: Callable[[list[Any], dict[str, Any], list[Any]], "concurrent.futures.Future | None"] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -77,6 +83,7 @@ class Batcher:
         self._key = key or _parameters_key
         self.row_parameter = row_parameter
         self._on_batch = on_batch
+        self._schedule = schedule
         self._pending: list[_Pending] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -119,6 +126,10 @@ class Batcher:
         cancel: threading.Event | None = None,
     ) -> list[Any]:
         """Queue one request's inputs (sizes: each one's tokens); returns one result per input, in order."""
+        if self._schedule is not None:
+            scheduled = self._schedule(list(inputs), dict(parameters), [cancel] * len(inputs))
+            if scheduled is not None:
+                return await asyncio.wrap_future(scheduled)
         self.start()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         sizes = list(sizes) if sizes is not None else [1] * len(inputs)

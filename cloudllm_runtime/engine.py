@@ -278,6 +278,62 @@ class GenerationEngine(Engine):
         if not self.seq2seq:
             positions = _position_limit(self.config)
             self.total_limit = min(self.total_limit, positions) if positions else self.total_limit
+        self.on_batch: Callable[[int], None] | None = None  # told of the rows of each decode step
+        self.decode_loop = self._decode_loop()
+
+    def _decode_loop(self) -> Any:
+        """The continuous-batching loop, or None where generate() serves every request (seq2seq, sliding windows)."""
+        from .continuous import DecodeLoop, steppable
+
+        if self.seq2seq or not steppable(self.model):
+            return None
+        s = self.settings
+        # The batcher's KV budget: max_batch_size sequences of max_total_tokens (what GPU plans size).
+        return DecodeLoop(self, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_size * s.max_total_tokens, max_wait_ms=s.max_batch_wait_ms)
+
+    def steps(self, parameters: dict[str, Any]) -> bool:
+        """Whether the decode loop serves these parameters. A seed or a repetition penalty go to generate()
+        alone, as the batcher runs them: a seeded draw must not depend on its neighbours."""
+        return self.decode_loop is not None and "seed" not in parameters and parameters.get("repetition_penalty", 1.0) == 1.0
+
+    def submit(self, inputs: Sequence[Any], parameters: dict[str, Any], cancels: Cancels | None = None) -> Any:
+        """Queue inputs on the decode loop: a concurrent future of their Predictions, or None where generate() serves them.
+
+        Raises RequestError (422, 404) for an input or adapter it refuses, before anything is queued.
+        """
+        if not self.steps(parameters):
+            return None
+        from .continuous import gather, then
+
+        inputs, cancels = list(inputs), list(cancels or [None] * len(inputs))
+        wanted = parameters.get("adapter_id")
+        adapters = wanted if isinstance(wanted, list) else [wanted] * len(inputs)
+        self._generator({"adapter_id": adapters}, len(inputs))  # 404 now for an adapter that is gone
+        sequences = [self._sequence(text, i, len(inputs), parameters, adapters[i], cancels[i]) for i, text in enumerate(inputs)]
+        futures = [self.decode_loop.submit(sequence) for sequence in sequences]
+        return then(gather(futures), lambda rows: [self._finish(text, row, parameters) for text, row in zip(inputs, rows)])
+
+    def _sequence(self, text: str, index: int, count: int, parameters: dict[str, Any], adapter: str | None, cancel: Any, on_token: Any = None) -> Any:
+        from .continuous import Sampling, Sequence as Row
+
+        ids = self._token_ids(text, index, count)
+        budget = self._budget(len(ids), parameters, index, count)
+        sampling = None
+        if self._sampling(parameters):
+            sampling = Sampling(parameters.get("temperature", 1.0), parameters.get("top_k", 0), parameters.get("top_p", 1.0))
+        stops = parameters.get("stop") or ()
+        window = _stop_window(stops)
+
+        def finished(generated: list[int]) -> bool:
+            return bool(stops) and _first_stop(self._decode(generated[-window:]), stops) is not None
+
+        return Row(ids, budget, len(ids) + budget, sampling, adapter, finished, cancel, on_token)
+
+    def run(self, inputs: Sequence[Any], parameters: dict[str, Any], cancels: Cancels | None = None) -> list[Prediction]:
+        future = self.submit(inputs, parameters, cancels) if inputs else None
+        if future is None:
+            return super().run(inputs, parameters, cancels)
+        return future.result()
 
     def _input_limit(self) -> int:
         if getattr(self.config, "is_encoder_decoder", False):
@@ -346,6 +402,8 @@ class GenerationEngine(Engine):
         """
         import torch
 
+        if self.steps(parameters):
+            return self._stream_steps(text, parameters, on_token, cancel)
         ids = self._token_ids(text)
         max_new = self._budget(len(ids), parameters)
         batch = self._collate([{"input_ids": ids}])
@@ -368,6 +426,24 @@ class GenerationEngine(Engine):
             out = model.generate(**batch, **per_row, generation_config=config, stopping_criteria=criteria, streamer=streamer)
         streamer.flush()
         return self._finish(text, out[0, start:].tolist(), parameters)
+
+    def _stream_steps(self, text: str, parameters: dict[str, Any], on_token: Callable[[Token], None], cancel: Any) -> Prediction:
+        """generate_stream through the decode loop: this request's tokens as the running batch makes them."""
+        import torch
+
+        final = [False]  # the loop says whether the token it hands over ends the sequence
+        streamer = _token_streamer_class()(self.tokenizer, on_token, self.special_ids, lambda ids: final[0])
+        streamer.prompt_seen = True
+
+        def hand_over(token_id: int, done: bool) -> None:
+            final[0] = done
+            streamer.put(torch.tensor([token_id]))
+
+        self._generator(parameters, 1)  # 404 now for an adapter that is gone
+        sequence = self._sequence(text, 0, 1, parameters, parameters.get("adapter_id"), cancel, hand_over)
+        row = self.decode_loop.submit(sequence).result()
+        streamer.flush()
+        return self._finish(text, row, parameters)
 
     def stream(
         self, text: str, parameters: dict[str, Any], *, cancel: threading.Event | None = None,
@@ -434,17 +510,8 @@ class GenerationEngine(Engine):
 
         config = copy.deepcopy(self.model.generation_config)
         defaults = GenerationConfig()
-        sampling = parameters.get("do_sample")
-        if sampling is None:
-            # As TGI: asking for temperature, top_p or top_k means sampling.
-            sampling = (
-                parameters.get("temperature", 1.0) != 1.0
-                or parameters.get("top_p", 1.0) < 1.0
-                or parameters.get("top_k", 0) > 0
-            )
-        if sampling and parameters.get("temperature", 1.0) < GREEDY_TEMPERATURE:
-            sampling = False
-        config.do_sample = bool(sampling)
+        sampling = self._sampling(parameters)
+        config.do_sample = sampling
         if sampling:
             config.temperature = parameters.get("temperature", 1.0)
             config.top_p = parameters.get("top_p", 1.0)
@@ -464,6 +531,18 @@ class GenerationEngine(Engine):
         if self.eos_token_ids:
             config.eos_token_id = sorted(self.eos_token_ids)
         return config
+
+    @staticmethod
+    def _sampling(parameters: dict[str, Any]) -> bool:
+        """Whether to sample (else greedy), TGI's rule: asking for temperature, top_p or top_k means sampling."""
+        sampling = parameters.get("do_sample")
+        if sampling is None:
+            sampling = (
+                parameters.get("temperature", 1.0) != 1.0
+                or parameters.get("top_p", 1.0) < 1.0
+                or parameters.get("top_k", 0) > 0
+            )
+        return bool(sampling) and parameters.get("temperature", 1.0) >= GREEDY_TEMPERATURE
 
     def _stopping_criteria(self, parameters: dict[str, Any], start: int, budgets: list[int], cancels: list[Any]) -> Any:
         from transformers import StoppingCriteriaList

@@ -438,10 +438,13 @@ def test_too_many_requests_being_served_is_429(tiny_gpt2: Path, gpt2_engine: Gen
 
 
 class HeldEngine(GenerationEngine):
-    """The real engine, holding every model call until the test lets go."""
+    """The real engine, holding every model call until the test lets go (on generate()'s path, not the decode loop's)."""
 
     entered = threading.Event()
     release = threading.Event()
+
+    def steps(self, parameters):
+        return False
 
     def run(self, inputs, parameters, cancels=None):
         self.entered.set()
@@ -456,6 +459,11 @@ class FaultyEngine(GenerationEngine):
         if "trigger-a-bug" in inputs:
             raise ZeroDivisionError("a bug in the model code")
         return super().run(inputs, parameters, cancels)
+
+    def submit(self, inputs, parameters, cancels=None):  # the decode loop's way in
+        if "trigger-a-bug" in inputs:
+            raise ZeroDivisionError("a bug in the model code")
+        return super().submit(inputs, parameters, cancels)
 
 
 class GatedEngine(GenerationEngine):

@@ -145,6 +145,19 @@ class GatedEngine(GenerationEngine):
         criteria.append(Pause())
         return criteria
 
+    def _sequence(self, *args: Any, **kwargs: Any) -> Any:  # the decode loop's rows: pause at the first token's checks
+        row = super()._sequence(*args, **kwargs)
+        stop_check, gate = row.finished, self
+
+        def finished(generated: list[int]) -> bool:
+            if not gate.entered.is_set():
+                gate.entered.set()
+                gate.release.wait(120)
+            return stop_check(generated)
+
+        row.finished = finished
+        return row
+
 
 def test_a_client_that_hangs_up_has_its_generation_stopped(engine: GenerationEngine, serve) -> None:
     prompt, parameters = "Once upon a time", {"max_new_tokens": 100}
