@@ -333,7 +333,14 @@ def status(name: str, where: dict, json_output: bool) -> None:
         if value:
             click.echo(f"{label:>9}: {value}")
     for key, value in sorted(ep.details.items()):
-        if not key.endswith("_digest"):
+        if key.endswith("_digest"):
+            continue
+        if isinstance(value, dict):  # e.g. the added models: a line each, not a Python dict
+            click.echo(f"{key:>9}:" + ("" if value else " none"))
+            for name, entry in value.items():
+                shown = " ".join(f"{k}={v}" for k, v in entry.items() if v not in (None, "")) if isinstance(entry, dict) else entry
+                click.echo(f"{'':>11}{name}: {shown}")
+        else:
             click.echo(f"{key:>9}: {value}")
     click.echo("   routes:")
     for line in route_lines(protocol_routes(ep)):

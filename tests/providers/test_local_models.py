@@ -109,6 +109,9 @@ def test_adding_a_model_leaves_the_first_server_alone(shared: dict, home: dict, 
     assert status["state"] == "InService" and status["model"] == str(tiny_gpt2)
     embed = status["details"]["models"]["embed"]
     assert embed["state"] == "InService" and embed["url"].startswith("http://127.0.0.1:") and embed["pid"] != shared["base_pid"]
+    # The text form lists each added model on a line of its own, not as a Python dict.
+    text = run_cli("status", "shared", env=home).stdout
+    assert "   models:\n" in text and f"embed: state=InService url={embed['url']} pid={embed['pid']}" in text and "'state'" not in text
     # The record still names the first model (the added one is not the endpoint's model).
     assert json.loads((Path(home["CLOUDLLM_HOME"]) / "endpoints" / "shared.json").read_text())["model"] == str(tiny_gpt2.resolve())
 
